@@ -1,0 +1,24 @@
+//! Certificates and TLS for phoenix-mesh: loading PEM files into rustls types, checking them the way an
+//! operator expects at start-up (readable, matching key, in date, chaining to the CA), building the
+//! client and server `rustls` configurations, and reading a peer's identity out of its certificate.
+//!
+//! It does not open sockets or speak HTTP; the sidecars own that. The crypto provider is chosen in
+//! [`provider`] and nowhere else.
+
+mod error;
+mod identity;
+mod load;
+mod material;
+pub mod provider;
+mod tls;
+
+#[cfg(feature = "pki-gen")]
+pub mod pki;
+
+pub use error::CertError;
+pub use identity::{PeerIdentity, IdentityError};
+pub use load::{load_cert_chain, load_crls, load_private_key, load_roots};
+pub use material::{Material, Role, TlsFiles};
+pub use tls::{client_config, server_config, ClientTlsOptions, ServerTlsOptions, TlsVersion};
+
+pub use rustls;

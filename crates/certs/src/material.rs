@@ -1,0 +1,174 @@
+//! A side's TLS material, loaded from its files and checked the way start-up and reload need.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use rustls::client::verify_server_cert_signed_by_trust_anchor;
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
+use rustls::server::ParsedCertificate;
+use rustls::sign::CertifiedKey;
+use rustls::RootCertStore;
+
+use crate::identity::fmt_time;
+use crate::{load, provider, CertError, PeerIdentity};
+
+/// The files a side's TLS material comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// PEM chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// PEM roots the peer's certificate must chain to.
+    pub ca: PathBuf,
+    /// CRLs (PEM or DER) checked against the peer's chain.
+    pub crls: Vec<PathBuf>,
+}
+
+/// Which end of the mTLS link the certificate is for; decides the extended key usage it needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The client sidecar: its certificate authenticates a TLS client.
+    Client,
+    /// The mesh listener: its certificate authenticates a TLS server.
+    Server,
+}
+
+/// Loaded and checked TLS material.
+#[derive(Debug)]
+pub struct Material {
+    /// Where it was read from.
+    pub files: TlsFiles,
+    /// Our chain, leaf first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// Our private key.
+    pub key: PrivateKeyDer<'static>,
+    /// Roots for verifying the peer.
+    pub roots: Arc<RootCertStore>,
+    /// Revocation lists for verifying the peer.
+    pub crls: Vec<CertificateRevocationListDer<'static>>,
+    /// What our own leaf says.
+    pub leaf: PeerIdentity,
+}
+
+impl Material {
+    /// Reads every file and checks it: PEM present, key matching the leaf, leaf in date, chain
+    /// verifying against `ca` for `role`. Every error names the file.
+    pub fn load(files: &TlsFiles, role: Role) -> Result<Self, CertError> {
+        Self::load_at(files, role, SystemTime::now())
+    }
+
+    /// [`Material::load`] with an explicit "now".
+    pub fn load_at(files: &TlsFiles, role: Role, now: SystemTime) -> Result<Self, CertError> {
+        let chain = load::load_cert_chain(&files.cert)?;
+        let key = load::load_private_key(&files.key)?;
+        let roots = load::load_roots(&files.ca)?;
+        let crls = load::load_crls(&files.crls)?;
+
+        let leaf = PeerIdentity::from_der(&chain[0]).map_err(|e| CertError::BadCertificate {
+            what: "certificate",
+            path: files.cert.clone(),
+            reason: e.to_string(),
+        })?;
+
+        let provider = provider::provider();
+        let signing_key = provider
+            .key_provider
+            .load_private_key(key.clone_key())
+            .map_err(|source| CertError::BadKey {
+                path: files.key.clone(),
+                source,
+            })?;
+        match CertifiedKey::new(chain.clone(), signing_key).keys_match() {
+            Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
+            Err(_) => {
+                return Err(CertError::KeyMismatch {
+                    cert: files.cert.clone(),
+                    key: files.key.clone(),
+                })
+            }
+        }
+
+        if now < leaf.not_before {
+            return Err(CertError::NotYetValid {
+                path: files.cert.clone(),
+                not_before: fmt_time(leaf.not_before),
+                now: fmt_time(now),
+            });
+        }
+        if now > leaf.not_after {
+            return Err(CertError::Expired {
+                path: files.cert.clone(),
+                not_after: fmt_time(leaf.not_after),
+                now: fmt_time(now),
+            });
+        }
+
+        let roots = Arc::new(roots);
+        let unix_now = UnixTime::since_unix_epoch(
+            now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default(),
+        );
+        let chain_err = |source| CertError::Chain {
+            cert: files.cert.clone(),
+            ca: files.ca.clone(),
+            source,
+        };
+        match role {
+            Role::Server => {
+                let parsed = ParsedCertificate::try_from(&chain[0]).map_err(chain_err)?;
+                verify_server_cert_signed_by_trust_anchor(
+                    &parsed,
+                    &roots,
+                    &chain[1..],
+                    unix_now,
+                    provider.signature_verification_algorithms.all,
+                )
+                .map_err(chain_err)?;
+                if !leaf.server_auth && has_eku(&chain[0]) {
+                    return Err(CertError::WrongUsage {
+                        path: files.cert.clone(),
+                        usage: "serverAuth",
+                    });
+                }
+            }
+            Role::Client => {
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    roots.clone(),
+                    provider.clone(),
+                )
+                .build()
+                .map_err(|e| CertError::BadCa {
+                    path: files.ca.clone(),
+                    source: rustls::Error::General(e.to_string()),
+                })?;
+                verifier
+                    .verify_client_cert(&chain[0], &chain[1..], unix_now)
+                    .map_err(chain_err)?;
+                if !leaf.client_auth {
+                    return Err(CertError::WrongUsage {
+                        path: files.cert.clone(),
+                        usage: "clientAuth",
+                    });
+                }
+            }
+        }
+
+        Ok(Material {
+            files: files.clone(),
+            chain,
+            key,
+            roots,
+            crls,
+            leaf,
+        })
+    }
+}
+
+fn has_eku(der: &[u8]) -> bool {
+    use x509_parser::prelude::FromDer;
+    x509_parser::certificate::X509Certificate::from_der(der)
+        .ok()
+        .and_then(|(_, c)| c.extended_key_usage().ok().flatten().map(|_| ()))
+        .is_some()
+}

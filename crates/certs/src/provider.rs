@@ -1,0 +1,30 @@
+//! The one place that chooses the crypto provider: aws-lc-rs, with rustls' default suites and groups
+//! (X25519MLKEM768 first, then X25519 and the NIST curves).
+
+use std::sync::{Arc, OnceLock};
+
+use rustls::crypto::CryptoProvider;
+
+/// The process-wide crypto provider every configuration is built with.
+pub fn provider() -> Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER
+        .get_or_init(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .clone()
+}
+
+/// A fresh session-ticket encrypter with rotating keys (a new key every 6 hours, the previous one
+/// still accepted), as the TLS 1.3 stateless resumption on the listener uses.
+pub fn ticketer() -> Result<Arc<dyn rustls::server::ProducesTickets>, rustls::Error> {
+    rustls::crypto::aws_lc_rs::Ticketer::new()
+}
+
+/// SHA-256 of `data`, as lowercase hex (the `Hash=` of `X-Forwarded-Client-Cert`).
+pub fn sha256_hex(data: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data);
+    digest.as_ref().iter().fold(String::with_capacity(64), |mut out, byte| {
+        let _ = write!(out, "{byte:02x}");
+        out
+    })
+}

@@ -1,0 +1,181 @@
+//! rustls configurations for both ends of the mesh link, and the listener's peer policy.
+
+use std::sync::Arc;
+
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::client::WebPkiServerVerifier;
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ServerSessionMemoryCache, WebPkiClientVerifier};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, ServerConfig,
+    SignatureScheme, SupportedProtocolVersion,
+};
+use tracing::info;
+
+use crate::{provider, CertError, Material, PeerIdentity};
+
+/// ALPN protocols both ends offer: HTTP/2 first so the link multiplexes when it can.
+const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+
+/// The lowest TLS version a side accepts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TlsVersion {
+    /// TLS 1.2 and 1.3.
+    Tls12,
+    /// TLS 1.3 only (the default).
+    #[default]
+    Tls13,
+}
+
+impl TlsVersion {
+    fn versions(self) -> &'static [&'static SupportedProtocolVersion] {
+        static TLS13_ONLY: [&SupportedProtocolVersion; 1] = [&rustls::version::TLS13];
+        static TLS12_UP: [&SupportedProtocolVersion; 2] =
+            [&rustls::version::TLS13, &rustls::version::TLS12];
+        match self {
+            TlsVersion::Tls13 => &TLS13_ONLY,
+            TlsVersion::Tls12 => &TLS12_UP,
+        }
+    }
+}
+
+/// What the listener's configuration needs besides its material.
+#[derive(Debug, Clone, Default)]
+pub struct ServerTlsOptions {
+    /// Identities allowed in (DNS SAN, URI SAN or CN, exact); empty allows any chained certificate.
+    pub allowed_peers: Vec<String>,
+    /// Lowest TLS version accepted.
+    pub min_version: TlsVersion,
+}
+
+/// What the client's configuration needs besides its material.
+#[derive(Debug, Clone, Default)]
+pub struct ClientTlsOptions {
+    /// Lowest TLS version offered.
+    pub min_version: TlsVersion,
+}
+
+/// The listener's configuration: client certificate required, verified against `ca` and CRLs with the
+/// intermediates the client sends, then held to `allowed_peers` and the clientAuth usage. Each call
+/// makes a fresh session cache and ticket key, so sessions from an older policy do not resume.
+pub fn server_config(
+    material: &Material,
+    options: &ServerTlsOptions,
+) -> Result<Arc<ServerConfig>, CertError> {
+    let provider = provider::provider();
+    let inner = WebPkiClientVerifier::builder_with_provider(material.roots.clone(), provider.clone())
+        .with_crls(material.crls.iter().cloned())
+        .build()
+        .map_err(|e| CertError::Tls(rustls::Error::General(format!("client verifier: {e}"))))?;
+    let verifier = Arc::new(PeerPolicy {
+        inner,
+        allowed: options.allowed_peers.clone(),
+    });
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(options.min_version.versions())
+        .map_err(CertError::Tls)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(material.chain.clone(), material.key.clone_key())
+        .map_err(CertError::Tls)?;
+    config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+    config.session_storage = ServerSessionMemoryCache::new(4096);
+    config.ticketer = provider::ticketer().map_err(CertError::Tls)?;
+    Ok(Arc::new(config))
+}
+
+/// The client's configuration: our chain presented, the listener verified against `ca` and CRLs.
+/// The name is checked per connection against the configured `server_name`.
+pub fn client_config(
+    material: &Material,
+    options: &ClientTlsOptions,
+) -> Result<Arc<ClientConfig>, CertError> {
+    let provider = provider::provider();
+    let verifier = WebPkiServerVerifier::builder_with_provider(material.roots.clone(), provider.clone())
+        .with_crls(material.crls.iter().cloned())
+        .build()
+        .map_err(|e| CertError::Tls(rustls::Error::General(format!("server verifier: {e}"))))?;
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(options.min_version.versions())
+        .map_err(CertError::Tls)?
+        .with_webpki_verifier(verifier)
+        .with_client_auth_cert(material.chain.clone(), material.key.clone_key())
+        .map_err(CertError::Tls)?;
+    config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(config))
+}
+
+/// rustls' own client verifier first, then our policy: the clientAuth usage must be present (webpki
+/// accepts a certificate with no extended key usage at all) and the identity must be allowed.
+#[derive(Debug)]
+struct PeerPolicy {
+    inner: Arc<dyn ClientCertVerifier>,
+    allowed: Vec<String>,
+}
+
+impl ClientCertVerifier for PeerPolicy {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let id = match PeerIdentity::from_der(end_entity) {
+            Ok(id) => id,
+            Err(error) => {
+                info!(%error, "client certificate refused: unparseable");
+                return Err(rustls::Error::InvalidCertificate(CertificateError::BadEncoding));
+            }
+        };
+        if let Err(error) = self.inner.verify_client_cert(end_entity, intermediates, now) {
+            info!(peer.id = id.name(), peer.subject = %id.subject, %error, "client certificate refused");
+            return Err(error);
+        }
+        if !id.client_auth {
+            info!(peer.id = id.name(), peer.subject = %id.subject, reason = "no clientAuth extended key usage", "client certificate refused");
+            return Err(rustls::Error::InvalidCertificate(CertificateError::InvalidPurpose));
+        }
+        if !self.allowed.is_empty() && !id.matches_any(&self.allowed) {
+            info!(peer.id = id.name(), peer.subject = %id.subject, peer.dns = ?id.dns, peer.uris = ?id.uris,
+                reason = "not in allowed_peers", "client certificate refused");
+            return Err(rustls::Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            ));
+        }
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
