@@ -28,6 +28,19 @@ pub enum TlsVersion {
     Tls13,
 }
 
+impl std::str::FromStr for TlsVersion {
+    type Err = String;
+
+    /// `"1.2"` or `"1.3"`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "1.3" => Ok(TlsVersion::Tls13),
+            "1.2" => Ok(TlsVersion::Tls12),
+            other => Err(format!("{other:?} is not \"1.2\" or \"1.3\"")),
+        }
+    }
+}
+
 impl TlsVersion {
     fn versions(self) -> &'static [&'static SupportedProtocolVersion] {
         static TLS13_ONLY: [&SupportedProtocolVersion; 1] = [&rustls::version::TLS13];

@@ -1,1 +1,12 @@
-//! placeholder
+//! The mesh listener (LXC 102): accepts mutual TLS on `:8443`, requires a client certificate that
+//! chains to the Phoenix root and an allowed identity, and forwards each request to Traefik over
+//! pooled loopback HTTP/1.1 with Host untouched and the verified identity in
+//! `X-Forwarded-Client-Cert`. It does not know about the client sidecar's internals.
+
+mod config;
+mod forward;
+mod listener;
+mod plaintext;
+
+pub use config::{ServerFile, ServerSettings};
+pub use listener::{MeshListener, ServerError};

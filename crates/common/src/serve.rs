@@ -1,0 +1,167 @@
+//! Accepting connections and serving HTTP on them until shutdown, then draining what is in flight.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::{Body, Incoming};
+use hyper::service::Service;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+/// Limits for the HTTP side of a listener.
+#[derive(Debug, Clone)]
+pub struct HttpOptions {
+    /// How long a client may take to send a complete request head.
+    pub header_read_timeout: Duration,
+    /// Largest request head accepted; a larger one gets 431.
+    pub max_header_bytes: usize,
+    /// Largest number of concurrent HTTP/2 streams per connection.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        HttpOptions {
+            header_read_timeout: Duration::from_secs(30),
+            max_header_bytes: 64 * 1024,
+            max_concurrent_streams: 256,
+        }
+    }
+}
+
+/// An HTTP/1.1 + HTTP/2 server connection builder with the given limits.
+pub fn http_builder(options: &HttpOptions) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(options.header_read_timeout)
+        .max_buf_size(options.max_header_bytes.max(8192))
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(options.max_concurrent_streams)
+        .max_header_list_size(u32::try_from(options.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20));
+    builder
+}
+
+/// The sending half of the shutdown signal; owned by whoever decides the process stops.
+#[derive(Debug)]
+pub struct Shutdown(watch::Sender<bool>);
+
+/// The receiving half, cloned into every accept loop and connection so draining can wait for them.
+#[derive(Debug, Clone)]
+pub struct ShutdownWatch(watch::Receiver<bool>);
+
+impl Shutdown {
+    /// A new signal and its first watcher.
+    pub fn new() -> (Shutdown, ShutdownWatch) {
+        let (tx, rx) = watch::channel(false);
+        (Shutdown(tx), ShutdownWatch(rx))
+    }
+
+    /// Tells every accept loop to stop and every connection to finish its requests and close.
+    pub fn begin(&self) {
+        self.0.send_replace(true);
+    }
+
+    /// Resolves once every watcher (accept loops and connections) is gone.
+    pub async fn drained(&self) {
+        self.0.closed().await;
+    }
+
+    /// How many watchers are alive: accept loops plus open connections.
+    pub fn watchers(&self) -> usize {
+        self.0.receiver_count()
+    }
+}
+
+impl ShutdownWatch {
+    /// Resolves when shutdown has begun.
+    pub async fn wait(&mut self) {
+        let _ = self.0.wait_for(|stopping| *stopping).await;
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_stopping(&self) -> bool {
+        *self.0.borrow()
+    }
+}
+
+/// Accepts on `listener` until shutdown, handing each connection to `on_conn`. Accept errors (out of
+/// file descriptors, say) are logged and backed off, never spun on and never fatal.
+pub async fn accept_loop<F>(listener: TcpListener, mut shutdown: ShutdownWatch, mut on_conn: F)
+where
+    F: FnMut(TcpStream, SocketAddr),
+{
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        tokio::select! {
+            biased;
+            () = shutdown.wait() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    backoff = Duration::from_millis(5);
+                    let _ = stream.set_nodelay(true);
+                    on_conn(stream, peer);
+                }
+                Err(error) if is_per_connection(&error) => {
+                    debug!(%error, "accept: connection failed before it was accepted");
+                }
+                Err(error) => {
+                    warn!(%error, backoff_ms = backoff.as_millis() as u64, "accept failed; backing off");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+}
+
+fn is_per_connection(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
+    )
+}
+
+/// Serves HTTP on `io` until the peer is done or shutdown begins; on shutdown, in-flight requests
+/// finish, HTTP/1 connections close after their response and HTTP/2 ones get a GOAWAY.
+pub async fn serve_http<I, S, B>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    service: S,
+    mut shutdown: ShutdownWatch,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>> + Send,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => return result,
+        () = shutdown.wait() => conn.as_mut().graceful_shutdown(),
+    }
+    conn.await
+}
+
+/// Waits for `fut`, at most `limit`; true when it finished in time.
+pub async fn within(limit: Duration, fut: impl Future<Output = ()>) -> bool {
+    tokio::time::timeout(limit, fut).await.is_ok()
+}

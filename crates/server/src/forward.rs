@@ -1,0 +1,137 @@
+//! One request from a verified peer to Traefik: identity header set, hop-by-hop headers dropped,
+//! Host untouched, the response passed back as it came.
+
+use std::convert::Infallible;
+use std::error::Error as StdError;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::header::{HeaderValue, HOST};
+use http::uri::{Authority, Scheme};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::Either;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use phoenix_mesh_common::headers::{append_forwarded_for, remove_hop_by_hop};
+use phoenix_mesh_common::{mesh_error, ProxyBody};
+use tracing::info;
+
+/// The header carrying the verified client identity to the backend.
+pub(crate) const XFCC: &str = "x-forwarded-client-cert";
+
+/// Who is on the other end of one mTLS connection, computed once after its handshake.
+#[derive(Debug, Clone)]
+pub(crate) struct Peer {
+    pub addr: SocketAddr,
+    pub xfcc: HeaderValue,
+}
+
+/// The pooled HTTP/1.1 client to Traefik.
+pub(crate) struct Backend {
+    client: Client<HttpConnector, ProxyBody>,
+    addr: SocketAddr,
+    authority: Authority,
+    response_timeout: Duration,
+}
+
+impl Backend {
+    pub(crate) fn new(addr: SocketAddr, connect_timeout: Duration, response_timeout: Duration) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(connect_timeout));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .set_host(false)
+            .build(connector);
+        let authority = Authority::try_from(addr.to_string()).unwrap_or_else(|_| Authority::from_static("127.0.0.1"));
+        Backend {
+            client,
+            addr,
+            authority,
+            response_timeout,
+        }
+    }
+
+    /// Forwards `req` and returns the backend's response, or an error response naming this hop.
+    pub(crate) async fn forward(&self, req: Request<Incoming>, peer: &Peer) -> Result<Response<ProxyBody>, Infallible> {
+        let (mut parts, body) = req.into_parts();
+
+        // HTTP/2 carries the host in :authority; Traefik routes on Host.
+        if !parts.headers.contains_key(HOST) {
+            if let Some(authority) = parts.uri.authority() {
+                if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+                    parts.headers.insert(HOST, v);
+                }
+            }
+        }
+        remove_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(XFCC);
+        parts.headers.insert(XFCC, peer.xfcc.clone());
+        append_forwarded_for(&mut parts.headers, peer.addr.ip());
+
+        let mut uri = parts.uri.into_parts();
+        uri.scheme = Some(Scheme::HTTP);
+        uri.authority = Some(self.authority.clone());
+        if uri.path_and_query.is_none() {
+            uri.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+        }
+        parts.uri = match Uri::from_parts(uri) {
+            Ok(uri) => uri,
+            Err(e) => {
+                return Ok(mesh_error(StatusCode::BAD_REQUEST, "bad-request", format!("phoenix-mesh listener: invalid request target: {e}")));
+            }
+        };
+        parts.version = Version::HTTP_11;
+        let method = parts.method.clone();
+        let request = Request::from_parts(parts, Either::Left(body));
+
+        match tokio::time::timeout(self.response_timeout, self.client.request(request)).await {
+            Ok(Ok(response)) => {
+                let (mut parts, body) = response.into_parts();
+                remove_hop_by_hop(&mut parts.headers);
+                Ok(Response::from_parts(parts, Either::Left(body)))
+            }
+            Ok(Err(error)) => {
+                let cause = root_cause(&error);
+                if error.is_connect() {
+                    info!(backend = %self.addr, %cause, "backend unreachable");
+                    Ok(mesh_error(
+                        StatusCode::BAD_GATEWAY,
+                        "backend-unreachable",
+                        format!("phoenix-mesh listener: backend {} unreachable: {cause} (is Traefik listening there?)", self.addr),
+                    ))
+                } else {
+                    info!(backend = %self.addr, %method, %cause, "backend request failed");
+                    Ok(mesh_error(
+                        StatusCode::BAD_GATEWAY,
+                        "backend-error",
+                        format!("phoenix-mesh listener: backend {} failed the request: {cause}", self.addr),
+                    ))
+                }
+            }
+            Err(_) => {
+                info!(backend = %self.addr, %method, timeout_ms = self.response_timeout.as_millis() as u64, "backend too slow");
+                Ok(mesh_error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "backend-timeout",
+                    format!(
+                        "phoenix-mesh listener: backend {} did not answer within {:?} (backend_timeout)",
+                        self.addr, self.response_timeout
+                    ),
+                ))
+            }
+        }
+    }
+}
+
+/// The innermost error's message, which is the one that says what actually happened.
+fn root_cause(error: &(dyn StdError + 'static)) -> String {
+    let mut current: &(dyn StdError + 'static) = error;
+    while let Some(next) = current.source() {
+        current = next;
+    }
+    current.to_string()
+}

@@ -1,0 +1,62 @@
+//! Plain HTTP arriving on the TLS port gets a real answer, not a hang or a silent close: this is the
+//! very mistake (HTTP where TLS was expected, or the reverse) behind the original bare 404.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The first byte of every TLS connection: a handshake record.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// What the first byte on a connection says it is.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum FirstByte {
+    /// A TLS handshake record.
+    Tls,
+    /// Looks like the start of an HTTP method.
+    PlainHttp,
+    /// Neither; the connection is closed.
+    Garbage(u8),
+    /// The peer closed before sending anything.
+    Closed,
+}
+
+/// Peeks at the first byte without consuming it.
+pub(crate) async fn sniff(stream: &TcpStream) -> std::io::Result<FirstByte> {
+    let mut byte = [0u8; 1];
+    Ok(match stream.peek(&mut byte).await? {
+        0 => FirstByte::Closed,
+        _ if byte[0] == TLS_HANDSHAKE => FirstByte::Tls,
+        _ if byte[0].is_ascii_uppercase() => FirstByte::PlainHttp,
+        _ => FirstByte::Garbage(byte[0]),
+    })
+}
+
+/// Answers a plaintext HTTP request with `400` and `phoenix-mesh-error: tls-required`, then closes.
+pub(crate) async fn refuse_plain_http(mut stream: TcpStream, listen: std::net::SocketAddr) -> std::io::Result<()> {
+    // Read the request head first (bounded in size and time): closing with unread bytes makes the
+    // kernel send a reset, and the client could lose the answer.
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while head.len() < 16 * 1024 && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    let body = format!(
+        "phoenix-mesh listener {listen}: this port requires mutual TLS, but the request arrived as plain HTTP.\n\
+         Send it through the phoenix-mesh client sidecar (or another TLS client presenting a certificate from the Phoenix CA).\n"
+    );
+    let response = format!(
+        "HTTP/1.1 400 Bad Request\r\nphoenix-mesh-error: tls-required\r\ncontent-type: text/plain; charset=utf-8\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
