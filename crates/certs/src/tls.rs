@@ -67,6 +67,8 @@ pub struct ServerTlsOptions {
 pub struct ClientTlsOptions {
     /// Lowest TLS version offered.
     pub min_version: TlsVersion,
+    /// Offer HTTP/2 through ALPN (else HTTP/1.1 only).
+    pub http2: bool,
 }
 
 /// The listener's configuration: client certificate required, verified against `ca` and CRLs with the
@@ -114,7 +116,8 @@ pub fn client_config(
         .with_webpki_verifier(verifier)
         .with_client_auth_cert(material.chain.clone(), material.key.clone_key())
         .map_err(CertError::Tls)?;
-    config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+    let offered = if options.http2 { &ALPN[..] } else { &ALPN[1..] };
+    config.alpn_protocols = offered.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
 }
 

@@ -1,1 +1,13 @@
-//! placeholder
+//! The client sidecar (LXC 101): takes plain HTTP from nginx on loopback and carries it to the mesh
+//! listener over mutual TLS, presenting the gateway's certificate, verifying the listener's chain and
+//! name, and keeping connections warm (a pool, HTTP/2 when both ends offer it). Errors it makes itself
+//! carry `phoenix-mesh-error` and name the hop and the cause.
+
+mod config;
+mod connector;
+mod forward;
+mod sidecar;
+
+pub use config::ClientSettings;
+pub use connector::{UpstreamError, UpstreamErrorKind};
+pub use sidecar::{ClientError, ClientSidecar};

@@ -1,0 +1,311 @@
+//! Dialling the mesh listener: TCP connect, mutual TLS, and an error that says which hop failed and
+//! why, in words an operator can act on. Upstreams are tried round-robin; a refused connection or a
+//! failed handshake moves on to the next one (no request bytes have been sent yet).
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::{StatusCode, Uri};
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use rustls::{AlertDescription, ClientConfig};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+use tracing::{debug, info};
+
+/// Which hop of the client -> listener link failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamErrorKind {
+    /// TCP connect failed or timed out.
+    Unreachable,
+    /// The upstream answered, but not in TLS.
+    NotTls,
+    /// The listener's certificate failed verification (name, chain, date, revocation).
+    CertificateInvalid,
+    /// The listener refused our client certificate.
+    ClientCertRefused,
+    /// Another TLS handshake failure.
+    Handshake,
+}
+
+impl UpstreamErrorKind {
+    /// The `phoenix-mesh-error` code.
+    pub fn code(self) -> &'static str {
+        match self {
+            UpstreamErrorKind::Unreachable => "upstream-unreachable",
+            UpstreamErrorKind::NotTls => "upstream-not-tls",
+            UpstreamErrorKind::CertificateInvalid => "upstream-cert-invalid",
+            UpstreamErrorKind::ClientCertRefused => "client-cert-refused",
+            UpstreamErrorKind::Handshake => "upstream-tls-failed",
+        }
+    }
+
+    /// The status the client answers nginx with.
+    pub fn status(self) -> StatusCode {
+        match self {
+            UpstreamErrorKind::Unreachable => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::BAD_GATEWAY,
+        }
+    }
+}
+
+/// Failure to reach a mesh listener, with an operator-facing message naming address and cause.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct UpstreamError {
+    /// Which hop failed.
+    pub kind: UpstreamErrorKind,
+    /// What to tell the operator.
+    pub message: String,
+}
+
+impl UpstreamError {
+    fn new(kind: UpstreamErrorKind, message: String) -> Self {
+        UpstreamError { kind, message }
+    }
+}
+
+pub(crate) struct Dialer {
+    pub upstreams: Vec<String>,
+    pub server_name: ServerName<'static>,
+    pub tls: Arc<ArcSwap<ClientConfig>>,
+    pub connect_timeout: Duration,
+    pub handshake_timeout: Duration,
+    next: AtomicUsize,
+}
+
+/// The connector the pooled HTTP client dials through.
+#[derive(Clone)]
+pub(crate) struct MeshConnector(Arc<Dialer>);
+
+impl MeshConnector {
+    pub(crate) fn new(
+        upstreams: Vec<String>,
+        server_name: ServerName<'static>,
+        tls: Arc<ArcSwap<ClientConfig>>,
+        connect_timeout: Duration,
+        handshake_timeout: Duration,
+    ) -> Self {
+        MeshConnector(Arc::new(Dialer {
+            upstreams,
+            server_name,
+            tls,
+            connect_timeout,
+            handshake_timeout,
+            next: AtomicUsize::new(0),
+        }))
+    }
+}
+
+impl tower_service::Service<Uri> for MeshConnector {
+    type Response = TokioIo<MeshStream>;
+    type Error = UpstreamError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: Uri) -> Self::Future {
+        let dialer = self.0.clone();
+        Box::pin(async move { dialer.dial().await.map(TokioIo::new) })
+    }
+}
+
+impl Dialer {
+    /// Tries each upstream once, starting from the next in round-robin order.
+    async fn dial(&self) -> Result<MeshStream, UpstreamError> {
+        let n = self.upstreams.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut failures: Vec<UpstreamError> = Vec::new();
+        for i in 0..n {
+            let upstream = &self.upstreams[(start + i) % n];
+            match self.dial_one(upstream).await {
+                Ok(stream) => return Ok(stream),
+                Err(error) => {
+                    info!(upstream = %upstream, code = error.kind.code(), %error, "mesh listener connection failed");
+                    failures.push(error);
+                }
+            }
+        }
+        Err(combine(failures))
+    }
+
+    async fn dial_one(&self, upstream: &str) -> Result<MeshStream, UpstreamError> {
+        let unreachable = |cause: String| {
+            UpstreamError::new(
+                UpstreamErrorKind::Unreachable,
+                format!("phoenix-mesh client: mesh listener {upstream} unreachable: {cause}"),
+            )
+        };
+        let tcp = match timeout(self.connect_timeout, TcpStream::connect(upstream)).await {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => return Err(unreachable(e.to_string())),
+            Err(_) => return Err(unreachable(format!("no answer within {:?} (connect_timeout)", self.connect_timeout))),
+        };
+        let _ = tcp.set_nodelay(true);
+        let connector = TlsConnector::from(self.tls.load_full());
+        let tls = match timeout(self.handshake_timeout, connector.connect(self.server_name.clone(), tcp)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => return Err(classify_handshake(&e, upstream, &self.server_name)),
+            Err(_) => {
+                return Err(UpstreamError::new(
+                    UpstreamErrorKind::Handshake,
+                    format!(
+                        "phoenix-mesh client: TLS handshake with {upstream} did not finish within {:?} \
+                         (handshake_timeout): is {upstream} the mesh listener's TLS port?",
+                        self.handshake_timeout
+                    ),
+                ))
+            }
+        };
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        debug!(%upstream, h2, "mesh link established");
+        Ok(MeshStream { tls, h2 })
+    }
+}
+
+fn combine(mut failures: Vec<UpstreamError>) -> UpstreamError {
+    if failures.len() == 1 {
+        return failures.remove(0);
+    }
+    // Name the most telling kind: a certificate problem says more than a refused port.
+    let kind = failures
+        .iter()
+        .map(|f| f.kind)
+        .max_by_key(|k| match k {
+            UpstreamErrorKind::Unreachable => 0,
+            UpstreamErrorKind::Handshake => 1,
+            _ => 2,
+        })
+        .unwrap_or(UpstreamErrorKind::Unreachable);
+    let message = failures.iter().map(|f| f.message.as_str()).collect::<Vec<_>>().join("; ");
+    UpstreamError::new(kind, format!("every mesh listener failed: {message}"))
+}
+
+/// The rustls error inside an I/O error from tokio-rustls, if any.
+pub(crate) fn rustls_error(e: &io::Error) -> Option<&rustls::Error> {
+    e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>())
+}
+
+/// Alerts a TLS server sends when it rejects the client's certificate.
+pub(crate) fn is_client_cert_alert(alert: &AlertDescription) -> bool {
+    matches!(
+        alert,
+        AlertDescription::BadCertificate
+            | AlertDescription::UnsupportedCertificate
+            | AlertDescription::CertificateRevoked
+            | AlertDescription::CertificateExpired
+            | AlertDescription::CertificateUnknown
+            | AlertDescription::UnknownCA
+            | AlertDescription::AccessDenied
+            | AlertDescription::CertificateRequired
+    )
+}
+
+pub(crate) fn client_cert_refused(upstream: &str, alert: &AlertDescription) -> UpstreamError {
+    UpstreamError::new(
+        UpstreamErrorKind::ClientCertRefused,
+        format!(
+            "phoenix-mesh client: mesh listener {upstream} refused our client certificate (TLS alert {alert:?}): \
+             is it issued by the CA the listener trusts, unexpired, and in the listener's allowed_peers?"
+        ),
+    )
+}
+
+fn classify_handshake(e: &io::Error, upstream: &str, server_name: &ServerName<'_>) -> UpstreamError {
+    let name = server_name.to_str();
+    match rustls_error(e) {
+        Some(rustls::Error::InvalidMessage(_)) => UpstreamError::new(
+            UpstreamErrorKind::NotTls,
+            format!(
+                "phoenix-mesh client: upstream {upstream} does not speak TLS (it answered with something that is \
+                 not a TLS record, probably plain HTTP): is {upstream} the mesh listener's TLS port, not Traefik's?"
+            ),
+        ),
+        Some(rustls::Error::InvalidCertificate(cert_error)) => UpstreamError::new(
+            UpstreamErrorKind::CertificateInvalid,
+            format!(
+                "phoenix-mesh client: the certificate of mesh listener {upstream} was rejected: {cert_error} \
+                 (it must chain to the configured ca and carry the name {name:?})"
+            ),
+        ),
+        Some(rustls::Error::AlertReceived(alert)) if is_client_cert_alert(alert) => client_cert_refused(upstream, alert),
+        Some(other) => UpstreamError::new(
+            UpstreamErrorKind::Handshake,
+            format!("phoenix-mesh client: TLS handshake with mesh listener {upstream} failed: {other}"),
+        ),
+        None if e.kind() == io::ErrorKind::UnexpectedEof || e.kind() == io::ErrorKind::ConnectionReset => {
+            UpstreamError::new(
+                UpstreamErrorKind::Handshake,
+                format!(
+                    "phoenix-mesh client: {upstream} closed the connection during the TLS handshake: \
+                     is it the mesh listener's TLS port?"
+                ),
+            )
+        }
+        None => UpstreamError::new(
+            UpstreamErrorKind::Handshake,
+            format!("phoenix-mesh client: TLS handshake with mesh listener {upstream} failed: {e}"),
+        ),
+    }
+}
+
+/// An established mTLS link, told to the pool as HTTP/2 when ALPN chose it.
+pub struct MeshStream {
+    tls: TlsStream<TcpStream>,
+    h2: bool,
+}
+
+impl Connection for MeshStream {
+    fn connected(&self) -> Connected {
+        let connected = Connected::new();
+        if self.h2 {
+            connected.negotiated_h2()
+        } else {
+            connected
+        }
+    }
+}
+
+impl AsyncRead for MeshStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tls).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for MeshStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tls).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tls).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tls.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tls).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tls).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,127 @@
+//! One request from nginx to the mesh listener over the pooled mTLS link.
+
+use std::convert::Infallible;
+use std::error::Error as StdError;
+use std::io;
+use std::time::Duration;
+
+use http::header::{HeaderValue, HOST};
+use http::uri::{Authority, Scheme};
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::Either;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use phoenix_mesh_common::headers::remove_hop_by_hop;
+use phoenix_mesh_common::{mesh_error, ProxyBody};
+use tracing::info;
+
+use crate::connector::{client_cert_refused, is_client_cert_alert, rustls_error, MeshConnector, UpstreamError};
+
+/// The pool key: every request shares the same pool whatever its Host; the connector picks the
+/// listener. Host itself travels untouched as a header.
+const POOL_AUTHORITY: &str = "phoenix-mesh";
+
+pub(crate) struct Upstream {
+    client: Client<MeshConnector, ProxyBody>,
+    /// For messages: the configured listeners.
+    upstreams: String,
+    timeout: Duration,
+}
+
+impl Upstream {
+    pub(crate) fn new(connector: MeshConnector, upstreams: &[String], pool_idle: Duration, timeout: Duration) -> Self {
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(pool_idle)
+            .timer(TokioTimer::new())
+            .set_host(false)
+            .build(connector);
+        Upstream {
+            client,
+            upstreams: upstreams.join(", "),
+            timeout,
+        }
+    }
+
+    /// Forwards `req` and returns the listener's response, or an error response naming the hop.
+    pub(crate) async fn forward(&self, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
+        let (mut parts, body) = req.into_parts();
+        // h2c from a client carries the host in :authority only.
+        if !parts.headers.contains_key(HOST) {
+            if let Some(authority) = parts.uri.authority() {
+                if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+                    parts.headers.insert(HOST, v);
+                }
+            }
+        }
+        remove_hop_by_hop(&mut parts.headers);
+        let mut uri = parts.uri.into_parts();
+        uri.scheme = Some(Scheme::HTTPS);
+        uri.authority = Some(Authority::from_static(POOL_AUTHORITY));
+        if uri.path_and_query.is_none() {
+            uri.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+        }
+        parts.uri = match Uri::from_parts(uri) {
+            Ok(uri) => uri,
+            Err(e) => {
+                return Ok(mesh_error(
+                    StatusCode::BAD_REQUEST,
+                    "bad-request",
+                    format!("phoenix-mesh client: invalid request target: {e}"),
+                ))
+            }
+        };
+        parts.version = http::Version::HTTP_11;
+        let request = Request::from_parts(parts, Either::Left(body));
+
+        match tokio::time::timeout(self.timeout, self.client.request(request)).await {
+            Ok(Ok(response)) => {
+                let (mut parts, body) = response.into_parts();
+                remove_hop_by_hop(&mut parts.headers);
+                Ok(Response::from_parts(parts, Either::Left(body)))
+            }
+            Ok(Err(error)) => Ok(self.failure(&error)),
+            Err(_) => {
+                info!(upstreams = %self.upstreams, "mesh listener too slow");
+                Ok(mesh_error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream-timeout",
+                    format!(
+                        "phoenix-mesh client: mesh listener ({}) did not answer within {:?} (upstream_timeout)",
+                        self.upstreams, self.timeout
+                    ),
+                ))
+            }
+        }
+    }
+
+    fn failure(&self, error: &(dyn StdError + 'static)) -> Response<ProxyBody> {
+        let mut current: Option<&(dyn StdError + 'static)> = Some(error);
+        let mut root = error.to_string();
+        while let Some(e) = current {
+            if let Some(upstream) = e.downcast_ref::<UpstreamError>() {
+                return mesh_error(upstream.kind.status(), upstream.kind.code(), upstream.message.clone());
+            }
+            // In TLS 1.3 the listener checks our certificate after our side of the handshake is done,
+            // so its refusal arrives as an alert on the first read of the request.
+            if let Some(io) = e.downcast_ref::<io::Error>() {
+                if let Some(rustls::Error::AlertReceived(alert)) = rustls_error(io) {
+                    if is_client_cert_alert(alert) {
+                        let refused = client_cert_refused(&self.upstreams, alert);
+                        info!(upstreams = %self.upstreams, ?alert, "mesh listener refused our client certificate");
+                        return mesh_error(StatusCode::BAD_GATEWAY, refused.kind.code(), refused.message);
+                    }
+                }
+            }
+            root = e.to_string();
+            current = e.source();
+        }
+        info!(upstreams = %self.upstreams, cause = %root, "request to the mesh listener failed");
+        mesh_error(
+            StatusCode::BAD_GATEWAY,
+            "upstream-error",
+            format!("phoenix-mesh client: the request to the mesh listener ({}) failed: {root}", self.upstreams),
+        )
+    }
+}
