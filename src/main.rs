@@ -1,1 +1,83 @@
-fn main() {}
+//! `phoenix-mesh`: the client sidecar, the mesh listener and a self-contained demo in one binary.
+
+mod demo;
+mod logging;
+mod run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// mTLS sidecars that carry HTTP from the nginx gateway (LXC 101) to Traefik (LXC 102).
+#[derive(Debug, Parser)]
+#[command(name = "phoenix-mesh", version, about, propagate_version = true)]
+struct Cli {
+    /// Log line format on stderr; the level comes from RUST_LOG (default: info).
+    #[arg(long, global = true, value_enum, default_value_t = logging::LogFormat::Text)]
+    log_format: logging::LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The client sidecar beside nginx: plain HTTP on loopback in, mutual TLS to the mesh listener out.
+    Client {
+        /// TOML config file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// The mesh listener beside Traefik: mutual TLS in, plain HTTP to Traefik on loopback out.
+    Server {
+        /// TOML config file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// The whole hop on a throwaway PKI and free loopback ports: backend, listener and client.
+    Demo {
+        /// Exit 0 after the first round trip succeeds (non-zero if it fails) instead of running on.
+        #[arg(long)]
+        once: bool,
+    },
+}
+
+/// Config or certificate problems found at start-up (sysexits EX_CONFIG), so systemd can be told not
+/// to restart into the same mistake.
+const EXIT_CONFIG: u8 = 78;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(error) => {
+            eprintln!("phoenix-mesh: starting the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Client { config } => run::client(&config).await,
+            Command::Server { config } => run::server(&config).await,
+            Command::Demo { once } => demo::run(once).await.map_err(run::Failure::Runtime),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(run::Failure::Config(error)) => {
+            tracing::error!("{error:#}");
+            eprintln!("phoenix-mesh: {error:#}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(run::Failure::Runtime(error)) => {
+            tracing::error!("{error:#}");
+            eprintln!("phoenix-mesh: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

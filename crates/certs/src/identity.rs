@@ -127,7 +127,9 @@ impl PeerIdentity {
 
     /// The full validity period.
     pub fn lifetime(&self) -> Duration {
-        self.not_after.duration_since(self.not_before).unwrap_or_default()
+        self.not_after
+            .duration_since(self.not_before)
+            .unwrap_or_default()
     }
 }
 
@@ -154,7 +156,13 @@ fn escape_quoted(out: &mut String, value: &str) {
 /// RFC 4514: the most specific RDN first, attributes by their short names, special characters escaped.
 fn rfc4514(name: &X509Name<'_>, registry: &OidRegistry<'_>) -> String {
     let mut out = String::new();
-    for (i, rdn) in name.iter_rdn().collect::<Vec<_>>().into_iter().rev().enumerate() {
+    for (i, rdn) in name
+        .iter_rdn()
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .enumerate()
+    {
         if i > 0 {
             out.push(',');
         }
@@ -170,7 +178,8 @@ fn rfc4514(name: &X509Name<'_>, registry: &OidRegistry<'_>) -> String {
             match attr.as_str() {
                 Ok(value) => {
                     for (k, c) in value.chars().enumerate() {
-                        let edge = (k == 0 && (c == ' ' || c == '#')) || (k + 1 == value.chars().count() && c == ' ');
+                        let edge = (k == 0 && (c == ' ' || c == '#'))
+                            || (k + 1 == value.chars().count() && c == ' ');
                         if edge || matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';' | '=') {
                             out.push('\\');
                         }

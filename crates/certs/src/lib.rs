@@ -16,7 +16,7 @@ mod tls;
 pub mod pki;
 
 pub use error::CertError;
-pub use identity::{PeerIdentity, IdentityError};
+pub use identity::{IdentityError, PeerIdentity};
 pub use load::{load_cert_chain, load_crls, load_private_key, load_roots};
 pub use material::{Material, Role, TlsFiles};
 pub use tls::{client_config, server_config, ClientTlsOptions, ServerTlsOptions, TlsVersion};

@@ -72,7 +72,9 @@ pub fn load_roots(path: &Path) -> Result<RootCertStore, CertError> {
 }
 
 /// Certificate revocation lists, each file PEM (`X509 CRL`) or raw DER.
-pub fn load_crls(paths: &[impl AsRef<Path>]) -> Result<Vec<CertificateRevocationListDer<'static>>, CertError> {
+pub fn load_crls(
+    paths: &[impl AsRef<Path>],
+) -> Result<Vec<CertificateRevocationListDer<'static>>, CertError> {
     let mut crls = Vec::new();
     for path in paths {
         let path = path.as_ref();

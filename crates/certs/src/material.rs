@@ -107,7 +107,8 @@ impl Material {
 
         let roots = Arc::new(roots);
         let unix_now = UnixTime::since_unix_epoch(
-            now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default(),
+            now.duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default(),
         );
         let chain_err = |source| CertError::Chain {
             cert: files.cert.clone(),

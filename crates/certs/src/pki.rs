@@ -7,9 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevocationReason,
-    RevokedCertParams, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    RevocationReason, RevokedCertParams, SanType, SerialNumber,
 };
 use time::OffsetDateTime;
 
@@ -145,12 +145,18 @@ impl Pki {
     pub fn issue(&self, spec: &LeafSpec) -> Result<Leaf, Error> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::CommonName, spec.common_name.clone());
+        params
+            .distinguished_name
+            .push(DnType::CommonName, spec.common_name.clone());
         for name in &spec.dns {
-            params.subject_alt_names.push(SanType::DnsName(name.clone().try_into()?));
+            params
+                .subject_alt_names
+                .push(SanType::DnsName(name.clone().try_into()?));
         }
         for uri in &spec.uris {
-            params.subject_alt_names.push(SanType::URI(uri.clone().try_into()?));
+            params
+                .subject_alt_names
+                .push(SanType::URI(uri.clone().try_into()?));
         }
         for ip in &spec.ips {
             params.subject_alt_names.push(SanType::IpAddress(*ip));
@@ -159,7 +165,10 @@ impl Pki {
         params.extended_key_usages = match spec.usage {
             Usage::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
             Usage::Server => vec![ExtendedKeyUsagePurpose::ServerAuth],
-            Usage::Both => vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
+            Usage::Both => vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
             Usage::None => Vec::new(),
         };
         params.use_authority_key_identifier_extension = true;

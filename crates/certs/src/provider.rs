@@ -23,8 +23,11 @@ pub fn ticketer() -> Result<Arc<dyn rustls::server::ProducesTickets>, rustls::Er
 pub fn sha256_hex(data: &[u8]) -> String {
     use std::fmt::Write as _;
     let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data);
-    digest.as_ref().iter().fold(String::with_capacity(64), |mut out, byte| {
-        let _ = write!(out, "{byte:02x}");
-        out
-    })
+    digest
+        .as_ref()
+        .iter()
+        .fold(String::with_capacity(64), |mut out, byte| {
+            let _ = write!(out, "{byte:02x}");
+            out
+        })
 }

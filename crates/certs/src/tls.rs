@@ -79,10 +79,11 @@ pub fn server_config(
     options: &ServerTlsOptions,
 ) -> Result<Arc<ServerConfig>, CertError> {
     let provider = provider::provider();
-    let inner = WebPkiClientVerifier::builder_with_provider(material.roots.clone(), provider.clone())
-        .with_crls(material.crls.iter().cloned())
-        .build()
-        .map_err(|e| CertError::Tls(rustls::Error::General(format!("client verifier: {e}"))))?;
+    let inner =
+        WebPkiClientVerifier::builder_with_provider(material.roots.clone(), provider.clone())
+            .with_crls(material.crls.iter().cloned())
+            .build()
+            .map_err(|e| CertError::Tls(rustls::Error::General(format!("client verifier: {e}"))))?;
     let verifier = Arc::new(PeerPolicy {
         inner,
         allowed: options.allowed_peers.clone(),
@@ -106,10 +107,11 @@ pub fn client_config(
     options: &ClientTlsOptions,
 ) -> Result<Arc<ClientConfig>, CertError> {
     let provider = provider::provider();
-    let verifier = WebPkiServerVerifier::builder_with_provider(material.roots.clone(), provider.clone())
-        .with_crls(material.crls.iter().cloned())
-        .build()
-        .map_err(|e| CertError::Tls(rustls::Error::General(format!("server verifier: {e}"))))?;
+    let verifier =
+        WebPkiServerVerifier::builder_with_provider(material.roots.clone(), provider.clone())
+            .with_crls(material.crls.iter().cloned())
+            .build()
+            .map_err(|e| CertError::Tls(rustls::Error::General(format!("server verifier: {e}"))))?;
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(options.min_version.versions())
         .map_err(CertError::Tls)?
@@ -152,16 +154,23 @@ impl ClientCertVerifier for PeerPolicy {
             Ok(id) => id,
             Err(error) => {
                 info!(%error, "client certificate refused: unparseable");
-                return Err(rustls::Error::InvalidCertificate(CertificateError::BadEncoding));
+                return Err(rustls::Error::InvalidCertificate(
+                    CertificateError::BadEncoding,
+                ));
             }
         };
-        if let Err(error) = self.inner.verify_client_cert(end_entity, intermediates, now) {
+        if let Err(error) = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)
+        {
             info!(peer.id = id.name(), peer.subject = %id.subject, %error, "client certificate refused");
             return Err(error);
         }
         if !id.client_auth {
             info!(peer.id = id.name(), peer.subject = %id.subject, reason = "no clientAuth extended key usage", "client certificate refused");
-            return Err(rustls::Error::InvalidCertificate(CertificateError::InvalidPurpose));
+            return Err(rustls::Error::InvalidCertificate(
+                CertificateError::InvalidPurpose,
+            ));
         }
         if !self.allowed.is_empty() && !id.matches_any(&self.allowed) {
             info!(peer.id = id.name(), peer.subject = %id.subject, peer.dns = ?id.dns, peer.uris = ?id.uris,

@@ -91,10 +91,12 @@ impl ClientSettings {
             key,
             message,
         };
-        let listen: SocketAddr = f
-            .listen
-            .parse()
-            .map_err(|_| invalid("listen", format!("{:?} is not an ip:port address", f.listen)))?;
+        let listen: SocketAddr = f.listen.parse().map_err(|_| {
+            invalid(
+                "listen",
+                format!("{:?} is not an ip:port address", f.listen),
+            )
+        })?;
         if !listen.ip().is_loopback() && !f.allow_public_listen {
             return Err(invalid(
                 "listen",
@@ -106,28 +108,41 @@ impl ClientSettings {
             ));
         }
         if f.upstreams.is_empty() {
-            return Err(invalid("upstreams", "at least one mesh listener (host:port) is needed".into()));
+            return Err(invalid(
+                "upstreams",
+                "at least one mesh listener (host:port) is needed".into(),
+            ));
         }
         for upstream in &f.upstreams {
             split_host_port(upstream).ok_or_else(|| {
-                invalid("upstreams", format!("{upstream:?} is not host:port (e.g. \"10.0.0.12:8443\")"))
+                invalid(
+                    "upstreams",
+                    format!("{upstream:?} is not host:port (e.g. \"10.0.0.12:8443\")"),
+                )
             })?;
         }
         let server_name = match f.server_name {
-            Some(name) if name.trim().is_empty() => return Err(invalid("server_name", "is empty".into())),
+            Some(name) if name.trim().is_empty() => {
+                return Err(invalid("server_name", "is empty".into()))
+            }
             Some(name) => name,
-            None => split_host_port(&f.upstreams[0]).map(|(h, _)| h.to_owned()).unwrap_or_default(),
+            None => split_host_port(&f.upstreams[0])
+                .map(|(h, _)| h.to_owned())
+                .unwrap_or_default(),
         };
         rustls::pki_types::ServerName::try_from(server_name.as_str())
             .map_err(|e| invalid("server_name", format!("{server_name:?}: {e}")))?;
         let admin_listen = match f.admin_listen {
             None => None,
             Some(a) => {
-                let addr: SocketAddr = a
-                    .parse()
-                    .map_err(|_| invalid("admin_listen", format!("{a:?} is not an ip:port address")))?;
+                let addr: SocketAddr = a.parse().map_err(|_| {
+                    invalid("admin_listen", format!("{a:?} is not an ip:port address"))
+                })?;
                 if !addr.ip().is_loopback() {
-                    return Err(invalid("admin_listen", format!("{addr} is not a loopback address")));
+                    return Err(invalid(
+                        "admin_listen",
+                        format!("{addr} is not a loopback address"),
+                    ));
                 }
                 Some(addr)
             }
@@ -139,9 +154,14 @@ impl ClientSettings {
             .map_err(|m| invalid("min_tls_version", m))?;
         let max_header_bytes = f.max_header_bytes.unwrap_or(64 * 1024);
         if max_header_bytes < 8192 {
-            return Err(invalid("max_header_bytes", format!("{max_header_bytes} is below the 8192-byte minimum")));
+            return Err(invalid(
+                "max_header_bytes",
+                format!("{max_header_bytes} is below the 8192-byte minimum"),
+            ));
         }
-        let d = |v: Option<ConfigDuration>, default: u64| v.map_or(Duration::from_secs(default), |d| d.0);
+        let d = |v: Option<ConfigDuration>, default: u64| {
+            v.map_or(Duration::from_secs(default), |d| d.0)
+        };
         Ok(ClientSettings {
             path: path.to_owned(),
             listen,
@@ -174,6 +194,9 @@ impl ClientSettings {
 pub(crate) fn split_host_port(s: &str) -> Option<(&str, u16)> {
     let (host, port) = s.rsplit_once(':')?;
     let port = port.parse().ok()?;
-    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
     (!host.is_empty()).then_some((host, port))
 }

@@ -151,7 +151,12 @@ impl Dialer {
         let tcp = match timeout(self.connect_timeout, TcpStream::connect(upstream)).await {
             Ok(Ok(tcp)) => tcp,
             Ok(Err(e)) => return Err(unreachable(e.to_string())),
-            Err(_) => return Err(unreachable(format!("no answer within {:?} (connect_timeout)", self.connect_timeout))),
+            Err(_) => {
+                return Err(unreachable(format!(
+                    "no answer within {:?} (connect_timeout)",
+                    self.connect_timeout
+                )))
+            }
         };
         let _ = tcp.set_nodelay(true);
         let connector = TlsConnector::from(self.tls.load_full());
@@ -189,13 +194,18 @@ fn combine(mut failures: Vec<UpstreamError>) -> UpstreamError {
             _ => 2,
         })
         .unwrap_or(UpstreamErrorKind::Unreachable);
-    let message = failures.iter().map(|f| f.message.as_str()).collect::<Vec<_>>().join("; ");
+    let message = failures
+        .iter()
+        .map(|f| f.message.as_str())
+        .collect::<Vec<_>>()
+        .join("; ");
     UpstreamError::new(kind, format!("every mesh listener failed: {message}"))
 }
 
 /// The rustls error inside an I/O error from tokio-rustls, if any.
 pub(crate) fn rustls_error(e: &io::Error) -> Option<&rustls::Error> {
-    e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
 }
 
 /// Alerts a TLS server sends when it rejects the client's certificate.
@@ -223,7 +233,11 @@ pub(crate) fn client_cert_refused(upstream: &str, alert: &AlertDescription) -> U
     )
 }
 
-fn classify_handshake(e: &io::Error, upstream: &str, server_name: &ServerName<'_>) -> UpstreamError {
+fn classify_handshake(
+    e: &io::Error,
+    upstream: &str,
+    server_name: &ServerName<'_>,
+) -> UpstreamError {
     let name = server_name.to_str();
     match rustls_error(e) {
         Some(rustls::Error::InvalidMessage(_)) => UpstreamError::new(
@@ -279,13 +293,21 @@ impl Connection for MeshStream {
 }
 
 impl AsyncRead for MeshStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().tls).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for MeshStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().tls).poll_write(cx, buf)
     }
 

@@ -16,7 +16,9 @@ use phoenix_mesh_common::headers::remove_hop_by_hop;
 use phoenix_mesh_common::{mesh_error, ProxyBody};
 use tracing::info;
 
-use crate::connector::{client_cert_refused, is_client_cert_alert, rustls_error, MeshConnector, UpstreamError};
+use crate::connector::{
+    client_cert_refused, is_client_cert_alert, rustls_error, MeshConnector, UpstreamError,
+};
 
 /// The pool key: every request shares the same pool whatever its Host; the connector picks the
 /// listener. Host itself travels untouched as a header.
@@ -30,7 +32,12 @@ pub(crate) struct Upstream {
 }
 
 impl Upstream {
-    pub(crate) fn new(connector: MeshConnector, upstreams: &[String], pool_idle: Duration, timeout: Duration) -> Self {
+    pub(crate) fn new(
+        connector: MeshConnector,
+        upstreams: &[String],
+        pool_idle: Duration,
+        timeout: Duration,
+    ) -> Self {
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(pool_idle)
@@ -45,7 +52,10 @@ impl Upstream {
     }
 
     /// Forwards `req` and returns the listener's response, or an error response naming the hop.
-    pub(crate) async fn forward(&self, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
+    pub(crate) async fn forward(
+        &self,
+        req: Request<Incoming>,
+    ) -> Result<Response<ProxyBody>, Infallible> {
         let (mut parts, body) = req.into_parts();
         // h2c from a client carries the host in :authority only.
         if !parts.headers.contains_key(HOST) {
@@ -101,7 +111,11 @@ impl Upstream {
         let mut root = error.to_string();
         while let Some(e) = current {
             if let Some(upstream) = e.downcast_ref::<UpstreamError>() {
-                return mesh_error(upstream.kind.status(), upstream.kind.code(), upstream.message.clone());
+                return mesh_error(
+                    upstream.kind.status(),
+                    upstream.kind.code(),
+                    upstream.message.clone(),
+                );
             }
             // In TLS 1.3 the listener checks our certificate after our side of the handshake is done,
             // so its refusal arrives as an alert on the first read of the request.
@@ -110,7 +124,11 @@ impl Upstream {
                     if is_client_cert_alert(alert) {
                         let refused = client_cert_refused(&self.upstreams, alert);
                         info!(upstreams = %self.upstreams, ?alert, "mesh listener refused our client certificate");
-                        return mesh_error(StatusCode::BAD_GATEWAY, refused.kind.code(), refused.message);
+                        return mesh_error(
+                            StatusCode::BAD_GATEWAY,
+                            refused.kind.code(),
+                            refused.message,
+                        );
                     }
                 }
             }
@@ -121,7 +139,10 @@ impl Upstream {
         mesh_error(
             StatusCode::BAD_GATEWAY,
             "upstream-error",
-            format!("phoenix-mesh client: the request to the mesh listener ({}) failed: {root}", self.upstreams),
+            format!(
+                "phoenix-mesh client: the request to the mesh listener ({}) failed: {root}",
+                self.upstreams
+            ),
         )
     }
 }

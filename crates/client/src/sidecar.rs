@@ -49,7 +49,9 @@ pub struct ClientSidecar {
 
 impl std::fmt::Debug for ClientSidecar {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClientSidecar").field("listen", &self.listener.local_addr().ok()).finish_non_exhaustive()
+        f.debug_struct("ClientSidecar")
+            .field("listen", &self.listener.local_addr().ok())
+            .finish_non_exhaustive()
     }
 }
 
@@ -63,10 +65,12 @@ impl ClientSidecar {
         };
         let tls = Arc::new(ArcSwap::new(client_config(&material, &options)?));
         log_certificate(&material);
-        let server_name = ServerName::try_from(settings.server_name.clone()).map_err(|e| ConfigError::Invalid {
-            path: settings.path.clone(),
-            key: "server_name",
-            message: e.to_string(),
+        let server_name = ServerName::try_from(settings.server_name.clone()).map_err(|e| {
+            ConfigError::Invalid {
+                path: settings.path.clone(),
+                key: "server_name",
+                message: e.to_string(),
+            }
         })?;
         let connector = MeshConnector::new(
             settings.upstreams.clone(),
@@ -75,13 +79,19 @@ impl ClientSidecar {
             settings.connect_timeout,
             settings.handshake_timeout,
         );
-        let upstream = Upstream::new(connector, &settings.upstreams, settings.pool_idle_timeout, settings.upstream_timeout);
-        let listener = TcpListener::bind(settings.listen)
-            .await
-            .map_err(|source| ClientError::Bind {
-                addr: settings.listen,
-                source,
-            })?;
+        let upstream = Upstream::new(
+            connector,
+            &settings.upstreams,
+            settings.pool_idle_timeout,
+            settings.upstream_timeout,
+        );
+        let listener =
+            TcpListener::bind(settings.listen)
+                .await
+                .map_err(|source| ClientError::Bind {
+                    addr: settings.listen,
+                    source,
+                })?;
         let http = http_builder(&settings.http);
         Ok(ClientSidecar {
             listener,

@@ -68,7 +68,9 @@ impl<'de> Deserialize<'de> for ConfigDuration {
         }
         match Raw::deserialize(d)? {
             Raw::Secs(s) => Ok(ConfigDuration(Duration::from_secs(s))),
-            Raw::Text(t) => parse_duration(&t).map(ConfigDuration).map_err(serde::de::Error::custom),
+            Raw::Text(t) => parse_duration(&t)
+                .map(ConfigDuration)
+                .map_err(serde::de::Error::custom),
         }
     }
 }
@@ -76,17 +78,23 @@ impl<'de> Deserialize<'de> for ConfigDuration {
 /// Parses `"250ms"`, `"10s"`, `"5m"`, `"1h"` or `"30"` (seconds).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (num, unit) = text.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {text:?}: expected e.g. \"500ms\", \"10s\", \"5m\""))?;
+    let n: u64 = num.parse().map_err(|_| {
+        format!("invalid duration {text:?}: expected e.g. \"500ms\", \"10s\", \"5m\"")
+    })?;
     let ms = match unit.trim() {
         "ms" => n,
         "" | "s" => n.saturating_mul(1000),
         "m" => n.saturating_mul(60_000),
         "h" => n.saturating_mul(3_600_000),
-        other => return Err(format!("invalid duration {text:?}: unknown unit {other:?} (ms, s, m, h)")),
+        other => {
+            return Err(format!(
+                "invalid duration {text:?}: unknown unit {other:?} (ms, s, m, h)"
+            ))
+        }
     };
     Ok(Duration::from_millis(ms))
 }
@@ -108,7 +116,13 @@ mod tests {
     #[test]
     fn resolves_relative_to_the_config_file() {
         let cfg = Path::new("/etc/phoenix-mesh/client.toml");
-        assert_eq!(resolve(cfg, Path::new("certs/a.crt")), PathBuf::from("/etc/phoenix-mesh/certs/a.crt"));
-        assert_eq!(resolve(cfg, Path::new("/abs/a.crt")), PathBuf::from("/abs/a.crt"));
+        assert_eq!(
+            resolve(cfg, Path::new("certs/a.crt")),
+            PathBuf::from("/etc/phoenix-mesh/certs/a.crt")
+        );
+        assert_eq!(
+            resolve(cfg, Path::new("/abs/a.crt")),
+            PathBuf::from("/abs/a.crt")
+        );
     }
 }

@@ -65,7 +65,10 @@ mod tests {
     #[test]
     fn strips_hop_by_hop_and_connection_named_headers() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -82,7 +85,10 @@ mod tests {
         let mut h = HeaderMap::new();
         h.append("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));
         h.append("x-forwarded-for", HeaderValue::from_static("198.51.100.1"));
-        append_forwarded_for(&mut h, "127.0.0.1".parse().unwrap_or(IpAddr::from([0, 0, 0, 0])));
+        append_forwarded_for(
+            &mut h,
+            "127.0.0.1".parse().unwrap_or(IpAddr::from([0, 0, 0, 0])),
+        );
         assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
         assert_eq!(h["x-forwarded-for"], "203.0.113.9, 198.51.100.1, 127.0.0.1");
     }

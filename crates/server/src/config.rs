@@ -82,22 +82,29 @@ impl ServerSettings {
             key,
             message,
         };
-        let listen: SocketAddr = f
-            .listen
-            .parse()
-            .map_err(|_| invalid("listen", format!("{:?} is not an ip:port address", f.listen)))?;
-        let backend: SocketAddr = f
-            .backend
-            .parse()
-            .map_err(|_| invalid("backend", format!("{:?} is not an ip:port address", f.backend)))?;
+        let listen: SocketAddr = f.listen.parse().map_err(|_| {
+            invalid(
+                "listen",
+                format!("{:?} is not an ip:port address", f.listen),
+            )
+        })?;
+        let backend: SocketAddr = f.backend.parse().map_err(|_| {
+            invalid(
+                "backend",
+                format!("{:?} is not an ip:port address", f.backend),
+            )
+        })?;
         let admin_listen = match f.admin_listen {
             None => None,
             Some(a) => {
-                let addr: SocketAddr = a
-                    .parse()
-                    .map_err(|_| invalid("admin_listen", format!("{a:?} is not an ip:port address")))?;
+                let addr: SocketAddr = a.parse().map_err(|_| {
+                    invalid("admin_listen", format!("{a:?} is not an ip:port address"))
+                })?;
                 if !addr.ip().is_loopback() {
-                    return Err(invalid("admin_listen", format!("{addr} is not a loopback address")));
+                    return Err(invalid(
+                        "admin_listen",
+                        format!("{addr} is not a loopback address"),
+                    ));
                 }
                 Some(addr)
             }
@@ -113,9 +120,14 @@ impl ServerSettings {
             .map_err(|m| invalid("min_tls_version", m))?;
         let max_header_bytes = f.max_header_bytes.unwrap_or(64 * 1024);
         if max_header_bytes < 8192 {
-            return Err(invalid("max_header_bytes", format!("{max_header_bytes} is below the 8192-byte minimum")));
+            return Err(invalid(
+                "max_header_bytes",
+                format!("{max_header_bytes} is below the 8192-byte minimum"),
+            ));
         }
-        let d = |v: Option<ConfigDuration>, default: u64| v.map_or(Duration::from_secs(default), |d| d.0);
+        let d = |v: Option<ConfigDuration>, default: u64| {
+            v.map_or(Duration::from_secs(default), |d| d.0)
+        };
         Ok(ServerSettings {
             path: path.to_owned(),
             listen,

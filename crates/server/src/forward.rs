@@ -37,7 +37,11 @@ pub(crate) struct Backend {
 }
 
 impl Backend {
-    pub(crate) fn new(addr: SocketAddr, connect_timeout: Duration, response_timeout: Duration) -> Self {
+    pub(crate) fn new(
+        addr: SocketAddr,
+        connect_timeout: Duration,
+        response_timeout: Duration,
+    ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(connect_timeout));
         connector.set_nodelay(true);
@@ -46,7 +50,8 @@ impl Backend {
             .pool_idle_timeout(Duration::from_secs(60))
             .set_host(false)
             .build(connector);
-        let authority = Authority::try_from(addr.to_string()).unwrap_or_else(|_| Authority::from_static("127.0.0.1"));
+        let authority = Authority::try_from(addr.to_string())
+            .unwrap_or_else(|_| Authority::from_static("127.0.0.1"));
         Backend {
             client,
             addr,
@@ -56,7 +61,11 @@ impl Backend {
     }
 
     /// Forwards `req` and returns the backend's response, or an error response naming this hop.
-    pub(crate) async fn forward(&self, req: Request<Incoming>, peer: &Peer) -> Result<Response<ProxyBody>, Infallible> {
+    pub(crate) async fn forward(
+        &self,
+        req: Request<Incoming>,
+        peer: &Peer,
+    ) -> Result<Response<ProxyBody>, Infallible> {
         let (mut parts, body) = req.into_parts();
 
         // HTTP/2 carries the host in :authority; Traefik routes on Host.
@@ -81,7 +90,11 @@ impl Backend {
         parts.uri = match Uri::from_parts(uri) {
             Ok(uri) => uri,
             Err(e) => {
-                return Ok(mesh_error(StatusCode::BAD_REQUEST, "bad-request", format!("phoenix-mesh listener: invalid request target: {e}")));
+                return Ok(mesh_error(
+                    StatusCode::BAD_REQUEST,
+                    "bad-request",
+                    format!("phoenix-mesh listener: invalid request target: {e}"),
+                ));
             }
         };
         parts.version = Version::HTTP_11;
@@ -108,7 +121,10 @@ impl Backend {
                     Ok(mesh_error(
                         StatusCode::BAD_GATEWAY,
                         "backend-error",
-                        format!("phoenix-mesh listener: backend {} failed the request: {cause}", self.addr),
+                        format!(
+                            "phoenix-mesh listener: backend {} failed the request: {cause}",
+                            self.addr
+                        ),
                     ))
                 }
             }

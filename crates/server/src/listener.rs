@@ -10,7 +10,9 @@ use http::HeaderValue;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
-use phoenix_mesh_certs::{server_config, CertError, Material, PeerIdentity, Role, ServerTlsOptions};
+use phoenix_mesh_certs::{
+    server_config, CertError, Material, PeerIdentity, Role, ServerTlsOptions,
+};
 use phoenix_mesh_common::config::ConfigError;
 use phoenix_mesh_common::serve::{accept_loop, http_builder, serve_http, ShutdownWatch};
 use tokio::net::{TcpListener, TcpStream};
@@ -52,7 +54,9 @@ pub struct MeshListener {
 
 impl std::fmt::Debug for MeshListener {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MeshListener").field("listen", &self.listener.local_addr().ok()).finish_non_exhaustive()
+        f.debug_struct("MeshListener")
+            .field("listen", &self.listener.local_addr().ok())
+            .finish_non_exhaustive()
     }
 }
 
@@ -66,13 +70,18 @@ impl MeshListener {
         };
         let config = server_config(&material, &options)?;
         log_certificate(&material);
-        let listener = TcpListener::bind(settings.listen)
-            .await
-            .map_err(|source| ServerError::Bind {
-                addr: settings.listen,
-                source,
-            })?;
-        let backend = Backend::new(settings.backend, settings.backend_connect_timeout, settings.backend_timeout);
+        let listener =
+            TcpListener::bind(settings.listen)
+                .await
+                .map_err(|source| ServerError::Bind {
+                    addr: settings.listen,
+                    source,
+                })?;
+        let backend = Backend::new(
+            settings.backend,
+            settings.backend_connect_timeout,
+            settings.backend_timeout,
+        );
         let http = http_builder(&settings.http);
         Ok(MeshListener {
             listener,
@@ -103,13 +112,21 @@ impl MeshListener {
         let conn_shutdown = shutdown.clone();
         accept_loop(self.listener, shutdown, move |stream, addr| {
             let span = info_span!("conn", peer.addr = %addr, peer.id = field::Empty);
-            tokio::spawn(handle(state.clone(), stream, addr, listen, conn_shutdown.clone()).instrument(span));
+            tokio::spawn(
+                handle(state.clone(), stream, addr, listen, conn_shutdown.clone()).instrument(span),
+            );
         })
         .await;
     }
 }
 
-async fn handle(state: Arc<State>, stream: TcpStream, addr: SocketAddr, listen: SocketAddr, shutdown: ShutdownWatch) {
+async fn handle(
+    state: Arc<State>,
+    stream: TcpStream,
+    addr: SocketAddr,
+    listen: SocketAddr,
+    shutdown: ShutdownWatch,
+) {
     let handshake_timeout = state.settings.handshake_timeout;
     match timeout(handshake_timeout, sniff(&stream)).await {
         Ok(Ok(FirstByte::Tls)) => {}
@@ -121,7 +138,10 @@ async fn handle(state: Arc<State>, stream: TcpStream, addr: SocketAddr, listen: 
             return;
         }
         Ok(Ok(FirstByte::Garbage(byte))) => {
-            info!(first_byte = byte, "connection does not start with a TLS handshake; closing");
+            info!(
+                first_byte = byte,
+                "connection does not start with a TLS handshake; closing"
+            );
             return;
         }
         Ok(Ok(FirstByte::Closed)) => return,
@@ -130,7 +150,10 @@ async fn handle(state: Arc<State>, stream: TcpStream, addr: SocketAddr, listen: 
             return;
         }
         Err(_) => {
-            info!(timeout_ms = handshake_timeout.as_millis() as u64, "no TLS handshake within handshake_timeout; closing");
+            info!(
+                timeout_ms = handshake_timeout.as_millis() as u64,
+                "no TLS handshake within handshake_timeout; closing"
+            );
             return;
         }
     }
@@ -143,7 +166,10 @@ async fn handle(state: Arc<State>, stream: TcpStream, addr: SocketAddr, listen: 
             return;
         }
         Err(_) => {
-            info!(timeout_ms = handshake_timeout.as_millis() as u64, "TLS handshake timed out");
+            info!(
+                timeout_ms = handshake_timeout.as_millis() as u64,
+                "TLS handshake timed out"
+            );
             return;
         }
     };

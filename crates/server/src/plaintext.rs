@@ -34,7 +34,10 @@ pub(crate) async fn sniff(stream: &TcpStream) -> std::io::Result<FirstByte> {
 }
 
 /// Answers a plaintext HTTP request with `400` and `phoenix-mesh-error: tls-required`, then closes.
-pub(crate) async fn refuse_plain_http(mut stream: TcpStream, listen: std::net::SocketAddr) -> std::io::Result<()> {
+pub(crate) async fn refuse_plain_http(
+    mut stream: TcpStream,
+    listen: std::net::SocketAddr,
+) -> std::io::Result<()> {
     // Read the request head first (bounded in size and time): closing with unread bytes makes the
     // kernel send a reset, and the client could lose the answer.
     let mut head = Vec::with_capacity(1024);

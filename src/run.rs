@@ -1,0 +1,77 @@
+//! Running one side until a signal: start-up checks, serving, and draining on SIGTERM/SIGINT.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use phoenix_mesh_client::{ClientSettings, ClientSidecar};
+use phoenix_mesh_common::serve::{Shutdown, ShutdownWatch};
+use phoenix_mesh_server::{MeshListener, ServerSettings};
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{info, warn};
+
+/// How a run ended badly: a start-up problem with config or certificates, or anything else.
+#[derive(Debug)]
+pub enum Failure {
+    Config(anyhow::Error),
+    Runtime(anyhow::Error),
+}
+
+pub async fn client(config: &Path) -> Result<(), Failure> {
+    let settings = ClientSettings::load(config).map_err(|e| Failure::Config(e.into()))?;
+    let drain = settings.drain_timeout;
+    let sidecar = ClientSidecar::bind(settings).await.map_err(|e| match e {
+        phoenix_mesh_client::ClientError::Bind { .. } => Failure::Runtime(e.into()),
+        other => Failure::Config(other.into()),
+    })?;
+    serve_until_signal(drain, |watch| sidecar.serve(watch)).await
+}
+
+pub async fn server(config: &Path) -> Result<(), Failure> {
+    let settings = ServerSettings::load(config).map_err(|e| Failure::Config(e.into()))?;
+    let drain = settings.drain_timeout;
+    let listener = MeshListener::bind(settings).await.map_err(|e| match e {
+        phoenix_mesh_server::ServerError::Bind { .. } => Failure::Runtime(e.into()),
+        other => Failure::Config(other.into()),
+    })?;
+    serve_until_signal(drain, |watch| listener.serve(watch)).await
+}
+
+/// Serves until SIGTERM or SIGINT, then stops accepting and waits up to `drain` for open connections.
+async fn serve_until_signal<F, Fut>(drain: Duration, serve: F) -> Result<(), Failure>
+where
+    F: FnOnce(ShutdownWatch) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut term = signal(SignalKind::terminate())
+        .context("installing the SIGTERM handler")
+        .map_err(Failure::Runtime)?;
+    let mut int = signal(SignalKind::interrupt())
+        .context("installing the SIGINT handler")
+        .map_err(Failure::Runtime)?;
+    let (shutdown, watch) = Shutdown::new();
+    let accept = tokio::spawn(serve(watch));
+    let which = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    info!(
+        signal = which,
+        drain_timeout_s = drain.as_secs(),
+        "stopping: no new connections, draining requests in flight"
+    );
+    shutdown.begin();
+    let _ = accept.await;
+    if tokio::time::timeout(drain, shutdown.drained())
+        .await
+        .is_err()
+    {
+        warn!(
+            open = shutdown.watchers(),
+            "drain timeout reached; closing the remaining connections"
+        );
+    } else {
+        info!("drained; exiting");
+    }
+    Ok(())
+}
