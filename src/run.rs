@@ -24,7 +24,15 @@ pub async fn client(config: &Path) -> Result<(), Failure> {
         phoenix_mesh_client::ClientError::Bind { .. } => Failure::Runtime(e.into()),
         other => Failure::Config(other.into()),
     })?;
-    serve_until_signal(drain, |watch| sidecar.serve(watch)).await
+    let reload = sidecar.settings_reload();
+    serve_until_signal(
+        drain,
+        move || {
+            let _ = reload.reload();
+        },
+        |watch| sidecar.serve(watch),
+    )
+    .await
 }
 
 pub async fn server(config: &Path) -> Result<(), Failure> {
@@ -34,12 +42,22 @@ pub async fn server(config: &Path) -> Result<(), Failure> {
         phoenix_mesh_server::ServerError::Bind { .. } => Failure::Runtime(e.into()),
         other => Failure::Config(other.into()),
     })?;
-    serve_until_signal(drain, |watch| listener.serve(watch)).await
+    let reload = listener.settings_reload();
+    serve_until_signal(
+        drain,
+        move || {
+            let _ = reload.reload();
+        },
+        |watch| listener.serve(watch),
+    )
+    .await
 }
 
 /// Serves until SIGTERM or SIGINT, then stops accepting and waits up to `drain` for open connections.
-async fn serve_until_signal<F, Fut>(drain: Duration, serve: F) -> Result<(), Failure>
+/// SIGHUP calls `on_hup` (re-read the config and reload certificates) and serving goes on.
+async fn serve_until_signal<H, F, Fut>(drain: Duration, on_hup: H, serve: F) -> Result<(), Failure>
 where
+    H: Fn() + Send + Sync + 'static,
     F: FnOnce(ShutdownWatch) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
@@ -49,11 +67,23 @@ where
     let mut int = signal(SignalKind::interrupt())
         .context("installing the SIGINT handler")
         .map_err(Failure::Runtime)?;
+    let mut hup = signal(SignalKind::hangup())
+        .context("installing the SIGHUP handler")
+        .map_err(Failure::Runtime)?;
     let (shutdown, watch) = Shutdown::new();
     let accept = tokio::spawn(serve(watch));
-    let which = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    let on_hup = std::sync::Arc::new(on_hup);
+    let which = loop {
+        tokio::select! {
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+            _ = hup.recv() => {
+                info!("SIGHUP: reloading the config file and certificates");
+                let on_hup = on_hup.clone();
+                // File reads and config parsing stay off the async workers.
+                let _ = tokio::task::spawn_blocking(move || on_hup()).await;
+            }
+        }
     };
     info!(
         signal = which,

@@ -10,6 +10,7 @@ mod identity;
 mod load;
 mod material;
 pub mod provider;
+mod reload;
 mod tls;
 
 #[cfg(feature = "pki-gen")]
@@ -19,6 +20,9 @@ pub use error::CertError;
 pub use identity::{IdentityError, PeerIdentity};
 pub use load::{load_cert_chain, load_crls, load_private_key, load_roots};
 pub use material::{Material, Role, TlsFiles};
+pub use reload::{
+    error_chain, fingerprint, LiveClientTls, LiveServerTls, LiveTls, ReloadStats, Reloader,
+};
 pub use tls::{client_config, server_config, ClientTlsOptions, ServerTlsOptions, TlsVersion};
 
 pub use rustls;

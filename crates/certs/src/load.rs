@@ -61,8 +61,22 @@ pub fn load_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, CertError
 
 /// The trust anchors in a CA bundle. Every certificate in the file must be usable as one.
 pub fn load_roots(path: &Path) -> Result<RootCertStore, CertError> {
+    roots_from(path, certs_from("CA file", path)?)
+}
+
+pub(crate) fn load_cert_chain_as(
+    what: &'static str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, CertError> {
+    certs_from(what, path)
+}
+
+pub(crate) fn roots_from(
+    path: &Path,
+    certs: impl IntoIterator<Item = CertificateDer<'static>>,
+) -> Result<RootCertStore, CertError> {
     let mut roots = RootCertStore::empty();
-    for cert in certs_from("CA file", path)? {
+    for cert in certs {
         roots.add(cert).map_err(|source| CertError::BadCa {
             path: path.to_owned(),
             source,

@@ -50,6 +50,8 @@ pub struct Material {
     pub crls: Vec<CertificateRevocationListDer<'static>>,
     /// What our own leaf says.
     pub leaf: PeerIdentity,
+    /// SHA-256 over the CA certificates and CRLs: the trust policy, compared across reloads.
+    pub trust_fingerprint: String,
 }
 
 impl Material {
@@ -63,7 +65,8 @@ impl Material {
     pub fn load_at(files: &TlsFiles, role: Role, now: SystemTime) -> Result<Self, CertError> {
         let chain = load::load_cert_chain(&files.cert)?;
         let key = load::load_private_key(&files.key)?;
-        let roots = load::load_roots(&files.ca)?;
+        let ca_certs = load::load_cert_chain_as("CA file", &files.ca)?;
+        let roots = load::roots_from(&files.ca, ca_certs.iter().cloned())?;
         let crls = load::load_crls(&files.crls)?;
 
         let leaf = PeerIdentity::from_der(&chain[0]).map_err(|e| CertError::BadCertificate {
@@ -155,7 +158,17 @@ impl Material {
             }
         }
 
+        let mut trust = Vec::new();
+        for der in ca_certs
+            .iter()
+            .map(|c| c.as_ref())
+            .chain(crls.iter().map(|c| c.as_ref()))
+        {
+            trust.extend_from_slice(&(der.len() as u64).to_be_bytes());
+            trust.extend_from_slice(der);
+        }
         Ok(Material {
+            trust_fingerprint: provider::sha256_hex(&trust),
             files: files.clone(),
             chain,
             key,

@@ -21,12 +21,15 @@ pub fn ticketer() -> Result<Arc<dyn rustls::server::ProducesTickets>, rustls::Er
 
 /// SHA-256 of `data`, as lowercase hex (the `Hash=` of `X-Forwarded-Client-Cert`).
 pub fn sha256_hex(data: &[u8]) -> String {
+    hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data).as_ref())
+}
+
+/// Lowercase hex.
+pub(crate) fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
-    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data);
-    digest
-        .as_ref()
+    bytes
         .iter()
-        .fold(String::with_capacity(64), |mut out, byte| {
+        .fold(String::with_capacity(bytes.len() * 2), |mut out, byte| {
             let _ = write!(out, "{byte:02x}");
             out
         })

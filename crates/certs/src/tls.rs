@@ -78,6 +78,32 @@ pub fn server_config(
     material: &Material,
     options: &ServerTlsOptions,
 ) -> Result<Arc<ServerConfig>, CertError> {
+    let resumption = ServerResumption::new()?;
+    build_server_config(material, options, &resumption)
+}
+
+/// The session cache and ticket key of a listener; kept across a reload that leaves the trust policy
+/// alone, replaced when it changes.
+#[derive(Clone)]
+pub(crate) struct ServerResumption {
+    storage: Arc<dyn rustls::server::StoresServerSessions>,
+    ticketer: Arc<dyn rustls::server::ProducesTickets>,
+}
+
+impl ServerResumption {
+    pub(crate) fn new() -> Result<Self, CertError> {
+        Ok(ServerResumption {
+            storage: ServerSessionMemoryCache::new(4096),
+            ticketer: provider::ticketer().map_err(CertError::Tls)?,
+        })
+    }
+}
+
+pub(crate) fn build_server_config(
+    material: &Material,
+    options: &ServerTlsOptions,
+    resumption: &ServerResumption,
+) -> Result<Arc<ServerConfig>, CertError> {
     let provider = provider::provider();
     let inner =
         WebPkiClientVerifier::builder_with_provider(material.roots.clone(), provider.clone())
@@ -95,8 +121,8 @@ pub fn server_config(
         .with_single_cert(material.chain.clone(), material.key.clone_key())
         .map_err(CertError::Tls)?;
     config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
-    config.session_storage = ServerSessionMemoryCache::new(4096);
-    config.ticketer = provider::ticketer().map_err(CertError::Tls)?;
+    config.session_storage = resumption.storage.clone();
+    config.ticketer = resumption.ticketer.clone();
     Ok(Arc::new(config))
 }
 
@@ -105,6 +131,14 @@ pub fn server_config(
 pub fn client_config(
     material: &Material,
     options: &ClientTlsOptions,
+) -> Result<Arc<ClientConfig>, CertError> {
+    build_client_config(material, options, None)
+}
+
+pub(crate) fn build_client_config(
+    material: &Material,
+    options: &ClientTlsOptions,
+    resumption: Option<rustls::client::Resumption>,
 ) -> Result<Arc<ClientConfig>, CertError> {
     let provider = provider::provider();
     let verifier =
@@ -120,6 +154,9 @@ pub fn client_config(
         .map_err(CertError::Tls)?;
     let offered = if options.http2 { &ALPN[..] } else { &ALPN[1..] };
     config.alpn_protocols = offered.iter().map(|p| p.to_vec()).collect();
+    if let Some(resumption) = resumption {
+        config.resumption = resumption;
+    }
     Ok(Arc::new(config))
 }
 

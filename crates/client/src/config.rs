@@ -43,6 +43,8 @@ struct ClientFile {
     max_header_bytes: Option<usize>,
     #[serde(default)]
     drain_timeout: Option<ConfigDuration>,
+    #[serde(default)]
+    reload_poll_interval: Option<ConfigDuration>,
 }
 
 /// Validated client settings, with paths resolved against the config file.
@@ -76,6 +78,8 @@ pub struct ClientSettings {
     pub http: HttpOptions,
     /// How long shutdown waits for requests in flight.
     pub drain_timeout: Duration,
+    /// How often the certificate, key, CA and CRL files are checked for changes.
+    pub reload_poll_interval: Duration,
 }
 
 impl ClientSettings {
@@ -186,6 +190,7 @@ impl ClientSettings {
                 ..HttpOptions::default()
             },
             drain_timeout: d(f.drain_timeout, 30),
+            reload_poll_interval: d(f.reload_poll_interval, 10),
         })
     }
 }

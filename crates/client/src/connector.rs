@@ -10,12 +10,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use http::{StatusCode, Uri};
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
+use phoenix_mesh_certs::LiveClientTls;
 use rustls::pki_types::ServerName;
-use rustls::{AlertDescription, ClientConfig};
+use rustls::AlertDescription;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
@@ -78,7 +78,7 @@ impl UpstreamError {
 pub(crate) struct Dialer {
     pub upstreams: Vec<String>,
     pub server_name: ServerName<'static>,
-    pub tls: Arc<ArcSwap<ClientConfig>>,
+    pub tls: Arc<LiveClientTls>,
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
     next: AtomicUsize,
@@ -92,7 +92,7 @@ impl MeshConnector {
     pub(crate) fn new(
         upstreams: Vec<String>,
         server_name: ServerName<'static>,
-        tls: Arc<ArcSwap<ClientConfig>>,
+        tls: Arc<LiveClientTls>,
         connect_timeout: Duration,
         handshake_timeout: Duration,
     ) -> Self {
@@ -159,7 +159,7 @@ impl Dialer {
             }
         };
         let _ = tcp.set_nodelay(true);
-        let connector = TlsConnector::from(self.tls.load_full());
+        let connector = TlsConnector::from(self.tls.current());
         let tls = match timeout(self.handshake_timeout, connector.connect(self.server_name.clone(), tcp)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => return Err(classify_handshake(&e, upstream, &self.server_name)),

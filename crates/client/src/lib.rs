@@ -6,8 +6,10 @@
 mod config;
 mod connector;
 mod forward;
+mod reload;
 mod sidecar;
 
 pub use config::ClientSettings;
 pub use connector::{UpstreamError, UpstreamErrorKind};
+pub use reload::SettingsReload;
 pub use sidecar::{ClientError, ClientSidecar};

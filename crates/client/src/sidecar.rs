@@ -5,11 +5,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
-use phoenix_mesh_certs::{client_config, CertError, ClientTlsOptions, Material, Role};
+use phoenix_mesh_certs::{CertError, ClientTlsOptions, LiveClientTls, Material, Reloader, Role};
 use phoenix_mesh_common::config::ConfigError;
 use phoenix_mesh_common::serve::{accept_loop, http_builder, serve_http, ShutdownWatch};
 use rustls::pki_types::ServerName;
@@ -36,6 +35,7 @@ pub enum ClientError {
 }
 
 struct State {
+    reloader: Arc<Reloader<LiveClientTls>>,
     upstream: Upstream,
     http: auto::Builder<TokioExecutor>,
 }
@@ -63,7 +63,8 @@ impl ClientSidecar {
             min_version: settings.min_tls_version,
             http2: settings.upstream_http2,
         };
-        let tls = Arc::new(ArcSwap::new(client_config(&material, &options)?));
+        let live = Arc::new(LiveClientTls::new(&material, &options)?);
+        let reloader = Arc::new(Reloader::new(live.clone(), settings.tls.clone(), options));
         log_certificate(&material);
         let server_name = ServerName::try_from(settings.server_name.clone()).map_err(|e| {
             ConfigError::Invalid {
@@ -75,7 +76,7 @@ impl ClientSidecar {
         let connector = MeshConnector::new(
             settings.upstreams.clone(),
             server_name,
-            tls,
+            live,
             settings.connect_timeout,
             settings.handshake_timeout,
         );
@@ -96,13 +97,27 @@ impl ClientSidecar {
         Ok(ClientSidecar {
             listener,
             settings,
-            state: Arc::new(State { upstream, http }),
+            state: Arc::new(State {
+                reloader,
+                upstream,
+                http,
+            }),
         })
     }
 
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// The handle that reloads the TLS material (SIGHUP, file changes).
+    pub fn reloader(&self) -> Arc<Reloader<LiveClientTls>> {
+        self.state.reloader.clone()
+    }
+
+    /// The SIGHUP handler: re-reads the config file and applies what can change live.
+    pub fn settings_reload(&self) -> crate::SettingsReload {
+        crate::SettingsReload::new(self.settings.clone(), self.state.reloader.clone())
     }
 
     /// Serves until shutdown begins; connections already open carry on and hold `shutdown` until done.
@@ -113,6 +128,15 @@ impl ClientSidecar {
             upstreams = ?self.settings.upstreams,
             server_name = %self.settings.server_name,
             "client sidecar accepting plain HTTP"
+        );
+        let mut stop = shutdown.clone();
+        tokio::spawn(
+            state
+                .reloader
+                .clone()
+                .watch_files(self.settings.reload_poll_interval, async move {
+                    stop.wait().await
+                }),
         );
         let conn_shutdown = shutdown.clone();
         accept_loop(self.listener, shutdown, move |stream, addr| {

@@ -38,6 +38,8 @@ pub struct ServerFile {
     max_header_bytes: Option<usize>,
     #[serde(default)]
     drain_timeout: Option<ConfigDuration>,
+    #[serde(default)]
+    reload_poll_interval: Option<ConfigDuration>,
 }
 
 /// Validated listener settings, with paths resolved against the config file.
@@ -67,6 +69,8 @@ pub struct ServerSettings {
     pub backend_timeout: Duration,
     /// How long shutdown waits for requests in flight.
     pub drain_timeout: Duration,
+    /// How often the certificate, key, CA and CRL files are checked for changes.
+    pub reload_poll_interval: Duration,
 }
 
 impl ServerSettings {
@@ -150,6 +154,7 @@ impl ServerSettings {
             backend_connect_timeout: d(f.backend_connect_timeout, 5),
             backend_timeout: d(f.backend_timeout, 60),
             drain_timeout: d(f.drain_timeout, 30),
+            reload_poll_interval: d(f.reload_poll_interval, 10),
         })
     }
 }

@@ -7,6 +7,8 @@ mod config;
 mod forward;
 mod listener;
 mod plaintext;
+mod reload;
 
 pub use config::{ServerFile, ServerSettings};
 pub use listener::{MeshListener, ServerError};
+pub use reload::SettingsReload;

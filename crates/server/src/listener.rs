@@ -5,13 +5,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use arc_swap::ArcSwap;
 use http::HeaderValue;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use phoenix_mesh_certs::{
-    server_config, CertError, Material, PeerIdentity, Role, ServerTlsOptions,
+    CertError, LiveServerTls, Material, PeerIdentity, Reloader, Role, ServerTlsOptions,
 };
 use phoenix_mesh_common::config::ConfigError;
 use phoenix_mesh_common::serve::{accept_loop, http_builder, serve_http, ShutdownWatch};
@@ -41,7 +40,7 @@ pub enum ServerError {
 
 struct State {
     settings: ServerSettings,
-    tls: ArcSwap<rustls::ServerConfig>,
+    reloader: Arc<Reloader<LiveServerTls>>,
     backend: Backend,
     http: auto::Builder<TokioExecutor>,
 }
@@ -68,7 +67,8 @@ impl MeshListener {
             allowed_peers: settings.allowed_peers.clone(),
             min_version: settings.min_tls_version,
         };
-        let config = server_config(&material, &options)?;
+        let live = Arc::new(LiveServerTls::new(&material, &options)?);
+        let reloader = Arc::new(Reloader::new(live, settings.tls.clone(), options));
         log_certificate(&material);
         let listener =
             TcpListener::bind(settings.listen)
@@ -87,7 +87,7 @@ impl MeshListener {
             listener,
             state: Arc::new(State {
                 settings,
-                tls: ArcSwap::new(config),
+                reloader,
                 backend,
                 http,
             }),
@@ -99,6 +99,16 @@ impl MeshListener {
         self.listener.local_addr()
     }
 
+    /// The handle that reloads the TLS material (SIGHUP, file changes).
+    pub fn reloader(&self) -> Arc<Reloader<LiveServerTls>> {
+        self.state.reloader.clone()
+    }
+
+    /// The SIGHUP handler: re-reads the config file and applies what can change live.
+    pub fn settings_reload(&self) -> crate::SettingsReload {
+        crate::SettingsReload::new(self.state.settings.clone(), self.state.reloader.clone())
+    }
+
     /// Serves until shutdown begins; connections already open carry on and hold `shutdown` until done.
     pub async fn serve(self, shutdown: ShutdownWatch) {
         let state = self.state;
@@ -108,6 +118,15 @@ impl MeshListener {
             backend = %state.settings.backend,
             allowed_peers = ?state.settings.allowed_peers,
             "mesh listener accepting mutual TLS"
+        );
+        let mut stop = shutdown.clone();
+        tokio::spawn(
+            state
+                .reloader
+                .clone()
+                .watch_files(state.settings.reload_poll_interval, async move {
+                    stop.wait().await
+                }),
         );
         let conn_shutdown = shutdown.clone();
         accept_loop(self.listener, shutdown, move |stream, addr| {
@@ -158,7 +177,7 @@ async fn handle(
         }
     }
 
-    let acceptor = TlsAcceptor::from(state.tls.load_full());
+    let acceptor = TlsAcceptor::from(state.reloader.live().current());
     let tls = match timeout(handshake_timeout, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(error)) => {

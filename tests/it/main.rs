@@ -1,0 +1,16 @@
+//! Black-box tests of phoenix-mesh over real loopback sockets, with real TLS and a throwaway
+//! step-ca-like PKI (root + intermediate). One test binary, a module per area.
+//!
+//! Run with `cargo test --test it`.
+
+// In tests a panic with a message is the failure report; the workspace's unwrap/expect lints are for
+// the sidecars.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+mod failures;
+mod nginx_e2e;
+mod refusals;
+mod roundtrip;
+mod startup;
