@@ -5,15 +5,15 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use http::{StatusCode, Uri};
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
-use phoenix_mesh_certs::LiveClientTls;
+use phoenix_mesh_certs::{LiveClientTls, PeerIdentity};
 use rustls::pki_types::ServerName;
 use rustls::AlertDescription;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 /// Which hop of the client -> listener link failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,6 +82,9 @@ pub(crate) struct Dialer {
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
     next: AtomicUsize,
+    /// Unix time the last seen listener certificate expires.
+    pub listener_not_after: AtomicU64,
+    warned_for: std::sync::Mutex<String>,
 }
 
 /// The connector the pooled HTTP client dials through.
@@ -103,6 +106,8 @@ impl MeshConnector {
             connect_timeout,
             handshake_timeout,
             next: AtomicUsize::new(0),
+            listener_not_after: AtomicU64::new(0),
+            warned_for: std::sync::Mutex::new(String::new()),
         }))
     }
 }
@@ -174,9 +179,52 @@ impl Dialer {
                 ))
             }
         };
-        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        let conn = tls.get_ref().1;
+        let h2 = conn.alpn_protocol() == Some(b"h2");
+        let peer = conn
+            .peer_certificates()
+            .and_then(|certs| certs.first())
+            .and_then(|leaf| PeerIdentity::from_der(leaf).ok());
+        let expires = peer
+            .as_ref()
+            .map_or(SystemTime::UNIX_EPOCH, |p| p.not_after);
+        if let Some(peer) = &peer {
+            self.note_listener_certificate(upstream, peer);
+        }
         debug!(%upstream, h2, "mesh link established");
-        Ok(MeshStream { tls, h2 })
+        Ok(MeshStream {
+            tls,
+            h2,
+            expires: PeerCertExpiry(expires),
+        })
+    }
+}
+
+impl Dialer {
+    /// Records the listener certificate's expiry for the metrics and warns (once per certificate)
+    /// when it has less than a third of its lifetime left.
+    fn note_listener_certificate(&self, upstream: &str, peer: &PeerIdentity) {
+        let unix = peer
+            .not_after
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        self.listener_not_after.store(unix, Ordering::Relaxed);
+        if peer.remaining(SystemTime::now()) < peer.lifetime() / 3 {
+            let mut warned = self
+                .warned_for
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if *warned != peer.sha256 {
+                warned.clone_from(&peer.sha256);
+                warn!(
+                    %upstream,
+                    subject = %peer.subject,
+                    expires_in_s = peer.remaining(SystemTime::now()).as_secs(),
+                    "the mesh listener's certificate has less than a third of its lifetime left; is its renewal running?"
+                );
+            }
+        }
     }
 }
 
@@ -275,15 +323,21 @@ fn classify_handshake(
     }
 }
 
+/// When the listener certificate of a pooled connection expires; carried on every response so the
+/// forwarder can retire the connection before it outlives the certificate.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PeerCertExpiry(pub SystemTime);
+
 /// An established mTLS link, told to the pool as HTTP/2 when ALPN chose it.
 pub struct MeshStream {
     tls: TlsStream<TcpStream>,
     h2: bool,
+    expires: PeerCertExpiry,
 }
 
 impl Connection for MeshStream {
     fn connected(&self) -> Connected {
-        let connected = Connected::new();
+        let connected = Connected::new().extra(self.expires);
         if self.h2 {
             connected.negotiated_h2()
         } else {

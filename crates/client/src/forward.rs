@@ -3,13 +3,15 @@
 use std::convert::Infallible;
 use std::error::Error as StdError;
 use std::io;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
 
 use http::header::{HeaderValue, HOST};
 use http::uri::{Authority, Scheme};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::Either;
 use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::{capture_connection, CaptureConnection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use phoenix_mesh_common::headers::remove_hop_by_hop;
@@ -17,15 +19,27 @@ use phoenix_mesh_common::{mesh_error, ProxyBody};
 use tracing::info;
 
 use crate::connector::{
-    client_cert_refused, is_client_cert_alert, rustls_error, MeshConnector, UpstreamError,
+    client_cert_refused, is_client_cert_alert, rustls_error, MeshConnector, PeerCertExpiry,
+    UpstreamError,
 };
 
 /// The pool key: every request shares the same pool whatever its Host; the connector picks the
 /// listener. Host itself travels untouched as a header.
 const POOL_AUTHORITY: &str = "phoenix-mesh";
 
+/// A pooled connection is retired this long before its listener certificate expires.
+const RETIRE_MARGIN: Duration = Duration::from_secs(30);
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
 pub(crate) struct Upstream {
     client: Client<MeshConnector, ProxyBody>,
+    retire_until: AtomicU64,
     /// For messages: the configured listeners.
     upstreams: String,
     timeout: Duration,
@@ -46,6 +60,7 @@ impl Upstream {
             .build(connector);
         Upstream {
             client,
+            retire_until: AtomicU64::new(0),
             upstreams: upstreams.join(", "),
             timeout,
         }
@@ -83,10 +98,12 @@ impl Upstream {
             }
         };
         parts.version = http::Version::HTTP_11;
-        let request = Request::from_parts(parts, Either::Left(body));
+        let mut request = Request::from_parts(parts, Either::Left(body));
+        let capture = self.retiring().then(|| capture_connection(&mut request));
 
         match tokio::time::timeout(self.timeout, self.client.request(request)).await {
             Ok(Ok(response)) => {
+                self.retire_if_expiring(&response, capture.as_ref());
                 let (mut parts, body) = response.into_parts();
                 remove_hop_by_hop(&mut parts.headers);
                 Ok(Response::from_parts(parts, Either::Left(body)))
@@ -102,6 +119,31 @@ impl Upstream {
                         self.upstreams, self.timeout
                     ),
                 ))
+            }
+        }
+    }
+
+    /// Whether requests should capture their connection so that one whose listener certificate is
+    /// about to expire can be taken out of the pool.
+    fn retiring(&self) -> bool {
+        unix_now() < self.retire_until.load(Ordering::Relaxed)
+    }
+
+    fn retire_if_expiring<B>(&self, response: &Response<B>, capture: Option<&CaptureConnection>) {
+        let Some(PeerCertExpiry(expires)) = response.extensions().get::<PeerCertExpiry>() else {
+            return;
+        };
+        if *expires > SystemTime::now() + RETIRE_MARGIN {
+            return;
+        }
+        // Keep capturing for a while: every pooled connection made before the listener's renewal
+        // needs retiring, and each is only seen when a request happens to use it.
+        self.retire_until
+            .store(unix_now() + 2 * RETIRE_MARGIN.as_secs(), Ordering::Relaxed);
+        if let Some(capture) = capture {
+            if let Some(connected) = capture.connection_metadata().as_ref() {
+                connected.poison();
+                info!("retired a pooled mesh connection whose listener certificate expires within 30 s");
             }
         }
     }
