@@ -1,0 +1,217 @@
+//! Every client certificate the listener must refuse gets its own test, once straight at the listener
+//! with a tokio-rustls client (asserting the TLS alert) and, where the client sidecar can start with
+//! that certificate at all, once through the sidecar (asserting 502 client-cert-refused). The sidecar
+//! refuses to start with an expired, not-yet-valid or non-clientAuth certificate of its own: that is
+//! covered in `startup`.
+
+use phoenix_mesh_certs::pki::Leaf;
+use rustls::AlertDescription;
+
+use crate::support::backend::HELLO;
+use crate::support::http::{get, send_h1};
+use crate::support::mesh::{toml_str, Mesh};
+use crate::support::pki::{expected_gateway_xfcc, GATEWAY_CN, GATEWAY_SPIFFE};
+use crate::support::{tls, within};
+
+/// Presents `leaf` (or nothing) straight to the default mesh's listener; returns the alert.
+async fn direct_refusal(mesh: &Mesh, leaf: Option<&Leaf>) -> AlertDescription {
+    let config = tls::client_config(mesh.pki.root_pem(), leaf, &[b"http/1.1"]);
+    within(
+        "refused handshake",
+        tls::refusal_alert(mesh.listener_addr, config),
+    )
+    .await
+}
+
+fn assert_backend_untouched(mesh: &Mesh) {
+    let seen = mesh.backend.seen();
+    assert!(
+        seen.is_empty(),
+        "a refused peer reached the backend: {seen:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refuses_client_without_certificate() {
+    let mesh = Mesh::start().await;
+    let alert = direct_refusal(&mesh, None).await;
+    assert_eq!(alert, AlertDescription::CertificateRequired);
+    assert_backend_untouched(&mesh);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refuses_client_from_other_ca() {
+    let mesh = Mesh::start().await;
+    let leaf = mesh.pki.client_cert_signed_by_other_ca();
+    let alert = direct_refusal(&mesh, Some(&leaf)).await;
+    assert_eq!(alert, AlertDescription::UnknownCA);
+    assert_backend_untouched(&mesh);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refuses_expired_client() {
+    let mesh = Mesh::start().await;
+    let leaf = mesh.pki.expired_client_cert();
+    let alert = direct_refusal(&mesh, Some(&leaf)).await;
+    assert_eq!(alert, AlertDescription::CertificateExpired);
+    assert_backend_untouched(&mesh);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refuses_not_yet_valid_client() {
+    let mesh = Mesh::start().await;
+    let leaf = mesh.pki.not_yet_valid_client_cert();
+    let alert = direct_refusal(&mesh, Some(&leaf)).await;
+    assert_eq!(alert, AlertDescription::CertificateExpired);
+    assert_backend_untouched(&mesh);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refuses_client_with_server_auth_only() {
+    let mesh = Mesh::start().await;
+    let leaf = mesh.pki.server_only_client_cert();
+    let alert = direct_refusal(&mesh, Some(&leaf)).await;
+    assert_eq!(alert, AlertDescription::UnsupportedCertificate);
+    assert_backend_untouched(&mesh);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refuses_client_without_extended_key_usage() {
+    let mesh = Mesh::start().await;
+    let leaf = mesh.pki.client_cert_without_eku();
+    let alert = direct_refusal(&mesh, Some(&leaf)).await;
+    assert_eq!(alert, AlertDescription::UnsupportedCertificate);
+    assert_backend_untouched(&mesh);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refuses_client_not_in_allowed_peers() {
+    let mesh = Mesh::start_with(|s| {
+        s.server.set(
+            "allowed_peers",
+            format!("[{}]", toml_str("billing.internal.thinkheads.ai")),
+        );
+    })
+    .await;
+    // Direct, with the gateway certificate the sidecar also uses.
+    let alert = direct_refusal(&mesh, Some(&mesh.client_leaf)).await;
+    assert_eq!(alert, AlertDescription::AccessDenied);
+    // Through the sidecar.
+    let reply = within("request", send_h1(mesh.client_addr, get("/denied"))).await;
+    reply.assert_mesh_error(
+        502,
+        "client-cert-refused",
+        &[
+            &mesh.listener_addr.to_string(),
+            "refused our client certificate",
+        ],
+    );
+    assert_backend_untouched(&mesh);
+}
+
+/// The sidecar can hold a certificate from another CA when its own `ca` bundle trusts both roots;
+/// the listener, trusting only ours, refuses it.
+#[tokio::test(flavor = "multi_thread")]
+async fn sidecar_reports_client_from_other_ca_refused() {
+    let mesh = Mesh::start_with(|s| {
+        s.client_leaf = s.pki.client_cert_signed_by_other_ca();
+        s.client_ca_pem = format!("{}{}", s.pki.root_pem(), s.pki.other_root_pem());
+    })
+    .await;
+    let reply = within("request", send_h1(mesh.client_addr, get("/other-ca"))).await;
+    reply.assert_mesh_error(
+        502,
+        "client-cert-refused",
+        &[
+            &mesh.listener_addr.to_string(),
+            "refused our client certificate",
+        ],
+    );
+    assert_backend_untouched(&mesh);
+}
+
+async fn assert_allowed(mesh: &Mesh) {
+    let reply = within("request", send_h1(mesh.client_addr, get("/allowed"))).await;
+    assert_eq!(reply.status, 200, "{reply:#?}");
+    assert_eq!(reply.body, HELLO);
+    assert_eq!(reply.mesh_error(), None);
+    assert_eq!(
+        mesh.backend.only_request().one("x-forwarded-client-cert"),
+        expected_gateway_xfcc(&mesh.client_leaf)
+    );
+    // And straight at the listener with the same certificate.
+    let config = tls::client_config(mesh.pki.root_pem(), Some(&mesh.client_leaf), &[]);
+    let tls = within(
+        "handshake",
+        tls::connect(
+            mesh.listener_addr,
+            crate::support::pki::LISTENER_NAME,
+            config,
+        ),
+    )
+    .await
+    .unwrap();
+    let reply = within("direct request", direct_get(tls)).await;
+    assert!(
+        reply.starts_with("HTTP/1.1 200 OK\r\n"),
+        "direct request: {reply:?}"
+    );
+    assert!(reply.ends_with(HELLO), "direct request: {reply:?}");
+}
+
+async fn direct_get(mut tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tls.write_all(
+        b"GET /allowed-direct HTTP/1.1\r\nHost: whoami.internal.thinkheads.ai\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    tls.read_to_end(&mut out).await.unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn allows_peer_by_spiffe_uri_san() {
+    let mesh = Mesh::start_with(|s| {
+        s.server.set(
+            "allowed_peers",
+            format!(
+                "[{}, {}]",
+                toml_str("billing.internal.thinkheads.ai"),
+                toml_str(GATEWAY_SPIFFE)
+            ),
+        );
+    })
+    .await;
+    assert_allowed(&mesh).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn allows_peer_by_common_name() {
+    let mesh = Mesh::start_with(|s| {
+        s.server
+            .set("allowed_peers", format!("[{}]", toml_str(GATEWAY_CN)));
+    })
+    .await;
+    assert_allowed(&mesh).await;
+}
+
+/// An entry must match exactly: a prefix of the SPIFFE ID or a differently-cased CN is no match.
+#[tokio::test(flavor = "multi_thread")]
+async fn refuses_near_miss_allowed_peers() {
+    let mesh = Mesh::start_with(|s| {
+        s.server.set(
+            "allowed_peers",
+            format!(
+                "[{}, {}]",
+                toml_str("spiffe://phoenix.internal/ns/gateway"),
+                toml_str(&GATEWAY_CN.to_uppercase())
+            ),
+        );
+    })
+    .await;
+    let alert = direct_refusal(&mesh, Some(&mesh.client_leaf)).await;
+    assert_eq!(alert, AlertDescription::AccessDenied);
+    assert_backend_untouched(&mesh);
+}

@@ -1,0 +1,206 @@
+//! A small hyper backend standing in for Traefik. It records what it saw and answers by path:
+//!
+//! - `/404`: Traefik's own `404 page not found`.
+//! - `/slow`: answers only after 30 s (for backend_timeout).
+//! - `/upload`: reads the body frame by frame without keeping it; answers `<length> <sha256>`.
+//! - `/download?bytes=N`: streams N pattern bytes, gated on the test's progress (see `stream`).
+//! - anything else: `200 hello from backend` with `x-backend: echo`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::stream::{drain_hashing, gated_body, ChannelBody};
+
+/// Body of Traefik's own 404.
+pub const TRAEFIK_404: &str = "404 page not found\n";
+/// Body of the default answer.
+pub const HELLO: &str = "hello from backend\n";
+
+/// One request as the backend saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: Method,
+    /// Path and query.
+    pub target: String,
+    pub version: Version,
+    pub headers: HeaderMap,
+    /// For `/upload`: (length, sha256, largest frame).
+    pub upload: Option<(u64, String, usize)>,
+}
+
+impl Seen {
+    /// Every value of header `name`, as strings.
+    pub fn all(&self, name: &str) -> Vec<String> {
+        self.headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// The single value of header `name`; fails the test if absent or repeated.
+    pub fn one(&self, name: &str) -> String {
+        let all = self.all(name);
+        assert_eq!(
+            all.len(),
+            1,
+            "backend saw {name} {} times: {:?}",
+            all.len(),
+            self.headers
+        );
+        all.into_iter().next().unwrap()
+    }
+}
+
+struct Shared {
+    seen: Mutex<Vec<Seen>>,
+    /// Bytes of the current upload the backend has read so far.
+    upload_progress: watch::Sender<u64>,
+    /// Bytes of the current download the test has read so far (set by the test).
+    download_progress: watch::Sender<u64>,
+}
+
+/// A running backend; stops accepting when dropped.
+pub struct Backend {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Backend {
+    /// Starts on a free loopback port.
+    pub async fn start() -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shared = Arc::new(Shared {
+            seen: Mutex::new(Vec::new()),
+            upload_progress: watch::channel(0).0,
+            download_progress: watch::channel(0).0,
+        });
+        let task = tokio::spawn(accept(listener, shared.clone()));
+        Backend { addr, shared, task }
+    }
+
+    /// Every request seen so far, in arrival order.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.shared.seen.lock().unwrap().clone()
+    }
+
+    /// The only request seen so far; fails the test if there were none or several.
+    pub fn only_request(&self) -> Seen {
+        let seen = self.seen();
+        assert_eq!(seen.len(), 1, "backend saw {} requests: {seen:#?}", seen.len());
+        seen.into_iter().next().unwrap()
+    }
+
+    /// Where a test uploading through the mesh can watch the backend's progress.
+    pub fn upload_progress(&self) -> watch::Receiver<u64> {
+        self.shared.upload_progress.subscribe()
+    }
+
+    /// Where a test downloading through the mesh reports its progress to the backend.
+    pub fn download_progress(&self) -> &watch::Sender<u64> {
+        &self.shared.download_progress
+    }
+}
+
+async fn accept(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| handle(shared.clone(), req));
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .http1_only()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+type BackendBody = Either<Full<Bytes>, ChannelBody>;
+
+async fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+) -> Result<Response<BackendBody>, Infallible> {
+    let (parts, body) = req.into_parts();
+    let target = parts
+        .uri
+        .path_and_query()
+        .map_or_else(|| parts.uri.path().to_owned(), |pq| pq.as_str().to_owned());
+    let mut seen = Seen {
+        method: parts.method.clone(),
+        target: target.clone(),
+        version: parts.version,
+        headers: parts.headers.clone(),
+        upload: None,
+    };
+    let path = parts.uri.path();
+    let response = match path {
+        "/upload" => {
+            let (len, sha, largest) = drain_hashing(body, &shared.upload_progress).await;
+            seen.upload = Some((len, sha.clone(), largest));
+            text(StatusCode::OK, format!("{len} {sha}"))
+        }
+        "/download" => {
+            let total: u64 = parts
+                .uri
+                .query()
+                .and_then(|q| q.strip_prefix("bytes="))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            let body = gated_body(total, shared.download_progress.subscribe());
+            let mut r = Response::new(Either::Right(body));
+            r.headers_mut()
+                .insert("content-type", "application/octet-stream".parse().unwrap());
+            r
+        }
+        "/404" => {
+            let mut r = text(StatusCode::NOT_FOUND, TRAEFIK_404.to_owned());
+            r.headers_mut()
+                .insert("x-content-type-options", "nosniff".parse().unwrap());
+            r
+        }
+        "/slow" => {
+            shared.seen.lock().unwrap().push(seen);
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            return Ok(text(StatusCode::OK, "finally\n".to_owned()));
+        }
+        _ => {
+            let mut r = text(StatusCode::OK, HELLO.to_owned());
+            r.headers_mut().insert("x-backend", "echo".parse().unwrap());
+            r
+        }
+    };
+    shared.seen.lock().unwrap().push(seen);
+    Ok(response)
+}
+
+fn text(status: StatusCode, body: String) -> Response<BackendBody> {
+    let mut r = Response::new(Either::Left(Full::new(Bytes::from(body))));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert("content-type", "text/plain; charset=utf-8".parse().unwrap());
+    r
+}

@@ -1,0 +1,113 @@
+//! Plain HTTP clients (hyper, one connection per request) as nginx would talk to the client sidecar.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::{Body, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+
+/// The Host nginx forwards for the demo service.
+pub const SERVICE_HOST: &str = "whoami.internal.thinkheads.ai";
+
+/// A complete response.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: String,
+}
+
+impl Reply {
+    /// The `phoenix-mesh-error` code, if the sidecar made this response itself.
+    pub fn mesh_error(&self) -> Option<&str> {
+        self.headers
+            .get(phoenix_mesh_common::MESH_ERROR_HEADER)
+            .map(|v| v.to_str().unwrap())
+    }
+
+    /// Header `name` as a string, if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(|v| v.to_str().unwrap())
+    }
+
+    /// Fails the test unless this is a sidecar-made error with `status`, `code`, and a body
+    /// containing every one of `needles`.
+    pub fn assert_mesh_error(&self, status: u16, code: &str, needles: &[&str]) {
+        assert_eq!(self.status.as_u16(), status, "{self:#?}");
+        assert_eq!(self.mesh_error(), Some(code), "{self:#?}");
+        assert_eq!(
+            self.header("content-type"),
+            Some("text/plain; charset=utf-8"),
+            "{self:#?}"
+        );
+        for needle in needles {
+            assert!(
+                self.body.contains(needle),
+                "body should mention {needle:?}: {self:#?}"
+            );
+        }
+    }
+}
+
+/// A GET for `target` with the service Host.
+pub fn get(target: &str) -> Request<Empty<Bytes>> {
+    Request::get(target)
+        .header("host", SERVICE_HOST)
+        .body(Empty::new())
+        .unwrap()
+}
+
+/// Sends `req` over a fresh HTTP/1.1 connection to `addr`; the body is left to stream.
+pub async fn send_h1_streaming<B>(addr: SocketAddr, req: Request<B>) -> Response<Incoming>
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sender.send_request(req).await.unwrap()
+}
+
+/// Sends `req` over a fresh HTTP/1.1 connection to `addr` and reads the whole response.
+pub async fn send_h1<B>(addr: SocketAddr, req: Request<B>) -> Reply
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    collect(send_h1_streaming(addr, req).await).await
+}
+
+/// Sends `req` as h2c with prior knowledge (HTTP/2 over plain TCP) to `addr`.
+pub async fn send_h2c<B>(addr: SocketAddr, req: Request<B>) -> Reply
+where
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    collect(sender.send_request(req).await.unwrap()).await
+}
+
+/// Reads a whole response.
+pub async fn collect(response: Response<Incoming>) -> Reply {
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}

@@ -1,0 +1,103 @@
+//! A tokio-rustls client for talking to the mesh listener (or nginx) directly, with or without a
+//! client certificate, and for telling which TLS alert a refusal came with.
+
+use std::error::Error as StdError;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use phoenix_mesh_certs::pki::Leaf;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{AlertDescription, ClientConfig, RootCertStore};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use super::http::SERVICE_HOST;
+
+/// A client configuration trusting `root_pem`, presenting `leaf` if given, offering `alpn`.
+pub fn client_config(root_pem: &str, leaf: Option<&Leaf>, alpn: &[&[u8]]) -> Arc<ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(root_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let mut config = match leaf {
+        Some(leaf) => {
+            let chain = CertificateDer::pem_slice_iter(leaf.chain_pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap();
+            let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
+            builder.with_client_auth_cert(chain, key).unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(config)
+}
+
+/// Connects and completes the handshake with `server_name` as SNI and expected name.
+pub async fn connect(
+    addr: SocketAddr,
+    server_name: &str,
+    config: Arc<ClientConfig>,
+) -> io::Result<TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    let name = ServerName::try_from(server_name.to_owned()).unwrap();
+    TlsConnector::from(config).connect(name, tcp).await
+}
+
+/// The TLS alert a peer sent, found anywhere in an error's chain.
+pub fn alert_in(error: &(dyn StdError + 'static)) -> Option<AlertDescription> {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if let Some(rustls::Error::AlertReceived(alert)) = e.downcast_ref::<rustls::Error>() {
+            return Some(*alert);
+        }
+        // io::Error::source skips the wrapped error itself, so look inside explicitly.
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            if let Some(inner) = io.get_ref() {
+                if let Some(alert) = alert_in(inner) {
+                    return Some(alert);
+                }
+            }
+        }
+        current = e.source();
+    }
+    None
+}
+
+/// Connects to the listener at `addr` presenting `leaf` (or nothing), sends one HTTP/1.1 request,
+/// and returns the alert the listener refused with. Fails the test if the listener answered instead.
+pub async fn refusal_alert(addr: SocketAddr, config: Arc<ClientConfig>) -> AlertDescription {
+    let mut tls = match connect(addr, super::pki::LISTENER_NAME, config).await {
+        Ok(tls) => tls,
+        Err(error) => {
+            return alert_in(&error)
+                .unwrap_or_else(|| panic!("handshake failed without an alert: {error:?}"))
+        }
+    };
+    // TLS 1.3: the client finishes its side before the listener has judged its certificate, so the
+    // refusal arrives on the first read.
+    let request = format!("GET /refused HTTP/1.1\r\nHost: {SERVICE_HOST}\r\n\r\n");
+    if let Err(error) = tls.write_all(request.as_bytes()).await {
+        if let Some(alert) = alert_in(&error) {
+            return alert;
+        }
+    }
+    let mut received = Vec::new();
+    match tls.read_to_end(&mut received).await {
+        Err(error) => alert_in(&error)
+            .unwrap_or_else(|| panic!("connection failed without an alert: {error:?}")),
+        Ok(_) => panic!(
+            "the listener answered instead of refusing: {:?}",
+            String::from_utf8_lossy(&received)
+        ),
+    }
+}
