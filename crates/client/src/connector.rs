@@ -271,6 +271,29 @@ pub(crate) fn is_client_cert_alert(alert: &AlertDescription) -> bool {
     )
 }
 
+/// The client-certificate alert an I/O error from the mesh link carries, if any. HTTP/2 keeps only
+/// the kind and message of an I/O error, so when the rustls error itself is gone the alert is read
+/// back from rustls' message (`received fatal alert: UnknownCA`).
+pub(crate) fn client_cert_alert(e: &io::Error) -> Option<AlertDescription> {
+    if let Some(rustls::Error::AlertReceived(alert)) = rustls_error(e) {
+        return is_client_cert_alert(alert).then_some(*alert);
+    }
+    let message = e.get_ref()?.to_string();
+    let name = message.strip_prefix("received fatal alert: ")?;
+    [
+        AlertDescription::BadCertificate,
+        AlertDescription::UnsupportedCertificate,
+        AlertDescription::CertificateRevoked,
+        AlertDescription::CertificateExpired,
+        AlertDescription::CertificateUnknown,
+        AlertDescription::UnknownCA,
+        AlertDescription::AccessDenied,
+        AlertDescription::CertificateRequired,
+    ]
+    .into_iter()
+    .find(|alert| format!("{alert:?}") == name)
+}
+
 pub(crate) fn client_cert_refused(upstream: &str, alert: &AlertDescription) -> UpstreamError {
     UpstreamError::new(
         UpstreamErrorKind::ClientCertRefused,

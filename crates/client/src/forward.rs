@@ -19,8 +19,7 @@ use phoenix_mesh_common::{mesh_error, ProxyBody};
 use tracing::info;
 
 use crate::connector::{
-    client_cert_refused, is_client_cert_alert, rustls_error, MeshConnector, PeerCertExpiry,
-    UpstreamError,
+    client_cert_alert, client_cert_refused, MeshConnector, PeerCertExpiry, UpstreamError,
 };
 
 /// The pool key: every request shares the same pool whatever its Host; the connector picks the
@@ -161,18 +160,14 @@ impl Upstream {
             }
             // In TLS 1.3 the listener checks our certificate after our side of the handshake is done,
             // so its refusal arrives as an alert on the first read of the request.
-            if let Some(io) = e.downcast_ref::<io::Error>() {
-                if let Some(rustls::Error::AlertReceived(alert)) = rustls_error(io) {
-                    if is_client_cert_alert(alert) {
-                        let refused = client_cert_refused(&self.upstreams, alert);
-                        info!(upstreams = %self.upstreams, ?alert, "mesh listener refused our client certificate");
-                        return mesh_error(
-                            StatusCode::BAD_GATEWAY,
-                            refused.kind.code(),
-                            refused.message,
-                        );
-                    }
-                }
+            if let Some(alert) = e.downcast_ref::<io::Error>().and_then(client_cert_alert) {
+                let refused = client_cert_refused(&self.upstreams, &alert);
+                info!(upstreams = %self.upstreams, ?alert, "mesh listener refused our client certificate");
+                return mesh_error(
+                    StatusCode::BAD_GATEWAY,
+                    refused.kind.code(),
+                    refused.message,
+                );
             }
             root = e.to_string();
             current = e.source();
