@@ -23,6 +23,8 @@ pub use material::{Material, Role, TlsFiles};
 pub use reload::{
     error_chain, fingerprint, LiveClientTls, LiveServerTls, LiveTls, ReloadStats, Reloader,
 };
-pub use tls::{client_config, server_config, ClientTlsOptions, ServerTlsOptions, TlsVersion};
+pub use tls::{
+    client_config, failure_reason, server_config, ClientTlsOptions, ServerTlsOptions, TlsVersion,
+};
 
 pub use rustls;

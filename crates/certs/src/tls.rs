@@ -241,3 +241,41 @@ impl ClientCertVerifier for PeerPolicy {
         self.inner.supported_verify_schemes()
     }
 }
+
+/// A short, stable reason for a failed handshake, for metrics labels.
+pub fn failure_reason(error: &rustls::Error) -> &'static str {
+    use rustls::{AlertDescription as A, Error as E};
+    match error {
+        E::NoCertificatesPresented => "no-certificate",
+        E::InvalidCertificate(c) => {
+            match c {
+                CertificateError::UnknownIssuer => "unknown-ca",
+                CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired",
+                CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                    "not-yet-valid"
+                }
+                CertificateError::Revoked => "revoked",
+                CertificateError::InvalidPurpose
+                | CertificateError::InvalidPurposeContext { .. } => "wrong-usage",
+                CertificateError::NotValidForName
+                | CertificateError::NotValidForNameContext { .. } => "wrong-name",
+                CertificateError::ApplicationVerificationFailure => "not-allowed",
+                _ => "bad-certificate",
+            }
+        }
+        E::AlertReceived(A::CertificateRequired) => "peer-wants-certificate",
+        E::AlertReceived(
+            A::UnknownCA
+            | A::BadCertificate
+            | A::CertificateExpired
+            | A::CertificateRevoked
+            | A::AccessDenied
+            | A::CertificateUnknown
+            | A::UnsupportedCertificate,
+        ) => "peer-refused-certificate",
+        E::AlertReceived(_) => "alert",
+        E::InvalidMessage(_) => "not-tls",
+        E::PeerIncompatible(_) | E::NoApplicationProtocol => "incompatible",
+        _ => "protocol",
+    }
+}

@@ -45,6 +45,8 @@ struct ClientFile {
     drain_timeout: Option<ConfigDuration>,
     #[serde(default)]
     reload_poll_interval: Option<ConfigDuration>,
+    #[serde(default)]
+    access_log: bool,
 }
 
 /// Validated client settings, with paths resolved against the config file.
@@ -80,6 +82,8 @@ pub struct ClientSettings {
     pub drain_timeout: Duration,
     /// How often the certificate, key, CA and CRL files are checked for changes.
     pub reload_poll_interval: Duration,
+    /// Write one structured log line per request.
+    pub access_log: bool,
 }
 
 impl ClientSettings {
@@ -191,6 +195,7 @@ impl ClientSettings {
             },
             drain_timeout: d(f.drain_timeout, 30),
             reload_poll_interval: d(f.reload_poll_interval, 10),
+            access_log: f.access_log,
         })
     }
 }

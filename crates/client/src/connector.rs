@@ -8,12 +8,13 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use http::{StatusCode, Uri};
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
-use phoenix_mesh_certs::{LiveClientTls, PeerIdentity};
+use phoenix_mesh_certs::{failure_reason, LiveClientTls, PeerIdentity};
+use phoenix_mesh_common::metrics::{GaugeGuard, Metrics, UpstreamLabels};
 use rustls::pki_types::ServerName;
 use rustls::AlertDescription;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -82,6 +83,7 @@ pub(crate) struct Dialer {
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
     next: AtomicUsize,
+    metrics: Arc<Metrics>,
     /// Unix time the last seen listener certificate expires.
     pub listener_not_after: AtomicU64,
     warned_for: std::sync::Mutex<String>,
@@ -98,6 +100,7 @@ impl MeshConnector {
         tls: Arc<LiveClientTls>,
         connect_timeout: Duration,
         handshake_timeout: Duration,
+        metrics: Arc<Metrics>,
     ) -> Self {
         MeshConnector(Arc::new(Dialer {
             upstreams,
@@ -106,6 +109,7 @@ impl MeshConnector {
             connect_timeout,
             handshake_timeout,
             next: AtomicUsize::new(0),
+            metrics,
             listener_not_after: AtomicU64::new(0),
             warned_for: std::sync::Mutex::new(String::new()),
         }))
@@ -136,8 +140,12 @@ impl Dialer {
         for i in 0..n {
             let upstream = &self.upstreams[(start + i) % n];
             match self.dial_one(upstream).await {
-                Ok(stream) => return Ok(stream),
+                Ok(stream) => {
+                    self.count_dial(upstream, "ok");
+                    return Ok(stream);
+                }
                 Err(error) => {
+                    self.count_dial(upstream, error.kind.code());
                     info!(upstream = %upstream, code = error.kind.code(), %error, "mesh listener connection failed");
                     failures.push(error);
                 }
@@ -165,10 +173,23 @@ impl Dialer {
         };
         let _ = tcp.set_nodelay(true);
         let connector = TlsConnector::from(self.tls.current());
-        let tls = match timeout(self.handshake_timeout, connector.connect(self.server_name.clone(), tcp)).await {
+        let started = Instant::now();
+        let handshake = timeout(
+            self.handshake_timeout,
+            connector.connect(self.server_name.clone(), tcp),
+        )
+        .await;
+        let tls = match handshake {
             Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => return Err(classify_handshake(&e, upstream, &self.server_name)),
+            Ok(Err(e)) => {
+                let reason = rustls_error(&e).map_or("io", failure_reason);
+                self.metrics
+                    .handshake("failed", reason, "unknown", started.elapsed());
+                return Err(classify_handshake(&e, upstream, &self.server_name));
+            }
             Err(_) => {
+                self.metrics
+                    .handshake("failed", "timeout", "unknown", started.elapsed());
                 return Err(UpstreamError::new(
                     UpstreamErrorKind::Handshake,
                     format!(
@@ -176,10 +197,17 @@ impl Dialer {
                          (handshake_timeout): is {upstream} the mesh listener's TLS port?",
                         self.handshake_timeout
                     ),
-                ))
+                ));
             }
         };
         let conn = tls.get_ref().1;
+        let resumed = matches!(conn.handshake_kind(), Some(rustls::HandshakeKind::Resumed));
+        self.metrics.handshake(
+            "ok",
+            "none",
+            if resumed { "resumed" } else { "full" },
+            started.elapsed(),
+        );
         let h2 = conn.alpn_protocol() == Some(b"h2");
         let peer = conn
             .peer_certificates()
@@ -193,6 +221,7 @@ impl Dialer {
         }
         debug!(%upstream, h2, "mesh link established");
         Ok(MeshStream {
+            _open: GaugeGuard::new(&self.metrics.upstream_connections),
             tls,
             h2,
             expires: PeerCertExpiry(expires),
@@ -200,7 +229,29 @@ impl Dialer {
     }
 }
 
+impl MeshConnector {
+    /// Dials a mesh listener (TCP, mutual TLS) and hangs up: the readiness probe.
+    pub(crate) async fn probe(&self) -> Result<(), UpstreamError> {
+        self.0.dial().await.map(drop)
+    }
+
+    /// Unix time the last seen listener certificate expires (0 before the first connection).
+    pub(crate) fn listener_not_after(&self) -> u64 {
+        self.0.listener_not_after.load(Ordering::Relaxed)
+    }
+}
+
 impl Dialer {
+    fn count_dial(&self, upstream: &str, result: &'static str) {
+        self.metrics
+            .upstream_dials
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.to_owned(),
+                result,
+            })
+            .inc();
+    }
+
     /// Records the listener certificate's expiry for the metrics and warns (once per certificate)
     /// when it has less than a third of its lifetime left.
     fn note_listener_certificate(&self, upstream: &str, peer: &PeerIdentity) {
@@ -353,6 +404,7 @@ pub(crate) struct PeerCertExpiry(pub SystemTime);
 
 /// An established mTLS link, told to the pool as HTTP/2 when ALPN chose it.
 pub struct MeshStream {
+    _open: GaugeGuard,
     tls: TlsStream<TcpStream>,
     h2: bool,
     expires: PeerCertExpiry,

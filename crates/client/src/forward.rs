@@ -1,6 +1,5 @@
 //! One request from nginx to the mesh listener over the pooled mTLS link.
 
-use std::convert::Infallible;
 use std::error::Error as StdError;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,7 +14,7 @@ use hyper_util::client::legacy::connect::{capture_connection, CaptureConnection}
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use phoenix_mesh_common::headers::remove_hop_by_hop;
-use phoenix_mesh_common::{mesh_error, ProxyBody};
+use phoenix_mesh_common::{mesh_error, ProxyBody, MESH_ERROR_HEADER};
 use tracing::info;
 
 use crate::connector::{
@@ -65,11 +64,12 @@ impl Upstream {
         }
     }
 
-    /// Forwards `req` and returns the listener's response, or an error response naming the hop.
+    /// Forwards `req` and returns the listener's response, or an error response naming the hop, with
+    /// who made the status (`backend`, `listener` or `sidecar`).
     pub(crate) async fn forward(
         &self,
         req: Request<Incoming>,
-    ) -> Result<Response<ProxyBody>, Infallible> {
+    ) -> (Response<ProxyBody>, &'static str) {
         let (mut parts, body) = req.into_parts();
         // h2c from a client carries the host in :authority only.
         if !parts.headers.contains_key(HOST) {
@@ -89,11 +89,14 @@ impl Upstream {
         parts.uri = match Uri::from_parts(uri) {
             Ok(uri) => uri,
             Err(e) => {
-                return Ok(mesh_error(
-                    StatusCode::BAD_REQUEST,
-                    "bad-request",
-                    format!("phoenix-mesh client: invalid request target: {e}"),
-                ))
+                return (
+                    mesh_error(
+                        StatusCode::BAD_REQUEST,
+                        "bad-request",
+                        format!("phoenix-mesh client: invalid request target: {e}"),
+                    ),
+                    "sidecar",
+                )
             }
         };
         parts.version = http::Version::HTTP_11;
@@ -103,21 +106,26 @@ impl Upstream {
         match tokio::time::timeout(self.timeout, self.client.request(request)).await {
             Ok(Ok(response)) => {
                 self.retire_if_expiring(&response, capture.as_ref());
+                let made_by = if response.headers().contains_key(MESH_ERROR_HEADER) {
+                    "listener"
+                } else {
+                    "backend"
+                };
                 let (mut parts, body) = response.into_parts();
                 remove_hop_by_hop(&mut parts.headers);
-                Ok(Response::from_parts(parts, Either::Left(body)))
+                (Response::from_parts(parts, Either::Left(body)), made_by)
             }
-            Ok(Err(error)) => Ok(self.failure(&error)),
+            Ok(Err(error)) => (self.failure(&error), "sidecar"),
             Err(_) => {
                 info!(upstreams = %self.upstreams, "mesh listener too slow");
-                Ok(mesh_error(
+                (mesh_error(
                     StatusCode::GATEWAY_TIMEOUT,
                     "upstream-timeout",
                     format!(
                         "phoenix-mesh client: mesh listener ({}) did not answer within {:?} (upstream_timeout)",
                         self.upstreams, self.timeout
                     ),
-                ))
+                ), "sidecar")
             }
         }
     }

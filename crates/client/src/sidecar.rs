@@ -2,15 +2,25 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
+use http::header::HOST;
+use http::{Request, Response};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
-use phoenix_mesh_certs::{CertError, ClientTlsOptions, LiveClientTls, Material, Reloader, Role};
+use phoenix_mesh_certs::{
+    error_chain, CertError, ClientTlsOptions, LiveClientTls, LiveTls, Material, Reloader, Role,
+};
+use phoenix_mesh_common::access::{AccessRecord, Logged};
+use phoenix_mesh_common::admin::{serve_admin, AdminState};
 use phoenix_mesh_common::config::ConfigError;
+use phoenix_mesh_common::metrics::{GaugeGuard, Metrics};
 use phoenix_mesh_common::serve::{accept_loop, http_builder, serve_http, ShutdownWatch};
+use phoenix_mesh_common::ProxyBody;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpListener;
 use tracing::{debug, field, info, info_span, warn, Instrument};
@@ -32,18 +42,29 @@ pub enum ClientError {
         #[source]
         source: io::Error,
     },
+    #[error("binding the admin endpoint to {addr}")]
+    BindAdmin {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
 }
 
 struct State {
+    settings: ClientSettings,
     reloader: Arc<Reloader<LiveClientTls>>,
+    connector: MeshConnector,
     upstream: Upstream,
     http: auto::Builder<TokioExecutor>,
+    metrics: Arc<Metrics>,
+    serving: AtomicBool,
+    upstream_label: Arc<str>,
 }
 
 /// A bound client sidecar, ready to serve.
 pub struct ClientSidecar {
     listener: TcpListener,
-    settings: ClientSettings,
+    admin: Option<TcpListener>,
     state: Arc<State>,
 }
 
@@ -73,15 +94,17 @@ impl ClientSidecar {
                 message: e.to_string(),
             }
         })?;
+        let metrics = Arc::new(Metrics::new());
         let connector = MeshConnector::new(
             settings.upstreams.clone(),
             server_name,
             live,
             settings.connect_timeout,
             settings.handshake_timeout,
+            metrics.clone(),
         );
         let upstream = Upstream::new(
-            connector,
+            connector.clone(),
             &settings.upstreams,
             settings.pool_idle_timeout,
             settings.upstream_timeout,
@@ -93,14 +116,27 @@ impl ClientSidecar {
                     addr: settings.listen,
                     source,
                 })?;
+        let admin = match settings.admin_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ClientError::BindAdmin { addr, source })?,
+            ),
+            None => None,
+        };
         let http = http_builder(&settings.http);
         Ok(ClientSidecar {
             listener,
-            settings,
+            admin,
             state: Arc::new(State {
+                upstream_label: settings.upstreams.join(",").into(),
+                settings,
                 reloader,
+                connector,
                 upstream,
                 http,
+                metrics,
+                serving: AtomicBool::new(false),
             }),
         })
     }
@@ -110,6 +146,11 @@ impl ClientSidecar {
         self.listener.local_addr()
     }
 
+    /// The admin endpoint's address, when configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|a| a.local_addr().ok())
+    }
+
     /// The handle that reloads the TLS material (SIGHUP, file changes).
     pub fn reloader(&self) -> Arc<Reloader<LiveClientTls>> {
         self.state.reloader.clone()
@@ -117,16 +158,16 @@ impl ClientSidecar {
 
     /// The SIGHUP handler: re-reads the config file and applies what can change live.
     pub fn settings_reload(&self) -> crate::SettingsReload {
-        crate::SettingsReload::new(self.settings.clone(), self.state.reloader.clone())
+        crate::SettingsReload::new(self.state.settings.clone(), self.state.reloader.clone())
     }
 
     /// Serves until shutdown begins; connections already open carry on and hold `shutdown` until done.
     pub async fn serve(self, shutdown: ShutdownWatch) {
         let state = self.state;
         info!(
-            listen = %self.listener.local_addr().unwrap_or(self.settings.listen),
-            upstreams = ?self.settings.upstreams,
-            server_name = %self.settings.server_name,
+            listen = %self.listener.local_addr().unwrap_or(state.settings.listen),
+            upstreams = ?state.settings.upstreams,
+            server_name = %state.settings.server_name,
             "client sidecar accepting plain HTTP"
         );
         let mut stop = shutdown.clone();
@@ -134,22 +175,33 @@ impl ClientSidecar {
             state
                 .reloader
                 .clone()
-                .watch_files(self.settings.reload_poll_interval, async move {
+                .watch_files(state.settings.reload_poll_interval, async move {
                     stop.wait().await
                 }),
         );
+        if let Some(admin) = self.admin {
+            let admin_state: Arc<dyn AdminState> = state.clone();
+            tokio::spawn(serve_admin(admin, admin_state, shutdown.clone()));
+        }
+        state.serving.store(true, Ordering::Relaxed);
         let conn_shutdown = shutdown.clone();
+        let accept_state = state.clone();
         accept_loop(self.listener, shutdown, move |stream, addr| {
-            let state = state.clone();
+            let state = accept_state.clone();
             let shutdown = conn_shutdown.clone();
             let span = info_span!("conn", peer.addr = %addr, peer.id = field::Empty);
             tokio::spawn(
                 async move {
+                    let _open = GaugeGuard::new(&state.metrics.open_connections);
+                    let peer: Arc<str> = addr.to_string().into();
                     let service = {
                         let state = state.clone();
                         service_fn(move |req| {
                             let state = state.clone();
-                            async move { state.upstream.forward(req).await }
+                            let peer = peer.clone();
+                            async move {
+                                Ok::<_, std::convert::Infallible>(state.request(req, peer).await)
+                            }
                         })
                     };
                     if let Err(error) = serve_http(&state.http, stream, service, shutdown).await {
@@ -160,6 +212,85 @@ impl ClientSidecar {
             );
         })
         .await;
+        state.serving.store(false, Ordering::Relaxed);
+    }
+}
+
+impl State {
+    async fn request(&self, req: Request<Incoming>, peer: Arc<str>) -> Response<Logged<ProxyBody>> {
+        let start = Instant::now();
+        let access = self.settings.access_log.then(|| {
+            (
+                req.method().clone(),
+                req.headers()
+                    .get(HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .or_else(|| req.uri().authority().map(|a| a.as_str()))
+                    .unwrap_or("-")
+                    .to_owned(),
+                req.uri()
+                    .path_and_query()
+                    .map_or("/", |p| p.as_str())
+                    .to_owned(),
+            )
+        });
+        let (response, made_by) = self.upstream.forward(req).await;
+        self.metrics
+            .request(response.status(), made_by, start.elapsed());
+        let record = access.map(|(method, host, path)| {
+            Box::new(AccessRecord {
+                start,
+                method,
+                host,
+                path,
+                status: response.status(),
+                made_by,
+                peer,
+                upstream: self.upstream_label.clone(),
+            })
+        });
+        response.map(|body| Logged::new(body, record))
+    }
+}
+
+impl AdminState for State {
+    fn ready(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send + '_>>
+    {
+        Box::pin(async move {
+            if !self.serving.load(Ordering::Relaxed) {
+                return Err("the client sidecar is not accepting connections".into());
+            }
+            let leaf = self.reloader.live().leaf();
+            if leaf.remaining(SystemTime::now()).is_zero() {
+                return Err(format!("our certificate ({}) has expired", leaf.subject));
+            }
+            match self.connector.probe().await {
+                Ok(()) => Ok(format!(
+                    "listening on {}; a mesh listener answered mutual TLS; certificate valid for {} s",
+                    self.settings.listen,
+                    leaf.remaining(SystemTime::now()).as_secs()
+                )),
+                Err(error) => Err(error_chain(&error)),
+            }
+        })
+    }
+
+    fn metrics(&self) -> String {
+        let leaf = self.reloader.live().leaf();
+        let own = leaf
+            .not_after
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        self.metrics.set_not_after("own", own.as_secs());
+        let peer = self.connector.listener_not_after();
+        if peer > 0 {
+            self.metrics.set_not_after("peer", peer);
+        }
+        let stats = &self.reloader.stats;
+        self.metrics.sync_reloads(&stats.succeeded, &stats.failed);
+        self.metrics.encode()
     }
 }
 

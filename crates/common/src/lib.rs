@@ -3,8 +3,11 @@
 //! shutdown. It knows nothing about TLS (that is `phoenix-mesh-certs`) nor about either side's
 //! forwarding logic.
 
+pub mod access;
+pub mod admin;
 pub mod config;
 pub mod headers;
+pub mod metrics;
 pub mod response;
 pub mod serve;
 

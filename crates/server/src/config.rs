@@ -40,6 +40,8 @@ pub struct ServerFile {
     drain_timeout: Option<ConfigDuration>,
     #[serde(default)]
     reload_poll_interval: Option<ConfigDuration>,
+    #[serde(default)]
+    access_log: bool,
 }
 
 /// Validated listener settings, with paths resolved against the config file.
@@ -71,6 +73,8 @@ pub struct ServerSettings {
     pub drain_timeout: Duration,
     /// How often the certificate, key, CA and CRL files are checked for changes.
     pub reload_poll_interval: Duration,
+    /// Write one structured log line per request.
+    pub access_log: bool,
 }
 
 impl ServerSettings {
@@ -155,6 +159,7 @@ impl ServerSettings {
             backend_timeout: d(f.backend_timeout, 60),
             drain_timeout: d(f.drain_timeout, 30),
             reload_poll_interval: d(f.reload_poll_interval, 10),
+            access_log: f.access_log,
         })
     }
 }

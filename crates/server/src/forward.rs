@@ -1,7 +1,6 @@
 //! One request from a verified peer to Traefik: identity header set, hop-by-hop headers dropped,
 //! Host untouched, the response passed back as it came.
 
-use std::convert::Infallible;
 use std::error::Error as StdError;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -26,6 +25,8 @@ pub(crate) const XFCC: &str = "x-forwarded-client-cert";
 pub(crate) struct Peer {
     pub addr: SocketAddr,
     pub xfcc: HeaderValue,
+    /// Short identity for logs.
+    pub name: std::sync::Arc<str>,
 }
 
 /// The pooled HTTP/1.1 client to Traefik.
@@ -60,12 +61,13 @@ impl Backend {
         }
     }
 
-    /// Forwards `req` and returns the backend's response, or an error response naming this hop.
+    /// Forwards `req` and returns the backend's response, or an error response naming this hop, with
+    /// who made the status (`backend` or `sidecar`).
     pub(crate) async fn forward(
         &self,
         req: Request<Incoming>,
         peer: &Peer,
-    ) -> Result<Response<ProxyBody>, Infallible> {
+    ) -> (Response<ProxyBody>, &'static str) {
         let (mut parts, body) = req.into_parts();
 
         // HTTP/2 carries the host in :authority; Traefik routes on Host.
@@ -90,11 +92,14 @@ impl Backend {
         parts.uri = match Uri::from_parts(uri) {
             Ok(uri) => uri,
             Err(e) => {
-                return Ok(mesh_error(
-                    StatusCode::BAD_REQUEST,
-                    "bad-request",
-                    format!("phoenix-mesh listener: invalid request target: {e}"),
-                ));
+                return (
+                    mesh_error(
+                        StatusCode::BAD_REQUEST,
+                        "bad-request",
+                        format!("phoenix-mesh listener: invalid request target: {e}"),
+                    ),
+                    "sidecar",
+                );
             }
         };
         parts.version = Version::HTTP_11;
@@ -105,39 +110,42 @@ impl Backend {
             Ok(Ok(response)) => {
                 let (mut parts, body) = response.into_parts();
                 remove_hop_by_hop(&mut parts.headers);
-                Ok(Response::from_parts(parts, Either::Left(body)))
+                (Response::from_parts(parts, Either::Left(body)), "backend")
             }
             Ok(Err(error)) => {
                 let cause = root_cause(&error);
                 if error.is_connect() {
                     info!(backend = %self.addr, %cause, "backend unreachable");
-                    Ok(mesh_error(
+                    (mesh_error(
                         StatusCode::BAD_GATEWAY,
                         "backend-unreachable",
                         format!("phoenix-mesh listener: backend {} unreachable: {cause} (is Traefik listening there?)", self.addr),
-                    ))
+                    ), "sidecar")
                 } else {
                     info!(backend = %self.addr, %method, %cause, "backend request failed");
-                    Ok(mesh_error(
-                        StatusCode::BAD_GATEWAY,
-                        "backend-error",
-                        format!(
-                            "phoenix-mesh listener: backend {} failed the request: {cause}",
-                            self.addr
+                    (
+                        mesh_error(
+                            StatusCode::BAD_GATEWAY,
+                            "backend-error",
+                            format!(
+                                "phoenix-mesh listener: backend {} failed the request: {cause}",
+                                self.addr
+                            ),
                         ),
-                    ))
+                        "sidecar",
+                    )
                 }
             }
             Err(_) => {
                 info!(backend = %self.addr, %method, timeout_ms = self.response_timeout.as_millis() as u64, "backend too slow");
-                Ok(mesh_error(
+                (mesh_error(
                     StatusCode::GATEWAY_TIMEOUT,
                     "backend-timeout",
                     format!(
                         "phoenix-mesh listener: backend {} did not answer within {:?} (backend_timeout)",
                         self.addr, self.response_timeout
                     ),
-                ))
+                ), "sidecar")
             }
         }
     }

@@ -2,18 +2,26 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
-use http::HeaderValue;
+use http::header::HOST;
+use http::{HeaderValue, Request, Response};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use phoenix_mesh_certs::{
-    CertError, LiveServerTls, Material, PeerIdentity, Reloader, Role, ServerTlsOptions,
+    failure_reason, CertError, LiveServerTls, LiveTls, Material, PeerIdentity, Reloader, Role,
+    ServerTlsOptions,
 };
+use phoenix_mesh_common::access::{AccessRecord, Logged};
+use phoenix_mesh_common::admin::{serve_admin, AdminState};
 use phoenix_mesh_common::config::ConfigError;
+use phoenix_mesh_common::metrics::{GaugeGuard, Metrics};
 use phoenix_mesh_common::serve::{accept_loop, http_builder, serve_http, ShutdownWatch};
+use phoenix_mesh_common::ProxyBody;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
@@ -36,6 +44,12 @@ pub enum ServerError {
         #[source]
         source: io::Error,
     },
+    #[error("binding the admin endpoint to {addr}")]
+    BindAdmin {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
 }
 
 struct State {
@@ -43,11 +57,15 @@ struct State {
     reloader: Arc<Reloader<LiveServerTls>>,
     backend: Backend,
     http: auto::Builder<TokioExecutor>,
+    metrics: Metrics,
+    serving: AtomicBool,
+    upstream_label: Arc<str>,
 }
 
 /// A bound mesh listener, ready to serve.
 pub struct MeshListener {
     listener: TcpListener,
+    admin: Option<TcpListener>,
     state: Arc<State>,
 }
 
@@ -77,6 +95,14 @@ impl MeshListener {
                     addr: settings.listen,
                     source,
                 })?;
+        let admin = match settings.admin_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ServerError::BindAdmin { addr, source })?,
+            ),
+            None => None,
+        };
         let backend = Backend::new(
             settings.backend,
             settings.backend_connect_timeout,
@@ -85,11 +111,15 @@ impl MeshListener {
         let http = http_builder(&settings.http);
         Ok(MeshListener {
             listener,
+            admin,
             state: Arc::new(State {
+                upstream_label: settings.backend.to_string().into(),
                 settings,
                 reloader,
                 backend,
                 http,
+                metrics: Metrics::new(),
+                serving: AtomicBool::new(false),
             }),
         })
     }
@@ -97,6 +127,11 @@ impl MeshListener {
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// The admin endpoint's address, when configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|a| a.local_addr().ok())
     }
 
     /// The handle that reloads the TLS material (SIGHUP, file changes).
@@ -128,14 +163,63 @@ impl MeshListener {
                     stop.wait().await
                 }),
         );
+        if let Some(admin) = self.admin {
+            let admin_state: Arc<dyn AdminState> = state.clone();
+            tokio::spawn(serve_admin(admin, admin_state, shutdown.clone()));
+        }
+        state.serving.store(true, Ordering::Relaxed);
         let conn_shutdown = shutdown.clone();
+        let accept_state = state.clone();
         accept_loop(self.listener, shutdown, move |stream, addr| {
             let span = info_span!("conn", peer.addr = %addr, peer.id = field::Empty);
             tokio::spawn(
-                handle(state.clone(), stream, addr, listen, conn_shutdown.clone()).instrument(span),
+                handle(
+                    accept_state.clone(),
+                    stream,
+                    addr,
+                    listen,
+                    conn_shutdown.clone(),
+                )
+                .instrument(span),
             );
         })
         .await;
+        state.serving.store(false, Ordering::Relaxed);
+    }
+}
+
+impl AdminState for State {
+    fn ready(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send + '_>>
+    {
+        Box::pin(async move {
+            if !self.serving.load(Ordering::Relaxed) {
+                return Err("the mesh listener is not accepting connections".into());
+            }
+            let leaf = self.reloader.live().leaf();
+            if leaf.remaining(SystemTime::now()).is_zero() {
+                return Err(format!("our certificate ({}) has expired", leaf.subject));
+            }
+            Ok(format!(
+                "listening on {}; certificate {} valid for {} s",
+                self.settings.listen,
+                leaf.subject,
+                leaf.remaining(SystemTime::now()).as_secs()
+            ))
+        })
+    }
+
+    fn metrics(&self) -> String {
+        let leaf = self.reloader.live().leaf();
+        let not_after = leaf
+            .not_after
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        self.metrics.set_not_after("own", not_after.as_secs());
+        let stats = &self.reloader.stats;
+        self.metrics.sync_reloads(&stats.succeeded, &stats.failed);
+        self.metrics.encode()
     }
 }
 
@@ -146,11 +230,19 @@ async fn handle(
     listen: SocketAddr,
     shutdown: ShutdownWatch,
 ) {
+    let _open = GaugeGuard::new(&state.metrics.open_connections);
     let handshake_timeout = state.settings.handshake_timeout;
+    let started = Instant::now();
+    let failed = |reason: &'static str| {
+        state
+            .metrics
+            .handshake("failed", reason, "unknown", started.elapsed());
+    };
     match timeout(handshake_timeout, sniff(&stream)).await {
         Ok(Ok(FirstByte::Tls)) => {}
         Ok(Ok(FirstByte::PlainHttp)) => {
             info!("plain HTTP on the mutual-TLS port; answering 400 tls-required");
+            failed("plaintext-http");
             if let Err(error) = refuse_plain_http(stream, listen).await {
                 debug!(%error, "writing the tls-required answer failed");
             }
@@ -161,6 +253,7 @@ async fn handle(
                 first_byte = byte,
                 "connection does not start with a TLS handshake; closing"
             );
+            failed("not-tls");
             return;
         }
         Ok(Ok(FirstByte::Closed)) => return,
@@ -173,6 +266,7 @@ async fn handle(
                 timeout_ms = handshake_timeout.as_millis() as u64,
                 "no TLS handshake within handshake_timeout; closing"
             );
+            failed("timeout");
             return;
         }
     }
@@ -181,7 +275,12 @@ async fn handle(
     let tls = match timeout(handshake_timeout, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(error)) => {
-            info!(%error, "TLS handshake failed");
+            let reason = error
+                .get_ref()
+                .and_then(|e| e.downcast_ref::<rustls::Error>())
+                .map_or("io", failure_reason);
+            info!(%error, reason, "TLS handshake failed");
+            failed(reason);
             return;
         }
         Err(_) => {
@@ -189,25 +288,35 @@ async fn handle(
                 timeout_ms = handshake_timeout.as_millis() as u64,
                 "TLS handshake timed out"
             );
+            failed("timeout");
             return;
         }
     };
 
     let (_, conn) = tls.get_ref();
+    let resumed = matches!(conn.handshake_kind(), Some(rustls::HandshakeKind::Resumed));
     let Some(leaf) = conn.peer_certificates().and_then(|certs| certs.first()) else {
         warn!("handshake finished without a client certificate; closing");
+        failed("no-certificate");
         return;
     };
     let identity = match PeerIdentity::from_der(leaf) {
         Ok(id) => id,
         Err(error) => {
             info!(%error, "client certificate unparseable after handshake; closing");
+            failed("bad-certificate");
             return;
         }
     };
+    state.metrics.handshake(
+        "ok",
+        "none",
+        if resumed { "resumed" } else { "full" },
+        started.elapsed(),
+    );
     tracing::Span::current().record("peer.id", identity.name());
     debug!(
-        resumed = matches!(conn.handshake_kind(), Some(rustls::HandshakeKind::Resumed)),
+        resumed,
         alpn = ?conn.alpn_protocol().map(String::from_utf8_lossy),
         "mutual TLS established"
     );
@@ -218,17 +327,58 @@ async fn handle(
             return;
         }
     };
-    let peer = Arc::new(Peer { addr, xfcc });
+    let peer = Arc::new(Peer {
+        addr,
+        xfcc,
+        name: identity.name().into(),
+    });
     let service = {
         let state = state.clone();
         service_fn(move |req| {
             let state = state.clone();
             let peer = peer.clone();
-            async move { state.backend.forward(req, &peer).await }
+            async move { Ok::<_, std::convert::Infallible>(state.request(req, &peer).await) }
         })
     };
     if let Err(error) = serve_http(&state.http, tls, service, shutdown).await {
         debug!(%error, "connection ended with an error");
+    }
+}
+
+impl State {
+    async fn request(&self, req: Request<Incoming>, peer: &Peer) -> Response<Logged<ProxyBody>> {
+        let start = Instant::now();
+        let access = self.settings.access_log.then(|| {
+            (
+                req.method().clone(),
+                req.headers()
+                    .get(HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .or_else(|| req.uri().authority().map(|a| a.as_str()))
+                    .unwrap_or("-")
+                    .to_owned(),
+                req.uri()
+                    .path_and_query()
+                    .map_or("/", |p| p.as_str())
+                    .to_owned(),
+            )
+        });
+        let (response, made_by) = self.backend.forward(req, peer).await;
+        self.metrics
+            .request(response.status(), made_by, start.elapsed());
+        let record = access.map(|(method, host, path)| {
+            Box::new(AccessRecord {
+                start,
+                method,
+                host,
+                path,
+                status: response.status(),
+                made_by,
+                peer: peer.name.clone(),
+                upstream: self.upstream_label.clone(),
+            })
+        });
+        response.map(|body| Logged::new(body, record))
     }
 }
 

@@ -1,0 +1,101 @@
+//! The access log: one structured line per request, written when its response body is done (so it
+//! carries the bytes sent and the full duration). Off unless `access_log = true`.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use hyper::body::{Body, Frame, SizeHint};
+use tracing::info;
+
+/// What one access-log line says about a request.
+#[derive(Debug)]
+pub struct AccessRecord {
+    /// When the request head arrived.
+    pub start: Instant,
+    /// Request method.
+    pub method: Method,
+    /// Host header (or `-`).
+    pub host: String,
+    /// Path and query.
+    pub path: String,
+    /// Response status.
+    pub status: StatusCode,
+    /// Who made the status (`sidecar`, `listener`, `backend`).
+    pub made_by: &'static str,
+    /// The verified peer identity (listener) or the downstream address (client).
+    pub peer: Arc<str>,
+    /// Where the request went.
+    pub upstream: Arc<str>,
+}
+
+/// A response body that counts what it sends and writes the access-log line when done.
+#[derive(Debug)]
+pub struct Logged<B> {
+    inner: B,
+    bytes: u64,
+    record: Option<Box<AccessRecord>>,
+}
+
+impl<B> Logged<B> {
+    /// `inner`, logged when `record` is set.
+    pub fn new(inner: B, record: Option<Box<AccessRecord>>) -> Self {
+        Logged {
+            inner,
+            bytes: 0,
+            record,
+        }
+    }
+}
+
+impl<B> Body for Logged<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                self.bytes += data.len() as u64;
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> Drop for Logged<B> {
+    fn drop(&mut self) {
+        if let Some(r) = self.record.take() {
+            info!(
+                target: "phoenix_mesh::access",
+                method = %r.method,
+                host = %r.host,
+                path = %r.path,
+                status = r.status.as_u16(),
+                made_by = r.made_by,
+                duration_ms = r.start.elapsed().as_secs_f64() * 1000.0,
+                bytes = self.bytes,
+                peer = %r.peer,
+                upstream = %r.upstream,
+                "request"
+            );
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! The admin endpoint on loopback: `/healthz` (alive), `/readyz` (ready to carry traffic) and
+//! `/metrics` (Prometheus text).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tracing::{debug, info};
+
+use crate::serve::{accept_loop, ShutdownWatch};
+
+/// What the admin endpoint asks of a sidecar.
+pub trait AdminState: Send + Sync + 'static {
+    /// `Ok(detail)` when ready to carry traffic, else `Err(why)`.
+    fn ready(&self) -> Pin<Box<dyn Future<Output = Result<String, String>> + Send + '_>>;
+    /// The Prometheus text exposition.
+    fn metrics(&self) -> String;
+}
+
+/// Serves the admin endpoint on `listener` until shutdown.
+pub async fn serve_admin(
+    listener: TcpListener,
+    state: Arc<dyn AdminState>,
+    shutdown: ShutdownWatch,
+) {
+    if let Ok(addr) = listener.local_addr() {
+        info!(admin = %addr, "admin endpoint serving /healthz, /readyz, /metrics");
+    }
+    accept_loop(listener, shutdown, move |stream, _| {
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(&*state, &req).await) }
+            });
+            if let Err(error) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                debug!(%error, "admin connection ended with an error");
+            }
+        });
+    })
+    .await;
+}
+
+async fn route(state: &dyn AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "GET only\n".into(),
+            "text/plain; charset=utf-8",
+        );
+    }
+    match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "ok\n".into(), "text/plain; charset=utf-8"),
+        "/readyz" => match state.ready().await {
+            Ok(detail) => text(
+                StatusCode::OK,
+                format!("ready: {detail}\n"),
+                "text/plain; charset=utf-8",
+            ),
+            Err(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+                "text/plain; charset=utf-8",
+            ),
+        },
+        "/metrics" => text(
+            StatusCode::OK,
+            state.metrics(),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /healthz, /readyz, /metrics\n".into(),
+            "text/plain; charset=utf-8",
+        ),
+    }
+}
+
+fn text(status: StatusCode, body: String, content_type: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    response
+}
