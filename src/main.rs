@@ -28,12 +28,16 @@ enum Command {
         /// TOML config file.
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
+        #[command(flatten)]
+        check: CheckArgs,
     },
     /// The mesh listener beside Traefik: mutual TLS in, plain HTTP to Traefik on loopback out.
     Server {
         /// TOML config file.
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
+        #[command(flatten)]
+        check: CheckArgs,
     },
     /// The whole hop on a throwaway PKI and free loopback ports: backend, listener and client.
     Demo {
@@ -41,6 +45,29 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
+}
+
+/// `--check` and its options.
+#[derive(Debug, clap::Args)]
+pub struct CheckArgs {
+    /// Validate the config and certificates, probe every hop live, print one line per step, and exit
+    /// 0 only if everything works (instead of running).
+    #[arg(long)]
+    check: bool,
+    /// With --check: only parse and validate the config file (no certificates, no network).
+    #[arg(long, requires = "check")]
+    config_only: bool,
+    /// With --check: the Host header of the probe request.
+    #[arg(
+        long,
+        value_name = "NAME",
+        default_value = "localhost",
+        requires = "check"
+    )]
+    host: String,
+    /// With --check: the path of the probe request.
+    #[arg(long, value_name = "P", default_value = "/", requires = "check")]
+    path: String,
 }
 
 /// Config or certificate problems found at start-up (sysexits EX_CONFIG), so systemd can be told not
@@ -62,13 +89,20 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Client { config } => run::client(&config).await,
-            Command::Server { config } => run::server(&config).await,
+            Command::Client { config, check } if check.check => {
+                run::check_client(&config, check.config_only, &check.host, &check.path).await
+            }
+            Command::Server { config, check } if check.check => {
+                run::check_server(&config, check.config_only, &check.host, &check.path).await
+            }
+            Command::Client { config, .. } => run::client(&config).await,
+            Command::Server { config, .. } => run::server(&config).await,
             Command::Demo { once } => demo::run(once).await.map_err(run::Failure::Runtime),
         }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(run::Failure::CheckFailed) => ExitCode::FAILURE,
         Err(run::Failure::Config(error)) => {
             tracing::error!("{error:#}");
             eprintln!("phoenix-mesh: {error:#}");

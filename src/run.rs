@@ -15,6 +15,55 @@ use tracing::{info, warn};
 pub enum Failure {
     Config(anyhow::Error),
     Runtime(anyhow::Error),
+    /// `--check` found a broken step (the report is already printed).
+    CheckFailed,
+}
+
+pub async fn check_client(
+    config: &Path,
+    config_only: bool,
+    host: &str,
+    path: &str,
+) -> Result<(), Failure> {
+    let settings = ClientSettings::load(config).map_err(|e| Failure::Config(e.into()))?;
+    if config_only {
+        println!(
+            "[ OK ] config {}: valid client configuration",
+            config.display()
+        );
+        return Ok(());
+    }
+    let request = phoenix_mesh_client::CheckRequest {
+        host: host.to_owned(),
+        path: path.to_owned(),
+    };
+    report(phoenix_mesh_client::check(&settings, &request).await)
+}
+
+pub async fn check_server(
+    config: &Path,
+    config_only: bool,
+    host: &str,
+    path: &str,
+) -> Result<(), Failure> {
+    let settings = ServerSettings::load(config).map_err(|e| Failure::Config(e.into()))?;
+    if config_only {
+        println!(
+            "[ OK ] config {}: valid server configuration",
+            config.display()
+        );
+        return Ok(());
+    }
+    report(phoenix_mesh_server::check(&settings, host, path).await)
+}
+
+fn report(report: phoenix_mesh_common::check::Report) -> Result<(), Failure> {
+    print!("{}", report.render());
+    if report.passed() {
+        Ok(())
+    } else {
+        Err(Failure::CheckFailed)
+    }
 }
 
 pub async fn client(config: &Path) -> Result<(), Failure> {
@@ -72,6 +121,7 @@ where
         .map_err(Failure::Runtime)?;
     let (shutdown, watch) = Shutdown::new();
     let accept = tokio::spawn(serve(watch));
+    notify(&[sd_notify::NotifyState::Ready]);
     let on_hup = std::sync::Arc::new(on_hup);
     let which = loop {
         tokio::select! {
@@ -79,9 +129,13 @@ where
             _ = int.recv() => break "SIGINT",
             _ = hup.recv() => {
                 info!("SIGHUP: reloading the config file and certificates");
+                let mut states = vec![sd_notify::NotifyState::Reloading];
+                states.extend(sd_notify::NotifyState::monotonic_usec_now().ok());
+                notify(&states);
                 let on_hup = on_hup.clone();
                 // File reads and config parsing stay off the async workers.
                 let _ = tokio::task::spawn_blocking(move || on_hup()).await;
+                notify(&[sd_notify::NotifyState::Ready]);
             }
         }
     };
@@ -90,6 +144,7 @@ where
         drain_timeout_s = drain.as_secs(),
         "stopping: no new connections, draining requests in flight"
     );
+    notify(&[sd_notify::NotifyState::Stopping]);
     shutdown.begin();
     let _ = accept.await;
     if tokio::time::timeout(drain, shutdown.drained())
@@ -104,4 +159,14 @@ where
         info!("drained; exiting");
     }
     Ok(())
+}
+
+/// Tells systemd (Type=notify) about our state; does nothing outside systemd (no NOTIFY_SOCKET).
+fn notify(states: &[sd_notify::NotifyState<'_>]) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    if let Err(error) = sd_notify::notify(states) {
+        warn!(%error, "sd_notify failed");
+    }
 }

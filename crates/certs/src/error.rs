@@ -76,3 +76,29 @@ pub enum CertError {
     #[error("building the TLS configuration")]
     Tls(#[source] rustls::Error),
 }
+
+impl CertError {
+    /// What an operator should try, for `--check` and start-up messages.
+    pub fn hint(&self) -> &'static str {
+        match self {
+            CertError::Read { .. } => "check the path in the config and that this user may read the file",
+            CertError::NoPem { .. } | CertError::Pem { .. } => {
+                "the file should hold PEM blocks as step-ca writes them (-----BEGIN CERTIFICATE----- ...)"
+            }
+            CertError::BadCertificate { .. } => "re-issue the certificate with step-ca",
+            CertError::BadCa { .. } => "ca must hold the Phoenix root CA certificate (phoenix_root_ca.crt)",
+            CertError::BadKey { .. } => "the key must be PKCS#8, SEC1 EC or PKCS#1 RSA PEM",
+            CertError::KeyMismatch { .. } => {
+                "cert and key come from different issuances: install the matching pair (did a renewal write only one?)"
+            }
+            CertError::Expired { .. } => "renew it: step ca renew --force <crt> <key>, then systemctl reload",
+            CertError::NotYetValid { .. } => "check this machine's clock (timedatectl) and step-ca's",
+            CertError::Chain { .. } => {
+                "the certificate must be issued by the CA in ca, with the intermediate appended after the leaf"
+            }
+            CertError::WrongUsage { .. } => "issue it with the right extended key usage (step-ca's default template has both)",
+            CertError::BadCrl { .. } => "the CRL must be a PEM or DER X.509 CRL from the Phoenix CA",
+            CertError::Tls(_) => "see the error; this is a TLS configuration problem",
+        }
+    }
+}

@@ -19,7 +19,7 @@ pub mod pki;
 pub use error::CertError;
 pub use identity::{IdentityError, PeerIdentity};
 pub use load::{load_cert_chain, load_crls, load_private_key, load_roots};
-pub use material::{Material, Role, TlsFiles};
+pub use material::{human, Material, Role, TlsFiles};
 pub use reload::{
     error_chain, fingerprint, LiveClientTls, LiveServerTls, LiveTls, ReloadStats, Reloader,
 };

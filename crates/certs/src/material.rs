@@ -186,3 +186,47 @@ fn has_eku(der: &[u8]) -> bool {
         .and_then(|(_, c)| c.extended_key_usage().ok().flatten().map(|_| ()))
         .is_some()
 }
+
+impl Material {
+    /// What a `--check` says about loaded material: one (what, detail) pair per verified property.
+    pub fn describe(&self, now: SystemTime) -> Vec<(String, String)> {
+        let leaf = &self.leaf;
+        let left = leaf.remaining(now);
+        let lifetime = leaf.lifetime().as_secs().max(1);
+        vec![
+            (
+                format!("certificate {}", self.files.cert.display()),
+                format!(
+                    "{} (DNS {:?}, URI {:?}, IP {:?}), valid until {}, {} left ({}% of its lifetime)",
+                    leaf.subject,
+                    leaf.dns,
+                    leaf.uris,
+                    leaf.ips,
+                    fmt_time(leaf.not_after),
+                    human(left.as_secs()),
+                    left.as_secs() * 100 / lifetime
+                ),
+            ),
+            (format!("private key {}", self.files.key.display()), "matches the certificate".into()),
+            (
+                format!("chain to CA {}", self.files.ca.display()),
+                format!(
+                    "verifies ({} intermediate(s) sent, {} root(s) trusted, {} CRL(s))",
+                    self.chain.len() - 1,
+                    self.roots.len(),
+                    self.crls.len()
+                ),
+            ),
+        ]
+    }
+}
+
+/// `3h12m`, `2d4h`, `45s`.
+pub fn human(secs: u64) -> String {
+    match secs {
+        0..=119 => format!("{secs}s"),
+        120..=7199 => format!("{}m", secs / 60),
+        7200..=172_799 => format!("{}h{}m", secs / 3600, secs % 3600 / 60),
+        _ => format!("{}d{}h", secs / 86400, secs % 86400 / 3600),
+    }
+}

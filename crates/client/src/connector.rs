@@ -355,7 +355,7 @@ pub(crate) fn client_cert_refused(upstream: &str, alert: &AlertDescription) -> U
     )
 }
 
-fn classify_handshake(
+pub(crate) fn classify_handshake(
     e: &io::Error,
     upstream: &str,
     server_name: &ServerName<'_>,

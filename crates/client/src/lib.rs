@@ -3,12 +3,14 @@
 //! name, and keeping connections warm (a pool, HTTP/2 when both ends offer it). Errors it makes itself
 //! carry `phoenix-mesh-error` and name the hop and the cause.
 
+mod check;
 mod config;
 mod connector;
 mod forward;
 mod reload;
 mod sidecar;
 
+pub use check::{check, CheckRequest};
 pub use config::ClientSettings;
 pub use connector::{UpstreamError, UpstreamErrorKind};
 pub use reload::SettingsReload;

@@ -5,6 +5,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod check;
 pub mod config;
 pub mod headers;
 pub mod metrics;

@@ -3,12 +3,14 @@
 //! pooled loopback HTTP/1.1 with Host untouched and the verified identity in
 //! `X-Forwarded-Client-Cert`. It does not know about the client sidecar's internals.
 
+mod check;
 mod config;
 mod forward;
 mod listener;
 mod plaintext;
 mod reload;
 
+pub use check::check;
 pub use config::{ServerFile, ServerSettings};
 pub use listener::{MeshListener, ServerError};
 pub use reload::SettingsReload;

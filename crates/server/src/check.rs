@@ -1,0 +1,125 @@
+//! `phoenix-mesh server --config FILE --check`: validates the config, our certificate and the CA
+//! file, looks for the running listener, and sends one plain HTTP request to the backend.
+
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Empty;
+use hyper_util::rt::TokioIo;
+use phoenix_mesh_certs::{error_chain, Material, Role};
+use phoenix_mesh_common::check::Report;
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+use crate::ServerSettings;
+
+/// Runs every check; `host` and `path` shape the request sent to the backend.
+pub async fn check(settings: &ServerSettings, host: &str, path: &str) -> Report {
+    let mut report = Report::default();
+    report.ok(
+        format!("config {}", settings.path.display()),
+        format!(
+            "listen {}, backend {}, allowed_peers {}",
+            settings.listen,
+            settings.backend,
+            if settings.allowed_peers.is_empty() {
+                "any certificate from the CA".to_owned()
+            } else {
+                format!("{:?}", settings.allowed_peers)
+            }
+        ),
+    );
+    match Material::load(&settings.tls, Role::Server) {
+        Ok(material) => {
+            for (what, detail) in material.describe(SystemTime::now()) {
+                report.ok(what, detail);
+            }
+            if material.leaf.remaining(SystemTime::now()) < material.leaf.lifetime() / 3 {
+                report.warn(
+                    "our certificate",
+                    "less than a third of its lifetime left",
+                    "is the step-ca renewal timer running?",
+                );
+            }
+        }
+        Err(error) => report.fail("our certificate", error_chain(&error), error.hint()),
+    }
+
+    let local = if settings.listen.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], settings.listen.port()))
+    } else {
+        settings.listen
+    };
+    match timeout(Duration::from_secs(3), TcpStream::connect(local)).await {
+        Ok(Ok(_)) => report.ok(format!("listener {}", settings.listen), format!("{local} accepts connections")),
+        Ok(Err(error)) => report.warn(
+            format!("listener {}", settings.listen),
+            format!("{local}: {error}"),
+            "not running: systemctl start phoenix-mesh-server (fine if you are checking before the first start)",
+        ),
+        Err(_) => report.warn(format!("listener {}", settings.listen), format!("{local}: no answer within 3 s"), "is a firewall dropping loopback traffic?"),
+    }
+
+    let what = format!("backend {}: GET {path} (Host {host})", settings.backend);
+    let backend = settings.backend;
+    let connect = timeout(
+        settings.backend_connect_timeout,
+        TcpStream::connect(backend),
+    )
+    .await;
+    let tcp = match connect {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(error)) => {
+            report.fail(
+                what,
+                format!("{backend}: {error}"),
+                "is Traefik running with its web entrypoint bound to this address? (backend = Traefik's plain-HTTP entrypoint)",
+            );
+            return report;
+        }
+        Err(_) => {
+            report.fail(
+                what,
+                format!(
+                    "{backend}: no answer within {:?}",
+                    settings.backend_connect_timeout
+                ),
+                "is a firewall dropping the connection?",
+            );
+            return report;
+        }
+    };
+    match timeout(Duration::from_secs(10), get(tcp, host, path)).await {
+        Ok(Ok(status)) => report.ok(what, format!("the backend answered {status} in plain HTTP")),
+        Ok(Err(error)) => report.fail(
+            what,
+            format!(
+                "{backend} did not answer in HTTP: {}",
+                error_chain(error.as_ref())
+            ),
+            "backend must be Traefik's plain-HTTP entrypoint, not a TLS port",
+        ),
+        Err(_) => report.fail(
+            what,
+            format!("{backend}: no HTTP response within 10 s"),
+            "is this an HTTP port? a TLS port waits silently for a ClientHello",
+        ),
+    }
+    report
+}
+
+async fn get(
+    tcp: TcpStream,
+    host: &str,
+    path: &str,
+) -> Result<http::StatusCode, Box<dyn std::error::Error + Send + Sync>> {
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    let req = Request::get(path)
+        .header(http::header::HOST, host)
+        .header("user-agent", "phoenix-mesh-check")
+        .body(Empty::<Bytes>::new())?;
+    Ok(sender.send_request(req).await?.status())
+}
