@@ -200,6 +200,15 @@ impl Dialer {
                 ));
             }
         };
+        // TLS 1.3: our side of the handshake is done before the listener has judged our certificate,
+        // and its verdict (session tickets, or an alert refusing us) is its first flight. Waiting for
+        // it reports a refusal as such instead of as a pooled connection that died before use.
+        let mut tls = tls;
+        if tls.get_ref().1.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3) {
+            if let Err(e) = await_verdict(&mut tls, self.handshake_timeout).await {
+                return Err(classify_handshake(&e, upstream, &self.server_name));
+            }
+        }
         let conn = tls.get_ref().1;
         let resumed = matches!(conn.handshake_kind(), Some(rustls::HandshakeKind::Resumed));
         self.metrics.handshake(
@@ -277,6 +286,30 @@ impl Dialer {
             }
         }
     }
+}
+
+/// Feeds what the listener sent right after the handshake to rustls, leaving any plaintext for the
+/// HTTP layer, and fails with the alert if the listener refused us. A listener that sends nothing
+/// within `limit` is left to be judged by the first request.
+async fn await_verdict(tls: &mut TlsStream<TcpStream>, limit: Duration) -> io::Result<()> {
+    struct TryRead<'a>(&'a TcpStream);
+    impl io::Read for TryRead<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.0.try_read(buf)
+        }
+    }
+    let (tcp, conn) = tls.get_mut();
+    if timeout(limit, tcp.readable()).await.is_err() {
+        return Ok(());
+    }
+    match conn.read_tls(&mut TryRead(tcp)) {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    conn.process_new_packets()
+        .map(drop)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 fn combine(mut failures: Vec<UpstreamError>) -> UpstreamError {
