@@ -17,7 +17,11 @@ async fn plain_http_on_tls_port_gets_400_tls_required() {
         .header("host", SERVICE_HOST)
         .body(Empty::<Bytes>::new())
         .unwrap();
-    let reply = within("plain HTTP to the TLS port", send_h1(mesh.listener_addr, req)).await;
+    let reply = within(
+        "plain HTTP to the TLS port",
+        send_h1(mesh.listener_addr, req),
+    )
+    .await;
     reply.assert_mesh_error(400, "tls-required", &["requires mutual TLS"]);
     assert!(mesh.backend.seen().is_empty());
 }
@@ -81,7 +85,11 @@ async fn listener_down_gets_upstream_unreachable_then_recovers() {
     assert_eq!(reply.status, 200, "{reply:#?}");
 
     mesh.stop_listener().await;
-    let reply = within("request while down", send_h1(mesh.client_addr, get("/down"))).await;
+    let reply = within(
+        "request while down",
+        send_h1(mesh.client_addr, get("/down")),
+    )
+    .await;
     assert!(
         reply.status == 502 || reply.status == 503,
         "status while the listener is down: {reply:#?}"

@@ -1,0 +1,170 @@
+//! End to end with a real nginx terminating TLS in front of the client sidecar:
+//! HTTPS client -> nginx -> client sidecar -> mTLS -> mesh listener -> backend.
+//! Skipped (with a note on stderr) when nginx is not installed.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Empty;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+
+use crate::support::backend::HELLO;
+use crate::support::http::{collect, SERVICE_HOST};
+use crate::support::mesh::Mesh;
+use crate::support::pki::{expected_gateway_xfcc, write_leaf};
+use crate::support::{tls, within};
+
+/// nginx on PATH, or where Debian puts it (not on a non-root PATH).
+fn find_nginx() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("nginx"))
+        .chain([PathBuf::from("/usr/sbin/nginx")])
+        .find(|p| p.is_file())
+}
+
+/// A foreground nginx with everything (pid, logs, temp files) in `dir`; killed when dropped.
+struct Nginx {
+    child: Child,
+    addr: SocketAddr,
+    dir: PathBuf,
+}
+
+impl Nginx {
+    async fn start(binary: &Path, dir: &Path, client_addr: SocketAddr, mesh: &Mesh) -> Nginx {
+        write_leaf(dir, "nginx", &mesh.pki.server_cert_for(SERVICE_HOST));
+        for sub in ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"] {
+            std::fs::create_dir_all(dir.join("tmp").join(sub)).unwrap();
+        }
+        let addr = crate::support::closed_port_addr();
+        let d = dir.display();
+        // master_process off: one process, no switching to an unprivileged user that could not read
+        // the temporary directory when the tests run as root.
+        let conf = format!(
+            r#"master_process off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log info;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/tmp/client_body;
+    proxy_temp_path {d}/tmp/proxy;
+    fastcgi_temp_path {d}/tmp/fastcgi;
+    uwsgi_temp_path {d}/tmp/uwsgi;
+    scgi_temp_path {d}/tmp/scgi;
+    server {{
+        listen {addr} ssl;
+        server_name {SERVICE_HOST};
+        ssl_certificate {d}/nginx.crt;
+        ssl_certificate_key {d}/nginx.key;
+        location / {{
+            proxy_pass http://{client_addr};
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Real-IP $remote_addr;
+        }}
+    }}
+}}
+"#
+        );
+        let conf_path = dir.join("nginx.conf");
+        std::fs::write(&conf_path, conf).unwrap();
+        let child = Command::new(binary)
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-p")
+            .arg(dir)
+            .arg("-e")
+            .arg(dir.join("error.log"))
+            .arg("-g")
+            .arg("daemon off;")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut nginx = Nginx {
+            child,
+            addr,
+            dir: dir.to_owned(),
+        };
+        nginx.wait_ready().await;
+        nginx
+    }
+
+    async fn wait_ready(&mut self) {
+        within("nginx starting", async {
+            loop {
+                if let Some(status) = self.child.try_wait().unwrap() {
+                    panic!("nginx exited with {status}:\n{}", self.error_log());
+                }
+                if TcpStream::connect(self.addr).await.is_ok() {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+    }
+
+    fn error_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nginx_to_client_to_listener_to_backend() {
+    let Some(binary) = find_nginx() else {
+        eprintln!("skipped: nginx not found on PATH (apt-get install -y nginx)");
+        return;
+    };
+    let mesh = Mesh::start().await;
+    let nginx = Nginx::start(&binary, mesh.dir.path(), mesh.client_addr, &mesh).await;
+
+    let config = tls::client_config(mesh.pki.root_pem(), None, &[b"http/1.1"]);
+    let stream = within(
+        "TLS handshake with nginx",
+        tls::connect(nginx.addr, SERVICE_HOST, config),
+    )
+    .await
+    .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("/through/nginx?a=1&b=two")
+        .header("host", SERVICE_HOST)
+        .header("x-forwarded-client-cert", "Hash=00;Subject=\"CN=spoofed\"")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = within("request through nginx", sender.send_request(req))
+        .await
+        .unwrap();
+    let reply = collect(response).await;
+    assert_eq!(reply.status, 200, "{reply:#?}\n{}", nginx.error_log());
+    assert_eq!(reply.body, HELLO);
+    assert_eq!(reply.header("x-backend"), Some("echo"));
+    assert_eq!(reply.mesh_error(), None);
+
+    let seen = mesh.backend.only_request();
+    assert_eq!(seen.target, "/through/nginx?a=1&b=two");
+    assert_eq!(seen.one("host"), SERVICE_HOST);
+    assert_eq!(seen.one("x-forwarded-proto"), "https");
+    assert_eq!(seen.one("x-real-ip"), "127.0.0.1");
+    // nginx adds the browser's address, the listener the client sidecar's.
+    assert_eq!(seen.one("x-forwarded-for"), "127.0.0.1, 127.0.0.1");
+    assert_eq!(
+        seen.all("x-forwarded-client-cert"),
+        vec![expected_gateway_xfcc(&mesh.client_leaf)]
+    );
+}

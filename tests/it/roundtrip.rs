@@ -224,7 +224,11 @@ async fn works_with_upstream_http2_disabled() {
     })
     .await;
     for i in 0..3 {
-        let reply = within("request", send_h1(mesh.client_addr, get(&format!("/h1/{i}")))).await;
+        let reply = within(
+            "request",
+            send_h1(mesh.client_addr, get(&format!("/h1/{i}"))),
+        )
+        .await;
         assert_hello(&reply);
     }
     let seen = mesh.backend.seen();

@@ -107,7 +107,12 @@ impl Backend {
     /// The only request seen so far; fails the test if there were none or several.
     pub fn only_request(&self) -> Seen {
         let seen = self.seen();
-        assert_eq!(seen.len(), 1, "backend saw {} requests: {seen:#?}", seen.len());
+        assert_eq!(
+            seen.len(),
+            1,
+            "backend saw {} requests: {seen:#?}",
+            seen.len()
+        );
         seen.into_iter().next().unwrap()
     }
 

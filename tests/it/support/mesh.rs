@@ -34,12 +34,6 @@ impl TomlConfig {
         self.set(key, toml_str(value))
     }
 
-    /// Removes `key`.
-    pub fn remove(&mut self, key: &str) -> &mut Self {
-        self.0.retain(|(k, _)| k != key);
-        self
-    }
-
     /// Whether `key` is set.
     pub fn has(&self, key: &str) -> bool {
         self.0.iter().any(|(k, _)| k == key)
@@ -186,7 +180,10 @@ impl Mesh {
         pinned.write(&server_toml);
 
         if !client.has("upstreams") {
-            client.set("upstreams", format!("[{}]", toml_str(&listener_addr.to_string())));
+            client.set(
+                "upstreams",
+                format!("[{}]", toml_str(&listener_addr.to_string())),
+            );
         }
         let client_toml = d.join("client.toml");
         client.write(&client_toml);

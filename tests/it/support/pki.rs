@@ -63,13 +63,6 @@ impl TestPki {
         self.ours.issue(&gateway_spec()).unwrap()
     }
 
-    /// A client certificate with some other identity (CN and DNS `name`), clientAuth.
-    pub fn client_cert_named(&self, name: &str) -> Leaf {
-        let mut spec = LeafSpec::new(name, DAY);
-        spec.usage = Usage::Client;
-        self.ours.issue(&spec).unwrap()
-    }
-
     /// The gateway identity, but issued by another CA's intermediate.
     pub fn client_cert_signed_by_other_ca(&self) -> Leaf {
         self.other.issue(&gateway_spec()).unwrap()
