@@ -1,0 +1,287 @@
+//! Processes under test that the harness starts itself (phoenix listener and client, an nginx front
+//! for the deployed path), pinned to the server CPU, plus the wrk runner pinned to the load CPU.
+
+use std::fs;
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+
+use crate::sys;
+use crate::tls::ClientPki;
+
+/// A process we started; killed (TERM, then KILL) on drop.
+#[derive(Debug)]
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("   {} ignored TERM for 5 s; killing it", self.name);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits up to 10 s for something to accept on `addr`.
+pub fn wait_listen(addr: SocketAddr) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(10) {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("nothing accepts on {addr} after 10 s")
+}
+
+/// Starts `phoenix-mesh server` pinned to `cpu`, forwarding to `backend`.
+#[allow(clippy::too_many_arguments)]
+pub fn listener(
+    bin: &Path,
+    dir: &Path,
+    cpu: &str,
+    listen: SocketAddr,
+    backend: SocketAddr,
+    pki: &ClientPki,
+    server_cert: &Path,
+    server_key: &Path,
+) -> anyhow::Result<Proc> {
+    let cfg = dir.join(format!("listener-{}.toml", listen.port()));
+    fs::write(
+        &cfg,
+        format!(
+            "listen = \"{listen}\"\nbackend = \"{backend}\"\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n",
+            server_cert.display(),
+            server_key.display(),
+            pki.ca.display()
+        ),
+    )?;
+    spawn(
+        bin,
+        dir,
+        cpu,
+        "server",
+        &cfg,
+        listen,
+        &format!("listener-{}", listen.port()),
+    )
+}
+
+/// Starts `phoenix-mesh client` pinned to `cpu`: plain HTTP on `listen`, mTLS to `upstream`.
+pub fn client(
+    bin: &Path,
+    dir: &Path,
+    cpu: &str,
+    listen: SocketAddr,
+    upstream: SocketAddr,
+    pki: &ClientPki,
+    http2: bool,
+) -> anyhow::Result<Proc> {
+    let cfg = dir.join(format!("client-{}.toml", listen.port()));
+    fs::write(
+        &cfg,
+        format!(
+            "listen = \"{listen}\"\nupstreams = [\"{upstream}\"]\nserver_name = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\nupstream_http2 = {http2}\n",
+            pki.server_name,
+            pki.cert.display(),
+            pki.key.display(),
+            pki.ca.display()
+        ),
+    )?;
+    spawn(
+        bin,
+        dir,
+        cpu,
+        "client",
+        &cfg,
+        listen,
+        &format!("client-{}", listen.port()),
+    )
+}
+
+fn spawn(
+    bin: &Path,
+    dir: &Path,
+    cpu: &str,
+    sub: &str,
+    cfg: &Path,
+    listen: SocketAddr,
+    name: &str,
+) -> anyhow::Result<Proc> {
+    let log = fs::File::create(dir.join(format!("{name}.log")))?;
+    let child = Command::new("taskset")
+        .args(["-c", cpu])
+        .arg(bin)
+        .args([sub, "--config"])
+        .arg(cfg)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {} {sub}", bin.display()))?;
+    let p = Proc {
+        name: name.to_owned(),
+        child,
+    };
+    wait_listen(listen).with_context(|| format!("{name}: see {}/{name}.log", dir.display()))?;
+    Ok(p)
+}
+
+/// An nginx plain-HTTP proxy (one worker, keep-alive pool) in front of `upstream`: the gateway nginx of
+/// the deployed path, configured like the peers' client-side nginx.
+#[derive(Debug)]
+pub struct NginxFront {
+    pidfile: PathBuf,
+}
+
+impl NginxFront {
+    pub fn start(
+        dir: &Path,
+        cpu: &str,
+        listen: SocketAddr,
+        upstream: SocketAddr,
+    ) -> anyhow::Result<Self> {
+        let d = dir.display();
+        fs::create_dir_all(dir.join("tmp"))?;
+        let pidfile = dir.join("nginx-front.pid");
+        let conf = dir.join("nginx-front.conf");
+        fs::write(
+            &conf,
+            format!(
+                "worker_processes 1;\ndaemon on;\nmaster_process on;\nuser root;\npid {d}/nginx-front.pid;\n\
+                 error_log {d}/nginx-front.err warn;\nworker_rlimit_nofile 16384;\nevents {{ worker_connections 8192; }}\n\
+                 http {{\n  access_log off;\n  client_body_temp_path {d}/tmp/b;\n  proxy_temp_path {d}/tmp/p;\n\
+                 fastcgi_temp_path {d}/tmp/f;\n  uwsgi_temp_path {d}/tmp/u;\n  scgi_temp_path {d}/tmp/s;\n\
+                 keepalive_timeout 300s;\n  keepalive_requests 1000000;\n  proxy_http_version 1.1;\n\
+                 proxy_set_header Connection \"\";\n\
+                 upstream mesh_client {{ server {upstream}; keepalive 128; keepalive_requests 1000000; keepalive_timeout 300s; }}\n\
+                 server {{ listen {listen} backlog=4096; location / {{ proxy_pass http://mesh_client; }} }}\n}}\n"
+            ),
+        )?;
+        let st = Command::new("taskset")
+            .args(["-c", cpu, "nginx", "-p"])
+            .arg(format!("{d}/"))
+            .arg("-e")
+            .arg(dir.join("nginx-front.err"))
+            .arg("-c")
+            .arg(&conf)
+            .status()
+            .context("starting nginx (apt-get install -y nginx)")?;
+        if !st.success() {
+            bail!("nginx front failed to start; see {d}/nginx-front.err");
+        }
+        wait_listen(listen)?;
+        Ok(NginxFront { pidfile })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        sys::read_pidfile(&self.pidfile)
+    }
+}
+
+impl Drop for NginxFront {
+    fn drop(&mut self) {
+        if let Some(pid) = self.pid() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+    }
+}
+
+/// One wrk run's numbers.
+#[derive(Debug, Default, Clone)]
+pub struct WrkResult {
+    pub rps: f64,
+    pub requests: u64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub errors: u64,
+    pub cmd: String,
+}
+
+const WRK_LUA: &str = r#"done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("MESHBENCH %d %d %d %d %d\n", latency:percentile(50), latency:percentile(99),
+    latency:percentile(99.9), summary.requests, e.connect + e.read + e.write + e.status + e.timeout))
+end
+"#;
+
+/// `taskset -c CPU wrk -t1 -cN -dS --timeout 5s [-H 'Connection: close'] URL`, p99.9 via a done() hook.
+pub fn wrk(
+    dir: &Path,
+    cpu: &str,
+    url: &str,
+    conns: u32,
+    secs: u32,
+    keepalive: bool,
+) -> anyhow::Result<WrkResult> {
+    let script = dir.join("p999.lua");
+    if !script.exists() {
+        fs::write(&script, WRK_LUA)?;
+    }
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", cpu, "wrk", "-t1"])
+        .arg(format!("-c{conns}"))
+        .arg(format!("-d{secs}s"))
+        .args(["--timeout", "5s", "-s"])
+        .arg(&script);
+    if !keepalive {
+        cmd.args(["-H", "Connection: close"]);
+    }
+    cmd.arg(url);
+    let shown = format!("{cmd:?}").replace('"', "");
+    let out = cmd
+        .output()
+        .context("running wrk (apt-get install -y wrk)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut r = WrkResult {
+        cmd: shown,
+        ..WrkResult::default()
+    };
+    for line in text.lines() {
+        if let Some(v) = line.trim().strip_prefix("Requests/sec:") {
+            r.rps = v.trim().parse().unwrap_or(0.0);
+        }
+        if let Some(v) = line.strip_prefix("MESHBENCH ") {
+            let f: Vec<f64> = v
+                .split_whitespace()
+                .map(|x| x.parse().unwrap_or(f64::NAN))
+                .collect();
+            if f.len() == 5 {
+                (r.p50_us, r.p99_us, r.p999_us) = (f[0], f[1], f[2]);
+                r.requests = f[3] as u64;
+                r.errors = f[4] as u64;
+            }
+        }
+    }
+    if r.rps == 0.0 {
+        bail!(
+            "wrk gave no result for {url}: {}{}",
+            text,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(r)
+}
