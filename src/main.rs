@@ -77,6 +77,7 @@ const EXIT_CONFIG: u8 = 78;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format);
+    raise_fd_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -104,14 +105,22 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(run::Failure::CheckFailed) => ExitCode::FAILURE,
         Err(run::Failure::Config(error)) => {
-            tracing::error!("{error:#}");
+            // One line on stderr, whatever RUST_LOG says: the operator must see why it did not start.
             eprintln!("phoenix-mesh: {error:#}");
             ExitCode::from(EXIT_CONFIG)
         }
         Err(run::Failure::Runtime(error)) => {
-            tracing::error!("{error:#}");
             eprintln!("phoenix-mesh: {error:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Raises the open-file soft limit to the hard limit: each connection costs a descriptor (two on the
+/// listener: client and backend), and the default soft limit of 1024 is far below what systemd allows.
+fn raise_fd_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "open-file limit raised to the hard limit"),
+        Err(error) => tracing::warn!(%error, "could not raise the open-file limit; keeping the current one"),
     }
 }

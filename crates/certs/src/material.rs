@@ -137,6 +137,13 @@ impl Material {
                 }
             }
             Role::Client => {
+                // webpki would reject a serverAuth-only leaf as a chain error; say what it is.
+                if !leaf.client_auth {
+                    return Err(CertError::WrongUsage {
+                        path: files.cert.clone(),
+                        usage: "clientAuth",
+                    });
+                }
                 let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
                     roots.clone(),
                     provider.clone(),

@@ -47,6 +47,8 @@ struct ClientFile {
     reload_poll_interval: Option<ConfigDuration>,
     #[serde(default)]
     access_log: bool,
+    #[serde(default)]
+    max_connections: Option<usize>,
 }
 
 /// Validated client settings, with paths resolved against the config file.
@@ -84,6 +86,8 @@ pub struct ClientSettings {
     pub reload_poll_interval: Duration,
     /// Write one structured log line per request.
     pub access_log: bool,
+    /// Most connections served at once; more wait in the kernel's backlog.
+    pub max_connections: usize,
 }
 
 impl ClientSettings {
@@ -196,6 +200,11 @@ impl ClientSettings {
             drain_timeout: d(f.drain_timeout, 30),
             reload_poll_interval: d(f.reload_poll_interval, 10),
             access_log: f.access_log,
+            max_connections: match f.max_connections {
+                Some(0) => return Err(invalid("max_connections", "must be at least 1".into())),
+                Some(n) => n,
+                None => 10_000,
+            },
         })
     }
 }

@@ -206,6 +206,9 @@ impl Dialer {
         let mut tls = tls;
         if tls.get_ref().1.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3) {
             if let Err(e) = await_verdict(&mut tls, self.handshake_timeout).await {
+                let reason = rustls_error(&e).map_or("io", failure_reason);
+                self.metrics
+                    .handshake("failed", reason, "unknown", started.elapsed());
                 return Err(classify_handshake(&e, upstream, &self.server_name));
             }
         }

@@ -186,12 +186,13 @@ impl ClientSidecar {
         state.serving.store(true, Ordering::Relaxed);
         let conn_shutdown = shutdown.clone();
         let accept_state = state.clone();
-        accept_loop(self.listener, shutdown, move |stream, addr| {
+        accept_loop(self.listener, state.settings.max_connections, shutdown, move |stream, addr, slot| {
             let state = accept_state.clone();
             let shutdown = conn_shutdown.clone();
             let span = info_span!("conn", peer.addr = %addr, peer.id = field::Empty);
             tokio::spawn(
                 async move {
+                    let _slot = slot;
                     let _open = GaugeGuard::new(&state.metrics.open_connections);
                     let peer: Arc<str> = addr.to_string().into();
                     let service = {

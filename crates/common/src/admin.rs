@@ -34,9 +34,10 @@ pub async fn serve_admin(
     if let Ok(addr) = listener.local_addr() {
         info!(admin = %addr, "admin endpoint serving /healthz, /readyz, /metrics");
     }
-    accept_loop(listener, shutdown, move |stream, _| {
+    accept_loop(listener, 64, shutdown, move |stream, _, slot| {
         let state = state.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(route(&*state, &req).await) }

@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -12,7 +13,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tracing::{debug, warn};
 
 /// Limits for the HTTP side of a listener.
@@ -98,22 +99,49 @@ impl ShutdownWatch {
     }
 }
 
-/// Accepts on `listener` until shutdown, handing each connection to `on_conn`. Accept errors (out of
-/// file descriptors, say) are logged and backed off, never spun on and never fatal.
-pub async fn accept_loop<F>(listener: TcpListener, mut shutdown: ShutdownWatch, mut on_conn: F)
+/// A connection slot; the connection holds it until it closes.
+pub type Slot = tokio::sync::OwnedSemaphorePermit;
+
+/// Accepts on `listener` until shutdown, handing each connection to `on_conn` with its slot. At
+/// `max_connections` open it stops accepting until one closes (new connections wait in the kernel's
+/// backlog: back-pressure, not a crash). Accept errors (out of file descriptors, say) are logged and
+/// backed off, never spun on and never fatal.
+pub async fn accept_loop<F>(listener: TcpListener, max_connections: usize, mut shutdown: ShutdownWatch, mut on_conn: F)
 where
-    F: FnMut(TcpStream, SocketAddr),
+    F: FnMut(TcpStream, SocketAddr, Slot),
 {
+    let slots = Arc::new(Semaphore::new(max_connections.max(1)));
     let mut backoff = Duration::from_millis(5);
+    let mut warned_full = false;
     loop {
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                if !warned_full {
+                    warn!(max_connections, "connection limit reached; new connections wait until one closes");
+                    warned_full = true;
+                }
+                tokio::select! {
+                    biased;
+                    () = shutdown.wait() => break,
+                    slot = slots.clone().acquire_owned() => match slot {
+                        Ok(slot) => slot,
+                        Err(_) => break,
+                    },
+                }
+            }
+        };
         tokio::select! {
             biased;
             () = shutdown.wait() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     backoff = Duration::from_millis(5);
+                    if slots.available_permits() > 0 {
+                        warned_full = false;
+                    }
                     let _ = stream.set_nodelay(true);
-                    on_conn(stream, peer);
+                    on_conn(stream, peer, slot);
                 }
                 Err(error) if is_per_connection(&error) => {
                     debug!(%error, "accept: connection failed before it was accepted");

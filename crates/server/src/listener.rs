@@ -20,7 +20,7 @@ use phoenix_mesh_common::access::{AccessRecord, Logged};
 use phoenix_mesh_common::admin::{serve_admin, AdminState};
 use phoenix_mesh_common::config::ConfigError;
 use phoenix_mesh_common::metrics::{GaugeGuard, Metrics};
-use phoenix_mesh_common::serve::{accept_loop, http_builder, serve_http, ShutdownWatch};
+use phoenix_mesh_common::serve::{accept_loop, http_builder, serve_http, ShutdownWatch, Slot};
 use phoenix_mesh_common::ProxyBody;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
@@ -170,7 +170,7 @@ impl MeshListener {
         state.serving.store(true, Ordering::Relaxed);
         let conn_shutdown = shutdown.clone();
         let accept_state = state.clone();
-        accept_loop(self.listener, shutdown, move |stream, addr| {
+        accept_loop(self.listener, state.settings.max_connections, shutdown, move |stream, addr, slot| {
             let span = info_span!("conn", peer.addr = %addr, peer.id = field::Empty);
             tokio::spawn(
                 handle(
@@ -179,6 +179,7 @@ impl MeshListener {
                     addr,
                     listen,
                     conn_shutdown.clone(),
+                    slot,
                 )
                 .instrument(span),
             );
@@ -229,6 +230,7 @@ async fn handle(
     addr: SocketAddr,
     listen: SocketAddr,
     shutdown: ShutdownWatch,
+    _slot: Slot,
 ) {
     let _open = GaugeGuard::new(&state.metrics.open_connections);
     let handshake_timeout = state.settings.handshake_timeout;
