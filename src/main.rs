@@ -121,6 +121,8 @@ fn main() -> ExitCode {
 fn raise_fd_limit() {
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) => tracing::debug!(limit, "open-file limit raised to the hard limit"),
-        Err(error) => tracing::warn!(%error, "could not raise the open-file limit; keeping the current one"),
+        Err(error) => {
+            tracing::warn!(%error, "could not raise the open-file limit; keeping the current one")
+        }
     }
 }

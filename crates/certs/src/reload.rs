@@ -95,6 +95,8 @@ impl LiveTls for LiveServerTls {
 /// The client's live configuration; its session cache survives a reload that keeps the CA and CRLs.
 pub struct LiveClientTls {
     config: ArcSwap<ClientConfig>,
+    /// The same offering only HTTP/1.1, for requests that upgrade (WebSocket).
+    http1: ArcSwap<ClientConfig>,
     leaf: ArcSwap<PeerIdentity>,
     trust: Mutex<String>,
 }
@@ -102,8 +104,10 @@ pub struct LiveClientTls {
 impl LiveClientTls {
     /// The first configuration.
     pub fn new(material: &Material, options: &ClientTlsOptions) -> Result<Self, CertError> {
+        let config = build_client_config(material, options, None)?;
         Ok(LiveClientTls {
-            config: ArcSwap::new(build_client_config(material, options, None)?),
+            http1: ArcSwap::new(http1_only(&config)),
+            config: ArcSwap::new(config),
             leaf: ArcSwap::from_pointee(material.leaf.clone()),
             trust: Mutex::new(format!("{}|{:?}", material.trust_fingerprint, options)),
         })
@@ -113,6 +117,17 @@ impl LiveClientTls {
     pub fn current(&self) -> Arc<ClientConfig> {
         self.config.load_full()
     }
+
+    /// The configuration for connections that must speak HTTP/1.1 (protocol upgrades).
+    pub fn current_http1(&self) -> Arc<ClientConfig> {
+        self.http1.load_full()
+    }
+}
+
+fn http1_only(config: &Arc<ClientConfig>) -> Arc<ClientConfig> {
+    let mut http1 = ClientConfig::clone(config);
+    http1.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(http1)
 }
 
 impl LiveTls for LiveClientTls {
@@ -125,6 +140,7 @@ impl LiveTls for LiveClientTls {
         let keep = (policy == *trust).then(|| self.config.load().resumption.clone());
         let config = build_client_config(material, options, keep)?;
         *trust = policy;
+        self.http1.store(http1_only(&config));
         self.config.store(config);
         self.leaf.store(Arc::new(material.leaf.clone()));
         Ok(())

@@ -89,9 +89,9 @@ pub(crate) struct Dialer {
     warned_for: std::sync::Mutex<String>,
 }
 
-/// The connector the pooled HTTP client dials through.
+/// The connector the pooled HTTP client dials through; the flag makes it offer only HTTP/1.1.
 #[derive(Clone)]
-pub(crate) struct MeshConnector(Arc<Dialer>);
+pub(crate) struct MeshConnector(Arc<Dialer>, bool);
 
 impl MeshConnector {
     pub(crate) fn new(
@@ -102,17 +102,20 @@ impl MeshConnector {
         handshake_timeout: Duration,
         metrics: Arc<Metrics>,
     ) -> Self {
-        MeshConnector(Arc::new(Dialer {
-            upstreams,
-            server_name,
-            tls,
-            connect_timeout,
-            handshake_timeout,
-            next: AtomicUsize::new(0),
-            metrics,
-            listener_not_after: AtomicU64::new(0),
-            warned_for: std::sync::Mutex::new(String::new()),
-        }))
+        MeshConnector(
+            Arc::new(Dialer {
+                upstreams,
+                server_name,
+                tls,
+                connect_timeout,
+                handshake_timeout,
+                next: AtomicUsize::new(0),
+                metrics,
+                listener_not_after: AtomicU64::new(0),
+                warned_for: std::sync::Mutex::new(String::new()),
+            }),
+            false,
+        )
     }
 }
 
@@ -127,19 +130,20 @@ impl tower_service::Service<Uri> for MeshConnector {
 
     fn call(&mut self, _uri: Uri) -> Self::Future {
         let dialer = self.0.clone();
-        Box::pin(async move { dialer.dial().await.map(TokioIo::new) })
+        let http1_only = self.1;
+        Box::pin(async move { dialer.dial(http1_only).await.map(TokioIo::new) })
     }
 }
 
 impl Dialer {
     /// Tries each upstream once, starting from the next in round-robin order.
-    async fn dial(&self) -> Result<MeshStream, UpstreamError> {
+    async fn dial(&self, http1_only: bool) -> Result<MeshStream, UpstreamError> {
         let n = self.upstreams.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut failures: Vec<UpstreamError> = Vec::new();
         for i in 0..n {
             let upstream = &self.upstreams[(start + i) % n];
-            match self.dial_one(upstream).await {
+            match self.dial_one(upstream, http1_only).await {
                 Ok(stream) => {
                     self.count_dial(upstream, "ok");
                     return Ok(stream);
@@ -154,7 +158,11 @@ impl Dialer {
         Err(combine(failures))
     }
 
-    async fn dial_one(&self, upstream: &str) -> Result<MeshStream, UpstreamError> {
+    async fn dial_one(
+        &self,
+        upstream: &str,
+        http1_only: bool,
+    ) -> Result<MeshStream, UpstreamError> {
         let unreachable = |cause: String| {
             UpstreamError::new(
                 UpstreamErrorKind::Unreachable,
@@ -172,7 +180,11 @@ impl Dialer {
             }
         };
         let _ = tcp.set_nodelay(true);
-        let connector = TlsConnector::from(self.tls.current());
+        let connector = TlsConnector::from(if http1_only {
+            self.tls.current_http1()
+        } else {
+            self.tls.current()
+        });
         let started = Instant::now();
         let handshake = timeout(
             self.handshake_timeout,
@@ -244,7 +256,12 @@ impl Dialer {
 impl MeshConnector {
     /// Dials a mesh listener (TCP, mutual TLS) and hangs up: the readiness probe.
     pub(crate) async fn probe(&self) -> Result<(), UpstreamError> {
-        self.0.dial().await.map(drop)
+        self.0.dial(false).await.map(drop)
+    }
+
+    /// The same dialler offering only HTTP/1.1 through ALPN, for requests that upgrade.
+    pub(crate) fn http1_only(&self) -> Self {
+        MeshConnector(self.0.clone(), true)
     }
 
     /// Unix time the last seen listener certificate expires (0 before the first connection).

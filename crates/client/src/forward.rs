@@ -13,7 +13,8 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::{capture_connection, CaptureConnection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use phoenix_mesh_common::headers::remove_hop_by_hop;
+use phoenix_mesh_common::headers::{remove_hop_by_hop, restore_upgrade, upgrade_protocol};
+use phoenix_mesh_common::upgrade::splice;
 use phoenix_mesh_common::{mesh_error, ProxyBody, MESH_ERROR_HEADER};
 use tracing::info;
 
@@ -37,6 +38,9 @@ fn unix_now() -> u64 {
 
 pub(crate) struct Upstream {
     client: Client<MeshConnector, ProxyBody>,
+    /// HTTP/1.1-only connections for requests that upgrade (WebSocket): an upgrade cannot ride an
+    /// HTTP/2 stream, and an upgraded connection never returns to a pool.
+    upgrades: Client<MeshConnector, ProxyBody>,
     retire_until: AtomicU64,
     /// For messages: the configured listeners.
     upstreams: String,
@@ -50,6 +54,10 @@ impl Upstream {
         pool_idle: Duration,
         timeout: Duration,
     ) -> Self {
+        let upgrades = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(0)
+            .set_host(false)
+            .build(connector.http1_only());
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(pool_idle)
@@ -58,6 +66,7 @@ impl Upstream {
             .build(connector);
         Upstream {
             client,
+            upgrades,
             retire_until: AtomicU64::new(0),
             upstreams: upstreams.join(", "),
             timeout,
@@ -68,8 +77,11 @@ impl Upstream {
     /// who made the status (`backend`, `listener` or `sidecar`).
     pub(crate) async fn forward(
         &self,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
     ) -> (Response<ProxyBody>, &'static str) {
+        let upgrade =
+            upgrade_protocol(req.headers()).filter(|_| req.version() == http::Version::HTTP_11);
+        let downstream = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         // h2c from a client carries the host in :authority only.
         if !parts.headers.contains_key(HOST) {
@@ -80,6 +92,9 @@ impl Upstream {
             }
         }
         remove_hop_by_hop(&mut parts.headers);
+        if let Some(protocol) = upgrade {
+            restore_upgrade(&mut parts.headers, protocol);
+        }
         let mut uri = parts.uri.into_parts();
         uri.scheme = Some(Scheme::HTTPS);
         uri.authority = Some(Authority::from_static(POOL_AUTHORITY));
@@ -103,8 +118,19 @@ impl Upstream {
         let mut request = Request::from_parts(parts, Either::Left(body));
         let capture = self.retiring().then(|| capture_connection(&mut request));
 
-        match tokio::time::timeout(self.timeout, self.client.request(request)).await {
-            Ok(Ok(response)) => {
+        let client = if downstream.is_some() {
+            &self.upgrades
+        } else {
+            &self.client
+        };
+        match tokio::time::timeout(self.timeout, client.request(request)).await {
+            Ok(Ok(mut response)) => {
+                if let (Some(downstream), StatusCode::SWITCHING_PROTOCOLS) =
+                    (downstream, response.status())
+                {
+                    splice(downstream, hyper::upgrade::on(&mut response));
+                    return (response.map(Either::Left), "backend");
+                }
                 self.retire_if_expiring(&response, capture.as_ref());
                 let made_by = if response.headers().contains_key(MESH_ERROR_HEADER) {
                     "listener"

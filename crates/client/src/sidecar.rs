@@ -186,32 +186,40 @@ impl ClientSidecar {
         state.serving.store(true, Ordering::Relaxed);
         let conn_shutdown = shutdown.clone();
         let accept_state = state.clone();
-        accept_loop(self.listener, state.settings.max_connections, shutdown, move |stream, addr, slot| {
-            let state = accept_state.clone();
-            let shutdown = conn_shutdown.clone();
-            let span = info_span!("conn", peer.addr = %addr, peer.id = field::Empty);
-            tokio::spawn(
-                async move {
-                    let _slot = slot;
-                    let _open = GaugeGuard::new(&state.metrics.open_connections);
-                    let peer: Arc<str> = addr.to_string().into();
-                    let service = {
-                        let state = state.clone();
-                        service_fn(move |req| {
+        accept_loop(
+            self.listener,
+            state.settings.max_connections,
+            shutdown,
+            move |stream, addr, slot| {
+                let state = accept_state.clone();
+                let shutdown = conn_shutdown.clone();
+                let span = info_span!("conn", peer.addr = %addr, peer.id = field::Empty);
+                tokio::spawn(
+                    async move {
+                        let _slot = slot;
+                        let _open = GaugeGuard::new(&state.metrics.open_connections);
+                        let peer: Arc<str> = addr.to_string().into();
+                        let service = {
                             let state = state.clone();
-                            let peer = peer.clone();
-                            async move {
-                                Ok::<_, std::convert::Infallible>(state.request(req, peer).await)
-                            }
-                        })
-                    };
-                    if let Err(error) = serve_http(&state.http, stream, service, shutdown).await {
-                        debug!(%error, "connection ended with an error");
+                            service_fn(move |req| {
+                                let state = state.clone();
+                                let peer = peer.clone();
+                                async move {
+                                    Ok::<_, std::convert::Infallible>(
+                                        state.request(req, peer).await,
+                                    )
+                                }
+                            })
+                        };
+                        if let Err(error) = serve_http(&state.http, stream, service, shutdown).await
+                        {
+                            debug!(%error, "connection ended with an error");
+                        }
                     }
-                }
-                .instrument(span),
-            );
-        })
+                    .instrument(span),
+                );
+            },
+        )
         .await;
         state.serving.store(false, Ordering::Relaxed);
     }

@@ -37,6 +37,28 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove("proxy-connection");
 }
 
+/// The protocol an HTTP/1.1 request asks to switch to (`Upgrade: websocket` with `upgrade` named in
+/// `Connection`), if any.
+pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
+    let asks = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    if asks {
+        headers.get(header::UPGRADE).cloned()
+    } else {
+        None
+    }
+}
+
+/// Puts an upgrade back after [`remove_hop_by_hop`]: the one hop-by-hop exchange a proxy must pass on.
+pub fn restore_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, protocol);
+}
+
 /// Appends `peer` to `X-Forwarded-For`, folding earlier values into one comma-separated header.
 pub fn append_forwarded_for(headers: &mut HeaderMap, peer: IpAddr) {
     const XFF: &str = "x-forwarded-for";

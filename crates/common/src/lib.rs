@@ -11,5 +11,6 @@ pub mod headers;
 pub mod metrics;
 pub mod response;
 pub mod serve;
+pub mod upgrade;
 
 pub use response::{mesh_error, ProxyBody, MESH_ERROR_HEADER};

@@ -106,8 +106,12 @@ pub type Slot = tokio::sync::OwnedSemaphorePermit;
 /// `max_connections` open it stops accepting until one closes (new connections wait in the kernel's
 /// backlog: back-pressure, not a crash). Accept errors (out of file descriptors, say) are logged and
 /// backed off, never spun on and never fatal.
-pub async fn accept_loop<F>(listener: TcpListener, max_connections: usize, mut shutdown: ShutdownWatch, mut on_conn: F)
-where
+pub async fn accept_loop<F>(
+    listener: TcpListener,
+    max_connections: usize,
+    mut shutdown: ShutdownWatch,
+    mut on_conn: F,
+) where
     F: FnMut(TcpStream, SocketAddr, Slot),
 {
     let slots = Arc::new(Semaphore::new(max_connections.max(1)));
@@ -118,7 +122,10 @@ where
             Ok(slot) => slot,
             Err(_) => {
                 if !warned_full {
-                    warn!(max_connections, "connection limit reached; new connections wait until one closes");
+                    warn!(
+                        max_connections,
+                        "connection limit reached; new connections wait until one closes"
+                    );
                     warned_full = true;
                 }
                 tokio::select! {

@@ -13,7 +13,10 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use phoenix_mesh_common::headers::{append_forwarded_for, remove_hop_by_hop};
+use phoenix_mesh_common::headers::{
+    append_forwarded_for, remove_hop_by_hop, restore_upgrade, upgrade_protocol,
+};
+use phoenix_mesh_common::upgrade::splice;
 use phoenix_mesh_common::{mesh_error, ProxyBody};
 use tracing::info;
 
@@ -65,9 +68,11 @@ impl Backend {
     /// who made the status (`backend` or `sidecar`).
     pub(crate) async fn forward(
         &self,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         peer: &Peer,
     ) -> (Response<ProxyBody>, &'static str) {
+        let upgrade = upgrade_protocol(req.headers()).filter(|_| req.version() == Version::HTTP_11);
+        let downstream = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
 
         // HTTP/2 carries the host in :authority; Traefik routes on Host.
@@ -79,6 +84,9 @@ impl Backend {
             }
         }
         remove_hop_by_hop(&mut parts.headers);
+        if let Some(protocol) = upgrade {
+            restore_upgrade(&mut parts.headers, protocol);
+        }
         parts.headers.remove(XFCC);
         parts.headers.insert(XFCC, peer.xfcc.clone());
         append_forwarded_for(&mut parts.headers, peer.addr.ip());
@@ -107,7 +115,13 @@ impl Backend {
         let request = Request::from_parts(parts, Either::Left(body));
 
         match tokio::time::timeout(self.response_timeout, self.client.request(request)).await {
-            Ok(Ok(response)) => {
+            Ok(Ok(mut response)) => {
+                if let (Some(downstream), StatusCode::SWITCHING_PROTOCOLS) =
+                    (downstream, response.status())
+                {
+                    splice(downstream, hyper::upgrade::on(&mut response));
+                    return (response.map(Either::Left), "backend");
+                }
                 let (mut parts, body) = response.into_parts();
                 remove_hop_by_hop(&mut parts.headers);
                 (Response::from_parts(parts, Either::Left(body)), "backend")

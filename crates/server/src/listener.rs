@@ -170,20 +170,25 @@ impl MeshListener {
         state.serving.store(true, Ordering::Relaxed);
         let conn_shutdown = shutdown.clone();
         let accept_state = state.clone();
-        accept_loop(self.listener, state.settings.max_connections, shutdown, move |stream, addr, slot| {
-            let span = info_span!("conn", peer.addr = %addr, peer.id = field::Empty);
-            tokio::spawn(
-                handle(
-                    accept_state.clone(),
-                    stream,
-                    addr,
-                    listen,
-                    conn_shutdown.clone(),
-                    slot,
-                )
-                .instrument(span),
-            );
-        })
+        accept_loop(
+            self.listener,
+            state.settings.max_connections,
+            shutdown,
+            move |stream, addr, slot| {
+                let span = info_span!("conn", peer.addr = %addr, peer.id = field::Empty);
+                tokio::spawn(
+                    handle(
+                        accept_state.clone(),
+                        stream,
+                        addr,
+                        listen,
+                        conn_shutdown.clone(),
+                        slot,
+                    )
+                    .instrument(span),
+                );
+            },
+        )
         .await;
         state.serving.store(false, Ordering::Relaxed);
     }
