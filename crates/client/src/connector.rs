@@ -14,7 +14,7 @@ use http::{StatusCode, Uri};
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
 use phoenix_mesh_certs::{failure_reason, LiveClientTls, PeerIdentity};
-use phoenix_mesh_common::metrics::{GaugeGuard, Metrics, UpstreamLabels};
+use phoenix_mesh_common::metrics::{GaugeGuard, Metrics, UpstreamLabels, UpstreamName};
 use rustls::pki_types::ServerName;
 use rustls::AlertDescription;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -87,6 +87,26 @@ pub(crate) struct Dialer {
     /// Unix time the last seen listener certificate expires.
     pub listener_not_after: AtomicU64,
     warned_for: std::sync::Mutex<String>,
+    health: Vec<std::sync::Mutex<Health>>,
+}
+
+/// Consecutive failed dials that eject an upstream.
+const EJECT_AFTER_FAILURES: u32 = 3;
+/// First ejection; it doubles while the upstream keeps failing its probes, up to [`EJECT_MAX`].
+const EJECT_FIRST: Duration = Duration::from_secs(10);
+const EJECT_MAX: Duration = Duration::from_secs(120);
+
+#[derive(Debug, Default)]
+struct Health {
+    failures: u32,
+    ejected_until: Option<Instant>,
+    next_ban: Duration,
+}
+
+impl Health {
+    fn is_ejected(&self, now: Instant) -> bool {
+        self.ejected_until.is_some_and(|until| now < until)
+    }
 }
 
 /// The connector the pooled HTTP client dials through; the flag makes it offer only HTTP/1.1.
@@ -102,6 +122,10 @@ impl MeshConnector {
         handshake_timeout: Duration,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let health = upstreams
+            .iter()
+            .map(|_| std::sync::Mutex::default())
+            .collect();
         MeshConnector(
             Arc::new(Dialer {
                 upstreams,
@@ -113,6 +137,7 @@ impl MeshConnector {
                 metrics,
                 listener_not_after: AtomicU64::new(0),
                 warned_for: std::sync::Mutex::new(String::new()),
+                health,
             }),
             false,
         )
@@ -140,17 +165,30 @@ impl Dialer {
     async fn dial(&self, http1_only: bool) -> Result<MeshStream, UpstreamError> {
         let n = self.upstreams.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
+        // Healthy upstreams first, in round-robin order; ejected ones only as a last resort, so a
+        // request is not failed while an ejected listener may already be back.
+        let now = Instant::now();
+        let (mut order, ejected): (Vec<usize>, Vec<usize>) =
+            (0..n).map(|i| (start + i) % n).partition(|&i| {
+                !self.health[i]
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .is_ejected(now)
+            });
+        order.extend(ejected);
         let mut failures: Vec<UpstreamError> = Vec::new();
-        for i in 0..n {
-            let upstream = &self.upstreams[(start + i) % n];
+        for i in order {
+            let upstream = &self.upstreams[i];
             match self.dial_one(upstream, http1_only).await {
                 Ok(stream) => {
                     self.count_dial(upstream, "ok");
+                    self.record(i, true);
                     return Ok(stream);
                 }
                 Err(error) => {
                     self.count_dial(upstream, error.kind.code());
                     info!(upstream = %upstream, code = error.kind.code(), %error, "mesh listener connection failed");
+                    self.record(i, false);
                     failures.push(error);
                 }
             }
@@ -158,6 +196,36 @@ impl Dialer {
         Err(combine(failures))
     }
 
+    /// Passive health: consecutive failures eject an upstream for a while (doubling while it keeps
+    /// failing); the first dial after that is its probe, and a success returns it to rotation.
+    fn record(&self, i: usize, ok: bool) {
+        let mut health = self.health[i]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let upstream = &self.upstreams[i];
+        let labels = UpstreamName {
+            upstream: upstream.clone(),
+        };
+        if ok {
+            if health.ejected_until.is_some() {
+                info!(%upstream, "mesh listener answered its probe; back in rotation");
+            }
+            *health = Health::default();
+            self.metrics.upstream_healthy.get_or_create(&labels).set(1);
+            return;
+        }
+        health.failures += 1;
+        if health.failures >= EJECT_AFTER_FAILURES {
+            let ban = health.next_ban.max(EJECT_FIRST);
+            health.ejected_until = Some(Instant::now() + ban);
+            health.next_ban = (ban * 2).min(EJECT_MAX);
+            health.failures = 0;
+            self.metrics.upstream_healthy.get_or_create(&labels).set(0);
+            if self.upstreams.len() > 1 {
+                warn!(%upstream, ejected_for_s = ban.as_secs(), "mesh listener keeps failing; ejected from rotation");
+            }
+        }
+    }
     async fn dial_one(
         &self,
         upstream: &str,

@@ -54,6 +54,13 @@ pub struct UpstreamLabels {
     pub result: &'static str,
 }
 
+/// One upstream.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamName {
+    /// The upstream, as configured.
+    pub upstream: String,
+}
+
 /// Every metric of one process.
 #[derive(Debug)]
 pub struct Metrics {
@@ -72,6 +79,8 @@ pub struct Metrics {
     pub upstream_connections: Gauge,
     /// Upstream dials by upstream and result.
     pub upstream_dials: Family<UpstreamLabels, Counter>,
+    /// 1 while an upstream is in rotation, 0 while it is ejected for failing.
+    pub upstream_healthy: Family<UpstreamName, Gauge>,
     /// Not-after of our certificate and, on the client, the listener's, as Unix seconds.
     pub cert_not_after: Family<CertLabels, Gauge>,
     /// Certificate and config reloads by result.
@@ -124,6 +133,12 @@ impl Metrics {
             "Connections dialled to upstreams by result",
             upstream_dials.clone(),
         );
+        let upstream_healthy = Family::<UpstreamName, Gauge>::default();
+        registry.register(
+            "upstream_healthy",
+            "1 while an upstream is in rotation, 0 while it is ejected after repeated failures",
+            upstream_healthy.clone(),
+        );
         let cert_not_after = Family::<CertLabels, Gauge>::default();
         registry.register(
             "certificate_not_after_seconds",
@@ -145,6 +160,7 @@ impl Metrics {
             open_connections,
             upstream_connections,
             upstream_dials,
+            upstream_healthy,
             cert_not_after,
             reloads,
         }
