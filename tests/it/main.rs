@@ -10,6 +10,7 @@
 mod support;
 
 mod failures;
+mod hardening;
 mod nginx_e2e;
 mod refusals;
 mod roundtrip;
