@@ -8,10 +8,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
+mod support_ops;
 
 mod failures;
 mod hardening;
 mod nginx_e2e;
 mod refusals;
 mod roundtrip;
+mod rotation;
 mod startup;
