@@ -88,6 +88,7 @@ pub(crate) struct Dialer {
     pub listener_not_after: AtomicU64,
     warned_for: std::sync::Mutex<String>,
     health: Vec<std::sync::Mutex<Health>>,
+    expiries: Arc<LiveExpiries>,
 }
 
 /// Consecutive failed dials that eject an upstream.
@@ -138,6 +139,7 @@ impl MeshConnector {
                 listener_not_after: AtomicU64::new(0),
                 warned_for: std::sync::Mutex::new(String::new()),
                 health,
+                expiries: Arc::default(),
             }),
             false,
         )
@@ -312,8 +314,13 @@ impl Dialer {
             self.note_listener_certificate(upstream, peer);
         }
         debug!(%upstream, h2, "mesh link established");
+        let unix_expiry = expires
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
         Ok(MeshStream {
             _open: GaugeGuard::new(&self.metrics.upstream_connections),
+            _expiry: self.expiries.add(unix_expiry),
             tls,
             h2,
             expires: PeerCertExpiry(expires),
@@ -325,6 +332,11 @@ impl MeshConnector {
     /// Dials a mesh listener (TCP, mutual TLS) and hangs up: the readiness probe.
     pub(crate) async fn probe(&self) -> Result<(), UpstreamError> {
         self.0.dial(false).await.map(drop)
+    }
+
+    /// The earliest listener-certificate not-after among open connections (Unix seconds).
+    pub(crate) fn earliest_expiry(&self) -> u64 {
+        self.0.expiries.earliest()
     }
 
     /// The same dialler offering only HTTP/1.1 through ALPN, for requests that upgrade.
@@ -518,6 +530,64 @@ pub(crate) fn classify_handshake(
     }
 }
 
+/// Not-after times (Unix seconds) of the listener certificates behind the open connections, so the
+/// forwarder knows, with one atomic load per request, whether any connection is near its end.
+#[derive(Debug, Default)]
+pub(crate) struct LiveExpiries {
+    times: std::sync::Mutex<std::collections::BTreeMap<u64, usize>>,
+    earliest: AtomicU64,
+}
+
+impl LiveExpiries {
+    fn add(self: &Arc<Self>, at: u64) -> ExpiryGuard {
+        let mut times = self
+            .times
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *times.entry(at).or_default() += 1;
+        self.earliest.store(
+            times.keys().next().copied().unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        ExpiryGuard {
+            set: self.clone(),
+            at,
+        }
+    }
+
+    /// The earliest not-after among open connections (`u64::MAX` when there are none).
+    pub(crate) fn earliest(&self) -> u64 {
+        self.earliest.load(Ordering::Relaxed)
+    }
+}
+
+/// Removes its connection's not-after from [`LiveExpiries`] when the connection closes.
+#[derive(Debug)]
+pub(crate) struct ExpiryGuard {
+    set: Arc<LiveExpiries>,
+    at: u64,
+}
+
+impl Drop for ExpiryGuard {
+    fn drop(&mut self) {
+        let mut times = self
+            .set
+            .times
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = times.get_mut(&self.at) {
+            *n -= 1;
+            if *n == 0 {
+                times.remove(&self.at);
+            }
+        }
+        self.set.earliest.store(
+            times.keys().next().copied().unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+}
+
 /// When the listener certificate of a pooled connection expires; carried on every response so the
 /// forwarder can retire the connection before it outlives the certificate.
 #[derive(Debug, Clone, Copy)]
@@ -526,6 +596,7 @@ pub(crate) struct PeerCertExpiry(pub SystemTime);
 /// An established mTLS link, told to the pool as HTTP/2 when ALPN chose it.
 pub struct MeshStream {
     _open: GaugeGuard,
+    _expiry: ExpiryGuard,
     tls: TlsStream<TcpStream>,
     h2: bool,
     expires: PeerCertExpiry,

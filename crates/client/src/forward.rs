@@ -2,7 +2,6 @@
 
 use std::error::Error as StdError;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use http::header::{HeaderValue, HOST};
@@ -26,7 +25,8 @@ use crate::connector::{
 /// listener. Host itself travels untouched as a header.
 const POOL_AUTHORITY: &str = "phoenix-mesh";
 
-/// A pooled connection is retired this long before its listener certificate expires.
+/// A pooled connection is retired when it is used this long (plus the pool's idle timeout, the
+/// longest it can sit unused) before its listener certificate expires.
 const RETIRE_MARGIN: Duration = Duration::from_secs(30);
 
 fn unix_now() -> u64 {
@@ -41,7 +41,9 @@ pub(crate) struct Upstream {
     /// HTTP/1.1-only connections for requests that upgrade (WebSocket): an upgrade cannot ride an
     /// HTTP/2 stream, and an upgraded connection never returns to a pool.
     upgrades: Client<MeshConnector, ProxyBody>,
-    retire_until: AtomicU64,
+    connector: MeshConnector,
+    /// Retire connections whose listener certificate expires within this.
+    retire_margin: Duration,
     /// For messages: the configured listeners.
     upstreams: String,
     timeout: Duration,
@@ -54,6 +56,7 @@ impl Upstream {
         pool_idle: Duration,
         timeout: Duration,
     ) -> Self {
+        let connector_for_expiry = connector.clone();
         let upgrades = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(0)
             .set_host(false)
@@ -67,7 +70,8 @@ impl Upstream {
         Upstream {
             client,
             upgrades,
-            retire_until: AtomicU64::new(0),
+            connector: connector_for_expiry,
+            retire_margin: pool_idle + RETIRE_MARGIN,
             upstreams: upstreams.join(", "),
             timeout,
         }
@@ -156,28 +160,27 @@ impl Upstream {
         }
     }
 
-    /// Whether requests should capture their connection so that one whose listener certificate is
-    /// about to expire can be taken out of the pool.
+    /// Whether requests should capture their connection: only while some open connection's
+    /// listener certificate is within the retire margin of its expiry.
     fn retiring(&self) -> bool {
-        unix_now() < self.retire_until.load(Ordering::Relaxed)
+        unix_now() + self.retire_margin.as_secs() >= self.connector.earliest_expiry()
     }
 
     fn retire_if_expiring<B>(&self, response: &Response<B>, capture: Option<&CaptureConnection>) {
-        let Some(PeerCertExpiry(expires)) = response.extensions().get::<PeerCertExpiry>() else {
+        let (Some(capture), Some(PeerCertExpiry(expires))) =
+            (capture, response.extensions().get::<PeerCertExpiry>())
+        else {
             return;
         };
-        if *expires > SystemTime::now() + RETIRE_MARGIN {
+        if *expires > SystemTime::now() + self.retire_margin {
             return;
         }
-        // Keep capturing for a while: every pooled connection made before the listener's renewal
-        // needs retiring, and each is only seen when a request happens to use it.
-        self.retire_until
-            .store(unix_now() + 2 * RETIRE_MARGIN.as_secs(), Ordering::Relaxed);
-        if let Some(capture) = capture {
-            if let Some(connected) = capture.connection_metadata().as_ref() {
-                connected.poison();
-                info!("retired a pooled mesh connection whose listener certificate expires within 30 s");
-            }
+        if let Some(connected) = capture.connection_metadata().as_ref() {
+            connected.poison();
+            info!(
+                expires_in_s = expires.duration_since(SystemTime::now()).unwrap_or_default().as_secs(),
+                "retired a pooled mesh connection: its listener certificate expires soon; new connections get the renewed one"
+            );
         }
     }
 
