@@ -10,6 +10,7 @@
 mod support;
 mod support_ops;
 
+mod expiry;
 mod failures;
 mod hardening;
 mod nginx_e2e;

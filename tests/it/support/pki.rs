@@ -106,6 +106,13 @@ impl TestPki {
         self.ours.issue(&spec).unwrap()
     }
 
+    /// A listener certificate that expires `left` from now (issued an hour ago).
+    pub fn listener_cert_expiring_in(&self, left: Duration) -> Leaf {
+        let mut spec = listener_spec();
+        spec.not_after = SystemTime::now() + left;
+        self.ours.issue(&spec).unwrap()
+    }
+
     /// A listener certificate valid only from tomorrow (for start-up checks).
     pub fn not_yet_valid_listener_cert(&self) -> Leaf {
         let mut spec = listener_spec();

@@ -1,0 +1,89 @@
+//! The client keeps mesh connections warm, but never past the listener certificate they were opened
+//! with: a connection whose listener certificate is near its end is retired from the pool.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::support::http::{get, send_h1};
+use crate::support::mesh::{toml_str, Mesh};
+
+/// A TCP relay in front of the listener that counts the connections the client opens.
+struct CountingRelay {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+}
+
+impl CountingRelay {
+    async fn start() -> (CountingRelay, tokio::sync::oneshot::Sender<SocketAddr>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (target_tx, target_rx) = tokio::sync::oneshot::channel::<SocketAddr>();
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            let Ok(target) = target_rx.await else { return };
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        (CountingRelay { addr, accepted }, target_tx)
+    }
+}
+
+async fn mesh_through_relay(listener_cert_left: Option<Duration>) -> (Mesh, CountingRelay) {
+    let (relay, target) = CountingRelay::start().await;
+    let relay_addr = relay.addr;
+    let mesh = Mesh::start_with(|setup| {
+        if let Some(left) = listener_cert_left {
+            setup.listener_leaf = setup.pki.listener_cert_expiring_in(left);
+        }
+        setup
+            .client
+            .set("upstreams", format!("[{}]", toml_str(&relay_addr.to_string())))
+            .set("upstream_http2", "false");
+    })
+    .await;
+    target.send(mesh.listener_addr).unwrap();
+    (mesh, relay)
+}
+
+async fn sequential_requests(mesh: &Mesh, n: usize) {
+    for i in 0..n {
+        let reply = send_h1(mesh.client_addr, get(&format!("/seq/{i}"))).await;
+        assert_eq!(reply.status, 200, "request {i}: {}", reply.body);
+        assert_eq!(reply.mesh_error(), None);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reuses_pooled_connections_to_a_long_lived_listener_certificate() {
+    let (mesh, relay) = mesh_through_relay(None).await;
+    sequential_requests(&mesh, 6).await;
+    assert_eq!(
+        relay.accepted.load(Ordering::SeqCst),
+        1,
+        "six sequential requests should share one pooled mesh connection"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retires_connections_whose_listener_certificate_is_about_to_expire() {
+    // Valid for 100 s more: inside pool_idle_timeout (90 s) + 30 s of its end, so no connection may
+    // stay pooled; each request after the first finds its connection retired and dials afresh.
+    let (mesh, relay) = mesh_through_relay(Some(Duration::from_secs(100))).await;
+    sequential_requests(&mesh, 6).await;
+    let opened = relay.accepted.load(Ordering::SeqCst);
+    assert!(
+        opened >= 5,
+        "connections near the listener certificate's expiry must not be reused; {opened} opened for 6 requests"
+    );
+}
