@@ -14,6 +14,7 @@ mod expiry;
 mod failures;
 mod hardening;
 mod nginx_e2e;
+mod operations;
 mod refusals;
 mod roundtrip;
 mod rotation;

@@ -63,8 +63,14 @@ pub struct OpsPki {
 
 impl OpsPki {
     pub fn new() -> Self {
+        Self::named("Phoenix Ops Test")
+    }
+
+    /// A PKI whose root and intermediate are `<name> Root CA` / `<name> Intermediate CA`. Two PKIs
+    /// with the same name look like one CA with the wrong keys (bad signature, not unknown CA).
+    pub fn named(name: &str) -> Self {
         OpsPki {
-            ca: Pki::new("Phoenix Ops Test").unwrap(),
+            ca: Pki::new(name).unwrap(),
         }
     }
 
@@ -362,11 +368,9 @@ pub struct InProc {
     pub listener_addr: SocketAddr,
     pub client_addr: SocketAddr,
     pub listener_admin: Option<SocketAddr>,
-    pub client_admin: Option<SocketAddr>,
     pub listener_reloader: Arc<Reloader<LiveServerTls>>,
     pub client_reloader: Arc<Reloader<LiveClientTls>>,
     pub listener_sighup: phoenix_mesh_server::SettingsReload,
-    pub client_sighup: phoenix_mesh_client::SettingsReload,
     pub server: TomlConfig,
     pub listener_leaf: Leaf,
     pub client_leaf: Leaf,
@@ -441,9 +445,7 @@ impl InProc {
             .await
             .unwrap();
         let client_addr = sidecar.local_addr().unwrap();
-        let client_admin = sidecar.admin_addr();
         let client_reloader = sidecar.reloader();
-        let client_sighup = sidecar.settings_reload();
         let (s2, w2) = Shutdown::new();
         let t2 = tokio::spawn(sidecar.serve(w2));
 
@@ -454,11 +456,9 @@ impl InProc {
             listener_addr,
             client_addr,
             listener_admin,
-            client_admin,
             listener_reloader,
             client_reloader,
             listener_sighup,
-            client_sighup,
             server,
             listener_leaf,
             client_leaf,
