@@ -68,7 +68,7 @@ fn report(report: phoenix_mesh_common::check::Report) -> Result<(), Failure> {
 
 pub async fn client(config: &Path) -> Result<(), Failure> {
     let settings = ClientSettings::load(config).map_err(|e| Failure::Config(e.into()))?;
-    let drain = settings.drain_timeout;
+    let drain = settings.shared.drain_timeout;
     let sidecar = ClientSidecar::bind(settings).await.map_err(|e| match e {
         phoenix_mesh_client::ClientError::Bind { .. } => Failure::Runtime(e.into()),
         other => Failure::Config(other.into()),
@@ -86,7 +86,7 @@ pub async fn client(config: &Path) -> Result<(), Failure> {
 
 pub async fn server(config: &Path) -> Result<(), Failure> {
     let settings = ServerSettings::load(config).map_err(|e| Failure::Config(e.into()))?;
-    let drain = settings.drain_timeout;
+    let drain = settings.shared.drain_timeout;
     let listener = MeshListener::bind(settings).await.map_err(|e| match e {
         phoenix_mesh_server::ServerError::Bind { .. } => Failure::Runtime(e.into()),
         other => Failure::Config(other.into()),

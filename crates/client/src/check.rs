@@ -8,10 +8,9 @@ use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use phoenix_mesh_certs::{
-    client_config, error_chain, human, ClientTlsOptions, Material, PeerIdentity, Role,
-};
+use phoenix_mesh_certs::{client_config, error_chain, human, Material, PeerIdentity, Role};
 use phoenix_mesh_common::check::Report;
+use phoenix_mesh_common::sidecar::SideSettings;
 use phoenix_mesh_common::MESH_ERROR_HEADER;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
@@ -42,7 +41,7 @@ pub async fn check(settings: &ClientSettings, request: &CheckRequest) -> Report 
             settings.listen, settings.upstreams, settings.server_name
         ),
     );
-    let material = match Material::load(&settings.tls, Role::Client) {
+    let material = match Material::load(&settings.shared.tls, Role::Client) {
         Ok(m) => m,
         Err(error) => {
             report.fail("our certificate", error_chain(&error), error.hint());
@@ -59,10 +58,7 @@ pub async fn check(settings: &ClientSettings, request: &CheckRequest) -> Report 
             "is the step-ca renewal timer running?",
         );
     }
-    let options = ClientTlsOptions {
-        min_version: settings.min_tls_version,
-        http2: settings.upstream_http2,
-    };
+    let options = settings.tls_options();
     let config = match client_config(&material, &options) {
         Ok(c) => c,
         Err(error) => {
@@ -143,7 +139,7 @@ async fn check_upstream(
         }
     };
     let tls = match timeout(
-        settings.handshake_timeout,
+        settings.shared.handshake_timeout,
         connector.connect(server_name.clone(), tcp),
     )
     .await
@@ -169,7 +165,7 @@ async fn check_upstream(
                 format!("upstream {upstream}: mutual TLS"),
                 format!(
                     "handshake did not finish within {:?}",
-                    settings.handshake_timeout
+                    settings.shared.handshake_timeout
                 ),
                 "is this the mesh listener's TLS port?",
             );

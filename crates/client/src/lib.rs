@@ -7,11 +7,11 @@ mod check;
 mod config;
 mod connector;
 mod forward;
-mod reload;
 mod sidecar;
 
 pub use check::{check, CheckRequest};
 pub use config::ClientSettings;
 pub use connector::{UpstreamError, UpstreamErrorKind};
-pub use reload::SettingsReload;
+/// SIGHUP: re-reads the config file and applies what can change live.
+pub type SettingsReload = phoenix_mesh_common::sidecar::SettingsReload<ClientSettings>;
 pub use sidecar::{ClientError, ClientSidecar};

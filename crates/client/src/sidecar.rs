@@ -4,7 +4,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use http::header::HOST;
 use http::{Request, Response};
@@ -12,18 +12,20 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
-use phoenix_mesh_certs::{
-    error_chain, CertError, ClientTlsOptions, LiveClientTls, LiveTls, Material, Reloader, Role,
-};
+use phoenix_mesh_certs::{error_chain, CertError, LiveClientTls, Material, Reloader, Role};
 use phoenix_mesh_common::access::{AccessRecord, Logged};
-use phoenix_mesh_common::admin::{serve_admin, AdminState};
+use phoenix_mesh_common::admin::AdminState;
 use phoenix_mesh_common::config::ConfigError;
 use phoenix_mesh_common::metrics::{GaugeGuard, Metrics};
 use phoenix_mesh_common::serve::{accept_loop, http_builder, serve_http, ShutdownWatch};
+use phoenix_mesh_common::sidecar::{
+    bind_admin, log_certificate, own_certificate_ready, refresh_tls_metrics, spawn_background,
+    SideSettings,
+};
 use phoenix_mesh_common::ProxyBody;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpListener;
-use tracing::{debug, field, info, info_span, warn, Instrument};
+use tracing::{debug, field, info, info_span, Instrument};
 
 use crate::connector::MeshConnector;
 use crate::forward::Upstream;
@@ -79,14 +81,15 @@ impl std::fmt::Debug for ClientSidecar {
 impl ClientSidecar {
     /// Loads and checks the TLS material, then binds. Nothing is served until [`ClientSidecar::serve`].
     pub async fn bind(settings: ClientSettings) -> Result<Self, ClientError> {
-        let material = Material::load(&settings.tls, Role::Client)?;
-        let options = ClientTlsOptions {
-            min_version: settings.min_tls_version,
-            http2: settings.upstream_http2,
-        };
+        let material = Material::load(&settings.shared.tls, Role::Client)?;
+        let options = settings.tls_options();
         let live = Arc::new(LiveClientTls::new(&material, &options)?);
-        let reloader = Arc::new(Reloader::new(live.clone(), settings.tls.clone(), options));
-        log_certificate(&material);
+        let reloader = Arc::new(Reloader::new(
+            live.clone(),
+            settings.shared.tls.clone(),
+            options,
+        ));
+        log_certificate(&material, "client sidecar");
         let server_name = ServerName::try_from(settings.server_name.clone()).map_err(|e| {
             ConfigError::Invalid {
                 path: settings.path.clone(),
@@ -100,7 +103,7 @@ impl ClientSidecar {
             server_name,
             live,
             settings.connect_timeout,
-            settings.handshake_timeout,
+            settings.shared.handshake_timeout,
             metrics.clone(),
         );
         let upstream = Upstream::new(
@@ -116,15 +119,10 @@ impl ClientSidecar {
                     addr: settings.listen,
                     source,
                 })?;
-        let admin = match settings.admin_listen {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| ClientError::BindAdmin { addr, source })?,
-            ),
-            None => None,
-        };
-        let http = http_builder(&settings.http);
+        let admin = bind_admin(settings.shared.admin_listen)
+            .await
+            .map_err(|(addr, source)| ClientError::BindAdmin { addr, source })?;
+        let http = http_builder(&settings.shared.http);
         Ok(ClientSidecar {
             listener,
             admin,
@@ -170,25 +168,16 @@ impl ClientSidecar {
             server_name = %state.settings.server_name,
             "client sidecar accepting plain HTTP"
         );
-        let mut stop = shutdown.clone();
-        tokio::spawn(
-            state
-                .reloader
-                .clone()
-                .watch_files(state.settings.reload_poll_interval, async move {
-                    stop.wait().await
-                }),
-        );
-        if let Some(admin) = self.admin {
-            let admin_state: Arc<dyn AdminState> = state.clone();
-            tokio::spawn(serve_admin(admin, admin_state, shutdown.clone()));
-        }
+        let admin = self
+            .admin
+            .map(|listener| (listener, state.clone() as Arc<dyn AdminState>));
+        spawn_background(&state.reloader, &state.settings.shared, admin, &shutdown);
         state.serving.store(true, Ordering::Relaxed);
         let conn_shutdown = shutdown.clone();
         let accept_state = state.clone();
         accept_loop(
             self.listener,
-            state.settings.max_connections,
+            state.settings.shared.max_connections,
             shutdown,
             move |stream, addr, slot| {
                 let state = accept_state.clone();
@@ -228,7 +217,7 @@ impl ClientSidecar {
 impl State {
     async fn request(&self, req: Request<Incoming>, peer: Arc<str>) -> Response<Logged<ProxyBody>> {
         let start = Instant::now();
-        let access = self.settings.access_log.then(|| {
+        let access = self.settings.shared.access_log.then(|| {
             (
                 req.method().clone(),
                 req.headers()
@@ -271,48 +260,21 @@ impl AdminState for State {
             if !self.serving.load(Ordering::Relaxed) {
                 return Err("the client sidecar is not accepting connections".into());
             }
-            let leaf = self.reloader.live().leaf();
-            if leaf.remaining(SystemTime::now()).is_zero() {
-                return Err(format!("our certificate ({}) has expired", leaf.subject));
-            }
-            match self.connector.probe().await {
-                Ok(()) => Ok(format!(
-                    "listening on {}; a mesh listener answered mutual TLS; certificate valid for {} s",
-                    self.settings.listen,
-                    leaf.remaining(SystemTime::now()).as_secs()
-                )),
-                Err(error) => Err(error_chain(&error)),
-            }
+            let left = own_certificate_ready(&self.reloader)?;
+            self.connector.probe().await.map_err(|e| error_chain(&e))?;
+            Ok(format!(
+                "listening on {}; a mesh listener answered mutual TLS; our certificate is valid for {left} s",
+                self.settings.listen
+            ))
         })
     }
 
     fn metrics(&self) -> String {
-        let leaf = self.reloader.live().leaf();
-        let own = leaf
-            .not_after
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default();
-        self.metrics.set_not_after("own", own.as_secs());
+        refresh_tls_metrics(&self.metrics, &self.reloader);
         let peer = self.connector.listener_not_after();
         if peer > 0 {
             self.metrics.set_not_after("peer", peer);
         }
-        let stats = &self.reloader.stats;
-        self.metrics.sync_reloads(&stats.succeeded, &stats.failed);
         self.metrics.encode()
-    }
-}
-
-fn log_certificate(material: &Material) {
-    let leaf = &material.leaf;
-    let left = leaf.remaining(SystemTime::now());
-    info!(
-        cert = %material.files.cert.display(),
-        subject = %leaf.subject,
-        expires_in_s = left.as_secs(),
-        "client certificate loaded"
-    );
-    if left < leaf.lifetime() / 3 {
-        warn!(cert = %material.files.cert.display(), expires_in_s = left.as_secs(), "client certificate has less than a third of its lifetime left; is renewal running?");
     }
 }

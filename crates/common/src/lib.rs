@@ -1,7 +1,7 @@
 //! What both phoenix-mesh sidecars share: reading the TOML config, the HTTP header rules of a proxy
 //! hop, the error responses the sidecars make themselves, and the accept-and-serve loop with graceful
-//! shutdown. It knows nothing about TLS (that is `phoenix-mesh-certs`) nor about either side's
-//! forwarding logic.
+//! shutdown, the admin endpoint and metrics, `--check` reports, and reloading a side's settings. TLS
+//! itself is `phoenix-mesh-certs`; neither side's forwarding logic is here.
 
 pub mod access;
 pub mod admin;
@@ -11,6 +11,8 @@ pub mod headers;
 pub mod metrics;
 pub mod response;
 pub mod serve;
+pub mod settings;
+pub mod sidecar;
 pub mod upgrade;
 
 pub use response::{mesh_error, ProxyBody, MESH_ERROR_HEADER};

@@ -31,7 +31,7 @@ pub async fn check(settings: &ServerSettings, host: &str, path: &str) -> Report 
             }
         ),
     );
-    match Material::load(&settings.tls, Role::Server) {
+    match Material::load(&settings.shared.tls, Role::Server) {
         Ok(material) => {
             for (what, detail) in material.describe(SystemTime::now()) {
                 report.ok(what, detail);

@@ -8,9 +8,9 @@ mod config;
 mod forward;
 mod listener;
 mod plaintext;
-mod reload;
 
 pub use check::check;
 pub use config::{ServerFile, ServerSettings};
 pub use listener::{MeshListener, ServerError};
-pub use reload::SettingsReload;
+/// SIGHUP: re-reads the config file and applies what can change live.
+pub type SettingsReload = phoenix_mesh_common::sidecar::SettingsReload<ServerSettings>;

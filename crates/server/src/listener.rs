@@ -4,7 +4,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use http::header::HOST;
 use http::{HeaderValue, Request, Response};
@@ -13,14 +13,17 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use phoenix_mesh_certs::{
-    failure_reason, CertError, LiveServerTls, LiveTls, Material, PeerIdentity, Reloader, Role,
-    ServerTlsOptions,
+    failure_reason, CertError, LiveServerTls, Material, PeerIdentity, Reloader, Role,
 };
 use phoenix_mesh_common::access::{AccessRecord, Logged};
-use phoenix_mesh_common::admin::{serve_admin, AdminState};
+use phoenix_mesh_common::admin::AdminState;
 use phoenix_mesh_common::config::ConfigError;
 use phoenix_mesh_common::metrics::{GaugeGuard, Metrics};
 use phoenix_mesh_common::serve::{accept_loop, http_builder, serve_http, ShutdownWatch, Slot};
+use phoenix_mesh_common::sidecar::{
+    bind_admin, log_certificate, own_certificate_ready, refresh_tls_metrics, spawn_background,
+    SideSettings,
+};
 use phoenix_mesh_common::ProxyBody;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
@@ -80,14 +83,11 @@ impl std::fmt::Debug for MeshListener {
 impl MeshListener {
     /// Loads and checks the TLS material, then binds. Nothing is served until [`MeshListener::serve`].
     pub async fn bind(settings: ServerSettings) -> Result<Self, ServerError> {
-        let material = Material::load(&settings.tls, Role::Server)?;
-        let options = ServerTlsOptions {
-            allowed_peers: settings.allowed_peers.clone(),
-            min_version: settings.min_tls_version,
-        };
+        let material = Material::load(&settings.shared.tls, Role::Server)?;
+        let options = settings.tls_options();
         let live = Arc::new(LiveServerTls::new(&material, &options)?);
-        let reloader = Arc::new(Reloader::new(live, settings.tls.clone(), options));
-        log_certificate(&material);
+        let reloader = Arc::new(Reloader::new(live, settings.shared.tls.clone(), options));
+        log_certificate(&material, "mesh listener");
         let listener =
             TcpListener::bind(settings.listen)
                 .await
@@ -95,20 +95,15 @@ impl MeshListener {
                     addr: settings.listen,
                     source,
                 })?;
-        let admin = match settings.admin_listen {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| ServerError::BindAdmin { addr, source })?,
-            ),
-            None => None,
-        };
+        let admin = bind_admin(settings.shared.admin_listen)
+            .await
+            .map_err(|(addr, source)| ServerError::BindAdmin { addr, source })?;
         let backend = Backend::new(
             settings.backend,
             settings.backend_connect_timeout,
             settings.backend_timeout,
         );
-        let http = http_builder(&settings.http);
+        let http = http_builder(&settings.shared.http);
         Ok(MeshListener {
             listener,
             admin,
@@ -154,25 +149,16 @@ impl MeshListener {
             allowed_peers = ?state.settings.allowed_peers,
             "mesh listener accepting mutual TLS"
         );
-        let mut stop = shutdown.clone();
-        tokio::spawn(
-            state
-                .reloader
-                .clone()
-                .watch_files(state.settings.reload_poll_interval, async move {
-                    stop.wait().await
-                }),
-        );
-        if let Some(admin) = self.admin {
-            let admin_state: Arc<dyn AdminState> = state.clone();
-            tokio::spawn(serve_admin(admin, admin_state, shutdown.clone()));
-        }
+        let admin = self
+            .admin
+            .map(|listener| (listener, state.clone() as Arc<dyn AdminState>));
+        spawn_background(&state.reloader, &state.settings.shared, admin, &shutdown);
         state.serving.store(true, Ordering::Relaxed);
         let conn_shutdown = shutdown.clone();
         let accept_state = state.clone();
         accept_loop(
             self.listener,
-            state.settings.max_connections,
+            state.settings.shared.max_connections,
             shutdown,
             move |stream, addr, slot| {
                 let span = info_span!("conn", peer.addr = %addr, peer.id = field::Empty);
@@ -203,28 +189,16 @@ impl AdminState for State {
             if !self.serving.load(Ordering::Relaxed) {
                 return Err("the mesh listener is not accepting connections".into());
             }
-            let leaf = self.reloader.live().leaf();
-            if leaf.remaining(SystemTime::now()).is_zero() {
-                return Err(format!("our certificate ({}) has expired", leaf.subject));
-            }
+            let left = own_certificate_ready(&self.reloader)?;
             Ok(format!(
-                "listening on {}; certificate {} valid for {} s",
-                self.settings.listen,
-                leaf.subject,
-                leaf.remaining(SystemTime::now()).as_secs()
+                "listening on {}; our certificate is valid for {left} s",
+                self.settings.listen
             ))
         })
     }
 
     fn metrics(&self) -> String {
-        let leaf = self.reloader.live().leaf();
-        let not_after = leaf
-            .not_after
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default();
-        self.metrics.set_not_after("own", not_after.as_secs());
-        let stats = &self.reloader.stats;
-        self.metrics.sync_reloads(&stats.succeeded, &stats.failed);
+        refresh_tls_metrics(&self.metrics, &self.reloader);
         self.metrics.encode()
     }
 }
@@ -238,7 +212,7 @@ async fn handle(
     _slot: Slot,
 ) {
     let _open = GaugeGuard::new(&state.metrics.open_connections);
-    let handshake_timeout = state.settings.handshake_timeout;
+    let handshake_timeout = state.settings.shared.handshake_timeout;
     let started = Instant::now();
     let failed = |reason: &'static str| {
         state
@@ -355,7 +329,7 @@ async fn handle(
 impl State {
     async fn request(&self, req: Request<Incoming>, peer: &Peer) -> Response<Logged<ProxyBody>> {
         let start = Instant::now();
-        let access = self.settings.access_log.then(|| {
+        let access = self.settings.shared.access_log.then(|| {
             (
                 req.method().clone(),
                 req.headers()
@@ -386,20 +360,5 @@ impl State {
             })
         });
         response.map(|body| Logged::new(body, record))
-    }
-}
-
-fn log_certificate(material: &Material) {
-    let leaf = &material.leaf;
-    let left = leaf.remaining(SystemTime::now());
-    info!(
-        cert = %material.files.cert.display(),
-        subject = %leaf.subject,
-        dns = ?leaf.dns,
-        expires_in_s = left.as_secs(),
-        "listener certificate loaded"
-    );
-    if left < leaf.lifetime() / 3 {
-        warn!(cert = %material.files.cert.display(), expires_in_s = left.as_secs(), "listener certificate has less than a third of its lifetime left; is renewal running?");
     }
 }

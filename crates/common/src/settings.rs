@@ -1,0 +1,206 @@
+//! The config keys both sides share (TLS files, admin endpoint, limits, timeouts) and the split of a
+//! config file into those and a side's own keys. Each part denies unknown keys, so a typo is an error.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use phoenix_mesh_certs::{TlsFiles, TlsVersion};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::config::{resolve, ConfigDuration, ConfigError};
+use crate::serve::HttpOptions;
+
+/// The shared keys, as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SharedFile {
+    cert: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
+    #[serde(default)]
+    crls: Vec<PathBuf>,
+    #[serde(default)]
+    admin_listen: Option<String>,
+    #[serde(default)]
+    min_tls_version: Option<String>,
+    #[serde(default)]
+    handshake_timeout: Option<ConfigDuration>,
+    #[serde(default)]
+    header_read_timeout: Option<ConfigDuration>,
+    #[serde(default)]
+    max_header_bytes: Option<usize>,
+    #[serde(default)]
+    max_connections: Option<usize>,
+    #[serde(default)]
+    drain_timeout: Option<ConfigDuration>,
+    #[serde(default)]
+    reload_poll_interval: Option<ConfigDuration>,
+    #[serde(default)]
+    access_log: bool,
+}
+
+const SHARED_KEYS: [&str; 13] = [
+    "cert",
+    "key",
+    "ca",
+    "crls",
+    "admin_listen",
+    "min_tls_version",
+    "handshake_timeout",
+    "header_read_timeout",
+    "max_header_bytes",
+    "max_connections",
+    "drain_timeout",
+    "reload_poll_interval",
+    "access_log",
+];
+
+/// Validated shared settings.
+#[derive(Debug, Clone)]
+pub struct SharedSettings {
+    /// Certificate, key, CA and CRL files, resolved against the config file.
+    pub tls: TlsFiles,
+    /// Loopback address of the admin endpoint.
+    pub admin_listen: Option<SocketAddr>,
+    /// Lowest TLS version.
+    pub min_tls_version: TlsVersion,
+    /// Longest a TLS handshake may take.
+    pub handshake_timeout: Duration,
+    /// HTTP limits for the requests this side receives.
+    pub http: HttpOptions,
+    /// Most connections served at once; more wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// How long shutdown waits for requests in flight.
+    pub drain_timeout: Duration,
+    /// How often the certificate, key, CA and CRL files are checked for changes.
+    pub reload_poll_interval: Duration,
+    /// Write one structured log line per request.
+    pub access_log: bool,
+}
+
+/// Reads `path` and splits it into the shared settings and the side's own keys `T`.
+pub fn read_config<T: DeserializeOwned>(path: &Path) -> Result<(SharedSettings, T), ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let parse_error = |e: toml::de::Error| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string().trim_end().replace('\n', " "),
+    };
+    let mut side: toml::Table = toml::from_str(&text).map_err(parse_error)?;
+    let mut shared = toml::Table::new();
+    for key in SHARED_KEYS {
+        if let Some(value) = side.remove(key) {
+            shared.insert(key.to_owned(), value);
+        }
+    }
+    let shared: SharedFile = shared.try_into().map_err(parse_error)?;
+    let side: T = side.try_into().map_err(parse_error)?;
+    Ok((SharedSettings::validate(path, shared)?, side))
+}
+
+/// A `Config::Invalid` for `key` in `path`.
+pub fn invalid(path: &Path, key: &'static str, message: String) -> ConfigError {
+    ConfigError::Invalid {
+        path: path.to_owned(),
+        key,
+        message,
+    }
+}
+
+/// Parses an `ip:port` address for `key`.
+pub fn socket_addr(path: &Path, key: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value
+        .parse()
+        .map_err(|_| invalid(path, key, format!("{value:?} is not an ip:port address")))
+}
+
+/// A configured duration or its default in seconds.
+pub fn or_secs(value: Option<ConfigDuration>, default: u64) -> Duration {
+    value.map_or(Duration::from_secs(default), |d| d.0)
+}
+
+impl SharedSettings {
+    fn validate(path: &Path, f: SharedFile) -> Result<Self, ConfigError> {
+        let admin_listen = match f.admin_listen {
+            None => None,
+            Some(a) => {
+                let addr = socket_addr(path, "admin_listen", &a)?;
+                if !addr.ip().is_loopback() {
+                    return Err(invalid(
+                        path,
+                        "admin_listen",
+                        format!("{addr} is not a loopback address"),
+                    ));
+                }
+                Some(addr)
+            }
+        };
+        let min_tls_version = f
+            .min_tls_version
+            .as_deref()
+            .map_or(Ok(TlsVersion::default()), str::parse)
+            .map_err(|m| invalid(path, "min_tls_version", m))?;
+        let max_header_bytes = f.max_header_bytes.unwrap_or(64 * 1024);
+        if max_header_bytes < 8192 {
+            return Err(invalid(
+                path,
+                "max_header_bytes",
+                format!("{max_header_bytes} is below the 8192-byte minimum"),
+            ));
+        }
+        let max_connections = match f.max_connections {
+            Some(0) => {
+                return Err(invalid(
+                    path,
+                    "max_connections",
+                    "must be at least 1".into(),
+                ))
+            }
+            Some(n) => n,
+            None => 10_000,
+        };
+        Ok(SharedSettings {
+            tls: TlsFiles {
+                cert: resolve(path, &f.cert),
+                key: resolve(path, &f.key),
+                ca: resolve(path, &f.ca),
+                crls: f.crls.iter().map(|c| resolve(path, c)).collect(),
+            },
+            admin_listen,
+            min_tls_version,
+            handshake_timeout: or_secs(f.handshake_timeout, 10),
+            http: HttpOptions {
+                header_read_timeout: or_secs(f.header_read_timeout, 30),
+                max_header_bytes,
+                ..HttpOptions::default()
+            },
+            max_connections,
+            drain_timeout: or_secs(f.drain_timeout, 30),
+            reload_poll_interval: or_secs(f.reload_poll_interval, 10),
+            access_log: f.access_log,
+        })
+    }
+
+    /// The keys that change only at restart, with their values, for comparing across a reload.
+    pub fn restart_only(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("admin_listen", format!("{:?}", self.admin_listen)),
+            ("handshake_timeout", format!("{:?}", self.handshake_timeout)),
+            (
+                "header_read_timeout / max_header_bytes",
+                format!("{:?}", self.http),
+            ),
+            ("max_connections", self.max_connections.to_string()),
+            ("drain_timeout", format!("{:?}", self.drain_timeout)),
+            (
+                "reload_poll_interval",
+                format!("{:?}", self.reload_poll_interval),
+            ),
+            ("access_log", self.access_log.to_string()),
+        ]
+    }
+}
