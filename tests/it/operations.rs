@@ -492,7 +492,7 @@ async fn check_reports_a_rejected_listener_certificate_and_the_wrong_name() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: crates/client/src/check.rs check_upstream/send: over ALPN h2 the listener's post-handshake certificate refusal is reported as 'request failed: operation was canceled: connection closed' (hint: see the listener's log) instead of 'refused our client certificate'"]
+#[ignore = "bug: crates/client/src/check.rs send(): the listener's post-handshake TLS alert (TLS 1.3 refuses a client cert after the client finished) ends hyper's spawned conn task, so send_request only says 'operation was canceled: connection closed' (h2) / 'connection was not ready' (http/1.1); the check prints 'request failed' + 'see the listener's log' instead of 'refused our client certificate'"]
 async fn check_reports_our_certificate_refused_by_the_listener() {
     let mesh = InProc::start(|s| {
         s.server.set(
@@ -516,6 +516,28 @@ async fn check_reports_our_certificate_refused_by_the_listener() {
         "{out}"
     );
     assert!(mesh.backend.seen().is_empty());
+}
+
+/// The same refusal with HTTP/1.1 on the mesh link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "bug: crates/client/src/check.rs send(): the listener's post-handshake TLS alert (TLS 1.3 refuses a client cert after the client finished) ends hyper's spawned conn task, so send_request only says 'operation was canceled: connection closed' (h2) / 'connection was not ready' (http/1.1); the check prints 'request failed' + 'see the listener's log' instead of 'refused our client certificate'"]
+async fn check_reports_our_certificate_refused_by_the_listener_over_http1() {
+    let mesh = InProc::start(|s| {
+        s.server.set(
+            "allowed_peers",
+            format!("[{}]", toml_str("somebody-else.internal.thinkheads.ai")),
+        );
+    })
+    .await;
+    let mut config = client_toml(mesh.listener_addr);
+    config.set("upstream_http2", "false");
+    let (code, out) = check(&mesh, "client", "c.toml", &config, &[]).await;
+    assert_eq!(code, Some(1), "{out}");
+    let fails = fail_lines(&out);
+    assert!(
+        fails.len() == 1 && fails[0].contains("refused our client certificate"),
+        "{out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -364,10 +364,29 @@ async fn botched_renewal_and_sighup_leave_the_binary_running_on_the_old_certific
 // ---------------------------------------------------------------------------------------------
 // Revocation and allowed_peers
 
+/// What both sides' `ca` file holds in a CRL test.
+#[derive(Clone, Copy)]
+enum Anchor {
+    /// Our root (the step-ca shape): the CRL comes from the intermediate, so the intermediate's own
+    /// status is not covered by any CRL.
+    Root,
+    /// Our intermediate: every certificate checked for revocation is covered by its CRL.
+    Intermediate,
+}
+
+impl Anchor {
+    fn install(self, s: &mut crate::support_ops::InProcSetup<'_>) {
+        if let Anchor::Intermediate = self {
+            std::fs::write(s.dir.join("ca.crt"), s.pki.ca.intermediate_pem()).unwrap();
+        }
+    }
+}
+
 /// A mesh whose listener checks `crls = ["revoked.crl"]`, at first an empty CRL from our intermediate.
 /// Reloads happen only when the test asks (SIGHUP handler), unless `poll` is set.
-async fn mesh_with_listener_crl(poll: bool) -> InProc {
+async fn mesh_with_listener_crl(poll: bool, anchor: Anchor) -> InProc {
     InProc::start(|s| {
+        anchor.install(s);
         std::fs::write(s.dir.join("revoked.crl"), s.pki.crl(&[])).unwrap();
         s.server
             .set("crls", format!("[{}]", toml_str("revoked.crl")))
@@ -379,7 +398,18 @@ async fn mesh_with_listener_crl(poll: bool) -> InProc {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "bug: crates/certs/src/tls.rs build_server_config/build_client_config keep rustls' default RevocationCheckDepth::Chain + UnknownStatusPolicy::Deny, so with an intermediate-issued CRL (step-ca shape) the intermediate's status is unknown and every certificate is refused (UnknownRevocationStatus)"]
 async fn crl_refuses_a_revoked_client_on_a_full_handshake() {
-    let mesh = mesh_with_listener_crl(false).await;
+    crl_refuses_a_revoked_client_on_a_full_handshake_with(Anchor::Root).await;
+}
+
+/// The same with our intermediate as the trust anchor, where an intermediate-issued CRL is all
+/// revocation needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crl_refuses_a_revoked_client_on_a_full_handshake_intermediate_anchor() {
+    crl_refuses_a_revoked_client_on_a_full_handshake_with(Anchor::Intermediate).await;
+}
+
+async fn crl_refuses_a_revoked_client_on_a_full_handshake_with(anchor: Anchor) {
+    let mesh = mesh_with_listener_crl(false, anchor).await;
     let gateway = mesh.client_leaf.clone();
     let (status, kind) = tls_get(mesh.listener_addr, mesh.tls_config(&gateway))
         .await
@@ -403,7 +433,18 @@ async fn crl_refuses_a_revoked_client_on_a_full_handshake() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "bug: crates/certs/src/tls.rs build_server_config/build_client_config keep rustls' default RevocationCheckDepth::Chain + UnknownStatusPolicy::Deny, so with an intermediate-issued CRL (step-ca shape) the intermediate's status is unknown and every certificate is refused (UnknownRevocationStatus)"]
 async fn crl_in_der_form_refuses_a_revoked_client() {
-    let mesh = mesh_with_listener_crl(false).await;
+    crl_in_der_form_refuses_a_revoked_client_with(Anchor::Root).await;
+}
+
+/// The same with our intermediate as the trust anchor, where an intermediate-issued CRL is all
+/// revocation needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crl_in_der_form_refuses_a_revoked_client_intermediate_anchor() {
+    crl_in_der_form_refuses_a_revoked_client_with(Anchor::Intermediate).await;
+}
+
+async fn crl_in_der_form_refuses_a_revoked_client_with(anchor: Anchor) {
+    let mesh = mesh_with_listener_crl(false, anchor).await;
     let gateway = mesh.client_leaf.clone();
     let pem = mesh.pki.crl(&[gateway.serial]);
     let der = CertificateRevocationListDer::from_pem_slice(pem.as_bytes()).unwrap();
@@ -416,8 +457,21 @@ async fn crl_in_der_form_refuses_a_revoked_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "bug: crates/certs/src/tls.rs build_server_config/build_client_config keep rustls' default RevocationCheckDepth::Chain + UnknownStatusPolicy::Deny, so with an intermediate-issued CRL (step-ca shape) the intermediate's status is unknown and every certificate is refused (UnknownRevocationStatus)"]
 async fn crl_refuses_a_newly_revoked_client_that_offers_an_old_session_ticket() {
+    crl_refuses_a_newly_revoked_client_that_offers_an_old_session_ticket_with(Anchor::Root).await;
+}
+
+/// The same with our intermediate as the trust anchor, where an intermediate-issued CRL is all
+/// revocation needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crl_refuses_a_newly_revoked_client_that_offers_an_old_session_ticket_intermediate_anchor()
+{
+    crl_refuses_a_newly_revoked_client_that_offers_an_old_session_ticket_with(Anchor::Intermediate)
+        .await;
+}
+
+async fn crl_refuses_a_newly_revoked_client_that_offers_an_old_session_ticket_with(anchor: Anchor) {
     // The CRL is picked up by polling, like a certificate.
-    let mesh = mesh_with_listener_crl(true).await;
+    let mesh = mesh_with_listener_crl(true, anchor).await;
     let gateway = mesh.client_leaf.clone();
     // One config throughout, so its session store offers the ticket from the first connection.
     let resuming = mesh.tls_config(&gateway);
@@ -510,7 +564,28 @@ async fn peer_removed_from_allowed_peers_is_refused_after_reload_even_when_resum
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "bug: crates/certs/src/tls.rs build_server_config/build_client_config keep rustls' default RevocationCheckDepth::Chain + UnknownStatusPolicy::Deny, so with an intermediate-issued CRL (step-ca shape) the intermediate's status is unknown and every certificate is refused (UnknownRevocationStatus)"]
 async fn client_crl_revoking_the_listener_certificate_answers_502_upstream_cert_invalid() {
+    client_crl_revoking_the_listener_certificate_answers_502_upstream_cert_invalid_with(
+        Anchor::Root,
+    )
+    .await;
+}
+
+/// The same with our intermediate as the trust anchor, where an intermediate-issued CRL is all
+/// revocation needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_crl_revoking_the_listener_certificate_answers_502_upstream_cert_invalid_intermediate_anchor(
+) {
+    client_crl_revoking_the_listener_certificate_answers_502_upstream_cert_invalid_with(
+        Anchor::Intermediate,
+    )
+    .await;
+}
+
+async fn client_crl_revoking_the_listener_certificate_answers_502_upstream_cert_invalid_with(
+    anchor: Anchor,
+) {
     let mesh = InProc::start(|s| {
+        anchor.install(s);
         let revoked = s.pki.listener();
         crate::support::pki::write_leaf(s.dir, "listener", &revoked);
         std::fs::write(s.dir.join("listener.crl"), s.pki.crl(&[revoked.serial])).unwrap();
@@ -532,7 +607,19 @@ async fn client_crl_revoking_the_listener_certificate_answers_502_upstream_cert_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "bug: crates/certs/src/tls.rs build_server_config/build_client_config keep rustls' default RevocationCheckDepth::Chain + UnknownStatusPolicy::Deny, so with an intermediate-issued CRL (step-ca shape) the intermediate's status is unknown and every certificate is refused (UnknownRevocationStatus)"]
 async fn client_crl_not_naming_the_listener_lets_requests_through() {
+    client_crl_not_naming_the_listener_lets_requests_through_with(Anchor::Root).await;
+}
+
+/// The same with our intermediate as the trust anchor, where an intermediate-issued CRL is all
+/// revocation needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_crl_not_naming_the_listener_lets_requests_through_intermediate_anchor() {
+    client_crl_not_naming_the_listener_lets_requests_through_with(Anchor::Intermediate).await;
+}
+
+async fn client_crl_not_naming_the_listener_lets_requests_through_with(anchor: Anchor) {
     let mesh = InProc::start(|s| {
+        anchor.install(s);
         let unrelated = s.pki.listener();
         std::fs::write(s.dir.join("listener.crl"), s.pki.crl(&[unrelated.serial])).unwrap();
         s.client
