@@ -492,7 +492,6 @@ async fn check_reports_a_rejected_listener_certificate_and_the_wrong_name() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: crates/client/src/check.rs send(): the listener's post-handshake TLS alert (TLS 1.3 refuses a client cert after the client finished) ends hyper's spawned conn task, so send_request only says 'operation was canceled: connection closed' (h2) / 'connection was not ready' (http/1.1); the check prints 'request failed' + 'see the listener's log' instead of 'refused our client certificate'"]
 async fn check_reports_our_certificate_refused_by_the_listener() {
     let mesh = InProc::start(|s| {
         s.server.set(
@@ -520,7 +519,6 @@ async fn check_reports_our_certificate_refused_by_the_listener() {
 
 /// The same refusal with HTTP/1.1 on the mesh link.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: crates/client/src/check.rs send(): the listener's post-handshake TLS alert (TLS 1.3 refuses a client cert after the client finished) ends hyper's spawned conn task, so send_request only says 'operation was canceled: connection closed' (h2) / 'connection was not ready' (http/1.1); the check prints 'request failed' + 'see the listener's log' instead of 'refused our client certificate'"]
 async fn check_reports_our_certificate_refused_by_the_listener_over_http1() {
     let mesh = InProc::start(|s| {
         s.server.set(

@@ -396,7 +396,6 @@ async fn mesh_with_listener_crl(poll: bool, anchor: Anchor) -> InProc {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: crates/certs/src/tls.rs build_server_config/build_client_config keep rustls' default RevocationCheckDepth::Chain + UnknownStatusPolicy::Deny, so with an intermediate-issued CRL (step-ca shape) the intermediate's status is unknown and every certificate is refused (UnknownRevocationStatus)"]
 async fn crl_refuses_a_revoked_client_on_a_full_handshake() {
     crl_refuses_a_revoked_client_on_a_full_handshake_with(Anchor::Root).await;
 }
@@ -431,7 +430,6 @@ async fn crl_refuses_a_revoked_client_on_a_full_handshake_with(anchor: Anchor) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: crates/certs/src/tls.rs build_server_config/build_client_config keep rustls' default RevocationCheckDepth::Chain + UnknownStatusPolicy::Deny, so with an intermediate-issued CRL (step-ca shape) the intermediate's status is unknown and every certificate is refused (UnknownRevocationStatus)"]
 async fn crl_in_der_form_refuses_a_revoked_client() {
     crl_in_der_form_refuses_a_revoked_client_with(Anchor::Root).await;
 }
@@ -455,7 +453,6 @@ async fn crl_in_der_form_refuses_a_revoked_client_with(anchor: Anchor) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: crates/certs/src/tls.rs build_server_config/build_client_config keep rustls' default RevocationCheckDepth::Chain + UnknownStatusPolicy::Deny, so with an intermediate-issued CRL (step-ca shape) the intermediate's status is unknown and every certificate is refused (UnknownRevocationStatus)"]
 async fn crl_refuses_a_newly_revoked_client_that_offers_an_old_session_ticket() {
     crl_refuses_a_newly_revoked_client_that_offers_an_old_session_ticket_with(Anchor::Root).await;
 }
@@ -562,7 +559,6 @@ async fn peer_removed_from_allowed_peers_is_refused_after_reload_even_when_resum
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: crates/certs/src/tls.rs build_server_config/build_client_config keep rustls' default RevocationCheckDepth::Chain + UnknownStatusPolicy::Deny, so with an intermediate-issued CRL (step-ca shape) the intermediate's status is unknown and every certificate is refused (UnknownRevocationStatus)"]
 async fn client_crl_revoking_the_listener_certificate_answers_502_upstream_cert_invalid() {
     client_crl_revoking_the_listener_certificate_answers_502_upstream_cert_invalid_with(
         Anchor::Root,
@@ -605,7 +601,6 @@ async fn client_crl_revoking_the_listener_certificate_answers_502_upstream_cert_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: crates/certs/src/tls.rs build_server_config/build_client_config keep rustls' default RevocationCheckDepth::Chain + UnknownStatusPolicy::Deny, so with an intermediate-issued CRL (step-ca shape) the intermediate's status is unknown and every certificate is refused (UnknownRevocationStatus)"]
 async fn client_crl_not_naming_the_listener_lets_requests_through() {
     client_crl_not_naming_the_listener_lets_requests_through_with(Anchor::Root).await;
 }

@@ -108,6 +108,10 @@ pub(crate) fn build_server_config(
     let inner =
         WebPkiClientVerifier::builder_with_provider(material.roots.clone(), provider.clone())
             .with_crls(material.crls.iter().cloned())
+            // step-ca's CRL comes from the intermediate and covers leaves; nobody publishes one for
+            // the intermediate itself, so checking the whole chain would refuse every certificate.
+            // A leaf whose issuer has no CRL among `crls` is still refused (unknown status).
+            .only_check_end_entity_revocation()
             .build()
             .map_err(|e| CertError::Tls(rustls::Error::General(format!("client verifier: {e}"))))?;
     let verifier = Arc::new(PeerPolicy {
@@ -144,6 +148,10 @@ pub(crate) fn build_client_config(
     let verifier =
         WebPkiServerVerifier::builder_with_provider(material.roots.clone(), provider.clone())
             .with_crls(material.crls.iter().cloned())
+            // step-ca's CRL comes from the intermediate and covers leaves; nobody publishes one for
+            // the intermediate itself, so checking the whole chain would refuse every certificate.
+            // A leaf whose issuer has no CRL among `crls` is still refused (unknown status).
+            .only_check_end_entity_revocation()
             .build()
             .map_err(|e| CertError::Tls(rustls::Error::General(format!("server verifier: {e}"))))?;
     let mut config = ClientConfig::builder_with_provider(provider)

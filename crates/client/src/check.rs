@@ -18,7 +18,7 @@ use tokio::time::timeout;
 use tokio_rustls::TlsConnector;
 
 use crate::connector::{
-    classify_handshake, client_cert_alert, client_cert_refused, UpstreamErrorKind,
+    await_verdict, classify_handshake, client_cert_alert, client_cert_refused, UpstreamErrorKind,
 };
 use crate::ClientSettings;
 
@@ -138,12 +138,15 @@ async fn check_upstream(
             return;
         }
     };
-    let tls = match timeout(
-        settings.shared.handshake_timeout,
-        connector.connect(server_name.clone(), tcp),
-    )
-    .await
-    {
+    let handshake = async {
+        let mut tls = connector.connect(server_name.clone(), tcp).await?;
+        // TLS 1.3: the listener judges our certificate after our side is done; wait for its verdict.
+        if tls.get_ref().1.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3) {
+            await_verdict(&mut tls, settings.shared.handshake_timeout).await?;
+        }
+        Ok::<_, std::io::Error>(tls)
+    };
+    let tls = match timeout(settings.shared.handshake_timeout, handshake).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(error)) => {
             let classified = classify_handshake(&error, upstream, server_name);

@@ -391,7 +391,10 @@ impl Dialer {
 /// Feeds what the listener sent right after the handshake to rustls, leaving any plaintext for the
 /// HTTP layer, and fails with the alert if the listener refused us. A listener that sends nothing
 /// within `limit` is left to be judged by the first request.
-async fn await_verdict(tls: &mut TlsStream<TcpStream>, limit: Duration) -> io::Result<()> {
+pub(crate) async fn await_verdict(
+    tls: &mut TlsStream<TcpStream>,
+    limit: Duration,
+) -> io::Result<()> {
     struct TryRead<'a>(&'a TcpStream);
     impl io::Read for TryRead<'_> {
         fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
