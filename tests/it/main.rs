@@ -18,4 +18,5 @@ mod operations;
 mod refusals;
 mod roundtrip;
 mod rotation;
+mod soak;
 mod startup;
