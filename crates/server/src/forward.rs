@@ -1,8 +1,10 @@
 //! One request from a verified peer to Traefik: identity header set, hop-by-hop headers dropped,
 //! Host untouched, the response passed back as it came.
 
+use std::collections::HashMap;
 use std::error::Error as StdError;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use http::header::{HeaderValue, HOST};
@@ -13,6 +15,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use phoenix_mesh_certs::PeerIdentity;
 use phoenix_mesh_common::headers::{
     append_forwarded_for, remove_hop_by_hop, restore_upgrade, upgrade_protocol,
 };
@@ -27,9 +30,44 @@ pub(crate) const XFCC: &str = "x-forwarded-client-cert";
 #[derive(Debug, Clone)]
 pub(crate) struct Peer {
     pub addr: SocketAddr,
+    pub id: Arc<PeerId>,
+}
+
+/// What the listener derives from a verified client certificate.
+#[derive(Debug)]
+pub(crate) struct PeerId {
+    /// The `X-Forwarded-Client-Cert` value.
     pub xfcc: HeaderValue,
     /// Short identity for logs.
-    pub name: std::sync::Arc<str>,
+    pub name: Arc<str>,
+}
+
+/// Verified client certificates seen recently, so a connection (above all a resumed one, which does
+/// no certificate work at all) does not parse the same certificate and hash it again.
+#[derive(Debug, Default)]
+pub(crate) struct PeerIds(Mutex<HashMap<Box<[u8]>, Arc<PeerId>>>);
+
+impl PeerIds {
+    /// Few gateways talk to one listener; a bigger set means churn, and starting over is fine.
+    const CAPACITY: usize = 256;
+
+    pub(crate) fn get(&self, der: &[u8]) -> Result<Arc<PeerId>, String> {
+        let mut ids = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(id) = ids.get(der) {
+            return Ok(id.clone());
+        }
+        let identity = PeerIdentity::from_der(der).map_err(|e| e.to_string())?;
+        let xfcc = HeaderValue::from_str(&identity.xfcc()).map_err(|e| e.to_string())?;
+        let id = Arc::new(PeerId {
+            xfcc,
+            name: identity.name().into(),
+        });
+        if ids.len() >= Self::CAPACITY {
+            ids.clear();
+        }
+        ids.insert(der.into(), id.clone());
+        Ok(id)
+    }
 }
 
 /// The pooled HTTP/1.1 client to Traefik.
@@ -88,7 +126,7 @@ impl Backend {
             restore_upgrade(&mut parts.headers, protocol);
         }
         parts.headers.remove(XFCC);
-        parts.headers.insert(XFCC, peer.xfcc.clone());
+        parts.headers.insert(XFCC, peer.id.xfcc.clone());
         append_forwarded_for(&mut parts.headers, peer.addr.ip());
 
         let mut uri = parts.uri.into_parts();

@@ -7,14 +7,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http::header::HOST;
-use http::{HeaderValue, Request, Response};
+use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
-use phoenix_mesh_certs::{
-    failure_reason, CertError, LiveServerTls, Material, PeerIdentity, Reloader, Role,
-};
+use phoenix_mesh_certs::{failure_reason, CertError, LiveServerTls, Material, Reloader, Role};
 use phoenix_mesh_common::access::{AccessRecord, Logged};
 use phoenix_mesh_common::admin::AdminState;
 use phoenix_mesh_common::config::ConfigError;
@@ -30,7 +28,7 @@ use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, field, info, info_span, warn, Instrument};
 
-use crate::forward::{Backend, Peer};
+use crate::forward::{Backend, Peer, PeerIds};
 use crate::plaintext::{refuse_plain_http, sniff, FirstByte};
 use crate::ServerSettings;
 
@@ -61,6 +59,7 @@ struct State {
     backend: Backend,
     http: auto::Builder<TokioExecutor>,
     metrics: Metrics,
+    peer_ids: PeerIds,
     serving: AtomicBool,
     upstream_label: Arc<str>,
 }
@@ -114,6 +113,7 @@ impl MeshListener {
                 backend,
                 http,
                 metrics: Metrics::new(),
+                peer_ids: PeerIds::default(),
                 serving: AtomicBool::new(false),
             }),
         })
@@ -281,10 +281,10 @@ async fn handle(
         failed("no-certificate");
         return;
     };
-    let identity = match PeerIdentity::from_der(leaf) {
+    let id = match state.peer_ids.get(leaf) {
         Ok(id) => id,
         Err(error) => {
-            info!(%error, "client certificate unparseable after handshake; closing");
+            info!(%error, "client certificate cannot be carried in X-Forwarded-Client-Cert; closing");
             failed("bad-certificate");
             return;
         }
@@ -295,24 +295,13 @@ async fn handle(
         if resumed { "resumed" } else { "full" },
         started.elapsed(),
     );
-    tracing::Span::current().record("peer.id", identity.name());
+    tracing::Span::current().record("peer.id", &*id.name);
     debug!(
         resumed,
         alpn = ?conn.alpn_protocol().map(String::from_utf8_lossy),
         "mutual TLS established"
     );
-    let xfcc = match HeaderValue::from_str(&identity.xfcc()) {
-        Ok(v) => v,
-        Err(error) => {
-            info!(%error, "client identity cannot be carried in a header; closing");
-            return;
-        }
-    };
-    let peer = Arc::new(Peer {
-        addr,
-        xfcc,
-        name: identity.name().into(),
-    });
+    let peer = Arc::new(Peer { addr, id });
     let service = {
         let state = state.clone();
         service_fn(move |req| {
@@ -355,7 +344,7 @@ impl State {
                 path,
                 status: response.status(),
                 made_by,
-                peer: peer.name.clone(),
+                peer: peer.id.name.clone(),
                 upstream: self.upstream_label.clone(),
             })
         });
