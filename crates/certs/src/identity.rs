@@ -135,7 +135,7 @@ impl PeerIdentity {
 
 /// Values that contain XFCC's separators are quoted, as Envoy does.
 fn push_value(out: &mut String, value: &str) {
-    if value.contains([',', ';', '=', '"']) {
+    if value.contains([',', ';', '=', '"']) || value.chars().any(|c| c.is_ascii_control()) {
         out.push('"');
         escape_quoted(out, value);
         out.push('"');
@@ -146,6 +146,11 @@ fn push_value(out: &mut String, value: &str) {
 
 fn escape_quoted(out: &mut String, value: &str) {
     for c in value.chars() {
+        if c.is_ascii_control() {
+            // Not allowed in a header value: RFC 4514's \XX hex form keeps it readable and lossless.
+            let _ = write!(out, "\\{:02X}", c as u32);
+            continue;
+        }
         if c == '"' || c == '\\' {
             out.push('\\');
         }
@@ -180,6 +185,10 @@ fn rfc4514(name: &X509Name<'_>, registry: &OidRegistry<'_>) -> String {
                     for (k, c) in value.chars().enumerate() {
                         let edge = (k == 0 && (c == ' ' || c == '#'))
                             || (k + 1 == value.chars().count() && c == ' ');
+                        if c.is_ascii_control() {
+                            let _ = write!(out, "\\{:02X}", c as u32);
+                            continue;
+                        }
                         if edge || matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';' | '=') {
                             out.push('\\');
                         }

@@ -19,12 +19,12 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 /// non-standard `Keep-Alive` and `Proxy-Connection`.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     if headers.contains_key(header::CONNECTION) {
+        // Split the raw bytes: one non-ASCII byte in the value must not let the named headers through.
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim_ascii()).ok())
             .collect();
         for name in named {
             headers.remove(name);
@@ -100,6 +100,19 @@ mod tests {
         assert_eq!(h.len(), 2, "{h:?}");
         assert!(h.contains_key(header::HOST));
         assert!(h.contains_key("x-forwarded-proto"));
+    }
+
+    #[test]
+    fn strips_connection_named_headers_despite_non_ascii_bytes() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_bytes(b"x-secret, \xd0")
+                .unwrap_or(HeaderValue::from_static("x-secret")),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        remove_hop_by_hop(&mut h);
+        assert!(!h.contains_key("x-secret"), "{h:?}");
     }
 
     #[test]
