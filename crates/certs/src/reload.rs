@@ -99,6 +99,7 @@ pub struct LiveClientTls {
     http1: ArcSwap<ClientConfig>,
     leaf: ArcSwap<PeerIdentity>,
     trust: Mutex<String>,
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl LiveClientTls {
@@ -110,12 +111,19 @@ impl LiveClientTls {
             config: ArcSwap::new(config),
             leaf: ArcSwap::from_pointee(material.leaf.clone()),
             trust: Mutex::new(format!("{}|{:?}", material.trust_fingerprint, options)),
+            generation: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
     /// The configuration new connections use.
     pub fn current(&self) -> Arc<ClientConfig> {
         self.config.load_full()
+    }
+
+    /// Goes up by one with every installed configuration: connections made under an older one carry
+    /// the previous client certificate (or trust) and are retired from the pool.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// The configuration for connections that must speak HTTP/1.1 (protocol upgrades).
@@ -143,6 +151,7 @@ impl LiveTls for LiveClientTls {
         self.http1.store(http1_only(&config));
         self.config.store(config);
         self.leaf.store(Arc::new(material.leaf.clone()));
+        self.generation.fetch_add(1, Ordering::Release);
         Ok(())
     }
 

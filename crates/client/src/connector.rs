@@ -2,6 +2,7 @@
 //! why, in words an operator can act on. Upstreams are tried round-robin; a refused connection or a
 //! failed handshake moves on to the next one (no request bytes have been sent yet).
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -88,7 +89,7 @@ pub(crate) struct Dialer {
     pub listener_not_after: AtomicU64,
     warned_for: std::sync::Mutex<String>,
     health: Vec<std::sync::Mutex<Health>>,
-    expiries: Arc<LiveExpiries>,
+    live: Arc<LiveConns>,
 }
 
 /// Consecutive failed dials that eject an upstream.
@@ -139,7 +140,7 @@ impl MeshConnector {
                 listener_not_after: AtomicU64::new(0),
                 warned_for: std::sync::Mutex::new(String::new()),
                 health,
-                expiries: Arc::default(),
+                live: Arc::default(),
             }),
             false,
         )
@@ -250,6 +251,8 @@ impl Dialer {
             }
         };
         let _ = tcp.set_nodelay(true);
+        // Read before the config: a reload in between marks this connection stale, never the reverse.
+        let generation = self.tls.generation();
         let connector = TlsConnector::from(if http1_only {
             self.tls.current_http1()
         } else {
@@ -314,16 +317,14 @@ impl Dialer {
             self.note_listener_certificate(upstream, peer);
         }
         debug!(%upstream, h2, "mesh link established");
-        let unix_expiry = expires
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
         Ok(MeshStream {
             _open: GaugeGuard::new(&self.metrics.upstream_connections),
-            _expiry: self.expiries.add(unix_expiry),
+            live: self.live.add(ConnInfo {
+                expires,
+                generation,
+            }),
             tls,
             h2,
-            expires: PeerCertExpiry(expires),
         })
     }
 }
@@ -334,9 +335,14 @@ impl MeshConnector {
         self.0.dial(false).await.map(drop)
     }
 
-    /// The earliest listener-certificate not-after among open connections (Unix seconds).
-    pub(crate) fn earliest_expiry(&self) -> u64 {
-        self.0.expiries.earliest()
+    /// What the open connections were opened with.
+    pub(crate) fn live(&self) -> &LiveConns {
+        &self.0.live
+    }
+
+    /// Our current TLS generation; connections from an older one are stale.
+    pub(crate) fn generation(&self) -> u64 {
+        self.0.tls.generation()
     }
 
     /// The same dialler offering only HTTP/1.1 through ALPN, for requests that upgrade.
@@ -533,81 +539,120 @@ pub(crate) fn classify_handshake(
     }
 }
 
-/// Not-after times (Unix seconds) of the listener certificates behind the open connections, so the
-/// forwarder knows, with one atomic load per request, whether any connection is near its end.
-#[derive(Debug, Default)]
-pub(crate) struct LiveExpiries {
-    times: std::sync::Mutex<std::collections::BTreeMap<u64, usize>>,
-    earliest: AtomicU64,
+/// What the pool must know about the open mesh connections to retire the stale ones with one atomic
+/// load per request: the earliest listener-certificate expiry (Unix seconds) and the oldest TLS
+/// generation (our certificate and trust at the time of the dial) among them.
+#[derive(Debug)]
+pub(crate) struct LiveConns {
+    open: std::sync::Mutex<(BTreeMap<u64, usize>, BTreeMap<u64, usize>)>,
+    earliest_expiry: AtomicU64,
+    oldest_generation: AtomicU64,
 }
 
-impl LiveExpiries {
-    fn add(self: &Arc<Self>, at: u64) -> ExpiryGuard {
-        let mut times = self
-            .times
+impl Default for LiveConns {
+    fn default() -> Self {
+        LiveConns {
+            open: std::sync::Mutex::default(),
+            earliest_expiry: AtomicU64::new(u64::MAX),
+            oldest_generation: AtomicU64::new(u64::MAX),
+        }
+    }
+}
+
+impl LiveConns {
+    fn add(self: &Arc<Self>, info: ConnInfo) -> ConnGuard {
+        let mut open = self
+            .open
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        *times.entry(at).or_default() += 1;
-        self.earliest.store(
-            times.keys().next().copied().unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
-        ExpiryGuard {
+        *open.0.entry(info.expires_unix()).or_default() += 1;
+        *open.1.entry(info.generation).or_default() += 1;
+        self.publish(&open);
+        ConnGuard {
             set: self.clone(),
-            at,
+            info,
         }
     }
 
-    /// The earliest not-after among open connections (`u64::MAX` when there are none).
-    pub(crate) fn earliest(&self) -> u64 {
-        self.earliest.load(Ordering::Relaxed)
+    fn publish(&self, open: &(BTreeMap<u64, usize>, BTreeMap<u64, usize>)) {
+        let first = |m: &BTreeMap<u64, usize>| m.keys().next().copied().unwrap_or(u64::MAX);
+        self.earliest_expiry
+            .store(first(&open.0), Ordering::Relaxed);
+        self.oldest_generation
+            .store(first(&open.1), Ordering::Relaxed);
+    }
+
+    /// The earliest listener-certificate not-after among open connections (`u64::MAX`: none).
+    pub(crate) fn earliest_expiry(&self) -> u64 {
+        self.earliest_expiry.load(Ordering::Relaxed)
+    }
+
+    /// The oldest TLS generation among open connections (`u64::MAX`: none).
+    pub(crate) fn oldest_generation(&self) -> u64 {
+        self.oldest_generation.load(Ordering::Relaxed)
     }
 }
 
-/// Removes its connection's not-after from [`LiveExpiries`] when the connection closes.
+/// Takes its connection out of [`LiveConns`] when the connection closes.
 #[derive(Debug)]
-pub(crate) struct ExpiryGuard {
-    set: Arc<LiveExpiries>,
-    at: u64,
+pub(crate) struct ConnGuard {
+    set: Arc<LiveConns>,
+    info: ConnInfo,
 }
 
-impl Drop for ExpiryGuard {
+impl Drop for ConnGuard {
     fn drop(&mut self) {
-        let mut times = self
+        let mut guard = self
             .set
-            .times
+            .open
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(n) = times.get_mut(&self.at) {
-            *n -= 1;
-            if *n == 0 {
-                times.remove(&self.at);
+        let open = &mut *guard;
+        for (map, key) in [
+            (&mut open.0, self.info.expires_unix()),
+            (&mut open.1, self.info.generation),
+        ] {
+            if let Some(n) = map.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(&key);
+                }
             }
         }
-        self.set.earliest.store(
-            times.keys().next().copied().unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
+        self.set.publish(&guard);
     }
 }
 
-/// When the listener certificate of a pooled connection expires; carried on every response so the
-/// forwarder can retire the connection before it outlives the certificate.
+/// What a pooled connection was opened with; carried on every response so the forwarder can retire
+/// the connection before it outlives the listener's certificate or our own rotated one.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct PeerCertExpiry(pub SystemTime);
+pub(crate) struct ConnInfo {
+    /// When the listener's certificate expires.
+    pub expires: SystemTime,
+    /// Our TLS generation at the time of the dial.
+    pub generation: u64,
+}
+
+impl ConnInfo {
+    fn expires_unix(&self) -> u64 {
+        self.expires
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs()
+    }
+}
 
 /// An established mTLS link, told to the pool as HTTP/2 when ALPN chose it.
 pub struct MeshStream {
     _open: GaugeGuard,
-    _expiry: ExpiryGuard,
+    live: ConnGuard,
     tls: TlsStream<TcpStream>,
     h2: bool,
-    expires: PeerCertExpiry,
 }
 
 impl Connection for MeshStream {
     fn connected(&self) -> Connected {
-        let connected = Connected::new().extra(self.expires);
+        let connected = Connected::new().extra(self.live.info);
         if self.h2 {
             connected.negotiated_h2()
         } else {

@@ -18,7 +18,7 @@ use phoenix_mesh_common::{mesh_error, ProxyBody, MESH_ERROR_HEADER};
 use tracing::info;
 
 use crate::connector::{
-    client_cert_alert, client_cert_refused, MeshConnector, PeerCertExpiry, UpstreamError,
+    client_cert_alert, client_cert_refused, ConnInfo, MeshConnector, UpstreamError,
 };
 
 /// The pool key: every request shares the same pool whatever its Host; the connector picks the
@@ -135,7 +135,7 @@ impl Upstream {
                     splice(downstream, hyper::upgrade::on(&mut response));
                     return (response.map(Either::Left), "backend");
                 }
-                self.retire_if_expiring(&response, capture.as_ref());
+                self.retire_if_stale(&response, capture.as_ref());
                 let made_by = if response.headers().contains_key(MESH_ERROR_HEADER) {
                     "listener"
                 } else {
@@ -160,26 +160,32 @@ impl Upstream {
         }
     }
 
-    /// Whether requests should capture their connection: only while some open connection's
-    /// listener certificate is within the retire margin of its expiry.
+    /// Whether requests should capture their connection: only while some open connection is stale
+    /// (its listener certificate within the retire margin of expiry, or opened before our own
+    /// certificate or trust was reloaded).
     fn retiring(&self) -> bool {
-        unix_now() + self.retire_margin.as_secs() >= self.connector.earliest_expiry()
+        let live = self.connector.live();
+        unix_now() + self.retire_margin.as_secs() >= live.earliest_expiry()
+            || live.oldest_generation() < self.connector.generation()
     }
 
-    fn retire_if_expiring<B>(&self, response: &Response<B>, capture: Option<&CaptureConnection>) {
-        let (Some(capture), Some(PeerCertExpiry(expires))) =
-            (capture, response.extensions().get::<PeerCertExpiry>())
-        else {
+    /// Takes the connection that carried `response` out of the pool if it is stale; requests in
+    /// flight on it finish, new ones get a fresh connection.
+    fn retire_if_stale<B>(&self, response: &Response<B>, capture: Option<&CaptureConnection>) {
+        let (Some(capture), Some(info)) = (capture, response.extensions().get::<ConnInfo>()) else {
             return;
         };
-        if *expires > SystemTime::now() + self.retire_margin {
+        let expiring = info.expires <= SystemTime::now() + self.retire_margin;
+        let rotated = info.generation < self.connector.generation();
+        if !(expiring || rotated) {
             return;
         }
         if let Some(connected) = capture.connection_metadata().as_ref() {
             connected.poison();
             info!(
-                expires_in_s = expires.duration_since(SystemTime::now()).unwrap_or_default().as_secs(),
-                "retired a pooled mesh connection: its listener certificate expires soon; new connections get the renewed one"
+                listener_cert_expiring = expiring,
+                our_tls_reloaded = rotated,
+                "retired a pooled mesh connection; new requests get a fresh one"
             );
         }
     }
