@@ -13,6 +13,7 @@ mod support_ops;
 mod expiry;
 mod failures;
 mod hardening;
+mod limits;
 mod nginx_e2e;
 mod operations;
 mod refusals;
