@@ -22,7 +22,7 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-enum Command {
+pub enum Command {
     /// The client sidecar beside nginx: plain HTTP on loopback in, mutual TLS to the mesh listener out.
     Client {
         /// TOML config file.
@@ -78,38 +78,34 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format);
     raise_fd_limit();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // The sidecars' settings are read before the runtime exists: they say how many threads it gets.
+    let command = match run::prepare(cli.command) {
+        Ok(command) => command,
+        Err(failure) => return exit(failure),
+    };
+    let runtime = match run::runtime(command.worker_threads()) {
         Ok(rt) => rt,
         Err(error) => {
             eprintln!("phoenix-mesh: starting the async runtime: {error}");
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(async {
-        match cli.command {
-            Command::Client { config, check } if check.check => {
-                run::check_client(&config, check.config_only, &check.host, &check.path).await
-            }
-            Command::Server { config, check } if check.check => {
-                run::check_server(&config, check.config_only, &check.host, &check.path).await
-            }
-            Command::Client { config, .. } => run::client(&config).await,
-            Command::Server { config, .. } => run::server(&config).await,
-            Command::Demo { once } => demo::run(once).await.map_err(run::Failure::Runtime),
-        }
-    });
+    let result = runtime.block_on(command.run());
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(run::Failure::CheckFailed) => ExitCode::FAILURE,
-        Err(run::Failure::Config(error)) => {
+        Err(failure) => exit(failure),
+    }
+}
+
+fn exit(failure: run::Failure) -> ExitCode {
+    match failure {
+        run::Failure::CheckFailed => ExitCode::FAILURE,
+        run::Failure::Config(error) => {
             // One line on stderr, whatever RUST_LOG says: the operator must see why it did not start.
             eprintln!("phoenix-mesh: {error:#}");
             ExitCode::from(EXIT_CONFIG)
         }
-        Err(run::Failure::Runtime(error)) => {
+        run::Failure::Runtime(error) => {
             eprintln!("phoenix-mesh: {error:#}");
             ExitCode::FAILURE
         }

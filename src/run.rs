@@ -10,6 +10,76 @@ use phoenix_mesh_server::{MeshListener, ServerSettings};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
+/// A command with its config read and validated, ready for a runtime.
+pub enum Prepared {
+    Client(ClientSettings),
+    Server(ServerSettings),
+    Check(crate::Command),
+    Demo { once: bool },
+}
+
+/// Reads the sidecars' config before the runtime starts (its size is a setting).
+pub fn prepare(command: crate::Command) -> Result<Prepared, Failure> {
+    Ok(match command {
+        crate::Command::Client { ref check, .. } | crate::Command::Server { ref check, .. }
+            if check.check =>
+        {
+            Prepared::Check(command)
+        }
+        crate::Command::Client { config, .. } => {
+            Prepared::Client(ClientSettings::load(&config).map_err(|e| Failure::Config(e.into()))?)
+        }
+        crate::Command::Server { config, .. } => {
+            Prepared::Server(ServerSettings::load(&config).map_err(|e| Failure::Config(e.into()))?)
+        }
+        crate::Command::Demo { once } => Prepared::Demo { once },
+    })
+}
+
+impl Prepared {
+    /// Worker threads for the runtime: the config's `worker_threads` for a sidecar, one otherwise.
+    pub fn worker_threads(&self) -> usize {
+        match self {
+            Prepared::Client(s) => s.shared.worker_threads,
+            Prepared::Server(s) => s.shared.worker_threads,
+            Prepared::Check(_) | Prepared::Demo { .. } => 1,
+        }
+    }
+
+    /// Runs to the end.
+    pub async fn run(self) -> Result<(), Failure> {
+        match self {
+            Prepared::Client(settings) => client(settings).await,
+            Prepared::Server(settings) => server(settings).await,
+            Prepared::Check(crate::Command::Client { config, check }) => {
+                check_client(&config, check.config_only, &check.host, &check.path).await
+            }
+            Prepared::Check(crate::Command::Server { config, check }) => {
+                check_server(&config, check.config_only, &check.host, &check.path).await
+            }
+            Prepared::Check(crate::Command::Demo { once }) | Prepared::Demo { once } => {
+                crate::demo::run(once).await.map_err(Failure::Runtime)
+            }
+        }
+    }
+}
+
+/// One thread runs everything on it (no cross-thread wake-ups per request, as linkerd2-proxy does
+/// by default); more threads spread handshakes and requests over cores.
+pub fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if worker_threads > 1 {
+            builder.worker_threads(worker_threads);
+        }
+        builder.enable_all().build()
+    }
+}
+
 /// How a run ended badly: a start-up problem with config or certificates, or anything else.
 #[derive(Debug)]
 pub enum Failure {
@@ -19,7 +89,7 @@ pub enum Failure {
     CheckFailed,
 }
 
-pub async fn check_client(
+async fn check_client(
     config: &Path,
     config_only: bool,
     host: &str,
@@ -40,7 +110,7 @@ pub async fn check_client(
     report(phoenix_mesh_client::check(&settings, &request).await)
 }
 
-pub async fn check_server(
+async fn check_server(
     config: &Path,
     config_only: bool,
     host: &str,
@@ -66,8 +136,7 @@ fn report(report: phoenix_mesh_common::check::Report) -> Result<(), Failure> {
     }
 }
 
-pub async fn client(config: &Path) -> Result<(), Failure> {
-    let settings = ClientSettings::load(config).map_err(|e| Failure::Config(e.into()))?;
+async fn client(settings: ClientSettings) -> Result<(), Failure> {
     let drain = settings.shared.drain_timeout;
     let sidecar = ClientSidecar::bind(settings).await.map_err(|e| match e {
         phoenix_mesh_client::ClientError::Bind { .. } => Failure::Runtime(e.into()),
@@ -84,8 +153,7 @@ pub async fn client(config: &Path) -> Result<(), Failure> {
     .await
 }
 
-pub async fn server(config: &Path) -> Result<(), Failure> {
-    let settings = ServerSettings::load(config).map_err(|e| Failure::Config(e.into()))?;
+async fn server(settings: ServerSettings) -> Result<(), Failure> {
     let drain = settings.shared.drain_timeout;
     let listener = MeshListener::bind(settings).await.map_err(|e| match e {
         phoenix_mesh_server::ServerError::Bind { .. } => Failure::Runtime(e.into()),

@@ -39,9 +39,12 @@ struct SharedFile {
     reload_poll_interval: Option<ConfigDuration>,
     #[serde(default)]
     access_log: bool,
+    #[serde(default)]
+    worker_threads: Option<usize>,
 }
 
-const SHARED_KEYS: [&str; 13] = [
+const SHARED_KEYS: [&str; 14] = [
+    "worker_threads",
     "cert",
     "key",
     "ca",
@@ -78,6 +81,9 @@ pub struct SharedSettings {
     pub reload_poll_interval: Duration,
     /// Write one structured log line per request.
     pub access_log: bool,
+    /// Threads of the async runtime: 1 (the default) runs everything on one thread, 0 means one
+    /// per CPU.
+    pub worker_threads: usize,
 }
 
 /// Reads `path` and splits it into the shared settings and the side's own keys `T`.
@@ -182,6 +188,7 @@ impl SharedSettings {
             drain_timeout: or_secs(f.drain_timeout, 30),
             reload_poll_interval: or_secs(f.reload_poll_interval, 10),
             access_log: f.access_log,
+            worker_threads: f.worker_threads.unwrap_or(1),
         })
     }
 
@@ -201,6 +208,7 @@ impl SharedSettings {
                 format!("{:?}", self.reload_poll_interval),
             ),
             ("access_log", self.access_log.to_string()),
+            ("worker_threads", self.worker_threads.to_string()),
         ]
     }
 }
