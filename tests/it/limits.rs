@@ -645,9 +645,10 @@ async fn binary_out_of_descriptors_backs_off_instead_of_spinning_and_recovers() 
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (ticks1, wall) = (proc.cpu_ticks(), t0.elapsed());
     let cpu = Duration::from_millis((ticks1 - ticks0) * 1000 / hz);
-    // A busy accept loop burns a whole core; backing off (up to 1 s) burns next to nothing.
+    // A busy accept loop burns most of a core (about 65% here, logging each failure); backing off
+    // (up to 1 s) burns next to nothing (0 ticks here). A quarter of a core is a generous bound.
     assert!(
-        cpu < wall / 2,
+        cpu < wall / 4,
         "out of descriptors, the process used {cpu:?} of CPU in {wall:?}: accept errors are spun on"
     );
     assert!(proc.running(), "the process died out of descriptors");
