@@ -66,6 +66,10 @@ struct Args {
     /// Concurrent handshake clients.
     #[arg(long, value_delimiter = ',', default_value = "1,4")]
     hs_clients: Vec<usize>,
+    /// The load generator offers TLS_AES_128_GCM_SHA256 first (default: AES-256-GCM-SHA384 first, like
+    /// OpenSSL's client and `openssl s_time`).
+    #[arg(long)]
+    aes128_first: bool,
     /// Handshake modes.
     #[arg(long, value_delimiter = ',', default_value = "full,resumed")]
     hs_modes: Vec<String>,
@@ -567,7 +571,7 @@ fn run(mut args: Args) -> anyhow::Result<()> {
         if a.only.iter().any(|s| s == "hs") {
             for mode in &a.hs_modes {
                 let resume = mode == "resumed";
-                let cfg = tls::client_config(&ctx.pki, resume)?;
+                let cfg = tls::client_config(&ctx.pki, resume, a.aes128_first)?;
                 for &clients in &a.hs_clients {
                     for t in &targets {
                         let r = hs_cell(&ctx, &rt, &cfg, t, mode, clients, rep)?;
@@ -589,7 +593,7 @@ fn run(mut args: Args) -> anyhow::Result<()> {
             }
         }
         if a.only.iter().any(|s| s == "idle") {
-            let cfg = tls::client_config(&ctx.pki, false)?;
+            let cfg = tls::client_config(&ctx.pki, false, a.aes128_first)?;
             for &n in &a.idle {
                 for t in &targets {
                     if !t.phoenix && t.restart.is_none() {

@@ -26,9 +26,20 @@ pub struct ClientPki {
 }
 
 /// TLS 1.3 only, X25519 only (what OpenSSL 3.0 peers and `openssl s_time` negotiate), ALPN http/1.1.
-pub fn client_config(pki: &ClientPki, resume: bool) -> anyhow::Result<Arc<ClientConfig>> {
+/// `aes128_first` puts TLS_AES_128_GCM_SHA256 ahead of TLS_AES_256_GCM_SHA384 (servers that honour the
+/// client's order then run the key schedule on SHA-256 instead of SHA-384).
+pub fn client_config(
+    pki: &ClientPki,
+    resume: bool,
+    aes128_first: bool,
+) -> anyhow::Result<Arc<ClientConfig>> {
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     provider.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519];
+    if aes128_first {
+        provider
+            .cipher_suites
+            .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    }
     let mut roots = RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(&pki.ca)
         .with_context(|| format!("reading {}", pki.ca.display()))?
