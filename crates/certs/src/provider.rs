@@ -1,5 +1,5 @@
-//! The one place that chooses the crypto provider: aws-lc-rs, with rustls' default suites and groups
-//! (X25519MLKEM768 first, then X25519 and the NIST curves).
+//! The one place that chooses the crypto provider: aws-lc-rs with rustls' default key-exchange groups
+//! (X25519MLKEM768 first, then X25519 and the NIST curves) and its cipher suites, AES-128-GCM first.
 
 use std::sync::{Arc, OnceLock};
 
@@ -9,7 +9,16 @@ use rustls::crypto::CryptoProvider;
 pub fn provider() -> Arc<CryptoProvider> {
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
     PROVIDER
-        .get_or_init(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .get_or_init(|| {
+            let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+            // AES-128-GCM-SHA256 first: the TLS 1.3 key schedule then runs on SHA-256, which has
+            // hardware support here, where SHA-384 (AES-256's suite) is a third of a full
+            // handshake's hashing cost; the listener applies this order over the client's.
+            provider
+                .cipher_suites
+                .sort_by_key(|suite| suite.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+            Arc::new(provider)
+        })
         .clone()
 }
 
