@@ -305,3 +305,36 @@ async fn listener_speaks_http2_over_alpn() {
         expected_gateway_xfcc(&mesh.client_leaf)
     );
 }
+
+/// An HTTP/1.0 request without Host (as `openssl s_time -www` sends) still reaches the backend as a
+/// valid HTTP/1.1 request: the listener gives it the backend's address as Host, as nginx does.
+#[tokio::test(flavor = "multi_thread")]
+async fn http10_request_without_host_gets_the_backend_address_as_host() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mesh = Mesh::start().await;
+    let config = tls::client_config(mesh.pki.root_pem(), Some(&mesh.client_leaf), &[]);
+    let mut stream = within(
+        "mTLS to the listener",
+        tls::connect(
+            mesh.listener_addr,
+            crate::support::pki::LISTENER_NAME,
+            config,
+        ),
+    )
+    .await
+    .unwrap();
+    stream
+        .write_all(b"GET /ten HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    within("HTTP/1.0 response", stream.read_to_end(&mut raw))
+        .await
+        .ok();
+    let raw = String::from_utf8_lossy(&raw);
+    assert!(raw.starts_with("HTTP/1.0 200"), "{raw}");
+    let seen = mesh.backend.only_request();
+    assert_eq!(seen.target, "/ten");
+    assert_eq!(seen.version, Version::HTTP_11);
+    assert_eq!(seen.headers["host"], mesh.backend.addr.to_string().as_str());
+}

@@ -23,6 +23,9 @@ use phoenix_mesh_common::upgrade::splice;
 use phoenix_mesh_common::{mesh_error, ProxyBody};
 use tracing::info;
 
+/// The `:authority` the client sidecar puts on HTTP/2 requests (its pool key, not a host).
+const MESH_POOL_AUTHORITY: &str = "phoenix-mesh";
+
 /// The header carrying the verified client identity to the backend.
 pub(crate) const XFCC: &str = "x-forwarded-client-cert";
 
@@ -75,6 +78,8 @@ pub(crate) struct Backend {
     client: Client<HttpConnector, ProxyBody>,
     addr: SocketAddr,
     authority: Authority,
+    /// The backend's address as a Host value, for requests that arrive without one.
+    host: HeaderValue,
     response_timeout: Duration,
 }
 
@@ -96,6 +101,8 @@ impl Backend {
             .unwrap_or_else(|_| Authority::from_static("127.0.0.1"));
         Backend {
             client,
+            host: HeaderValue::from_str(authority.as_str())
+                .unwrap_or(HeaderValue::from_static("localhost")),
             addr,
             authority,
             response_timeout,
@@ -113,13 +120,19 @@ impl Backend {
         let downstream = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
 
-        // HTTP/2 carries the host in :authority; Traefik routes on Host.
+        // Traefik routes on Host, and HTTP/1.1 requires it. HTTP/2 carries it in :authority (unless
+        // that is only the client sidecar's pool key); an HTTP/1.0 request may carry none at all, and
+        // then gets the backend's address, as nginx's proxy_pass does.
         if !parts.headers.contains_key(HOST) {
-            if let Some(authority) = parts.uri.authority() {
-                if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
-                    parts.headers.insert(HOST, v);
+            let host = match parts.uri.authority() {
+                Some(a) if a.as_str() != MESH_POOL_AUTHORITY => {
+                    HeaderValue::from_str(a.as_str()).ok()
                 }
-            }
+                _ => None,
+            };
+            parts
+                .headers
+                .insert(HOST, host.unwrap_or_else(|| self.host.clone()));
         }
         remove_hop_by_hop(&mut parts.headers);
         if let Some(protocol) = upgrade {
