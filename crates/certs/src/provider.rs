@@ -43,3 +43,12 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
             out
         })
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn prefers_aes_128_gcm() {
+        let first = super::provider().cipher_suites[0].suite();
+        assert_eq!(first, rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    }
+}
