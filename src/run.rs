@@ -1,6 +1,6 @@
 //! Running one side until a signal: start-up checks, serving, and draining on SIGTERM/SIGINT.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -14,17 +14,19 @@ use tracing::{info, warn};
 pub enum Prepared {
     Client(ClientSettings),
     Server(ServerSettings),
-    Check(crate::Command),
+    CheckClient(PathBuf, crate::CheckArgs),
+    CheckServer(PathBuf, crate::CheckArgs),
     Demo { once: bool },
 }
 
 /// Reads the sidecars' config before the runtime starts (its size is a setting).
 pub fn prepare(command: crate::Command) -> Result<Prepared, Failure> {
     Ok(match command {
-        crate::Command::Client { ref check, .. } | crate::Command::Server { ref check, .. }
-            if check.check =>
-        {
-            Prepared::Check(command)
+        crate::Command::Client { config, check } if check.check => {
+            Prepared::CheckClient(config, check)
+        }
+        crate::Command::Server { config, check } if check.check => {
+            Prepared::CheckServer(config, check)
         }
         crate::Command::Client { config, .. } => {
             Prepared::Client(ClientSettings::load(&config).map_err(|e| Failure::Config(e.into()))?)
@@ -42,7 +44,7 @@ impl Prepared {
         match self {
             Prepared::Client(s) => s.shared.worker_threads,
             Prepared::Server(s) => s.shared.worker_threads,
-            Prepared::Check(_) | Prepared::Demo { .. } => 1,
+            Prepared::CheckClient(..) | Prepared::CheckServer(..) | Prepared::Demo { .. } => 1,
         }
     }
 
@@ -51,15 +53,13 @@ impl Prepared {
         match self {
             Prepared::Client(settings) => client(settings).await,
             Prepared::Server(settings) => server(settings).await,
-            Prepared::Check(crate::Command::Client { config, check }) => {
+            Prepared::CheckClient(config, check) => {
                 check_client(&config, check.config_only, &check.host, &check.path).await
             }
-            Prepared::Check(crate::Command::Server { config, check }) => {
+            Prepared::CheckServer(config, check) => {
                 check_server(&config, check.config_only, &check.host, &check.path).await
             }
-            Prepared::Check(crate::Command::Demo { once }) | Prepared::Demo { once } => {
-                crate::demo::run(once).await.map_err(Failure::Runtime)
-            }
+            Prepared::Demo { once } => crate::demo::run(once).await.map_err(Failure::Runtime),
         }
     }
 }
