@@ -48,7 +48,10 @@ async fn mesh_through_relay(listener_cert_left: Option<Duration>) -> (Mesh, Coun
         }
         setup
             .client
-            .set("upstreams", format!("[{}]", toml_str(&relay_addr.to_string())))
+            .set(
+                "upstreams",
+                format!("[{}]", toml_str(&relay_addr.to_string())),
+            )
             .set("upstream_http2", "false");
     })
     .await;

@@ -17,7 +17,7 @@ mod limits;
 mod nginx_e2e;
 mod operations;
 mod refusals;
-mod roundtrip;
 mod rotation;
+mod roundtrip;
 mod soak;
 mod startup;

@@ -219,7 +219,10 @@ async fn client_cert_without_client_auth_exits_78() {
     let run = run_to_exit("client", dir.path(), &config).await;
     assert_config_failure(
         &run,
-        &[&path_in(&dir, "client.crt"), "no clientAuth extended key usage"],
+        &[
+            &path_in(&dir, "client.crt"),
+            "no clientAuth extended key usage",
+        ],
     );
 }
 

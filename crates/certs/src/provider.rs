@@ -14,9 +14,9 @@ pub fn provider() -> Arc<CryptoProvider> {
             // AES-128-GCM-SHA256 first: the TLS 1.3 key schedule then runs on SHA-256, which has
             // hardware support here, where SHA-384 (AES-256's suite) is a third of a full
             // handshake's hashing cost; the listener applies this order over the client's.
-            provider
-                .cipher_suites
-                .sort_by_key(|suite| suite.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+            provider.cipher_suites.sort_by_key(|suite| {
+                suite.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+            });
             Arc::new(provider)
         })
         .clone()
