@@ -232,7 +232,7 @@ struct Ctx {
     server_cert: PathBuf,
     server_key: PathBuf,
     bin: PathBuf,
-    ours_extra: std::sync::Mutex<Vec<u32>>,
+    ours_extra: std::sync::Arc<std::sync::Mutex<Vec<u32>>>,
     jsonl: std::sync::Mutex<fs::File>,
 }
 
@@ -434,9 +434,17 @@ fn run(mut args: Args) -> anyhow::Result<()> {
             .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_phoenix-mesh"))),
         pki,
         out: out.clone(),
-        ours_extra: std::sync::Mutex::new(Vec::new()),
+        ours_extra: std::sync::Arc::new(std::sync::Mutex::new(Vec::new())),
         jsonl: std::sync::Mutex::new(jsonl),
         args,
+    };
+    // Run a private copy: target/release is shared with other builds, which may replace the binary
+    // mid-run (processes started later would then run different code).
+    let bin_copy = out.join("phoenix-mesh");
+    fs::copy(&ctx.bin, &bin_copy).with_context(|| format!("copying {}", ctx.bin.display()))?;
+    let ctx = Ctx {
+        bin: bin_copy,
+        ..ctx
     };
     let a = &ctx.args;
     println!("mesh bench: results in {}", out.display());
@@ -465,6 +473,7 @@ fn run(mut args: Args) -> anyhow::Result<()> {
     if let Ok(mut x) = ctx.ours_extra.lock() {
         x.extend([listener.pid(), client_h2.pid(), client_h1.pid(), front_pid]);
     }
+    stop_on_signal(ctx.ours_extra.clone());
 
     // Targets and chains.
     let run = ctx.run();
@@ -620,6 +629,38 @@ fn run(mut args: Args) -> anyhow::Result<()> {
     );
     drop((front, client_h1, client_h2, listener));
     Ok(())
+}
+
+/// On Ctrl-C or SIGTERM, stop the processes we started (listener, clients, nginx front) before exiting,
+/// so an interrupted run leaves nothing behind; the peers are left alone.
+fn stop_on_signal(pids: std::sync::Arc<std::sync::Mutex<Vec<u32>>>) {
+    std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async {
+            let Ok(mut term) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            else {
+                return;
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        });
+        let list = pids.lock().map(|p| p.clone()).unwrap_or_default();
+        eprintln!("mesh bench: interrupted; stopping {list:?}");
+        for pid in list {
+            let _ = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+        std::process::exit(130);
+    });
 }
 
 fn hs_cell(
@@ -812,6 +853,9 @@ fn idle_cell(
                 String::new(),
             ))
         })?;
+    if let (Some(p), Ok(mut x)) = (&fresh, ctx.ours_extra.lock()) {
+        x.retain(|&q| q != p.pid());
+    }
     drop(fresh);
     Ok(Rec {
         kind: "idle",
