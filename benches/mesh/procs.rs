@@ -128,6 +128,11 @@ fn spawn(
     listen: SocketAddr,
     name: &str,
 ) -> anyhow::Result<Proc> {
+    // A leftover process on our port would answer instead of the one we start (and we would read the
+    // CPU time of the wrong process), so refuse to start over it.
+    if TcpStream::connect_timeout(&listen, Duration::from_millis(200)).is_ok() {
+        bail!("{listen} is already in use: stop whatever listens there (ss -ltnp) or pass --base-port");
+    }
     let log = fs::File::create(dir.join(format!("{name}.log")))?;
     let child = Command::new("taskset")
         .args(["-c", cpu])
@@ -161,6 +166,9 @@ impl NginxFront {
         listen: SocketAddr,
         upstream: SocketAddr,
     ) -> anyhow::Result<Self> {
+        if TcpStream::connect_timeout(&listen, Duration::from_millis(200)).is_ok() {
+            bail!("{listen} is already in use: stop whatever listens there (ss -ltnp) or pass --base-port");
+        }
         let d = dir.display();
         fs::create_dir_all(dir.join("tmp"))?;
         let pidfile = dir.join("nginx-front.pid");
