@@ -6,13 +6,15 @@ use std::time::{Duration, SystemTime};
 
 use http::header::{HeaderValue, HOST};
 use http::uri::{Authority, Scheme};
-use http::{Request, Response, StatusCode, Uri};
+use http::{Request, Response, StatusCode};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::{capture_connection, CaptureConnection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use phoenix_mesh_common::headers::{remove_hop_by_hop, restore_upgrade, upgrade_protocol};
+use phoenix_mesh_common::headers::{
+    remove_hop_by_hop, restore_upgrade, retarget, upgrade_protocol,
+};
 use phoenix_mesh_common::upgrade::splice;
 use phoenix_mesh_common::{mesh_error, ProxyBody, MESH_ERROR_HEADER};
 use tracing::info;
@@ -99,13 +101,11 @@ impl Upstream {
         if let Some(protocol) = upgrade {
             restore_upgrade(&mut parts.headers, protocol);
         }
-        let mut uri = parts.uri.into_parts();
-        uri.scheme = Some(Scheme::HTTPS);
-        uri.authority = Some(Authority::from_static(POOL_AUTHORITY));
-        if uri.path_and_query.is_none() {
-            uri.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
-        }
-        parts.uri = match Uri::from_parts(uri) {
+        parts.uri = match retarget(
+            parts.uri,
+            Scheme::HTTPS,
+            Authority::from_static(POOL_AUTHORITY),
+        ) {
             Ok(uri) => uri,
             Err(e) => {
                 return (

@@ -6,14 +6,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::header::HOST;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
-use phoenix_mesh_certs::{error_chain, CertError, LiveClientTls, Material, Reloader, Role};
-use phoenix_mesh_common::access::{AccessRecord, Logged};
+use phoenix_mesh_certs::{error_chain, LiveClientTls, Material, Reloader, Role};
+use phoenix_mesh_common::access::{AccessStart, Logged};
 use phoenix_mesh_common::admin::AdminState;
 use phoenix_mesh_common::config::ConfigError;
 use phoenix_mesh_common::metrics::{GaugeGuard, Metrics};
@@ -32,25 +31,7 @@ use crate::forward::Upstream;
 use crate::ClientSettings;
 
 /// Why the client could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    #[error(transparent)]
-    Cert(#[from] CertError),
-    #[error("binding the client listener to {addr}")]
-    Bind {
-        addr: SocketAddr,
-        #[source]
-        source: io::Error,
-    },
-    #[error("binding the admin endpoint to {addr}")]
-    BindAdmin {
-        addr: SocketAddr,
-        #[source]
-        source: io::Error,
-    },
-}
+pub type ClientError = phoenix_mesh_common::sidecar::StartError;
 
 struct State {
     settings: ClientSettings,
@@ -112,16 +93,10 @@ impl ClientSidecar {
             settings.pool_idle_timeout,
             settings.upstream_timeout,
         );
-        let listener =
-            TcpListener::bind(settings.listen)
-                .await
-                .map_err(|source| ClientError::Bind {
-                    addr: settings.listen,
-                    source,
-                })?;
-        let admin = bind_admin(settings.shared.admin_listen)
+        let listener = TcpListener::bind(settings.listen)
             .await
-            .map_err(|(addr, source)| ClientError::BindAdmin { addr, source })?;
+            .map_err(ClientError::bind("the client listener", settings.listen))?;
+        let admin = bind_admin(settings.shared.admin_listen).await?;
         let http = http_builder(&settings.shared.http);
         Ok(ClientSidecar {
             listener,
@@ -217,35 +192,21 @@ impl ClientSidecar {
 impl State {
     async fn request(&self, req: Request<Incoming>, peer: Arc<str>) -> Response<Logged<ProxyBody>> {
         let start = Instant::now();
-        let access = self.settings.shared.access_log.then(|| {
-            (
-                req.method().clone(),
-                req.headers()
-                    .get(HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .or_else(|| req.uri().authority().map(|a| a.as_str()))
-                    .unwrap_or("-")
-                    .to_owned(),
-                req.uri()
-                    .path_and_query()
-                    .map_or("/", |p| p.as_str())
-                    .to_owned(),
-            )
-        });
+        let access = self
+            .settings
+            .shared
+            .access_log
+            .then(|| AccessStart::new(&req, start));
         let (response, made_by) = self.upstream.forward(req).await;
         self.metrics
             .request(response.status(), made_by, start.elapsed());
-        let record = access.map(|(method, host, path)| {
-            Box::new(AccessRecord {
-                start,
-                method,
-                host,
-                path,
-                status: response.status(),
+        let record = access.map(|a| {
+            a.finish(
+                response.status(),
                 made_by,
                 peer,
-                upstream: self.upstream_label.clone(),
-            })
+                self.upstream_label.clone(),
+            )
         });
         response.map(|body| Logged::new(body, record))
     }

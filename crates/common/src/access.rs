@@ -32,6 +32,57 @@ pub struct AccessRecord {
     pub upstream: Arc<str>,
 }
 
+/// What the access log needs from a request, taken before the request is forwarded.
+#[derive(Debug)]
+pub struct AccessStart {
+    start: Instant,
+    method: Method,
+    host: String,
+    path: String,
+}
+
+impl AccessStart {
+    /// Notes the request's method, host and target.
+    pub fn new<B>(req: &http::Request<B>, start: Instant) -> Self {
+        AccessStart {
+            start,
+            method: req.method().clone(),
+            host: req
+                .headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .or_else(|| req.uri().authority().map(|a| a.as_str()))
+                .unwrap_or("-")
+                .to_owned(),
+            path: req
+                .uri()
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_owned(),
+        }
+    }
+
+    /// The record, once the response head is known.
+    pub fn finish(
+        self,
+        status: StatusCode,
+        made_by: &'static str,
+        peer: Arc<str>,
+        upstream: Arc<str>,
+    ) -> Box<AccessRecord> {
+        Box::new(AccessRecord {
+            start: self.start,
+            method: self.method,
+            host: self.host,
+            path: self.path,
+            status,
+            made_by,
+            peer,
+            upstream,
+        })
+    }
+}
+
 /// A response body that counts what it sends and writes the access-log line when done.
 #[derive(Debug)]
 pub struct Logged<B> {

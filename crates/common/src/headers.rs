@@ -59,6 +59,22 @@ pub fn restore_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
     headers.insert(header::UPGRADE, protocol);
 }
 
+/// The request target for the next hop: same path and query (`/` when there is none), the given
+/// scheme and authority (the pool key of the next hop's client).
+pub fn retarget(
+    uri: http::Uri,
+    scheme: http::uri::Scheme,
+    authority: http::uri::Authority,
+) -> Result<http::Uri, http::uri::InvalidUriParts> {
+    let mut parts = uri.into_parts();
+    parts.scheme = Some(scheme);
+    parts.authority = Some(authority);
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    }
+    http::Uri::from_parts(parts)
+}
+
 /// Appends `peer` to `X-Forwarded-For`, folding earlier values into one comma-separated header.
 pub fn append_forwarded_for(headers: &mut HeaderMap, peer: IpAddr) {
     const XFF: &str = "x-forwarded-for";

@@ -17,6 +17,30 @@ use crate::metrics::Metrics;
 use crate::serve::ShutdownWatch;
 use crate::settings::SharedSettings;
 
+/// Why a sidecar could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Cert(#[from] phoenix_mesh_certs::CertError),
+    #[error("binding {what} to {addr}")]
+    Bind {
+        /// Which listener (`the mesh listener`, `the admin endpoint`, ...).
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl StartError {
+    /// A bind failure of `what` on `addr`.
+    pub fn bind(what: &'static str, addr: SocketAddr) -> impl FnOnce(std::io::Error) -> StartError {
+        move |source| StartError::Bind { what, addr, source }
+    }
+}
+
 /// One side's validated settings, as far as reloading needs to know them.
 pub trait SideSettings: Clone + Send + Sync + 'static {
     /// The live TLS configuration this side runs.
@@ -99,14 +123,12 @@ fn changed_keys<S: SideSettings>(old: &S, new: &S) -> Vec<&'static str> {
 }
 
 /// Binds the admin endpoint, if configured.
-pub async fn bind_admin(
-    addr: Option<SocketAddr>,
-) -> Result<Option<TcpListener>, (SocketAddr, std::io::Error)> {
+pub async fn bind_admin(addr: Option<SocketAddr>) -> Result<Option<TcpListener>, StartError> {
     match addr {
         Some(addr) => TcpListener::bind(addr)
             .await
             .map(Some)
-            .map_err(|e| (addr, e)),
+            .map_err(StartError::bind("the admin endpoint", addr)),
         None => Ok(None),
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use http::header::{HeaderValue, HOST};
 use http::uri::{Authority, Scheme};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Request, Response, StatusCode, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -17,7 +17,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use phoenix_mesh_certs::PeerIdentity;
 use phoenix_mesh_common::headers::{
-    append_forwarded_for, remove_hop_by_hop, restore_upgrade, upgrade_protocol,
+    append_forwarded_for, remove_hop_by_hop, restore_upgrade, retarget, upgrade_protocol,
 };
 use phoenix_mesh_common::upgrade::splice;
 use phoenix_mesh_common::{mesh_error, ProxyBody};
@@ -142,13 +142,7 @@ impl Backend {
         parts.headers.insert(XFCC, peer.id.xfcc.clone());
         append_forwarded_for(&mut parts.headers, peer.addr.ip());
 
-        let mut uri = parts.uri.into_parts();
-        uri.scheme = Some(Scheme::HTTP);
-        uri.authority = Some(self.authority.clone());
-        if uri.path_and_query.is_none() {
-            uri.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
-        }
-        parts.uri = match Uri::from_parts(uri) {
+        parts.uri = match retarget(parts.uri, Scheme::HTTP, self.authority.clone()) {
             Ok(uri) => uri,
             Err(e) => {
                 return (

@@ -6,16 +6,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::header::HOST;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
-use phoenix_mesh_certs::{failure_reason, CertError, LiveServerTls, Material, Reloader, Role};
-use phoenix_mesh_common::access::{AccessRecord, Logged};
+use phoenix_mesh_certs::{failure_reason, LiveServerTls, Material, Reloader, Role};
+use phoenix_mesh_common::access::{AccessStart, Logged};
 use phoenix_mesh_common::admin::AdminState;
-use phoenix_mesh_common::config::ConfigError;
 use phoenix_mesh_common::metrics::{GaugeGuard, Metrics};
 use phoenix_mesh_common::serve::{accept_loop, http_builder, serve_http, ShutdownWatch, Slot};
 use phoenix_mesh_common::sidecar::{
@@ -32,26 +30,8 @@ use crate::forward::{Backend, Peer, PeerIds};
 use crate::plaintext::{refuse_plain_http, sniff, FirstByte};
 use crate::ServerSettings;
 
-/// Why the listener could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum ServerError {
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    #[error(transparent)]
-    Cert(#[from] CertError),
-    #[error("binding the mesh listener to {addr}")]
-    Bind {
-        addr: SocketAddr,
-        #[source]
-        source: io::Error,
-    },
-    #[error("binding the admin endpoint to {addr}")]
-    BindAdmin {
-        addr: SocketAddr,
-        #[source]
-        source: io::Error,
-    },
-}
+/// Why the server could not start.
+pub type ServerError = phoenix_mesh_common::sidecar::StartError;
 
 struct State {
     settings: ServerSettings,
@@ -87,16 +67,10 @@ impl MeshListener {
         let live = Arc::new(LiveServerTls::new(&material, &options)?);
         let reloader = Arc::new(Reloader::new(live, settings.shared.tls.clone(), options));
         log_certificate(&material, "mesh listener");
-        let listener =
-            TcpListener::bind(settings.listen)
-                .await
-                .map_err(|source| ServerError::Bind {
-                    addr: settings.listen,
-                    source,
-                })?;
-        let admin = bind_admin(settings.shared.admin_listen)
+        let listener = TcpListener::bind(settings.listen)
             .await
-            .map_err(|(addr, source)| ServerError::BindAdmin { addr, source })?;
+            .map_err(ServerError::bind("the mesh listener", settings.listen))?;
+        let admin = bind_admin(settings.shared.admin_listen).await?;
         let backend = Backend::new(
             settings.backend,
             settings.backend_connect_timeout,
@@ -318,35 +292,21 @@ async fn handle(
 impl State {
     async fn request(&self, req: Request<Incoming>, peer: &Peer) -> Response<Logged<ProxyBody>> {
         let start = Instant::now();
-        let access = self.settings.shared.access_log.then(|| {
-            (
-                req.method().clone(),
-                req.headers()
-                    .get(HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .or_else(|| req.uri().authority().map(|a| a.as_str()))
-                    .unwrap_or("-")
-                    .to_owned(),
-                req.uri()
-                    .path_and_query()
-                    .map_or("/", |p| p.as_str())
-                    .to_owned(),
-            )
-        });
+        let access = self
+            .settings
+            .shared
+            .access_log
+            .then(|| AccessStart::new(&req, start));
         let (response, made_by) = self.backend.forward(req, peer).await;
         self.metrics
             .request(response.status(), made_by, start.elapsed());
-        let record = access.map(|(method, host, path)| {
-            Box::new(AccessRecord {
-                start,
-                method,
-                host,
-                path,
-                status: response.status(),
+        let record = access.map(|a| {
+            a.finish(
+                response.status(),
                 made_by,
-                peer: peer.id.name.clone(),
-                upstream: self.upstream_label.clone(),
-            })
+                peer.id.name.clone(),
+                self.upstream_label.clone(),
+            )
         });
         response.map(|body| Logged::new(body, record))
     }
