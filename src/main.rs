@@ -70,11 +70,6 @@ pub struct CheckArgs {
     path: String,
 }
 
-/// mimalloc rather than glibc malloc: TLS records, hyper's buffers and header maps are allocated and
-/// freed per request and per connection, where glibc's allocator showed up as 7-12 % of the CPU.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Config or certificate problems found at start-up (sysexits EX_CONFIG), so systemd can be told not
 /// to restart into the same mistake.
 const EXIT_CONFIG: u8 = 78;
