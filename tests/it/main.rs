@@ -21,3 +21,4 @@ mod rotation;
 mod roundtrip;
 mod soak;
 mod startup;
+mod systemd;

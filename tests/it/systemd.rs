@@ -1,0 +1,85 @@
+//! Under systemd `Type=notify` the sidecars say READY, RELOADING and STOPPING on `$NOTIFY_SOCKET`; a
+//! test stands in for systemd with a datagram socket.
+
+use std::time::Duration;
+
+use tokio::net::UnixDatagram;
+
+use crate::support::backend::Backend;
+use crate::support::within;
+use crate::support_ops::{OpsPki, ProcFiles};
+
+const BIN: &str = env!("CARGO_BIN_EXE_phoenix-mesh");
+
+/// The next notification datagram, as text.
+async fn next_notification(socket: &UnixDatagram) -> String {
+    let mut buf = vec![0u8; 4096];
+    let n = within("an sd_notify datagram", socket.recv(&mut buf))
+        .await
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn listener_notifies_ready_reloading_and_stopping() {
+    let pki = OpsPki::new();
+    let backend = Backend::start().await;
+    let files = ProcFiles::new(&pki, backend.addr, &pki.listener(), &pki.gateway());
+    files.server.write(&files.path("server.toml"));
+    let socket_path = files.path("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["server", "--config"])
+        .arg(files.path("server.toml"))
+        .env("NOTIFY_SOCKET", &socket_path)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap().to_string();
+    let kill = |signal: &str| {
+        let status = std::process::Command::new("kill")
+            .args([format!("-{signal}"), pid.clone()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+
+    assert_eq!(next_notification(&socket).await.trim(), "READY=1");
+
+    kill("HUP");
+    let reloading = next_notification(&socket).await;
+    assert!(
+        reloading.lines().any(|l| l == "RELOADING=1"),
+        "{reloading:?}"
+    );
+    assert!(
+        reloading.lines().any(|l| l.starts_with("MONOTONIC_USEC=")),
+        "systemd's notify-reload wants the time: {reloading:?}"
+    );
+    assert_eq!(next_notification(&socket).await.trim(), "READY=1");
+
+    kill("TERM");
+    assert_eq!(next_notification(&socket).await.trim(), "STOPPING=1");
+    let status = within("the listener exiting", child.wait()).await.unwrap();
+    assert!(status.success(), "{status:?}");
+
+    // Outside systemd nothing is sent: without NOTIFY_SOCKET the socket stays silent.
+    let mut quiet = tokio::process::Command::new(BIN)
+        .args(["server", "--config"])
+        .arg(files.path("server.toml"))
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let heard = tokio::time::timeout(Duration::from_millis(800), socket.recv(&mut buf)).await;
+    assert!(heard.is_err(), "a process outside systemd must not notify");
+    quiet.kill().await.unwrap();
+}
