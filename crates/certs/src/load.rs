@@ -18,7 +18,10 @@ fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, CertError> {
     })
 }
 
-fn certs_from(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError> {
+pub(crate) fn certs_from(
+    what: &'static str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, CertError> {
     let bytes = read(what, path)?;
     let certs = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
@@ -62,13 +65,6 @@ pub fn load_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, CertError
 /// The trust anchors in a CA bundle. Every certificate in the file must be usable as one.
 pub fn load_roots(path: &Path) -> Result<RootCertStore, CertError> {
     roots_from(path, certs_from("CA file", path)?)
-}
-
-pub(crate) fn load_cert_chain_as(
-    what: &'static str,
-    path: &Path,
-) -> Result<Vec<CertificateDer<'static>>, CertError> {
-    certs_from(what, path)
 }
 
 pub(crate) fn roots_from(

@@ -65,7 +65,7 @@ impl Material {
     pub fn load_at(files: &TlsFiles, role: Role, now: SystemTime) -> Result<Self, CertError> {
         let chain = load::load_cert_chain(&files.cert)?;
         let key = load::load_private_key(&files.key)?;
-        let ca_certs = load::load_cert_chain_as("CA file", &files.ca)?;
+        let ca_certs = load::certs_from("CA file", &files.ca)?;
         let roots = load::roots_from(&files.ca, ca_certs.iter().cloned())?;
         let crls = load::load_crls(&files.crls)?;
 

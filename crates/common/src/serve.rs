@@ -1,6 +1,5 @@
 //! Accepting connections and serving HTTP on them until shutdown, then draining what is in flight.
 
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -91,11 +90,6 @@ impl ShutdownWatch {
     /// Resolves when shutdown has begun.
     pub async fn wait(&mut self) {
         let _ = self.0.wait_for(|stopping| *stopping).await;
-    }
-
-    /// Whether shutdown has begun.
-    pub fn is_stopping(&self) -> bool {
-        *self.0.borrow()
     }
 }
 
@@ -196,9 +190,4 @@ where
         () = shutdown.wait() => conn.as_mut().graceful_shutdown(),
     }
     conn.await
-}
-
-/// Waits for `fut`, at most `limit`; true when it finished in time.
-pub async fn within(limit: Duration, fut: impl Future<Output = ()>) -> bool {
-    tokio::time::timeout(limit, fut).await.is_ok()
 }

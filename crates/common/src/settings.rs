@@ -103,8 +103,21 @@ pub fn read_config<T: DeserializeOwned>(path: &Path) -> Result<(SharedSettings, 
             shared.insert(key.to_owned(), value);
         }
     }
+    // The side's own keys first, so a misspelt key is reported as unknown (with every valid key)
+    // rather than as the shared key it was meant to be going missing.
+    let side: T = side.try_into().map_err(|e: toml::de::Error| {
+        let mut message = e.to_string().trim_end().replace('\n', " ");
+        if message.contains("unknown field") {
+            message.push_str(", or one of the shared keys `");
+            message.push_str(&SHARED_KEYS.join("`, `"));
+            message.push('`');
+        }
+        ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        }
+    })?;
     let shared: SharedFile = shared.try_into().map_err(parse_error)?;
-    let side: T = side.try_into().map_err(parse_error)?;
     Ok((SharedSettings::validate(path, shared)?, side))
 }
 
@@ -210,5 +223,59 @@ impl SharedSettings {
             ("access_log", self.access_log.to_string()),
             ("worker_threads", self.worker_threads.to_string()),
         ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Side {
+        #[allow(dead_code)]
+        listen: String,
+    }
+
+    fn read(tag: &str, text: &str) -> Result<(SharedSettings, Side), ConfigError> {
+        let path = std::env::temp_dir().join(format!(
+            "phoenix-mesh-settings-{}-{tag}.toml",
+            std::process::id()
+        ));
+        std::fs::write(&path, text).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let result = read_config(&path);
+        let _ = std::fs::remove_file(&path);
+        result
+    }
+
+    #[test]
+    fn a_misspelt_shared_key_is_reported_as_unknown_with_every_valid_key() {
+        let error = read(
+            "misspelt",
+            "listen = \"127.0.0.1:1\"\ncerts = \"a\"\nkey = \"b\"\nca = \"c\"\n",
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(error.contains("unknown field `certs`"), "{error}");
+        assert!(
+            error.contains("`cert`") && error.contains("`listen`"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn shared_keys_resolve_against_the_config_file() {
+        let (shared, _) = read(
+            "resolve",
+            "listen = \"127.0.0.1:1\"\ncert = \"a.crt\"\nkey = \"/k\"\nca = \"c\"\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(shared.tls.cert.is_absolute() && shared.tls.cert.ends_with("a.crt"));
+        assert_eq!(shared.tls.key, Path::new("/k"));
+        assert_eq!(shared.worker_threads, 1);
     }
 }
