@@ -12,6 +12,7 @@ mod material;
 pub mod provider;
 mod reload;
 mod tls;
+mod verified;
 
 #[cfg(feature = "pki-gen")]
 pub mod pki;

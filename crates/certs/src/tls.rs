@@ -13,6 +13,7 @@ use rustls::{
 };
 use tracing::info;
 
+use crate::verified::{chain_key, VerifiedChains, Window};
 use crate::{provider, CertError, Material, PeerIdentity};
 
 /// ALPN protocols both ends offer: HTTP/2 first so the link multiplexes when it can.
@@ -117,6 +118,7 @@ pub(crate) fn build_server_config(
     let verifier = Arc::new(PeerPolicy {
         inner,
         allowed: options.allowed_peers.clone(),
+        verified: VerifiedChains::default(),
     });
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(options.min_version.versions())
@@ -174,11 +176,13 @@ pub(crate) fn build_client_config(
 }
 
 /// rustls' own client verifier first, then our policy: the clientAuth usage must be present (webpki
-/// accepts a certificate with no extended key usage at all) and the identity must be allowed.
+/// accepts a certificate with no extended key usage at all) and the identity must be allowed. A chain
+/// that passed all of it is remembered for as long as its certificates are valid (see `verified`).
 #[derive(Debug)]
 struct PeerPolicy {
     inner: Arc<dyn ClientCertVerifier>,
     allowed: Vec<String>,
+    verified: VerifiedChains,
 }
 
 impl ClientCertVerifier for PeerPolicy {
@@ -200,6 +204,10 @@ impl ClientCertVerifier for PeerPolicy {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
+        let key = chain_key(end_entity, intermediates);
+        if self.verified.contains(&key, now) {
+            return Ok(ClientCertVerified::assertion());
+        }
         let id = match PeerIdentity::from_der(end_entity) {
             Ok(id) => id,
             Err(error) => {
@@ -228,6 +236,9 @@ impl ClientCertVerifier for PeerPolicy {
             return Err(rustls::Error::InvalidCertificate(
                 CertificateError::ApplicationVerificationFailure,
             ));
+        }
+        if let Some(window) = Window::of(end_entity, intermediates) {
+            self.verified.insert(key, window);
         }
         Ok(ClientCertVerified::assertion())
     }

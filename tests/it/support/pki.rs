@@ -76,6 +76,13 @@ impl TestPki {
         self.ours.issue(&spec).unwrap()
     }
 
+    /// The gateway identity, expiring `left` from now (issued an hour ago).
+    pub fn client_cert_expiring_in(&self, left: Duration) -> Leaf {
+        let mut spec = gateway_spec();
+        spec.not_after = SystemTime::now() + left;
+        self.ours.issue(&spec).unwrap()
+    }
+
     /// The gateway identity, valid only from tomorrow.
     pub fn not_yet_valid_client_cert(&self) -> Leaf {
         let mut spec = gateway_spec();
