@@ -64,7 +64,7 @@ async fn raw_get(s: &mut TcpStream, target: &str) -> (String, String) {
 }
 
 /// Reads one response with a Content-Length body.
-async fn read_response(s: &mut TcpStream) -> (String, String) {
+async fn read_response<S: AsyncRead + Unpin>(s: &mut S) -> (String, String) {
     let (head, mut body) = read_head(s).await;
     let len: usize = head_value(&head, "content-length")
         .unwrap_or_else(|| panic!("no content-length: {head}"))
@@ -511,6 +511,83 @@ async fn idle_keep_alive_connection_is_closed_after_header_read_timeout() {
     );
     expect_eof("idle keep-alive connection", &mut s).await;
     assert_eq!(mesh.backend.seen().len(), 1);
+}
+
+/// Between requests the listener parks an HTTP/1.1 connection without hyper's buffers (see
+/// `phoenix_mesh_common::park`). Parking must be invisible to the peer: a connection that sat idle
+/// serves its next request, a request head that arrives in two pieces with a pause between is served
+/// whole (not cut off as the end of the stream), and a parked connection still closes after the
+/// idle timeout.
+#[tokio::test(flavor = "multi_thread")]
+async fn listener_parks_idle_keep_alive_connections_invisibly() {
+    let mesh = Mesh::start_with(|s| {
+        s.server.set_str("header_read_timeout", "1500ms");
+    })
+    .await;
+    let config = crate::support::tls::client_config(
+        mesh.pki.root_pem(),
+        Some(&mesh.client_leaf),
+        &[b"http/1.1"],
+    );
+    let mut tls = within(
+        "TLS to the listener",
+        crate::support::tls::connect(mesh.listener_addr, LISTENER_NAME, config),
+    )
+    .await
+    .unwrap();
+    // Idle before the first request, then between requests.
+    for i in 0..3 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let req = format!("GET /parked/{i} HTTP/1.1\r\nHost: {SERVICE_HOST}\r\n\r\n");
+        tls.write_all(req.as_bytes()).await.unwrap();
+        let (head, body) = within("request after idling", read_response(&mut tls)).await;
+        assert!(head.starts_with("HTTP/1.1 200 "), "request {i}: {head}");
+        assert_eq!(body, HELLO);
+    }
+    // A head in two pieces, 300 ms apart, on a connection that was idle.
+    tls.write_all(format!("GET /split HTTP/1.1\r\nHost: {SERVICE_HOST}\r\n").as_bytes())
+        .await
+        .unwrap();
+    tls.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tls.write_all(b"X-Second-Half: yes\r\n\r\n").await.unwrap();
+    let (head, body) = within("split request", read_response(&mut tls)).await;
+    assert!(head.starts_with("HTTP/1.1 200 "), "split request: {head}");
+    assert_eq!(body, HELLO);
+    // Two requests in one write: the second is served from hyper's buffer, with nothing more to read,
+    // and must not be taken for an idle moment while it waits for the backend.
+    tls.write_all(
+        format!(
+            "GET /pipelined/1 HTTP/1.1\r\nHost: {SERVICE_HOST}\r\n\r\n\
+             GET /pipelined/2 HTTP/1.1\r\nHost: {SERVICE_HOST}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    for i in 1..=2 {
+        let (head, body) = within("pipelined request", read_response(&mut tls)).await;
+        assert!(
+            head.starts_with("HTTP/1.1 200 "),
+            "pipelined request {i}: {head}"
+        );
+        assert_eq!(body, HELLO);
+    }
+    let seen = mesh.backend.seen();
+    let split = seen
+        .iter()
+        .find(|r| r.target == "/split")
+        .unwrap_or_else(|| panic!("the split request never reached the backend: {seen:#?}"));
+    assert_eq!(split.one("x-second-half"), "yes");
+    assert_eq!(seen.len(), 6, "{seen:#?}");
+    // Parked past header_read_timeout: closed.
+    let started = Instant::now();
+    expect_eof("idle parked connection", &mut tls).await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(1000),
+        "closed after {:?}, before the idle timeout",
+        started.elapsed()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ pub mod check;
 pub mod config;
 pub mod headers;
 pub mod metrics;
+pub mod park;
 pub mod response;
 pub mod serve;
 pub mod settings;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::{Body, Incoming};
+use hyper::server::conn::{http1, http2};
 use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -36,22 +37,49 @@ impl Default for HttpOptions {
     }
 }
 
-/// An HTTP/1.1 + HTTP/2 server connection builder with the given limits.
+/// The HTTP/1.1 limits; hyper-util's `Http1Builder` and hyper's `http1::Builder` have the same
+/// setters but no common trait.
+macro_rules! http1_limits {
+    ($builder:expr, $options:expr) => {
+        $builder
+            .timer(TokioTimer::new())
+            .header_read_timeout($options.header_read_timeout)
+            .max_buf_size($options.max_header_bytes.max(8192))
+            .keep_alive(true)
+    };
+}
+
+/// The HTTP/2 limits, likewise.
+macro_rules! http2_limits {
+    ($builder:expr, $options:expr) => {
+        $builder
+            .timer(TokioTimer::new())
+            .max_concurrent_streams($options.max_concurrent_streams)
+            .max_header_list_size(u32::try_from($options.max_header_bytes).unwrap_or(u32::MAX))
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(20))
+    };
+}
+
+/// An HTTP/1.1 + HTTP/2 server connection builder with the given limits (HTTP/2 by its preface).
 pub fn http_builder(options: &HttpOptions) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    http1_limits!(builder.http1(), options);
+    http2_limits!(builder.http2(), options);
     builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(options.header_read_timeout)
-        .max_buf_size(options.max_header_bytes.max(8192))
-        .keep_alive(true);
+}
+
+/// An HTTP/1.1 server connection builder with the given limits.
+pub fn http1_builder(options: &HttpOptions) -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    http1_limits!(builder, options);
     builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(options.max_concurrent_streams)
-        .max_header_list_size(u32::try_from(options.max_header_bytes).unwrap_or(u32::MAX))
-        .keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(20));
+}
+
+/// An HTTP/2 server connection builder with the given limits.
+pub fn http2_builder(options: &HttpOptions) -> http2::Builder<TokioExecutor> {
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    http2_limits!(builder, options);
     builder
 }
 
@@ -190,4 +218,30 @@ where
         () = shutdown.wait() => conn.as_mut().graceful_shutdown(),
     }
     conn.await
+}
+
+/// Serves HTTP/2 on `io` (ALPN said so) until the peer is done or shutdown begins, which sends a GOAWAY
+/// and lets open streams finish.
+pub async fn serve_http2<I, S, B>(
+    builder: &http2::Builder<TokioExecutor>,
+    io: I,
+    service: S,
+    mut shutdown: ShutdownWatch,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>> + Send,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => return Ok(result?),
+        () = shutdown.wait() => conn.as_mut().graceful_shutdown(),
+    }
+    Ok(conn.await?)
 }

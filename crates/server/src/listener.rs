@@ -8,14 +8,17 @@ use std::time::Instant;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioExecutor;
-use hyper_util::server::conn::auto;
 use phoenix_mesh_certs::{failure_reason, LiveServerTls, Material, Reloader, Role};
 use phoenix_mesh_common::access::{AccessStart, Logged};
 use phoenix_mesh_common::admin::AdminState;
 use phoenix_mesh_common::metrics::{GaugeGuard, Metrics};
-use phoenix_mesh_common::serve::{accept_loop, http_builder, serve_http, ShutdownWatch, Slot};
+use phoenix_mesh_common::park::serve_http1_parking;
+use phoenix_mesh_common::serve::{
+    accept_loop, http1_builder, http2_builder, serve_http2, ShutdownWatch, Slot,
+};
 use phoenix_mesh_common::sidecar::{
     bind_admin, log_certificate, own_certificate_ready, refresh_tls_metrics, spawn_background,
     SideSettings,
@@ -37,7 +40,8 @@ struct State {
     settings: ServerSettings,
     reloader: Arc<Reloader<LiveServerTls>>,
     backend: Backend,
-    http: auto::Builder<TokioExecutor>,
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
     metrics: Metrics,
     peer_ids: PeerIds,
     serving: AtomicBool,
@@ -76,7 +80,8 @@ impl MeshListener {
             settings.backend_connect_timeout,
             settings.backend_timeout,
         );
-        let http = http_builder(&settings.shared.http);
+        let http1 = http1_builder(&settings.shared.http);
+        let http2 = http2_builder(&settings.shared.http);
         Ok(MeshListener {
             listener,
             admin,
@@ -85,7 +90,8 @@ impl MeshListener {
                 settings,
                 reloader,
                 backend,
-                http,
+                http1,
+                http2,
                 metrics: Metrics::new(),
                 peer_ids: PeerIds::default(),
                 serving: AtomicBool::new(false),
@@ -270,6 +276,7 @@ async fn handle(
         started.elapsed(),
     );
     tracing::Span::current().record("peer.id", &*id.name);
+    let h2 = conn.alpn_protocol() == Some(b"h2");
     debug!(
         resumed,
         alpn = ?conn.alpn_protocol().map(String::from_utf8_lossy),
@@ -284,7 +291,15 @@ async fn handle(
             async move { Ok::<_, std::convert::Infallible>(state.request(req, &peer).await) }
         })
     };
-    if let Err(error) = serve_http(&state.http, tls, service, shutdown).await {
+    // HTTP/2 only when ALPN chose it (RFC 9113 has no prior knowledge over TLS); HTTP/1.1 otherwise,
+    // its idle keep-alive connections parked without hyper's buffers.
+    let served = if h2 {
+        serve_http2(&state.http2, tls, service, shutdown).await
+    } else {
+        let idle = state.settings.shared.http.header_read_timeout;
+        serve_http1_parking(&state.http1, tls, service, idle, shutdown).await
+    };
+    if let Err(error) = served {
         debug!(%error, "connection ended with an error");
     }
 }

@@ -1,0 +1,331 @@
+//! HTTP/1.1 keep-alive connections that cost almost nothing while idle.
+//!
+//! hyper's HTTP/1 server keeps an 8-16 KiB read buffer and an 8 KiB write buffer for every connection
+//! for as long as it lives, idle or not, and its connection future is several KiB more. A listener with
+//! thousands of idle keep-alive mTLS connections would spend most of its memory on them. nginx frees its
+//! buffers when a keep-alive connection goes idle; this does the same with hyper's public API: while no
+//! request is in flight and nothing is unread or unwritten, hyper is shown the end of the stream, it
+//! finishes cleanly, and the TLS stream is parked (no HTTP state at all) until the peer sends again,
+//! when a fresh hyper connection takes over. Parked connections still close after the idle timeout
+//! and on shutdown.
+//!
+//! When a connection is handed back to parking:
+//! - no request is in flight (a request counts from hyper calling the service until hyper drops its
+//!   response body), and the connection was never upgraded;
+//! - everything hyper wrote has been flushed, and hyper has not been given a byte since (a request head
+//!   split over several TCP segments is never cut short);
+//! - the TLS stream itself has nothing buffered: its read would block.
+//!
+//! What this gives up: a client that pipelines requests and whose next request head was only partly
+//! received when the previous response was flushed has that connection closed before the request is
+//! served; RFC 9112 section 9.3.2 has pipelining clients retry unanswered requests on a new connection.
+
+use std::future::{poll_fn, Future};
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Request, Response, StatusCode};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::server::conn::http1;
+use hyper::service::Service;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use crate::serve::ShutdownWatch;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A byte stream that can wait, without reading, until its socket has something to read.
+pub trait ReadReady {
+    /// Ready when the underlying socket is readable (or closed).
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+impl ReadReady for TcpStream {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        TcpStream::poll_read_ready(self, cx)
+    }
+}
+
+impl ReadReady for tokio_rustls::server::TlsStream<TcpStream> {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_ref().0.poll_read_ready(cx)
+    }
+}
+
+/// What the connection's requests tell its stream.
+#[derive(Debug, Default)]
+struct Activity {
+    in_flight: AtomicUsize,
+    upgraded: AtomicBool,
+}
+
+/// Serves HTTP/1.1 on `io` until the peer closes, the connection sits parked for `idle_timeout`, or
+/// shutdown begins (in-flight requests finish; a parked connection closes at once).
+pub async fn serve_http1_parking<I, S, B>(
+    builder: &http1::Builder,
+    io: I,
+    service: S,
+    idle_timeout: Duration,
+    mut shutdown: ShutdownWatch,
+) -> Result<(), BoxError>
+where
+    I: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let activity = Arc::new(Activity::default());
+    let returned: Arc<Mutex<Option<I>>> = Arc::new(Mutex::new(None));
+    let mut io = Some(io);
+    let mut parked = false;
+    loop {
+        let Some(mut stream) = io.take() else {
+            return Ok(());
+        };
+        if parked {
+            tokio::select! {
+                biased;
+                () = shutdown.wait() => {
+                    close(&mut stream).await;
+                    return Ok(());
+                }
+                ready = tokio::time::timeout(idle_timeout, poll_fn(|cx| stream.poll_read_ready(cx))) => match ready {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => return Err(error.into()),
+                    Err(_) => {
+                        debug!(idle_ms = idle_timeout.as_millis() as u64, "idle keep-alive connection closed");
+                        close(&mut stream).await;
+                        return Ok(());
+                    }
+                },
+            }
+        }
+        let park = ParkIo {
+            io: Some(stream),
+            activity: activity.clone(),
+            returned: returned.clone(),
+            unflushed: false,
+            delivered: false,
+            parked: false,
+        };
+        let service = Tracked {
+            inner: service.clone(),
+            activity: activity.clone(),
+        };
+        // Boxed, so a parked connection's task holds a pointer rather than hyper's whole state.
+        let mut conn = Box::pin(
+            builder
+                .serve_connection(TokioIo::new(park), service)
+                .with_upgrades(),
+        );
+        let result = tokio::select! {
+            result = conn.as_mut() => result,
+            () = shutdown.wait() => {
+                conn.as_mut().graceful_shutdown();
+                conn.as_mut().await
+            }
+        };
+        result?;
+        drop(conn); // hands the stream back, if hyper finished because we parked it
+        io = returned.lock().unwrap_or_else(|e| e.into_inner()).take();
+        parked = true;
+    }
+}
+
+/// Ends a parked connection: TLS close_notify and FIN, bounded in time.
+async fn close<I: AsyncWrite + Unpin>(stream: &mut I) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+}
+
+/// The stream as hyper sees it: the real one, except that at an idle moment (see the module docs) a
+/// read that would block ends the stream instead, and the stream goes back to `returned` on drop.
+struct ParkIo<I> {
+    io: Option<I>,
+    activity: Arc<Activity>,
+    returned: Arc<Mutex<Option<I>>>,
+    /// Written since the last completed flush.
+    unflushed: bool,
+    /// Bytes handed to hyper since the connection was last idle.
+    delivered: bool,
+    /// The end of the stream shown to hyper was ours, not the peer's.
+    parked: bool,
+}
+
+impl<I> ParkIo<I> {
+    fn io(&mut self) -> Pin<&mut I>
+    where
+        I: Unpin,
+    {
+        Pin::new(self.io.as_mut().expect("stream present until drop"))
+    }
+
+    fn idle(&self) -> bool {
+        !self.unflushed
+            && !self.delivered
+            && self.activity.in_flight.load(Ordering::Acquire) == 0
+            && !self.activity.upgraded.load(Ordering::Acquire)
+    }
+}
+
+impl<I> Drop for ParkIo<I> {
+    fn drop(&mut self) {
+        if self.parked {
+            if let Some(io) = self.io.take() {
+                *self.returned.lock().unwrap_or_else(|e| e.into_inner()) = Some(io);
+            }
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for ParkIo<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.parked {
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        match self.io().poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    self.delivered = true;
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending if self.idle() => {
+                self.parked = true;
+                Poll::Ready(Ok(()))
+            }
+            other => other,
+        }
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for ParkIo<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.unflushed = true;
+        self.io().poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.unflushed = true;
+        self.io().poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.as_ref().is_some_and(|io| io.is_write_vectored())
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let flushed = self.io().poll_flush(cx);
+        if let Poll::Ready(Ok(())) = flushed {
+            self.unflushed = false;
+            if self.activity.in_flight.load(Ordering::Acquire) == 0 {
+                self.delivered = false;
+            }
+        }
+        flushed
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.parked {
+            // hyper closing after our end of stream: the connection lives on, parked.
+            return Poll::Ready(Ok(()));
+        }
+        self.io().poll_shutdown(cx)
+    }
+}
+
+/// The service, counting its requests in flight and noting an upgrade.
+#[derive(Clone)]
+struct Tracked<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+/// One request in flight, from the service call until hyper drops the response body.
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn new(activity: &Arc<Activity>) -> Self {
+        activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(activity.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl<S, B> Service<Request<Incoming>> for Tracked<S>
+where
+    S: Service<Request<Incoming>, Response = Response<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<TrackedBody<B>>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let in_flight = InFlight::new(&self.activity);
+        let future = self.inner.call(req);
+        Box::pin(async move {
+            let response = future.await?;
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                in_flight.0.upgraded.store(true, Ordering::Release);
+            }
+            Ok(response.map(|inner| TrackedBody {
+                inner,
+                _in_flight: in_flight,
+            }))
+        })
+    }
+}
+
+/// A response body that keeps its request counted as in flight until hyper drops it.
+pub struct TrackedBody<B> {
+    inner: B,
+    _in_flight: InFlight,
+}
+
+impl<B: Body + Unpin> Body for TrackedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
