@@ -63,24 +63,38 @@ async fn refuses_expired_client() {
 #[tokio::test(flavor = "multi_thread")]
 async fn refuses_a_remembered_chain_once_it_expires() {
     let mesh = Mesh::start().await;
-    let leaf = mesh.pki.client_cert_expiring_in(std::time::Duration::from_secs(3));
-    let mut config = (*tls::client_config(mesh.pki.root_pem(), Some(&leaf), &[b"http/1.1"])).clone();
+    let leaf = mesh
+        .pki
+        .client_cert_expiring_in(std::time::Duration::from_secs(3));
+    let mut config =
+        (*tls::client_config(mesh.pki.root_pem(), Some(&leaf), &[b"http/1.1"])).clone();
     // Full handshakes only: a resumed one would not present the chain at all.
     config.resumption = rustls::client::Resumption::disabled();
     let config = std::sync::Arc::new(config);
     for _ in 0..2 {
         let tls = within(
             "handshake",
-            tls::connect(mesh.listener_addr, crate::support::pki::LISTENER_NAME, config.clone()),
+            tls::connect(
+                mesh.listener_addr,
+                crate::support::pki::LISTENER_NAME,
+                config.clone(),
+            ),
         )
         .await
         .unwrap();
         let reply = within("direct request", direct_get(tls)).await;
-        assert!(reply.starts_with("HTTP/1.1 200 OK\r\n"), "while valid: {reply:?}");
+        assert!(
+            reply.starts_with("HTTP/1.1 200 OK\r\n"),
+            "while valid: {reply:?}"
+        );
     }
     // rcgen writes whole seconds and webpki accepts the last one: 3 s + 2 s is safely past.
     tokio::time::sleep(std::time::Duration::from_secs(5)).await;
-    let alert = within("refused handshake", tls::refusal_alert(mesh.listener_addr, config)).await;
+    let alert = within(
+        "refused handshake",
+        tls::refusal_alert(mesh.listener_addr, config),
+    )
+    .await;
     assert_eq!(alert, AlertDescription::CertificateExpired);
 }
 

@@ -114,7 +114,10 @@ mod tests {
         );
         assert!(!chains.contains(&key, at(99)), "before the window");
         assert!(chains.contains(&key, at(100)));
-        assert!(chains.contains(&key, at(200)), "webpki accepts the last second");
+        assert!(
+            chains.contains(&key, at(200)),
+            "webpki accepts the last second"
+        );
         assert!(!chains.contains(&key, at(201)), "after the window");
     }
 
