@@ -98,6 +98,61 @@ async fn refuses_a_remembered_chain_once_it_expires() {
     assert_eq!(alert, AlertDescription::CertificateExpired);
 }
 
+/// A TLS 1.3 session ticket outlives a step-ca certificate, and a resumed handshake does not verify
+/// the certificate again: the listener must still not serve a session whose certificate has expired.
+#[tokio::test(flavor = "multi_thread")]
+async fn does_not_serve_a_resumed_session_whose_certificate_expired() {
+    let mesh = Mesh::start().await;
+    let leaf = mesh
+        .pki
+        .client_cert_expiring_in(std::time::Duration::from_secs(3));
+    let config = tls::client_config(mesh.pki.root_pem(), Some(&leaf), &[b"http/1.1"]);
+    let tls1 = within(
+        "handshake",
+        tls::connect(
+            mesh.listener_addr,
+            crate::support::pki::LISTENER_NAME,
+            config.clone(),
+        ),
+    )
+    .await
+    .unwrap();
+    let reply = within("direct request", direct_get(tls1)).await;
+    assert!(
+        reply.starts_with("HTTP/1.1 200 OK\r\n"),
+        "while valid: {reply:?}"
+    );
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    let mut tls2 = within(
+        "resumed handshake",
+        tls::connect(
+            mesh.listener_addr,
+            crate::support::pki::LISTENER_NAME,
+            config,
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        tls2.get_ref().1.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed),
+        "the test needs a resumed session"
+    );
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tls2
+        .write_all(b"GET /after-expiry HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await;
+    let mut out = Vec::new();
+    let _ = within("closed", tls2.read_to_end(&mut out)).await;
+    assert!(
+        out.is_empty(),
+        "served after expiry: {:?}",
+        String::from_utf8_lossy(&out)
+    );
+    let seen = mesh.backend.seen();
+    assert_eq!(seen.len(), 1, "{seen:#?}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn refuses_not_yet_valid_client() {
     let mesh = Mesh::start().await;

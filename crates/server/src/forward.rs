@@ -43,6 +43,9 @@ pub(crate) struct PeerId {
     pub xfcc: HeaderValue,
     /// Short identity for logs.
     pub name: Arc<str>,
+    /// End of the certificate's validity: a resumed session carries the certificate but is not
+    /// verified again, so the listener checks this itself.
+    pub not_after: std::time::SystemTime,
 }
 
 /// Verified client certificates seen recently, so a connection (above all a resumed one, which does
@@ -64,6 +67,7 @@ impl PeerIds {
         let id = Arc::new(PeerId {
             xfcc,
             name: identity.name().into(),
+            not_after: identity.not_after,
         });
         if ids.len() >= Self::CAPACITY {
             ids.clear();

@@ -4,7 +4,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -24,6 +24,7 @@ use phoenix_mesh_common::sidecar::{
     SideSettings,
 };
 use phoenix_mesh_common::ProxyBody;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
@@ -269,6 +270,18 @@ async fn handle(
             return;
         }
     };
+    if SystemTime::now() > id.not_after {
+        // Only a resumed session gets here (a full handshake verified the dates): tickets outlive
+        // step-ca's short certificates, but a session must not outlive its certificate.
+        info!(
+            peer.id = &*id.name,
+            resumed, "client certificate expired since its session began; closing without serving"
+        );
+        failed("expired");
+        let mut tls = tls;
+        let _ = timeout(std::time::Duration::from_secs(1), tls.shutdown()).await;
+        return;
+    }
     state.metrics.handshake(
         "ok",
         "none",
