@@ -2,6 +2,7 @@
 //!
 //! - `/404`: Traefik's own `404 page not found`.
 //! - `/slow`: answers only after 30 s (for backend_timeout).
+//! - `/delay/MS`: answers `HELLO` after MS milliseconds.
 //! - `/upload`: reads the body frame by frame without keeping it; answers `<length> <sha256>`.
 //! - `/download?bytes=N`: streams N pattern bytes, gated on the test's progress (see `stream`).
 //! - anything else: `200 hello from backend` with `x-backend: echo`.
@@ -186,6 +187,12 @@ async fn handle(
             r.headers_mut()
                 .insert("x-content-type-options", "nosniff".parse().unwrap());
             r
+        }
+        delayed if delayed.starts_with("/delay/") => {
+            let ms: u64 = delayed["/delay/".len()..].parse().unwrap_or(0);
+            shared.seen.lock().unwrap().push(seen);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            return Ok(text(StatusCode::OK, HELLO.to_owned()));
         }
         "/slow" => {
             shared.seen.lock().unwrap().push(seen);
