@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use http::StatusCode;
 use phoenix_mesh_client::{ClientSettings, ClientSidecar};
-use phoenix_mesh_common::park::PARK_AFTER;
 use phoenix_mesh_common::serve::Shutdown;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -515,15 +514,14 @@ async fn idle_keep_alive_connection_is_closed_after_header_read_timeout() {
 }
 
 /// Between requests the listener parks an idle HTTP/1.1 connection without hyper's buffers (see
-/// `phoenix_mesh_common::park`; after `PARK_AFTER` of idleness). Parking must be invisible to the
-/// peer: a connection that sat idle serves its next request, a request head that arrives in two pieces
-/// with a long pause between is served whole (not cut off as the end of the stream), a pipelined
-/// request that waits long for the backend is not taken for idleness, and a parked connection still
-/// closes after the idle timeout.
+/// `phoenix_mesh_common::park`). Parking must be invisible to the peer: a connection that sat idle
+/// serves its next request, a request head that arrives in two pieces with a pause between is served
+/// whole (not cut off as the end of the stream), a pipelined request that waits for the backend is not
+/// taken for idleness, and a parked connection still closes after the idle timeout.
 #[tokio::test(flavor = "multi_thread")]
 async fn listener_parks_idle_keep_alive_connections_invisibly() {
     let mesh = Mesh::start_with(|s| {
-        s.server.set_str("header_read_timeout", "4s");
+        s.server.set_str("header_read_timeout", "2s");
     })
     .await;
     let config = crate::support::tls::client_config(
@@ -537,7 +535,7 @@ async fn listener_parks_idle_keep_alive_connections_invisibly() {
     )
     .await
     .unwrap();
-    let idle = PARK_AFTER + Duration::from_millis(400);
+    let idle = Duration::from_millis(300);
     // Idle before the first request, then between requests.
     for i in 0..3 {
         tokio::time::sleep(idle).await;
@@ -547,7 +545,7 @@ async fn listener_parks_idle_keep_alive_connections_invisibly() {
         assert!(head.starts_with("HTTP/1.1 200 "), "request {i}: {head}");
         assert_eq!(body, HELLO);
     }
-    // A head in two pieces, longer than PARK_AFTER apart.
+    // A head in two pieces, 300 ms apart.
     tls.write_all(format!("GET /split HTTP/1.1\r\nHost: {SERVICE_HOST}\r\n").as_bytes())
         .await
         .unwrap();
@@ -558,11 +556,11 @@ async fn listener_parks_idle_keep_alive_connections_invisibly() {
     assert!(head.starts_with("HTTP/1.1 200 "), "split request: {head}");
     assert_eq!(body, HELLO);
     // Two requests in one write: the second is served from hyper's buffer, with nothing more to read,
-    // and must not be taken for idleness while it waits longer than PARK_AFTER for the backend.
+    // and must not be taken for idleness while it waits for the backend.
     tls.write_all(
         format!(
             "GET /pipelined/1 HTTP/1.1\r\nHost: {SERVICE_HOST}\r\n\r\n\
-             GET /delay/1500 HTTP/1.1\r\nHost: {SERVICE_HOST}\r\n\r\n"
+             GET /delay/500 HTTP/1.1\r\nHost: {SERVICE_HOST}\r\n\r\n"
         )
         .as_bytes(),
     )
@@ -583,11 +581,11 @@ async fn listener_parks_idle_keep_alive_connections_invisibly() {
         .unwrap_or_else(|| panic!("the split request never reached the backend: {seen:#?}"));
     assert_eq!(split.one("x-second-half"), "yes");
     assert_eq!(seen.len(), 6, "{seen:#?}");
-    // Idle past header_read_timeout (4 s): closed.
+    // Idle past header_read_timeout (2 s): closed.
     let started = Instant::now();
     expect_eof("idle parked connection", &mut tls).await;
     assert!(
-        started.elapsed() >= Duration::from_millis(3000),
+        started.elapsed() >= Duration::from_millis(1500),
         "closed after {:?}, before the idle timeout",
         started.elapsed()
     );

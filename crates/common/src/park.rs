@@ -3,24 +3,22 @@
 //! hyper's HTTP/1 server keeps an 8-16 KiB read buffer and an 8 KiB write buffer for every connection
 //! for as long as it lives, idle or not, and its connection future is several KiB more. A listener with
 //! thousands of idle keep-alive mTLS connections would spend most of its memory on them. nginx frees its
-//! buffers when a keep-alive connection goes idle; this does the same with hyper's public API: once no
-//! request has been in flight and nothing unread or unwritten for [`PARK_AFTER`], hyper is shown the end
-//! of the stream, it finishes cleanly, and the TLS stream is parked (no HTTP state at all) until the peer
-//! sends again, when a fresh hyper connection takes over. The grace keeps a busy connection, whose next
-//! request follows within milliseconds, from paying for a new hyper connection per request. Parked
-//! connections still close when the idle timeout is up, and on shutdown.
+//! buffers when a keep-alive connection goes idle; this does the same with hyper's public API: while no
+//! request is in flight and nothing is unread or unwritten, hyper is shown the end of the stream, it
+//! finishes cleanly, and the TLS stream is parked (no HTTP state at all) until the peer sends again,
+//! when a fresh hyper connection takes over. Parked connections still close after the idle timeout
+//! and on shutdown.
 //!
-//! When a connection is handed back to parking, for all of [`PARK_AFTER`]:
+//! When a connection is handed back to parking:
 //! - no request is in flight (a request counts from hyper calling the service until hyper drops its
 //!   response body), and the connection was never upgraded;
 //! - everything hyper wrote has been flushed, and hyper has not been given a byte since (a request head
 //!   split over several TCP segments is never cut short);
 //! - the TLS stream itself has nothing buffered: its read would block.
 //!
-//! What this gives up: a client that pipelines requests, whose next request head was partly received
-//! with the previous response and whose rest then takes longer than [`PARK_AFTER`], has that connection
-//! closed before the request is served; RFC 9112 section 9.3.2 has pipelining clients retry unanswered
-//! requests on a new connection.
+//! What this gives up: a client that pipelines requests and whose next request head was only partly
+//! received when the previous response was flushed has that connection closed before the request is
+//! served; RFC 9112 section 9.3.2 has pipelining clients retry unanswered requests on a new connection.
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -29,8 +27,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
-
-use tokio::time::{Instant, Sleep};
 
 use http::{Request, Response, StatusCode};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -44,9 +40,6 @@ use tracing::debug;
 use crate::serve::ShutdownWatch;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// How long an HTTP/1.1 connection sits idle inside hyper before it is parked.
-pub const PARK_AFTER: Duration = Duration::from_secs(1);
 
 /// A byte stream that can wait, without reading, until its socket has something to read.
 pub trait ReadReady {
@@ -73,9 +66,8 @@ struct Activity {
     upgraded: AtomicBool,
 }
 
-/// Serves HTTP/1.1 on `io` until the peer closes, the connection has been idle for `idle_timeout`
-/// (inside hyper, whose header-read timeout should be the same, and then parked), or shutdown begins
-/// (in-flight requests finish; a parked connection closes at once).
+/// Serves HTTP/1.1 on `io` until the peer closes, the connection sits parked for `idle_timeout`, or
+/// shutdown begins (in-flight requests finish; a parked connection closes at once).
 pub async fn serve_http1_parking<I, S, B>(
     builder: &http1::Builder,
     io: I,
@@ -107,7 +99,7 @@ where
                     close(&mut stream).await;
                     return Ok(());
                 }
-                ready = tokio::time::timeout(idle_timeout.saturating_sub(PARK_AFTER), poll_fn(|cx| stream.poll_read_ready(cx))) => match ready {
+                ready = tokio::time::timeout(idle_timeout, poll_fn(|cx| stream.poll_read_ready(cx))) => match ready {
                     Ok(Ok(())) => {}
                     Ok(Err(error)) => return Err(error.into()),
                     Err(_) => {
@@ -125,8 +117,6 @@ where
             unflushed: false,
             delivered: false,
             parked: false,
-            park_timer: None,
-            timer_armed: false,
         };
         let service = Tracked {
             inner: service.clone(),
@@ -169,10 +159,6 @@ struct ParkIo<I> {
     delivered: bool,
     /// The end of the stream shown to hyper was ours, not the peer's.
     parked: bool,
-    /// Runs out [`PARK_AFTER`] into an idle period; made on the first one.
-    park_timer: Option<Pin<Box<Sleep>>>,
-    /// Whether `park_timer` is counting the current idle period.
-    timer_armed: bool,
 }
 
 impl<I> ParkIo<I> {
@@ -216,29 +202,13 @@ impl<I: AsyncRead + Unpin> AsyncRead for ParkIo<I> {
                 if buf.filled().len() > before {
                     self.delivered = true;
                 }
-                self.timer_armed = false;
                 Poll::Ready(Ok(()))
             }
             Poll::Pending if self.idle() => {
-                let armed = std::mem::replace(&mut self.timer_armed, true);
-                let timer = self
-                    .park_timer
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(PARK_AFTER)));
-                if !armed {
-                    timer.as_mut().reset(Instant::now() + PARK_AFTER);
-                }
-                match timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => {
-                        self.parked = true;
-                        Poll::Ready(Ok(()))
-                    }
-                    Poll::Pending => Poll::Pending,
-                }
+                self.parked = true;
+                Poll::Ready(Ok(()))
             }
-            other => {
-                self.timer_armed = false;
-                other
-            }
+            other => other,
         }
     }
 }
