@@ -90,3 +90,27 @@ async fn retires_connections_whose_listener_certificate_is_about_to_expire() {
         "connections near the listener certificate's expiry must not be reused; {opened} opened for 6 requests"
     );
 }
+
+/// A TLS 1.3 ticket can outlive a short-lived listener certificate, and a resumed handshake shows no
+/// certificate at all: the client must not go on resuming to a listener whose certificate has expired
+/// since the session began, but handshake in full and report the expired certificate.
+#[tokio::test(flavor = "multi_thread")]
+async fn does_not_resume_to_a_listener_whose_certificate_has_expired() {
+    let mesh = Mesh::start_with(|setup| {
+        setup.listener_leaf = setup.pki.listener_cert_expiring_in(Duration::from_secs(3));
+        // Every request dials: the pool retires connections this close to the certificate's end.
+        setup.client.set_str("pool_idle_timeout", "100ms");
+    })
+    .await;
+    let reply = send_h1(mesh.client_addr, get("/before-expiry")).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let reply = send_h1(mesh.client_addr, get("/after-expiry")).await;
+    reply.assert_mesh_error(
+        502,
+        "upstream-cert-invalid",
+        &[&mesh.listener_addr.to_string(), "xpired"],
+    );
+    let seen: Vec<String> = mesh.backend.seen().into_iter().map(|r| r.target).collect();
+    assert_eq!(seen, ["/before-expiry"]);
+}

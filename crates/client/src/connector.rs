@@ -234,6 +234,30 @@ impl Dialer {
         upstream: &str,
         http1_only: bool,
     ) -> Result<MeshStream, UpstreamError> {
+        match self.dial_attempt(upstream, http1_only, true).await? {
+            Dialed::Ready(stream) => Ok(*stream),
+            Dialed::ExpiredSession => {
+                // A resumed handshake does not show the listener's certificate again, and a ticket can
+                // outlive a step-ca certificate: redo it in full so the certificate is verified now.
+                info!(%upstream, "resumed session carries a listener certificate that has expired since; handshaking in full");
+                match self.dial_attempt(upstream, http1_only, false).await? {
+                    Dialed::Ready(stream) => Ok(*stream),
+                    Dialed::ExpiredSession => Err(UpstreamError::new(
+                        UpstreamErrorKind::Handshake,
+                        format!("phoenix-mesh client: mesh listener {upstream}: its certificate has expired"),
+                    )),
+                }
+            }
+        }
+    }
+
+    /// One connection attempt; `resume` false makes it a full handshake whatever the session cache holds.
+    async fn dial_attempt(
+        &self,
+        upstream: &str,
+        http1_only: bool,
+        resume: bool,
+    ) -> Result<Dialed, UpstreamError> {
         let unreachable = |cause: String| {
             UpstreamError::new(
                 UpstreamErrorKind::Unreachable,
@@ -253,11 +277,17 @@ impl Dialer {
         let _ = tcp.set_nodelay(true);
         // Read before the config: a reload in between marks this connection stale, never the reverse.
         let generation = self.tls.generation();
-        let connector = TlsConnector::from(if http1_only {
+        let mut config = if http1_only {
             self.tls.current_http1()
         } else {
             self.tls.current()
-        });
+        };
+        if !resume {
+            let mut full = (*config).clone();
+            full.resumption = rustls::client::Resumption::disabled();
+            config = Arc::new(full);
+        }
+        let connector = TlsConnector::from(config);
         let started = Instant::now();
         let handshake = timeout(
             self.handshake_timeout,
@@ -313,11 +343,14 @@ impl Dialer {
         let expires = peer
             .as_ref()
             .map_or(SystemTime::UNIX_EPOCH, |p| p.not_after);
+        if resume && resumed && expires < SystemTime::now() {
+            return Ok(Dialed::ExpiredSession);
+        }
         if let Some(peer) = &peer {
             self.note_listener_certificate(upstream, peer);
         }
         debug!(%upstream, h2, "mesh link established");
-        Ok(MeshStream {
+        Ok(Dialed::Ready(Box::new(MeshStream {
             _open: GaugeGuard::new(&self.metrics.upstream_connections),
             live: self.live.add(ConnInfo {
                 expires,
@@ -325,7 +358,7 @@ impl Dialer {
             }),
             tls,
             h2,
-        })
+        })))
     }
 }
 
@@ -643,6 +676,13 @@ impl ConnInfo {
 }
 
 /// An established mTLS link, told to the pool as HTTP/2 when ALPN chose it.
+/// What one connection attempt came to.
+enum Dialed {
+    Ready(Box<MeshStream>),
+    /// A resumed session whose listener certificate has expired since it began: not used.
+    ExpiredSession,
+}
+
 pub struct MeshStream {
     _open: GaugeGuard,
     live: ConnGuard,

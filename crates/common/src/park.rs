@@ -162,11 +162,15 @@ struct ParkIo<I> {
 }
 
 impl<I> ParkIo<I> {
-    fn io(&mut self) -> Pin<&mut I>
+    /// The stream; it is only ever taken out on drop, so the error is for form's sake.
+    fn io(&mut self) -> io::Result<Pin<&mut I>>
     where
         I: Unpin,
     {
-        Pin::new(self.io.as_mut().expect("stream present until drop"))
+        match self.io.as_mut() {
+            Some(io) => Ok(Pin::new(io)),
+            None => Err(io::Error::other("connection already handed back")),
+        }
     }
 
     fn idle(&self) -> bool {
@@ -197,7 +201,11 @@ impl<I: AsyncRead + Unpin> AsyncRead for ParkIo<I> {
             return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();
-        match self.io().poll_read(cx, buf) {
+        let read = match self.io() {
+            Ok(io) => io.poll_read(cx, buf),
+            Err(e) => return Poll::Ready(Err(e)),
+        };
+        match read {
             Poll::Ready(Ok(())) => {
                 if buf.filled().len() > before {
                     self.delivered = true;
@@ -220,7 +228,10 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for ParkIo<I> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         self.unflushed = true;
-        self.io().poll_write(cx, buf)
+        match self.io() {
+            Ok(io) => io.poll_write(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
     }
 
     fn poll_write_vectored(
@@ -229,7 +240,10 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for ParkIo<I> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         self.unflushed = true;
-        self.io().poll_write_vectored(cx, bufs)
+        match self.io() {
+            Ok(io) => io.poll_write_vectored(cx, bufs),
+            Err(e) => Poll::Ready(Err(e)),
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -237,7 +251,10 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for ParkIo<I> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let flushed = self.io().poll_flush(cx);
+        let flushed = match self.io() {
+            Ok(io) => io.poll_flush(cx),
+            Err(e) => return Poll::Ready(Err(e)),
+        };
         if let Poll::Ready(Ok(())) = flushed {
             self.unflushed = false;
             if self.activity.in_flight.load(Ordering::Acquire) == 0 {
@@ -252,7 +269,10 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for ParkIo<I> {
             // hyper closing after our end of stream: the connection lives on, parked.
             return Poll::Ready(Ok(()));
         }
-        self.io().poll_shutdown(cx)
+        match self.io() {
+            Ok(io) => io.poll_shutdown(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
     }
 }
 
