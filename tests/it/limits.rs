@@ -817,3 +817,36 @@ async fn busy_pooled_connection_moves_to_the_rotated_client_certificate_without_
         );
     }
 }
+
+/// Shutdown closes a parked keep-alive connection at once (TLS close_notify, then FIN) instead of
+/// holding the drain until the idle timeout.
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_closes_a_parked_connection_at_once() {
+    let mut mesh = Mesh::start_with(|s| {
+        s.server.set_str("header_read_timeout", "600s");
+    })
+    .await;
+    let config = crate::support::tls::client_config(
+        mesh.pki.root_pem(),
+        Some(&mesh.client_leaf),
+        &[b"http/1.1"],
+    );
+    let mut tls = within(
+        "TLS to the listener",
+        crate::support::tls::connect(mesh.listener_addr, LISTENER_NAME, config),
+    )
+    .await
+    .unwrap();
+    let req = format!("GET /before-shutdown HTTP/1.1\r\nHost: {SERVICE_HOST}\r\n\r\n");
+    tls.write_all(req.as_bytes()).await.unwrap();
+    let (head, _) = within("request", read_response(&mut tls)).await;
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The drain waits for every connection; a parked one that ignored shutdown would hold it for the
+    // 600 s idle timeout and `within` would fail.
+    mesh.stop_listener().await;
+    let mut rest = Vec::new();
+    let read = within("close after shutdown", tls.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "expected a clean TLS close, got {read:?}");
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+}
