@@ -96,15 +96,20 @@ async fn retires_connections_whose_listener_certificate_is_about_to_expire() {
 /// since the session began, but handshake in full and report the expired certificate.
 #[tokio::test(flavor = "multi_thread")]
 async fn does_not_resume_to_a_listener_whose_certificate_has_expired() {
+    // Long enough for the mesh to start and serve one request before the end, even on a loaded machine.
+    let life = Duration::from_secs(10);
+    let mut expired_at = None;
     let mesh = Mesh::start_with(|setup| {
-        setup.listener_leaf = setup.pki.listener_cert_expiring_in(Duration::from_secs(3));
+        setup.listener_leaf = setup.pki.listener_cert_expiring_in(life);
+        expired_at = Some(tokio::time::Instant::now() + life);
         // Every request dials: the pool retires connections this close to the certificate's end.
         setup.client.set_str("pool_idle_timeout", "100ms");
     })
     .await;
     let reply = send_h1(mesh.client_addr, get("/before-expiry")).await;
     assert_eq!(reply.status, 200, "{}", reply.body);
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    let expired_at = expired_at.expect("the setup hook ran");
+    tokio::time::sleep_until(expired_at + Duration::from_secs(2)).await;
     let reply = send_h1(mesh.client_addr, get("/after-expiry")).await;
     reply.assert_mesh_error(
         502,

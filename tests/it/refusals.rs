@@ -13,6 +13,10 @@ use crate::support::mesh::{toml_str, Mesh};
 use crate::support::pki::{expected_gateway_xfcc, GATEWAY_CN, GATEWAY_SPIFFE};
 use crate::support::{tls, within};
 
+/// Lifetime left on the certificates of the tests that watch one expire: long enough for the requests
+/// before its end even on a loaded CI machine.
+const CERT_LIFE: std::time::Duration = std::time::Duration::from_secs(6);
+
 /// Presents `leaf` (or nothing) straight to the default mesh's listener; returns the alert.
 async fn direct_refusal(mesh: &Mesh, leaf: Option<&Leaf>) -> AlertDescription {
     let config = tls::client_config(mesh.pki.root_pem(), leaf, &[b"http/1.1"]);
@@ -63,9 +67,8 @@ async fn refuses_expired_client() {
 #[tokio::test(flavor = "multi_thread")]
 async fn refuses_a_remembered_chain_once_it_expires() {
     let mesh = Mesh::start().await;
-    let leaf = mesh
-        .pki
-        .client_cert_expiring_in(std::time::Duration::from_secs(3));
+    let leaf = mesh.pki.client_cert_expiring_in(CERT_LIFE);
+    let expired_at = tokio::time::Instant::now() + CERT_LIFE;
     let mut config =
         (*tls::client_config(mesh.pki.root_pem(), Some(&leaf), &[b"http/1.1"])).clone();
     // Full handshakes only: a resumed one would not present the chain at all.
@@ -88,8 +91,8 @@ async fn refuses_a_remembered_chain_once_it_expires() {
             "while valid: {reply:?}"
         );
     }
-    // rcgen writes whole seconds and webpki accepts the last one: 3 s + 2 s is safely past.
-    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    // rcgen writes whole seconds and webpki accepts the last one: 2 s past the end is safely past.
+    tokio::time::sleep_until(expired_at + std::time::Duration::from_secs(2)).await;
     let alert = within(
         "refused handshake",
         tls::refusal_alert(mesh.listener_addr, config),
@@ -103,9 +106,8 @@ async fn refuses_a_remembered_chain_once_it_expires() {
 #[tokio::test(flavor = "multi_thread")]
 async fn does_not_serve_a_resumed_session_whose_certificate_expired() {
     let mesh = Mesh::start().await;
-    let leaf = mesh
-        .pki
-        .client_cert_expiring_in(std::time::Duration::from_secs(3));
+    let leaf = mesh.pki.client_cert_expiring_in(CERT_LIFE);
+    let expired_at = tokio::time::Instant::now() + CERT_LIFE;
     let config = tls::client_config(mesh.pki.root_pem(), Some(&leaf), &[b"http/1.1"]);
     let tls1 = within(
         "handshake",
@@ -122,7 +124,7 @@ async fn does_not_serve_a_resumed_session_whose_certificate_expired() {
         reply.starts_with("HTTP/1.1 200 OK\r\n"),
         "while valid: {reply:?}"
     );
-    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    tokio::time::sleep_until(expired_at + std::time::Duration::from_secs(2)).await;
     let mut tls2 = within(
         "resumed handshake",
         tls::connect(
