@@ -1,7 +1,8 @@
 //! A bounded soak (issue 6): both sidecars as real processes, thousands of short-lived connections
 //! through the client sidecar mixed with hostile clients hitting the listener directly (no
-//! certificate, another CA, plaintext, garbage, half handshakes), while both certificates rotate on
-//! disk. No good request may fail, and after the load the processes' descriptor counts and RSS must
+//! certificate, another CA, plaintext, garbage, half handshakes) and a keep-alive HTTP/1.1 client
+//! that idles between its requests (so the listener parks and revives its connection), while both
+//! certificates rotate on disk. No good request may fail, and after the load the processes' descriptor counts and RSS must
 //! be back near their post-warm-up levels.
 //!
 //! Bounded by counts (rounds x requests), with a wall-clock cap so a regression cannot hang CI.
@@ -200,6 +201,51 @@ async fn bad_client(listener: SocketAddr, pki: &TestPki, i: usize) -> Result<(),
         .unwrap_or_else(|_| Err(format!("bad client {i} hung")))
 }
 
+/// Requests per round from the keep-alive client straight at the listener, idling between them.
+const PARKED_PER_ROUND: usize = 3;
+
+/// One keep-alive HTTP/1.1 connection straight to the listener with a valid gateway certificate,
+/// idling before each request so the listener parks the connection and takes it up again.
+async fn parked_client(listener: SocketAddr, pki: &TestPki, tag: &str) -> Result<(), String> {
+    let fail = |what: &str, e: &dyn std::fmt::Display| format!("parked client {tag}: {what}: {e}");
+    let config = tls::client_config(pki.root_pem(), Some(&pki.client_cert()), &[b"http/1.1"]);
+    let run = async {
+        let stream = tls::connect(listener, LISTENER_NAME, config)
+            .await
+            .map_err(|e| fail("handshake", &e))?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| fail("HTTP/1.1", &e))?;
+        tokio::spawn(conn);
+        for i in 0..PARKED_PER_ROUND {
+            tokio::time::sleep(Duration::from_millis(60)).await;
+            send.ready().await.map_err(|e| fail("ready", &e))?;
+            let req = Request::get(format!("/parked/{tag}/{i}"))
+                .header("host", SERVICE_HOST)
+                .body(Empty::<Bytes>::new())
+                .unwrap();
+            let resp = send
+                .send_request(req)
+                .await
+                .map_err(|e| fail("request", &e))?;
+            let status = resp.status();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| fail("body", &e))?
+                .to_bytes();
+            if status != 200 || body != HELLO.as_bytes() {
+                return Err(fail("answer", &format!("{status} {body:?}")));
+            }
+        }
+        Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(15), run)
+        .await
+        .unwrap_or_else(|_| Err(format!("parked client {tag} hung")))
+}
+
 /// Writes a fresh leaf for `stem` (key first, then the chain, each by rename).
 fn rotate(dir: &Path, stem: &str, leaf: &phoenix_mesh_certs::pki::Leaf) {
     let staging = dir.join("staging");
@@ -251,6 +297,16 @@ async fn round(
                         .unwrap()
                         .push(format!("hostile client: {e}"));
                 }
+            }
+        }));
+    }
+    {
+        let failures = failures.clone();
+        let pki = pki.clone();
+        let tag = tag.to_owned();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = parked_client(listener, &pki, &tag).await {
+                failures.lock().unwrap().push(e);
             }
         }));
     }
@@ -366,6 +422,16 @@ async fn soak_mixed_traffic_with_rotation_keeps_good_requests_and_leaks_nothing(
         .filter(|s| s.target.starts_with("/soak/"))
         .count();
     assert_eq!(soaked, expected, "backend did not see every good request");
+    let parked = backend
+        .seen()
+        .iter()
+        .filter(|s| s.target.starts_with("/parked/"))
+        .count();
+    assert_eq!(
+        parked,
+        (ROUNDS + 2) * PARKED_PER_ROUND,
+        "backend did not see every keep-alive request"
+    );
 
     // Descriptors: wait (bounded) for pooled and half-open connections to be let go.
     let deadline = Instant::now() + Duration::from_secs(15);
