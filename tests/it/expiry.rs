@@ -119,3 +119,35 @@ async fn does_not_resume_to_a_listener_whose_certificate_has_expired() {
     let seen: Vec<String> = mesh.backend.seen().into_iter().map(|r| r.target).collect();
     assert_eq!(seen, ["/before-expiry"]);
 }
+
+/// The mirror of the case above: the client's own certificate expires while it runs (a broken renewal
+/// hook). The listener would hang up on every (resumed) connection; the client must say why instead
+/// of reporting a closed connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_whose_own_certificate_expired_says_so() {
+    let life = Duration::from_secs(8);
+    let mut expired_at = None;
+    let mesh = Mesh::start_with(|setup| {
+        setup.client_leaf = setup.pki.client_cert_expiring_in(life);
+        expired_at = Some(tokio::time::Instant::now() + life);
+        setup.client.set_str("pool_idle_timeout", "100ms");
+    })
+    .await;
+    let reply = send_h1(mesh.client_addr, get("/before-expiry")).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let expired_at = expired_at.expect("the setup hook ran");
+    tokio::time::sleep_until(expired_at + Duration::from_secs(2)).await;
+    let reply = send_h1(mesh.client_addr, get("/after-expiry")).await;
+    reply.assert_mesh_error(
+        502,
+        "client-cert-refused",
+        &[
+            "our certificate",
+            "nginx-gateway-client",
+            "expired",
+            "renew",
+        ],
+    );
+    let seen: Vec<String> = mesh.backend.seen().into_iter().map(|r| r.target).collect();
+    assert_eq!(seen, ["/before-expiry"]);
+}

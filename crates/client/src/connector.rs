@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 use http::{StatusCode, Uri};
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
-use phoenix_mesh_certs::{failure_reason, LiveClientTls, PeerIdentity};
+use phoenix_mesh_certs::{failure_reason, human, LiveClientTls, LiveTls, PeerIdentity};
 use phoenix_mesh_common::metrics::{GaugeGuard, Metrics, UpstreamLabels, UpstreamName};
 use rustls::pki_types::ServerName;
 use rustls::AlertDescription;
@@ -166,6 +166,20 @@ impl tower_service::Service<Uri> for MeshConnector {
 impl Dialer {
     /// Tries each upstream once, starting from the next in round-robin order.
     async fn dial(&self, http1_only: bool) -> Result<MeshStream, UpstreamError> {
+        // The listener refuses an expired certificate, and on a resumed session it can only do so by
+        // hanging up after the handshake; say why here instead (and spare the upstreams' health).
+        let own = self.tls.leaf();
+        if let Ok(ago) = SystemTime::now().duration_since(own.not_after) {
+            return Err(UpstreamError::new(
+                UpstreamErrorKind::ClientCertRefused,
+                format!(
+                    "phoenix-mesh client: our certificate ({}) expired {} ago, and the mesh listener \
+                     refuses expired certificates: renew it (step ca renew) and reload the client",
+                    own.subject,
+                    human(ago.as_secs())
+                ),
+            ));
+        }
         let n = self.upstreams.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         // Healthy upstreams first, in round-robin order; ejected ones only as a last resort, so a
