@@ -37,7 +37,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use crate::serve::ShutdownWatch;
+use crate::serve::{drive, ShutdownWatch};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -128,14 +128,7 @@ where
                 .serve_connection(TokioIo::new(park), service)
                 .with_upgrades(),
         );
-        let result = tokio::select! {
-            result = conn.as_mut() => result,
-            () = shutdown.wait() => {
-                conn.as_mut().graceful_shutdown();
-                conn.as_mut().await
-            }
-        };
-        result?;
+        drive(conn.as_mut(), |c| c.graceful_shutdown(), &mut shutdown).await?;
         drop(conn); // hands the stream back, if hyper finished because we parked it
         io = returned.lock().unwrap_or_else(|e| e.into_inner()).take();
         parked = true;

@@ -1,7 +1,9 @@
 //! Accepting connections and serving HTTP on them until shutdown, then draining what is in flight.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -194,6 +196,22 @@ fn is_per_connection(error: &io::Error) -> bool {
     )
 }
 
+/// Drives a connection to its end; when shutdown begins first, asks it to finish (`graceful`: hyper's
+/// `graceful_shutdown`, which lets in-flight requests complete) and waits for that.
+pub async fn drive<C: Future>(
+    mut conn: Pin<&mut C>,
+    graceful: impl FnOnce(Pin<&mut C>),
+    shutdown: &mut ShutdownWatch,
+) -> C::Output {
+    tokio::select! {
+        result = conn.as_mut() => result,
+        () = shutdown.wait() => {
+            graceful(conn.as_mut());
+            conn.await
+        }
+    }
+}
+
 /// Serves HTTP on `io` until the peer is done or shutdown begins; on shutdown, in-flight requests
 /// finish, HTTP/1 connections close after their response and HTTP/2 ones get a GOAWAY.
 pub async fn serve_http<I, S, B>(
@@ -213,11 +231,7 @@ where
 {
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
-    tokio::select! {
-        result = conn.as_mut() => return result,
-        () = shutdown.wait() => conn.as_mut().graceful_shutdown(),
-    }
-    conn.await
+    drive(conn, |c| c.graceful_shutdown(), &mut shutdown).await
 }
 
 /// Serves HTTP/2 on `io` (ALPN said so) until the peer is done or shutdown begins, which sends a GOAWAY
@@ -239,9 +253,5 @@ where
 {
     let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
-    tokio::select! {
-        result = conn.as_mut() => return Ok(result?),
-        () = shutdown.wait() => conn.as_mut().graceful_shutdown(),
-    }
-    Ok(conn.await?)
+    Ok(drive(conn, |c| c.graceful_shutdown(), &mut shutdown).await?)
 }
