@@ -5,6 +5,7 @@
 //! It does not open sockets or speak HTTP; the sidecars own that. The crypto provider is chosen in
 //! [`provider`] and nowhere else.
 
+mod cache;
 mod error;
 mod identity;
 mod load;
@@ -17,6 +18,7 @@ mod verified;
 #[cfg(feature = "pki-gen")]
 pub mod pki;
 
+pub use cache::ByteCache;
 pub use error::CertError;
 pub use identity::{IdentityError, PeerIdentity};
 pub use load::{load_cert_chain, load_crls, load_private_key, load_roots};

@@ -13,14 +13,10 @@
 //! CRLs, `allowed_peers`, or just a renewed certificate) builds a new one, empty. Only successes are
 //! remembered; a refused chain is refused (and logged) afresh every time.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-
 use rustls::pki_types::{CertificateDer, UnixTime};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-/// Chains remembered at most; past that the cache starts over (a mesh has a handful of peers).
-const CAPACITY: usize = 256;
+use crate::cache::ByteCache;
 
 /// When every certificate in a chain is valid, in Unix seconds, both ends inclusive (as webpki checks).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,41 +51,29 @@ impl Window {
 }
 
 /// The exact bytes of a presented chain: each certificate's length then its DER, leaf first.
-pub(crate) fn chain_key(end_entity: &[u8], intermediates: &[CertificateDer<'_>]) -> Vec<u8> {
+pub(crate) fn chain_key(end_entity: &[u8], intermediates: &[CertificateDer<'_>]) -> Box<[u8]> {
     let total = end_entity.len() + intermediates.iter().map(|c| c.len()).sum::<usize>();
     let mut key = Vec::with_capacity(total + 4 * (1 + intermediates.len()));
     for der in std::iter::once(end_entity).chain(intermediates.iter().map(|c| c.as_ref())) {
         key.extend_from_slice(&u32::try_from(der.len()).unwrap_or(u32::MAX).to_be_bytes());
         key.extend_from_slice(der);
     }
-    key
+    key.into()
 }
 
 /// Chains that passed verification, with when they stay valid.
 #[derive(Debug, Default)]
-pub(crate) struct VerifiedChains {
-    entries: Mutex<HashMap<Vec<u8>, Window>>,
-}
+pub(crate) struct VerifiedChains(ByteCache<Window>);
 
 impl VerifiedChains {
     /// Whether exactly this chain passed before and every certificate in it is still valid at `now`.
     pub(crate) fn contains(&self, key: &[u8], now: UnixTime) -> bool {
-        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        entries.get(key).is_some_and(|window| window.contains(now))
+        self.0.get(key).is_some_and(|window| window.contains(now))
     }
 
     /// Remembers a chain that has just passed every check.
-    pub(crate) fn insert(&self, key: Vec<u8>, window: Window) {
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        if entries.len() >= CAPACITY && !entries.contains_key(&key) {
-            entries.clear();
-        }
-        entries.insert(key, window);
-    }
-
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.entries.lock().unwrap_or_else(|e| e.into_inner()).len()
+    pub(crate) fn insert(&self, key: Box<[u8]>, window: Window) {
+        self.0.insert(key, window);
     }
 }
 
@@ -141,22 +125,6 @@ mod tests {
         // Moving bytes between certificates changes the key even when the concatenation is equal.
         let shifted = [CertificateDer::from(&b"nter"[..])];
         assert!(!chains.contains(&chain_key(b"leafi", &shifted), now));
-    }
-
-    #[test]
-    fn a_full_cache_starts_over() {
-        let chains = VerifiedChains::default();
-        let window = Window {
-            not_before: 0,
-            not_after: u64::MAX,
-        };
-        for i in 0..CAPACITY {
-            chains.insert(chain_key(&i.to_be_bytes(), &[]), window);
-        }
-        assert_eq!(chains.len(), CAPACITY);
-        chains.insert(chain_key(b"one more", &[]), window);
-        assert_eq!(chains.len(), 1);
-        assert!(chains.contains(&chain_key(b"one more", &[]), at(5)));
     }
 
     #[test]

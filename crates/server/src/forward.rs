@@ -1,10 +1,9 @@
 //! One request from a verified peer to Traefik: identity header set, hop-by-hop headers dropped,
 //! Host untouched, the response passed back as it came.
 
-use std::collections::HashMap;
 use std::error::Error as StdError;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{HeaderValue, HOST};
@@ -15,7 +14,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use phoenix_mesh_certs::PeerIdentity;
+use phoenix_mesh_certs::{ByteCache, PeerIdentity};
 use phoenix_mesh_common::headers::{
     append_forwarded_for, remove_hop_by_hop, restore_upgrade, retarget, upgrade_protocol,
 };
@@ -51,16 +50,12 @@ pub(crate) struct PeerId {
 /// Verified client certificates seen recently, so a connection (above all a resumed one, which does
 /// no certificate work at all) does not parse the same certificate and hash it again.
 #[derive(Debug, Default)]
-pub(crate) struct PeerIds(Mutex<HashMap<Box<[u8]>, Arc<PeerId>>>);
+pub(crate) struct PeerIds(ByteCache<Arc<PeerId>>);
 
 impl PeerIds {
-    /// Few gateways talk to one listener; a bigger set means churn, and starting over is fine.
-    const CAPACITY: usize = 256;
-
     pub(crate) fn get(&self, der: &[u8]) -> Result<Arc<PeerId>, String> {
-        let mut ids = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(id) = ids.get(der) {
-            return Ok(id.clone());
+        if let Some(id) = self.0.get(der) {
+            return Ok(id);
         }
         let identity = PeerIdentity::from_der(der).map_err(|e| e.to_string())?;
         let xfcc = HeaderValue::from_str(&identity.xfcc()).map_err(|e| e.to_string())?;
@@ -69,10 +64,7 @@ impl PeerIds {
             name: identity.name().into(),
             not_after: identity.not_after,
         });
-        if ids.len() >= Self::CAPACITY {
-            ids.clear();
-        }
-        ids.insert(der.into(), id.clone());
+        self.0.insert(der.into(), id.clone());
         Ok(id)
     }
 }
