@@ -10,7 +10,6 @@ use http::StatusCode;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::client::TlsStream;
 
 use crate::support::backend::HELLO;
 use crate::support::http::{get, send_h1, SERVICE_HOST};
@@ -74,17 +73,6 @@ fn seen_with_prefix(mesh: &Mesh, prefix: &str) -> Vec<String> {
         .map(|s| s.target)
         .filter(|t| t.starts_with(prefix))
         .collect()
-}
-
-/// A TLS connection to the listener presenting the gateway's certificate (HTTP/1.1 only).
-async fn tls_to_listener(mesh: &Mesh) -> TlsStream<TcpStream> {
-    let config = tls::client_config(mesh.pki.root_pem(), Some(&mesh.client_leaf), &[b"http/1.1"]);
-    within(
-        "TLS to the listener",
-        tls::connect(mesh.listener_addr, LISTENER_NAME, config),
-    )
-    .await
-    .unwrap()
 }
 
 /// The status line's code of a raw HTTP/1.1 response.
@@ -207,7 +195,7 @@ async fn slowloris_over_tls_on_listener_is_closed_after_header_read_timeout() {
         s.server.set_str("header_read_timeout", "500ms");
     })
     .await;
-    let tls = tls_to_listener(&mesh).await;
+    let tls = mesh.gateway_tls().await;
     let (mut rd, mut wr) = tokio::io::split(tls);
     let drip = tokio::spawn(async move {
         wr.write_all(format!("GET /slowloris HTTP/1.1\r\nHost: {SERVICE_HOST}\r\n").as_bytes())
@@ -268,7 +256,7 @@ async fn oversized_request_head_gets_431_on_both_hops() {
         String::from_utf8_lossy(&got)
     );
 
-    let mut tls = tls_to_listener(&mesh).await;
+    let mut tls = mesh.gateway_tls().await;
     let got = exchange(&mut tls, &oversized_head("/huge-listener")).await;
     assert_eq!(
         status_of(&got),
@@ -413,7 +401,7 @@ async fn malformed_and_smuggling_requests_on_client_port_get_400_and_never_reach
 async fn malformed_and_smuggling_requests_over_tls_get_400_and_never_reach_backend() {
     let mesh = Mesh::start().await;
     let mesh_ref = &mesh;
-    check_malformed(&mesh, "listener", || tls_to_listener(mesh_ref)).await;
+    check_malformed(&mesh, "listener", || mesh_ref.gateway_tls()).await;
 }
 
 /// Starts a mesh whose client has `first` as its first upstream and the real listener second.

@@ -5,14 +5,13 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
 use phoenix_mesh_client::{ClientSettings, ClientSidecar};
 use phoenix_mesh_common::serve::Shutdown;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -23,7 +22,7 @@ use crate::support::mesh::{toml_str, Mesh, TomlConfig};
 use crate::support::pki::{expected_gateway_xfcc, LISTENER_NAME};
 use crate::support::{closed_port_addr, within, STEP_LIMIT};
 use crate::support_ops::{
-    admin_get, eventually, install_leaf_by_rename, json_str, metric, try_get, InProc, Load, BIN,
+    admin_get, eventually, install_leaf_by_rename, metric, try_get, InProc, Load, Proc,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -524,17 +523,7 @@ async fn listener_parks_idle_keep_alive_connections_invisibly() {
         s.server.set_str("header_read_timeout", "2s");
     })
     .await;
-    let config = crate::support::tls::client_config(
-        mesh.pki.root_pem(),
-        Some(&mesh.client_leaf),
-        &[b"http/1.1"],
-    );
-    let mut tls = within(
-        "TLS to the listener",
-        crate::support::tls::connect(mesh.listener_addr, LISTENER_NAME, config),
-    )
-    .await
-    .unwrap();
+    let mut tls = mesh.gateway_tls().await;
     let idle = Duration::from_millis(300);
     // Idle before the first request, then between requests.
     for i in 0..3 {
@@ -595,73 +584,23 @@ async fn listener_parks_idle_keep_alive_connections_invisibly() {
 // Open files: the real binary under prlimit
 
 /// The real binary under `prlimit --nofile=<soft>:<hard>`, with its JSON log collected.
-struct Limited {
-    child: tokio::process::Child,
-    pid: u32,
-    lines: Arc<Mutex<Vec<String>>>,
+fn under_prlimit(nofile: &str, side: &str, config: &Path) -> Proc {
+    Proc::spawn_under(&["prlimit", &format!("--nofile={nofile}")], side, config)
 }
 
-impl Limited {
-    fn spawn(nofile: &str, side: &str, config: &Path) -> Limited {
-        let mut child = tokio::process::Command::new("prlimit")
-            .arg(format!("--nofile={nofile}"))
-            .arg(BIN)
-            .args(["--log-format", "json", side, "--config"])
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .env_remove("NOTIFY_SOCKET")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let pid = child.id().unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let mut reader = BufReader::new(child.stderr.take().unwrap()).lines();
-        let sink = lines.clone();
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = reader.next_line().await {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        Limited { child, pid, lines }
-    }
-
-    async fn wait_for_line(&self, needle: &str) -> String {
-        let lines = self.lines.clone();
-        eventually(&format!("pid {} logging {needle:?}", self.pid), || {
-            let hit = lines
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|l| l.contains(needle))
-                .cloned();
-            async move { hit }
-        })
+/// The client's plain-HTTP address once it is accepting.
+async fn client_addr(proc: &Proc) -> SocketAddr {
+    proc.addr_from_log("client sidecar accepting plain HTTP", "listen")
         .await
-    }
+}
 
-    /// The client's plain-HTTP address once it is accepting.
-    async fn client_addr(&self) -> SocketAddr {
-        let line = self
-            .wait_for_line("client sidecar accepting plain HTTP")
-            .await;
-        json_str(&line, "listen").unwrap().parse().unwrap()
-    }
-
-    fn running(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-
-    /// Clock ticks of CPU (user + system) the process has used.
-    fn cpu_ticks(&self) -> u64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap();
-        // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-        let after = &stat[stat.rfind(')').unwrap() + 2..];
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-    }
+/// Clock ticks of CPU (user + system) process `pid` has used.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
 /// A client config in `mesh.dir` forwarding to `mesh`'s listener.
@@ -685,8 +624,8 @@ fn binary_client_config(mesh: &Mesh) -> std::path::PathBuf {
 #[tokio::test(flavor = "multi_thread")]
 async fn binary_raises_its_open_file_soft_limit_to_the_hard_limit() {
     let mesh = Mesh::start().await;
-    let mut proc = Limited::spawn("1024:4096", "client", &binary_client_config(&mesh));
-    let addr = proc.client_addr().await;
+    let mut proc = under_prlimit("1024:4096", "client", &binary_client_config(&mesh));
+    let addr = client_addr(&proc).await;
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", proc.pid)).unwrap();
     let line = limits
         .lines()
@@ -702,8 +641,8 @@ async fn binary_raises_its_open_file_soft_limit_to_the_hard_limit() {
 #[tokio::test(flavor = "multi_thread")]
 async fn binary_out_of_descriptors_backs_off_instead_of_spinning_and_recovers() {
     let mesh = Mesh::start().await;
-    let mut proc = Limited::spawn("64:64", "client", &binary_client_config(&mesh));
-    let addr = proc.client_addr().await;
+    let mut proc = under_prlimit("64:64", "client", &binary_client_config(&mesh));
+    let addr = client_addr(&proc).await;
     let got = try_get(addr, "/warm").await.unwrap();
     assert_eq!((got.status, got.body.as_str()), (200, HELLO));
 
@@ -711,7 +650,7 @@ async fn binary_out_of_descriptors_backs_off_instead_of_spinning_and_recovers() 
     for _ in 0..100 {
         held.push(TcpStream::connect(addr).await.unwrap());
     }
-    proc.wait_for_line("accept failed; backing off").await;
+    proc.wait_for_line(&["accept failed; backing off"]).await;
 
     let hz: u64 = std::process::Command::new("getconf")
         .arg("CLK_TCK")
@@ -719,9 +658,9 @@ async fn binary_out_of_descriptors_backs_off_instead_of_spinning_and_recovers() 
         .ok()
         .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
         .unwrap_or(100);
-    let (ticks0, t0) = (proc.cpu_ticks(), Instant::now());
+    let (ticks0, t0) = (cpu_ticks(proc.pid), Instant::now());
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let (ticks1, wall) = (proc.cpu_ticks(), t0.elapsed());
+    let (ticks1, wall) = (cpu_ticks(proc.pid), t0.elapsed());
     let cpu = Duration::from_millis((ticks1 - ticks0) * 1000 / hz);
     // A busy accept loop burns most of a core (about 65% here, logging each failure); backing off
     // (up to 1 s) burns next to nothing (0 ticks here). A quarter of a core is a generous bound.
@@ -826,17 +765,7 @@ async fn shutdown_closes_a_parked_connection_at_once() {
         s.server.set_str("header_read_timeout", "600s");
     })
     .await;
-    let config = crate::support::tls::client_config(
-        mesh.pki.root_pem(),
-        Some(&mesh.client_leaf),
-        &[b"http/1.1"],
-    );
-    let mut tls = within(
-        "TLS to the listener",
-        crate::support::tls::connect(mesh.listener_addr, LISTENER_NAME, config),
-    )
-    .await
-    .unwrap();
+    let mut tls = mesh.gateway_tls().await;
     let req = format!("GET /before-shutdown HTTP/1.1\r\nHost: {SERVICE_HOST}\r\n\r\n");
     tls.write_all(req.as_bytes()).await.unwrap();
     let (head, _) = within("request", read_response(&mut tls)).await;

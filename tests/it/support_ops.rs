@@ -183,7 +183,21 @@ pub struct Proc {
 impl Proc {
     /// Starts `phoenix-mesh --log-format json <side> --config <config>`.
     pub fn spawn(side: &str, config: &Path) -> Proc {
-        let mut child = tokio::process::Command::new(BIN)
+        Proc::spawn_under(&[], side, config)
+    }
+
+    /// The same, run through `wrapper` (a command that execs its arguments, e.g.
+    /// `["prlimit", "--nofile=64:64"]`), so `pid` is still the sidecar's.
+    pub fn spawn_under(wrapper: &[&str], side: &str, config: &Path) -> Proc {
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = tokio::process::Command::new(program);
+                command.args(args).arg(BIN);
+                command
+            }
+            None => tokio::process::Command::new(BIN),
+        };
+        let mut child = command
             .args(["--log-format", "json", side, "--config"])
             .arg(config)
             .env("RUST_LOG", "info")

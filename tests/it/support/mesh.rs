@@ -206,6 +206,18 @@ impl Mesh {
         }
     }
 
+    /// An HTTP/1.1 TLS connection straight to the listener, presenting the gateway's certificate.
+    pub async fn gateway_tls(&self) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+        let config =
+            super::tls::client_config(self.pki.root_pem(), Some(&self.client_leaf), &[b"http/1.1"]);
+        super::within(
+            "TLS to the listener",
+            super::tls::connect(self.listener_addr, LISTENER_NAME, config),
+        )
+        .await
+        .unwrap()
+    }
+
     /// Stops the mesh listener: its port closes and its connections drain.
     pub async fn stop_listener(&mut self) {
         if let Some(listener) = self.listener.take() {
