@@ -75,16 +75,7 @@ async fn refuses_a_remembered_chain_once_it_expires() {
     config.resumption = rustls::client::Resumption::disabled();
     let config = std::sync::Arc::new(config);
     for _ in 0..2 {
-        let tls = within(
-            "handshake",
-            tls::connect(
-                mesh.listener_addr,
-                crate::support::pki::LISTENER_NAME,
-                config.clone(),
-            ),
-        )
-        .await
-        .unwrap();
+        let tls = tls::to_listener(mesh.listener_addr, config.clone()).await;
         let reply = within("direct request", direct_get(tls)).await;
         assert!(
             reply.starts_with("HTTP/1.1 200 OK\r\n"),
@@ -109,32 +100,14 @@ async fn does_not_serve_a_resumed_session_whose_certificate_expired() {
     let leaf = mesh.pki.client_cert_expiring_in(CERT_LIFE);
     let expired_at = tokio::time::Instant::now() + CERT_LIFE;
     let config = tls::client_config(mesh.pki.root_pem(), Some(&leaf), &[b"http/1.1"]);
-    let tls1 = within(
-        "handshake",
-        tls::connect(
-            mesh.listener_addr,
-            crate::support::pki::LISTENER_NAME,
-            config.clone(),
-        ),
-    )
-    .await
-    .unwrap();
+    let tls1 = tls::to_listener(mesh.listener_addr, config.clone()).await;
     let reply = within("direct request", direct_get(tls1)).await;
     assert!(
         reply.starts_with("HTTP/1.1 200 OK\r\n"),
         "while valid: {reply:?}"
     );
     tokio::time::sleep_until(expired_at + std::time::Duration::from_secs(2)).await;
-    let mut tls2 = within(
-        "resumed handshake",
-        tls::connect(
-            mesh.listener_addr,
-            crate::support::pki::LISTENER_NAME,
-            config,
-        ),
-    )
-    .await
-    .unwrap();
+    let mut tls2 = tls::to_listener(mesh.listener_addr, config).await;
     assert_eq!(
         tls2.get_ref().1.handshake_kind(),
         Some(rustls::HandshakeKind::Resumed),
@@ -239,16 +212,7 @@ async fn assert_allowed(mesh: &Mesh) {
     );
     // And straight at the listener with the same certificate.
     let config = tls::client_config(mesh.pki.root_pem(), Some(&mesh.client_leaf), &[]);
-    let tls = within(
-        "handshake",
-        tls::connect(
-            mesh.listener_addr,
-            crate::support::pki::LISTENER_NAME,
-            config,
-        ),
-    )
-    .await
-    .unwrap();
+    let tls = tls::to_listener(mesh.listener_addr, config).await;
     let reply = within("direct request", direct_get(tls)).await;
     assert!(
         reply.starts_with("HTTP/1.1 200 OK\r\n"),

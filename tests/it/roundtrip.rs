@@ -269,16 +269,7 @@ async fn listener_speaks_http2_over_alpn() {
         Some(&mesh.client_leaf),
         &[b"h2", b"http/1.1"],
     );
-    let stream = within(
-        "handshake",
-        tls::connect(
-            mesh.listener_addr,
-            crate::support::pki::LISTENER_NAME,
-            config,
-        ),
-    )
-    .await
-    .unwrap();
+    let stream = tls::to_listener(mesh.listener_addr, config).await;
     assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
     let (mut sender, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
@@ -313,16 +304,7 @@ async fn http10_request_without_host_gets_the_backend_address_as_host() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mesh = Mesh::start().await;
     let config = tls::client_config(mesh.pki.root_pem(), Some(&mesh.client_leaf), &[]);
-    let mut stream = within(
-        "mTLS to the listener",
-        tls::connect(
-            mesh.listener_addr,
-            crate::support::pki::LISTENER_NAME,
-            config,
-        ),
-    )
-    .await
-    .unwrap();
+    let mut stream = tls::to_listener(mesh.listener_addr, config).await;
     stream
         .write_all(b"GET /ten HTTP/1.0\r\n\r\n")
         .await

@@ -602,12 +602,7 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
 
 /// The listener certificate (DER) a fresh TLS connection to `addr` is shown.
 pub async fn presented_leaf(addr: SocketAddr, config: Arc<ClientConfig>) -> Vec<u8> {
-    let tls = within(
-        "TLS handshake with the listener",
-        crate::support::tls::connect(addr, LISTENER_NAME, config),
-    )
-    .await
-    .unwrap();
+    let tls = crate::support::tls::to_listener(addr, config).await;
     tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
 }
 

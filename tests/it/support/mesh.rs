@@ -210,12 +210,7 @@ impl Mesh {
     pub async fn gateway_tls(&self) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
         let config =
             super::tls::client_config(self.pki.root_pem(), Some(&self.client_leaf), &[b"http/1.1"]);
-        super::within(
-            "TLS to the listener",
-            super::tls::connect(self.listener_addr, LISTENER_NAME, config),
-        )
-        .await
-        .unwrap()
+        super::tls::to_listener(self.listener_addr, config).await
     }
 
     /// Stops the mesh listener: its port closes and its connections drain.

@@ -53,6 +53,17 @@ pub async fn connect(
     TlsConnector::from(config).connect(name, tcp).await
 }
 
+/// Connects to the mesh listener at `addr` (its name as SNI) and completes the handshake, failing the
+/// test if it does not.
+pub async fn to_listener(addr: SocketAddr, config: Arc<ClientConfig>) -> TlsStream<TcpStream> {
+    super::within(
+        "TLS handshake with the listener",
+        connect(addr, super::pki::LISTENER_NAME, config),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("TLS handshake with the listener {addr}: {e}"))
+}
+
 /// The TLS alert a peer sent, found anywhere in an error's chain.
 pub fn alert_in(error: &(dyn StdError + 'static)) -> Option<AlertDescription> {
     let mut current = Some(error);
