@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::support::http::{get, send_h1};
+use crate::support::http::{get, send_h1, Reply};
 use crate::support::mesh::{toml_str, Mesh};
 
 /// A TCP relay in front of the listener that counts the connections the client opens.
@@ -91,18 +91,25 @@ async fn retires_connections_whose_listener_certificate_is_about_to_expire() {
     );
 }
 
-/// A TLS 1.3 ticket can outlive a short-lived listener certificate, and a resumed handshake shows no
-/// certificate at all: the client must not go on resuming to a listener whose certificate has expired
-/// since the session began, but handshake in full and report the expired certificate.
-#[tokio::test(flavor = "multi_thread")]
-async fn does_not_resume_to_a_listener_whose_certificate_has_expired() {
-    // Long enough for the mesh to start and serve one request before the end, even on a loaded machine.
+/// Which certificate [`served_then_expired`] lets run out.
+enum Expiring {
+    Listener,
+    Client,
+}
+
+/// A mesh in which `which` certificate expires 10 s after it is issued (long enough to start and serve
+/// one request even on a loaded machine), every request dialling afresh (the pool retires connections
+/// this close to a certificate's end). Serves `/before-expiry`, waits until the certificate has
+/// expired and returns the answer to `/after-expiry`, after checking the backend saw only the first.
+async fn served_then_expired(which: Expiring) -> (Mesh, Reply) {
     let life = Duration::from_secs(10);
     let mut expired_at = None;
     let mesh = Mesh::start_with(|setup| {
-        setup.listener_leaf = setup.pki.listener_cert_expiring_in(life);
+        match which {
+            Expiring::Listener => setup.listener_leaf = setup.pki.listener_cert_expiring_in(life),
+            Expiring::Client => setup.client_leaf = setup.pki.client_cert_expiring_in(life),
+        }
         expired_at = Some(tokio::time::Instant::now() + life);
-        // Every request dials: the pool retires connections this close to the certificate's end.
         setup.client.set_str("pool_idle_timeout", "100ms");
     })
     .await;
@@ -111,13 +118,22 @@ async fn does_not_resume_to_a_listener_whose_certificate_has_expired() {
     let expired_at = expired_at.expect("the setup hook ran");
     tokio::time::sleep_until(expired_at + Duration::from_secs(2)).await;
     let reply = send_h1(mesh.client_addr, get("/after-expiry")).await;
+    let seen: Vec<String> = mesh.backend.seen().into_iter().map(|r| r.target).collect();
+    assert_eq!(seen, ["/before-expiry"]);
+    (mesh, reply)
+}
+
+/// A TLS 1.3 ticket can outlive a short-lived listener certificate, and a resumed handshake shows no
+/// certificate at all: the client must not go on resuming to a listener whose certificate has expired
+/// since the session began, but handshake in full and report the expired certificate.
+#[tokio::test(flavor = "multi_thread")]
+async fn does_not_resume_to_a_listener_whose_certificate_has_expired() {
+    let (mesh, reply) = served_then_expired(Expiring::Listener).await;
     reply.assert_mesh_error(
         502,
         "upstream-cert-invalid",
         &[&mesh.listener_addr.to_string(), "xpired"],
     );
-    let seen: Vec<String> = mesh.backend.seen().into_iter().map(|r| r.target).collect();
-    assert_eq!(seen, ["/before-expiry"]);
 }
 
 /// The mirror of the case above: the client's own certificate expires while it runs (a broken renewal
@@ -125,19 +141,7 @@ async fn does_not_resume_to_a_listener_whose_certificate_has_expired() {
 /// of reporting a closed connection.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_whose_own_certificate_expired_says_so() {
-    let life = Duration::from_secs(8);
-    let mut expired_at = None;
-    let mesh = Mesh::start_with(|setup| {
-        setup.client_leaf = setup.pki.client_cert_expiring_in(life);
-        expired_at = Some(tokio::time::Instant::now() + life);
-        setup.client.set_str("pool_idle_timeout", "100ms");
-    })
-    .await;
-    let reply = send_h1(mesh.client_addr, get("/before-expiry")).await;
-    assert_eq!(reply.status, 200, "{}", reply.body);
-    let expired_at = expired_at.expect("the setup hook ran");
-    tokio::time::sleep_until(expired_at + Duration::from_secs(2)).await;
-    let reply = send_h1(mesh.client_addr, get("/after-expiry")).await;
+    let (_mesh, reply) = served_then_expired(Expiring::Client).await;
     reply.assert_mesh_error(
         502,
         "client-cert-refused",
@@ -148,6 +152,4 @@ async fn a_client_whose_own_certificate_expired_says_so() {
             "renew",
         ],
     );
-    let seen: Vec<String> = mesh.backend.seen().into_iter().map(|r| r.target).collect();
-    assert_eq!(seen, ["/before-expiry"]);
 }
