@@ -233,25 +233,3 @@ where
     tokio::pin!(conn);
     drive(conn, |c| c.graceful_shutdown(), &mut shutdown).await
 }
-
-/// Serves HTTP/2 on `io` (ALPN said so) until the peer is done or shutdown begins, which sends a GOAWAY
-/// and lets open streams finish.
-pub async fn serve_http2<I, S, B>(
-    builder: &http2::Builder<TokioExecutor>,
-    io: I,
-    service: S,
-    mut shutdown: ShutdownWatch,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: Service<Request<Incoming>, Response = Response<B>> + Send,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let conn = builder.serve_connection(TokioIo::new(io), service);
-    tokio::pin!(conn);
-    Ok(drive(conn, |c| c.graceful_shutdown(), &mut shutdown).await?)
-}

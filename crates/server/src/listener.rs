@@ -10,14 +10,14 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use phoenix_mesh_certs::{failure_reason, LiveServerTls, Material, Reloader, Role};
 use phoenix_mesh_common::access::{AccessStart, Logged};
 use phoenix_mesh_common::admin::AdminState;
 use phoenix_mesh_common::metrics::{GaugeGuard, Metrics};
 use phoenix_mesh_common::park::serve_http1_parking;
 use phoenix_mesh_common::serve::{
-    accept_loop, http1_builder, http2_builder, serve_http2, ShutdownWatch, Slot,
+    accept_loop, drive, http1_builder, http2_builder, ShutdownWatch, Slot,
 };
 use phoenix_mesh_common::sidecar::{
     bind_admin, log_certificate, own_certificate_ready, refresh_tls_metrics, spawn_background,
@@ -189,7 +189,7 @@ async fn handle(
     stream: TcpStream,
     addr: SocketAddr,
     listen: SocketAddr,
-    shutdown: ShutdownWatch,
+    mut shutdown: ShutdownWatch,
     _slot: Slot,
 ) {
     let _open = GaugeGuard::new(&state.metrics.open_connections);
@@ -306,8 +306,13 @@ async fn handle(
     };
     // HTTP/2 only when ALPN chose it (RFC 9113 has no prior knowledge over TLS); HTTP/1.1 otherwise,
     // its idle keep-alive connections parked without hyper's buffers.
-    let served = if h2 {
-        serve_http2(&state.http2, tls, service, shutdown).await
+    let served: Result<(), Box<dyn std::error::Error + Send + Sync>> = if h2 {
+        // On shutdown: GOAWAY, open streams finish.
+        let conn = state.http2.serve_connection(TokioIo::new(tls), service);
+        tokio::pin!(conn);
+        drive(conn, |c| c.graceful_shutdown(), &mut shutdown)
+            .await
+            .map_err(Into::into)
     } else {
         let idle = state.settings.shared.http.header_read_timeout;
         serve_http1_parking(&state.http1, tls, service, idle, shutdown).await
