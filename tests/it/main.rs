@@ -22,3 +22,4 @@ mod roundtrip;
 mod soak;
 mod startup;
 mod systemd;
+mod unix_listen;

@@ -36,7 +36,9 @@ struct Nginx {
 }
 
 impl Nginx {
-    async fn start(binary: &Path, dir: &Path, client_addr: SocketAddr, mesh: &Mesh) -> Nginx {
+    /// nginx proxying to the client sidecar at `sidecar`: `ip:port` or `unix:/path`, as nginx's
+    /// `server` directive takes it (the same `upstream` block as deploy/lxc-101-nginx).
+    async fn start(binary: &Path, dir: &Path, sidecar: &str, mesh: &Mesh) -> Nginx {
         write_leaf(dir, "nginx", &mesh.pki.server_cert_for(SERVICE_HOST));
         for sub in ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"] {
             std::fs::create_dir_all(dir.join("tmp").join(sub)).unwrap();
@@ -58,13 +60,17 @@ http {{
     fastcgi_temp_path {d}/tmp/fastcgi;
     uwsgi_temp_path {d}/tmp/uwsgi;
     scgi_temp_path {d}/tmp/scgi;
+    upstream phoenix_mesh {{
+        server {sidecar};
+        keepalive 8;
+    }}
     server {{
         listen {addr} ssl;
         server_name {SERVICE_HOST};
         ssl_certificate {d}/nginx.crt;
         ssl_certificate_key {d}/nginx.key;
         location / {{
-            proxy_pass http://{client_addr};
+            proxy_pass http://phoenix_mesh;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_set_header Host $host;
@@ -129,7 +135,31 @@ async fn nginx_to_client_to_listener_to_backend() {
         return;
     };
     let mesh = Mesh::start().await;
-    let nginx = Nginx::start(&binary, mesh.dir.path(), mesh.client_addr, &mesh).await;
+    let sidecar = mesh.client_addr.to_string();
+    through_nginx(&binary, &mesh, &sidecar).await;
+}
+
+/// The same hop with nginx reaching the client sidecar through a unix socket.
+#[tokio::test(flavor = "multi_thread")]
+async fn nginx_to_client_over_a_unix_socket() {
+    let Some(binary) = find_nginx() else {
+        eprintln!("skipped: nginx not found on PATH (apt-get install -y nginx)");
+        return;
+    };
+    let mut socket = PathBuf::new();
+    let mesh = Mesh::start_with(|setup| {
+        socket = setup.dir.join("client.sock");
+        setup
+            .client
+            .set_str("listen", &format!("unix:{}", socket.display()));
+    })
+    .await;
+    through_nginx(&binary, &mesh, &format!("unix:{}", socket.display())).await;
+}
+
+/// A request through nginx (TLS from the test) and the mesh; checks what the backend saw.
+async fn through_nginx(binary: &Path, mesh: &Mesh, sidecar: &str) {
+    let nginx = Nginx::start(binary, mesh.dir.path(), sidecar, mesh).await;
 
     let config = tls::client_config(mesh.pki.root_pem(), None, &[b"http/1.1"]);
     let stream = within(

@@ -1,12 +1,12 @@
 //! The client's config file (flat TOML keys) and its validated settings.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use phoenix_mesh_certs::{ClientTlsOptions, LiveClientTls};
 use phoenix_mesh_common::config::{ConfigDuration, ConfigError};
-use phoenix_mesh_common::settings::{invalid, or_secs, read_config, socket_addr, SharedSettings};
+use phoenix_mesh_common::listen::ListenAddr;
+use phoenix_mesh_common::settings::{invalid, or_secs, read_config, SharedSettings};
 use phoenix_mesh_common::sidecar::SideSettings;
 use serde::Deserialize;
 
@@ -15,6 +15,10 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields)]
 struct ClientFile {
     listen: String,
+    #[serde(default)]
+    listen_mode: Option<String>,
+    #[serde(default)]
+    listen_group: Option<String>,
     upstreams: Vec<String>,
     #[serde(default)]
     server_name: Option<String>,
@@ -37,8 +41,8 @@ pub struct ClientSettings {
     pub path: PathBuf,
     /// The keys both sides share: TLS files, admin endpoint, limits, timeouts.
     pub shared: SharedSettings,
-    /// Loopback address nginx sends plain HTTP to.
-    pub listen: SocketAddr,
+    /// Where nginx sends plain HTTP: a loopback address, or a unix socket.
+    pub listen: ListenAddr,
     /// Mesh listeners, `host:port`, tried round-robin.
     pub upstreams: Vec<String>,
     /// Name (or IP) the listener's certificate must carry; also the SNI.
@@ -57,8 +61,14 @@ impl ClientSettings {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let (shared, f): (SharedSettings, ClientFile) = read_config(path)?;
-        let listen = socket_addr(path, "listen", &f.listen)?;
-        if !listen.ip().is_loopback() && !f.allow_public_listen {
+        let listen = ListenAddr::parse(
+            path,
+            &f.listen,
+            f.listen_mode.as_deref(),
+            f.listen_group.as_deref(),
+        )?;
+        let public = matches!(listen, ListenAddr::Tcp(addr) if !addr.ip().is_loopback());
+        if public && !f.allow_public_listen {
             return Err(invalid(
                 path,
                 "listen",

@@ -15,14 +15,16 @@ use phoenix_mesh_certs::{error_chain, LiveClientTls, Material, Reloader, Role};
 use phoenix_mesh_common::access::{AccessStart, Logged};
 use phoenix_mesh_common::admin::AdminState;
 use phoenix_mesh_common::config::ConfigError;
+use phoenix_mesh_common::listen::{BoundUnix, ListenAddr};
 use phoenix_mesh_common::metrics::{GaugeGuard, Metrics};
-use phoenix_mesh_common::serve::{accept_loop, http_builder, serve_http, ShutdownWatch};
+use phoenix_mesh_common::serve::{accept_loop, http_builder, serve_http, ShutdownWatch, Slot};
 use phoenix_mesh_common::sidecar::{
     bind_admin, log_certificate, own_certificate_ready, refresh_tls_metrics, spawn_background,
     SideSettings,
 };
 use phoenix_mesh_common::ProxyBody;
 use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tracing::{debug, field, info, info_span, Instrument};
 
@@ -44,9 +46,15 @@ struct State {
     upstream_label: Arc<str>,
 }
 
+/// The socket nginx connects to.
+enum Bound {
+    Tcp(TcpListener),
+    Unix(BoundUnix),
+}
+
 /// A bound client sidecar, ready to serve.
 pub struct ClientSidecar {
-    listener: TcpListener,
+    listener: Bound,
     admin: Option<TcpListener>,
     state: Arc<State>,
 }
@@ -54,7 +62,7 @@ pub struct ClientSidecar {
 impl std::fmt::Debug for ClientSidecar {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClientSidecar")
-            .field("listen", &self.listener.local_addr().ok())
+            .field("listen", &self.state.settings.listen.to_string())
             .finish_non_exhaustive()
     }
 }
@@ -93,9 +101,12 @@ impl ClientSidecar {
             settings.pool_idle_timeout,
             settings.upstream_timeout,
         );
-        let listener = TcpListener::bind(settings.listen)
-            .await
-            .map_err(ClientError::bind("the client listener", settings.listen))?;
+        let bind_error = ClientError::bind("the client listener", &settings.listen);
+        let listener = match &settings.listen {
+            ListenAddr::Tcp(addr) => TcpListener::bind(addr).await.map(Bound::Tcp),
+            ListenAddr::Unix(socket) => BoundUnix::bind(socket).map(Bound::Unix),
+        }
+        .map_err(bind_error)?;
         let admin = bind_admin(settings.shared.admin_listen).await?;
         let http = http_builder(&settings.shared.http);
         Ok(ClientSidecar {
@@ -114,9 +125,15 @@ impl ClientSidecar {
         })
     }
 
-    /// The address actually bound (useful with port 0).
+    /// The address actually bound (useful with port 0); an error for a unix socket.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.listener.local_addr()
+        match &self.listener {
+            Bound::Tcp(listener) => listener.local_addr(),
+            Bound::Unix(socket) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("listening on unix:{}", socket.path().display()),
+            )),
+        }
     }
 
     /// The admin endpoint's address, when configured.
@@ -137,8 +154,14 @@ impl ClientSidecar {
     /// Serves until shutdown begins; connections already open carry on and hold `shutdown` until done.
     pub async fn serve(self, shutdown: ShutdownWatch) {
         let state = self.state;
+        let listen = match &self.listener {
+            Bound::Tcp(listener) => listener
+                .local_addr()
+                .map_or_else(|_| state.settings.listen.to_string(), |a| a.to_string()),
+            Bound::Unix(_) => state.settings.listen.to_string(),
+        };
         info!(
-            listen = %self.listener.local_addr().unwrap_or(state.settings.listen),
+            %listen,
             upstreams = ?state.settings.upstreams,
             server_name = %state.settings.server_name,
             "client sidecar accepting plain HTTP"
@@ -148,45 +171,59 @@ impl ClientSidecar {
             .map(|listener| (listener, state.clone() as Arc<dyn AdminState>));
         spawn_background(&state.reloader, &state.settings.shared, admin, &shutdown);
         state.serving.store(true, Ordering::Relaxed);
+        let max = state.settings.shared.max_connections;
         let conn_shutdown = shutdown.clone();
-        let accept_state = state.clone();
-        accept_loop(
-            self.listener,
-            state.settings.shared.max_connections,
-            shutdown,
-            move |stream, addr, slot| {
-                let state = accept_state.clone();
-                let shutdown = conn_shutdown.clone();
-                let span = info_span!("conn", peer.addr = %addr, peer.id = field::Empty);
-                tokio::spawn(
-                    async move {
-                        let _slot = slot;
-                        let _open = GaugeGuard::new(&state.metrics.open_connections);
-                        let peer: Arc<str> = addr.to_string().into();
-                        let service = {
-                            let state = state.clone();
-                            service_fn(move |req| {
-                                let state = state.clone();
-                                let peer = peer.clone();
-                                async move {
-                                    Ok::<_, std::convert::Infallible>(
-                                        state.request(req, peer).await,
-                                    )
-                                }
-                            })
-                        };
-                        if let Err(error) = serve_http(&state.http, stream, service, shutdown).await
-                        {
-                            debug!(%error, "connection ended with an error");
-                        }
-                    }
-                    .instrument(span),
-                );
-            },
-        )
-        .await;
+        match self.listener {
+            Bound::Tcp(listener) => {
+                accept_loop(listener, max, shutdown, |stream, addr, slot| {
+                    spawn_conn(&state, stream, addr, slot, &conn_shutdown);
+                })
+                .await;
+            }
+            Bound::Unix(socket) => {
+                // The socket file goes when `socket` is dropped, as the accept loop ends.
+                accept_loop(socket, max, shutdown, |stream, peer, slot| {
+                    spawn_conn(&state, stream, peer, slot, &conn_shutdown);
+                })
+                .await;
+            }
+        }
         state.serving.store(false, Ordering::Relaxed);
     }
+}
+
+/// Serves one connection from nginx on its own task.
+fn spawn_conn<S>(
+    state: &Arc<State>,
+    stream: S,
+    peer: impl std::fmt::Display,
+    slot: Slot,
+    shutdown: &ShutdownWatch,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let state = state.clone();
+    let shutdown = shutdown.clone();
+    let peer: Arc<str> = peer.to_string().into();
+    let span = info_span!("conn", peer.addr = %peer, peer.id = field::Empty);
+    tokio::spawn(
+        async move {
+            let _slot = slot;
+            let _open = GaugeGuard::new(&state.metrics.open_connections);
+            let service = {
+                let state = state.clone();
+                service_fn(move |req| {
+                    let state = state.clone();
+                    let peer = peer.clone();
+                    async move { Ok::<_, std::convert::Infallible>(state.request(req, peer).await) }
+                })
+            };
+            if let Err(error) = serve_http(&state.http, stream, service, shutdown).await {
+                debug!(%error, "connection ended with an error");
+            }
+        }
+        .instrument(span),
+    );
 }
 
 impl State {

@@ -8,6 +8,7 @@ pub mod admin;
 pub mod check;
 pub mod config;
 pub mod headers;
+pub mod listen;
 pub mod metrics;
 pub mod park;
 pub mod response;

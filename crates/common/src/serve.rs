@@ -123,6 +123,28 @@ impl ShutdownWatch {
     }
 }
 
+/// A listening socket [`accept_loop`] can serve: TCP, or a unix socket (the client's side towards
+/// nginx may be either).
+pub trait Accept: Send {
+    /// An accepted connection.
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// Who connected, for logs.
+    type Peer: std::fmt::Display + Send;
+    /// The next connection, ready to use (TCP: with `TCP_NODELAY` set).
+    fn accept(&self) -> impl Future<Output = io::Result<(Self::Stream, Self::Peer)>> + Send;
+}
+
+impl Accept for TcpListener {
+    type Stream = TcpStream;
+    type Peer = SocketAddr;
+
+    async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
+        let (stream, peer) = TcpListener::accept(self).await?;
+        let _ = stream.set_nodelay(true);
+        Ok((stream, peer))
+    }
+}
+
 /// A connection slot; the connection holds it until it closes.
 pub type Slot = tokio::sync::OwnedSemaphorePermit;
 
@@ -130,13 +152,14 @@ pub type Slot = tokio::sync::OwnedSemaphorePermit;
 /// `max_connections` open it stops accepting until one closes (new connections wait in the kernel's
 /// backlog: back-pressure, not a crash). Accept errors (out of file descriptors, say) are logged and
 /// backed off, never spun on and never fatal.
-pub async fn accept_loop<F>(
-    listener: TcpListener,
+pub async fn accept_loop<L, F>(
+    listener: L,
     max_connections: usize,
     mut shutdown: ShutdownWatch,
     mut on_conn: F,
 ) where
-    F: FnMut(TcpStream, SocketAddr, Slot),
+    L: Accept,
+    F: FnMut(L::Stream, L::Peer, Slot),
 {
     let slots = Arc::new(Semaphore::new(max_connections.max(1)));
     let mut backoff = Duration::from_millis(5);
@@ -165,13 +188,12 @@ pub async fn accept_loop<F>(
         tokio::select! {
             biased;
             () = shutdown.wait() => break,
-            accepted = listener.accept() => match accepted {
+            accepted = Accept::accept(&listener) => match accepted {
                 Ok((stream, peer)) => {
                     backoff = Duration::from_millis(5);
                     if slots.available_permits() > 0 {
                         warned_full = false;
                     }
-                    let _ = stream.set_nodelay(true);
                     on_conn(stream, peer, slot);
                 }
                 Err(error) if is_per_connection(&error) => {

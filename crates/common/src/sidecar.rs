@@ -28,7 +28,8 @@ pub enum StartError {
     Bind {
         /// Which listener (`the mesh listener`, `the admin endpoint`, ...).
         what: &'static str,
-        addr: SocketAddr,
+        /// `ip:port` or `unix:/path`.
+        addr: String,
         #[source]
         source: std::io::Error,
     },
@@ -36,7 +37,11 @@ pub enum StartError {
 
 impl StartError {
     /// A bind failure of `what` on `addr`.
-    pub fn bind(what: &'static str, addr: SocketAddr) -> impl FnOnce(std::io::Error) -> StartError {
+    pub fn bind(
+        what: &'static str,
+        addr: impl std::fmt::Display,
+    ) -> impl FnOnce(std::io::Error) -> StartError {
+        let addr = addr.to_string();
         move |source| StartError::Bind { what, addr, source }
     }
 }

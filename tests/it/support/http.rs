@@ -67,7 +67,28 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let stream = TcpStream::connect(addr).await.unwrap();
+    h1_over(TcpStream::connect(addr).await.unwrap(), req).await
+}
+
+/// Sends `req` over a fresh HTTP/1.1 connection to the unix socket at `path` and reads the whole
+/// response.
+pub async fn send_h1_unix<B>(path: &std::path::Path, req: Request<B>) -> Reply
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = tokio::net::UnixStream::connect(path).await.unwrap();
+    collect(h1_over(stream, req).await).await
+}
+
+async fn h1_over<S, B>(stream: S, req: Request<B>) -> Response<Incoming>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .unwrap();

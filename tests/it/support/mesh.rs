@@ -58,6 +58,8 @@ pub fn toml_str(s: &str) -> String {
 /// What a test may change before the mesh starts.
 pub struct Setup<'a> {
     pub pki: &'a TestPki,
+    /// The directory the config files (and anything a test puts beside them) live in.
+    pub dir: &'a Path,
     pub backend_addr: SocketAddr,
     /// The listener's config (`listen`, `backend`, `cert`, `key`, `ca` are preset).
     pub server: TomlConfig,
@@ -95,6 +97,7 @@ pub struct Mesh {
     pub dir: TempDir,
     pub backend: Backend,
     pub listener_addr: SocketAddr,
+    /// Where the client sidecar accepts (port 0 when it listens on a unix socket).
     pub client_addr: SocketAddr,
     /// The gateway certificate the client presents.
     pub client_leaf: Leaf,
@@ -153,6 +156,7 @@ impl Mesh {
             listener_ca_pem: pki.root_pem().to_owned(),
             client_ca_pem: pki.root_pem().to_owned(),
             pki: &pki,
+            dir: dir.path(),
         };
         hook(&mut setup);
         let Setup {
@@ -189,7 +193,10 @@ impl Mesh {
         client.write(&client_toml);
         let settings = ClientSettings::load(&client_toml).unwrap();
         let sidecar = ClientSidecar::bind(settings).await.unwrap();
-        let client_addr = sidecar.local_addr().unwrap();
+        // A client listening on a unix socket has no address: port 0 stands for "none".
+        let client_addr = sidecar
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
         let (shutdown, watch) = Shutdown::new();
         let task = tokio::spawn(sidecar.serve(watch));
 
@@ -211,6 +218,13 @@ impl Mesh {
         let config =
             super::tls::client_config(self.pki.root_pem(), Some(&self.client_leaf), &[b"http/1.1"]);
         super::tls::to_listener(self.listener_addr, config).await
+    }
+
+    /// Stops the client sidecar: it stops accepting and its connections drain.
+    pub async fn stop_client(&mut self) {
+        if let Some(client) = self.client.take() {
+            client.stop().await;
+        }
     }
 
     /// Stops the mesh listener: its port closes and its connections drain.
