@@ -453,8 +453,8 @@ fn run(mut args: Args) -> anyhow::Result<()> {
         .context("the backend (start the peers: RUN=... /work/shared/peers/peers.sh start)")?;
 
     let port = |i: u16| SocketAddr::from(([127, 0, 0, 1], a.base_port + i));
-    let (l_addr, idle_addr, c2_addr, c1_addr, front_addr) =
-        (port(3), port(4), port(41), port(42), port(50));
+    let (l_addr, idle_addr, c2_addr, c1_addr, front_addr, front_unix_addr) =
+        (port(3), port(4), port(41), port(42), port(50), port(51));
     let cpu = a.server_cpu.as_str();
     let listener = procs::listener(
         &ctx.bin,
@@ -466,12 +466,25 @@ fn run(mut args: Args) -> anyhow::Result<()> {
         &ctx.server_cert,
         &ctx.server_key,
     )?;
-    let client_h2 = procs::client(&ctx.bin, &out, cpu, c2_addr, l_addr, &ctx.pki, true)?;
-    let client_h1 = procs::client(&ctx.bin, &out, cpu, c1_addr, l_addr, &ctx.pki, false)?;
-    let front = procs::NginxFront::start(&out.join("front"), cpu, front_addr, c2_addr)?;
+    let (c2, c1) = (procs::Listen::Tcp(c2_addr), procs::Listen::Tcp(c1_addr));
+    let client_h2 = procs::client(&ctx.bin, &out, cpu, &c2, l_addr, &ctx.pki, true)?;
+    let client_h1 = procs::client(&ctx.bin, &out, cpu, &c1, l_addr, &ctx.pki, false)?;
+    let front = procs::NginxFront::start(&out.join("front"), cpu, front_addr, &c2)?;
     let front_pid = front.pid().context("nginx front pid")?;
+    // The deployed path again with nginx reaching the client through a unix socket.
+    let cu = procs::Listen::Unix(out.join("client.sock"));
+    let client_unix = procs::client(&ctx.bin, &out, cpu, &cu, l_addr, &ctx.pki, true)?;
+    let front_unix = procs::NginxFront::start(&out.join("front-unix"), cpu, front_unix_addr, &cu)?;
+    let front_unix_pid = front_unix.pid().context("nginx front (unix) pid")?;
     if let Ok(mut x) = ctx.ours_extra.lock() {
-        x.extend([listener.pid(), client_h2.pid(), client_h1.pid(), front_pid]);
+        x.extend([
+            listener.pid(),
+            client_h2.pid(),
+            client_h1.pid(),
+            front_pid,
+            client_unix.pid(),
+            front_unix_pid,
+        ]);
     }
     stop_on_signal(ctx.ours_extra.clone());
 
@@ -518,6 +531,16 @@ fn run(mut args: Args) -> anyhow::Result<()> {
             tiers: vec![
                 ("front".into(), PidSpec::Pid(front_pid)),
                 ("client".into(), PidSpec::Pid(client_h2.pid())),
+                ("mtls".into(), PidSpec::Pid(listener.pid())),
+                ("backend".into(), backend.clone()),
+            ],
+        },
+        Chain {
+            name: "nginx->phoenix unix (deployed)".into(),
+            url: format!("http://{front_unix_addr}/"),
+            tiers: vec![
+                ("front".into(), PidSpec::Pid(front_unix_pid)),
+                ("client".into(), PidSpec::Pid(client_unix.pid())),
                 ("mtls".into(), PidSpec::Pid(listener.pid())),
                 ("backend".into(), backend.clone()),
             ],
@@ -627,7 +650,14 @@ fn run(mut args: Args) -> anyhow::Result<()> {
         recs.len(),
         out.display()
     );
-    drop((front, client_h1, client_h2, listener));
+    drop((
+        front_unix,
+        client_unix,
+        front,
+        client_h1,
+        client_h2,
+        listener,
+    ));
     Ok(())
 }
 

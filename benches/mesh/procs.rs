@@ -42,6 +42,54 @@ impl Drop for Proc {
     }
 }
 
+/// Where a process we start listens: a loopback port, or a unix socket (the client sidecar only).
+#[derive(Debug, Clone)]
+pub enum Listen {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for Listen {
+    /// As the phoenix config's `listen` and nginx's `server` directive both take it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Tcp(addr) => addr.fmt(f),
+            Listen::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+impl Listen {
+    /// A short name for files: the port, or `unix`.
+    fn tag(&self) -> String {
+        match self {
+            Listen::Tcp(addr) => addr.port().to_string(),
+            Listen::Unix(_) => "unix".into(),
+        }
+    }
+
+    fn accepts(&self) -> bool {
+        match self {
+            Listen::Tcp(addr) => {
+                TcpStream::connect_timeout(addr, Duration::from_millis(200)).is_ok()
+            }
+            Listen::Unix(path) => std::os::unix::net::UnixStream::connect(path).is_ok(),
+        }
+    }
+
+    /// Waits up to 10 s for something to accept here.
+    fn wait(&self) -> anyhow::Result<()> {
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(10) {
+            if self.accepts() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("nothing accepts on {self} after 10 s")
+    }
+}
+
 /// Waits up to 10 s for something to accept on `addr`.
 pub fn wait_listen(addr: SocketAddr) -> anyhow::Result<()> {
     let t0 = Instant::now();
@@ -82,7 +130,7 @@ pub fn listener(
         cpu,
         "server",
         &cfg,
-        listen,
+        &Listen::Tcp(listen),
         &format!("listener-{}", listen.port()),
     )
 }
@@ -92,12 +140,12 @@ pub fn client(
     bin: &Path,
     dir: &Path,
     cpu: &str,
-    listen: SocketAddr,
+    listen: &Listen,
     upstream: SocketAddr,
     pki: &ClientPki,
     http2: bool,
 ) -> anyhow::Result<Proc> {
-    let cfg = dir.join(format!("client-{}.toml", listen.port()));
+    let cfg = dir.join(format!("client-{}.toml", listen.tag()));
     fs::write(
         &cfg,
         format!(
@@ -115,7 +163,7 @@ pub fn client(
         "client",
         &cfg,
         listen,
-        &format!("client-{}", listen.port()),
+        &format!("client-{}", listen.tag()),
     )
 }
 
@@ -125,12 +173,12 @@ fn spawn(
     cpu: &str,
     sub: &str,
     cfg: &Path,
-    listen: SocketAddr,
+    listen: &Listen,
     name: &str,
 ) -> anyhow::Result<Proc> {
     // A leftover process on our port would answer instead of the one we start (and we would read the
     // CPU time of the wrong process), so refuse to start over it.
-    if TcpStream::connect_timeout(&listen, Duration::from_millis(200)).is_ok() {
+    if listen.accepts() {
         bail!("{listen} is already in use: stop whatever listens there (ss -ltnp) or pass --base-port");
     }
     let log = fs::File::create(dir.join(format!("{name}.log")))?;
@@ -148,7 +196,9 @@ fn spawn(
         name: name.to_owned(),
         child,
     };
-    wait_listen(listen).with_context(|| format!("{name}: see {}/{name}.log", dir.display()))?;
+    listen
+        .wait()
+        .with_context(|| format!("{name}: see {}/{name}.log", dir.display()))?;
     Ok(p)
 }
 
@@ -164,7 +214,7 @@ impl NginxFront {
         dir: &Path,
         cpu: &str,
         listen: SocketAddr,
-        upstream: SocketAddr,
+        upstream: &Listen,
     ) -> anyhow::Result<Self> {
         if TcpStream::connect_timeout(&listen, Duration::from_millis(200)).is_ok() {
             bail!("{listen} is already in use: stop whatever listens there (ss -ltnp) or pass --base-port");

@@ -48,6 +48,7 @@ for mode, goal in (("full", 0.3), ("resumed", 0.25)):
                  m("hs", P, cell, "server_us_per_hs"), rng("hs", P, cell, "server_us_per_hs"),
                  m("hs", ref, cell, "server_us_per_hs"), rng("hs", ref, cell, "server_us_per_hs"), goal)
 CH, NN, DEP = "phoenix client->listener h2", "nginx->nginx", "nginx->phoenix (deployed)"
+DEPU = "nginx->phoenix unix (deployed)"
 for conns in ("c32", "c64"):
     for ka in ("ka", "close"):
         cell = f"{conns} {ka}"
@@ -59,6 +60,8 @@ for conns in ("c32", "c64"):
              m("wrk", NN, cell, "us_proxy"), "", 0.6, fmt="{:.1f}")
         line("deployed nginx->phoenix req/s vs nginx->nginx", cell, m("wrk", DEP, cell, "rps"),
              rng("wrk", DEP, cell, "rps"), m("wrk", NN, cell, "rps"), rng("wrk", NN, cell, "rps"), 1.0, le=False)
+        line("deployed, nginx to the client over a unix socket", cell, m("wrk", DEPU, cell, "rps"),
+             rng("wrk", DEPU, cell, "rps"), m("wrk", NN, cell, "rps"), rng("wrk", NN, cell, "rps"), 1.0, le=False)
 for n in ("n1000", "n5000"):
     p = m("idle", P, n, "kib_per_conn")
     nn = m("idle", NF, n, "kib_per_conn")
