@@ -144,7 +144,11 @@ impl SideSettings for ClientSettings {
 
     fn restart_only(&self) -> Vec<(&'static str, String)> {
         vec![
-            ("listen", self.listen.to_string()),
+            // Debug, not Display: a changed listen_mode or listen_group needs a restart too.
+            (
+                "listen / listen_mode / listen_group",
+                format!("{:?}", self.listen),
+            ),
             ("upstreams", format!("{:?}", self.upstreams)),
             ("server_name", self.server_name.clone()),
             ("upstream_http2", self.upstream_http2.to_string()),
@@ -173,4 +177,41 @@ pub(crate) fn split_host_port(s: &str) -> Option<(&str, u16)> {
         .and_then(|h| h.strip_suffix(']'))
         .unwrap_or(host);
     (!host.is_empty()).then_some((host, port))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn load(name: &str, extra: &str) -> ClientSettings {
+        let dir = std::env::temp_dir().join(format!("pm-client-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(
+            &path,
+            format!(
+                "listen = \"unix:/run/pm/c.sock\"\nupstreams = [\"127.0.0.1:8443\"]\n\
+                 cert = \"c.crt\"\nkey = \"c.key\"\nca = \"ca.crt\"\n{extra}"
+            ),
+        )
+        .unwrap();
+        ClientSettings::load(&path).unwrap()
+    }
+
+    #[test]
+    fn a_new_socket_mode_or_group_is_a_restart_only_change() {
+        let before = load("a.toml", "");
+        for (name, extra) in [
+            ("b.toml", "listen_mode = \"0600\"\n"),
+            ("c.toml", "listen_group = \"0\"\n"),
+        ] {
+            let after = load(name, extra);
+            assert_ne!(before.restart_only()[0], after.restart_only()[0], "{extra}");
+        }
+        assert_eq!(
+            before.restart_only()[0],
+            load("d.toml", "").restart_only()[0]
+        );
+    }
 }
