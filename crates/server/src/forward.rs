@@ -7,20 +7,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{HeaderValue, HOST};
-use http::uri::{Authority, Scheme};
+use http::uri::{Authority, PathAndQuery};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use phoenix_mesh_certs::{ByteCache, PeerIdentity};
 use phoenix_mesh_common::headers::{
-    append_forwarded_for, remove_hop_by_hop, restore_upgrade, retarget, upgrade_protocol,
+    append_forwarded_for, remove_hop_by_hop, restore_upgrade, upgrade_protocol,
 };
 use phoenix_mesh_common::upgrade::splice;
 use phoenix_mesh_common::{mesh_error, ProxyBody};
 use tracing::info;
+
+use crate::pool::{BackendError, BackendPool};
 
 /// The `:authority` the client sidecar puts on HTTP/2 requests (its pool key, not a host).
 const MESH_POOL_AUTHORITY: &str = "phoenix-mesh";
@@ -69,11 +68,13 @@ impl PeerIds {
     }
 }
 
+/// How long an unused keep-alive connection to the backend is kept.
+const BACKEND_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// The pooled HTTP/1.1 client to Traefik.
 pub(crate) struct Backend {
-    client: Client<HttpConnector, ProxyBody>,
+    pool: Arc<BackendPool>,
     addr: SocketAddr,
-    authority: Authority,
     /// The backend's address as a Host value, for requests that arrive without one.
     host: HeaderValue,
     response_timeout: Duration,
@@ -85,22 +86,14 @@ impl Backend {
         connect_timeout: Duration,
         response_timeout: Duration,
     ) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(connect_timeout));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .set_host(false)
-            .build(connector);
+        let pool = BackendPool::new(addr, connect_timeout, BACKEND_IDLE_TIMEOUT);
         let authority = Authority::try_from(addr.to_string())
             .unwrap_or_else(|_| Authority::from_static("127.0.0.1"));
         Backend {
-            client,
+            pool,
             host: HeaderValue::from_str(authority.as_str())
                 .unwrap_or(HeaderValue::from_static("localhost")),
             addr,
-            authority,
             response_timeout,
         }
     }
@@ -138,24 +131,18 @@ impl Backend {
         parts.headers.insert(XFCC, peer.id.xfcc.clone());
         append_forwarded_for(&mut parts.headers, peer.addr.ip());
 
-        parts.uri = match retarget(parts.uri, Scheme::HTTP, self.authority.clone()) {
-            Ok(uri) => uri,
-            Err(e) => {
-                return (
-                    mesh_error(
-                        StatusCode::BAD_REQUEST,
-                        "bad-request",
-                        format!("phoenix-mesh listener: invalid request target: {e}"),
-                    ),
-                    "sidecar",
-                );
-            }
-        };
+        // Origin form, as HTTP/1.1 sends it to an origin server (RFC 9112 section 3.2.1).
+        parts.uri = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"))
+            .into();
         parts.version = Version::HTTP_11;
         let method = parts.method.clone();
         let request = Request::from_parts(parts, Either::Left(body));
 
-        match tokio::time::timeout(self.response_timeout, self.client.request(request)).await {
+        match tokio::time::timeout(self.response_timeout, self.pool.send(request)).await {
             Ok(Ok(mut response)) => {
                 if let (Some(downstream), StatusCode::SWITCHING_PROTOCOLS) =
                     (downstream, response.status())
@@ -169,7 +156,7 @@ impl Backend {
             }
             Ok(Err(error)) => {
                 let cause = root_cause(&error);
-                if error.is_connect() {
+                if matches!(error, BackendError::Connect(_)) {
                     info!(backend = %self.addr, %cause, "backend unreachable");
                     (mesh_error(
                         StatusCode::BAD_GATEWAY,

@@ -8,6 +8,7 @@ mod config;
 mod forward;
 mod listener;
 mod plaintext;
+mod pool;
 
 pub use check::check;
 pub use config::{ServerFile, ServerSettings};
