@@ -506,45 +506,48 @@ fn run(mut args: Args) -> anyhow::Result<()> {
         phoenix: true,
     }];
     let backend = PidSpec::File(run.join("backend.pid"));
+    // wrk -> [nginx front ->] phoenix client -> listener -> backend.
+    let phoenix_chain = |name: &str, addr: SocketAddr, front: Option<u32>, client: u32| {
+        let mut tiers: Vec<_> = front
+            .map(|pid| ("front".to_string(), PidSpec::Pid(pid)))
+            .into_iter()
+            .collect();
+        tiers.extend([
+            ("client".into(), PidSpec::Pid(client)),
+            ("mtls".into(), PidSpec::Pid(listener.pid())),
+            ("backend".into(), backend.clone()),
+        ]);
+        Chain {
+            name: name.into(),
+            url: format!("http://{addr}/"),
+            tiers,
+        }
+    };
     let mut chains = vec![
-        Chain {
-            name: "phoenix client->listener h2".into(),
-            url: format!("http://{c2_addr}/"),
-            tiers: vec![
-                ("client".into(), PidSpec::Pid(client_h2.pid())),
-                ("mtls".into(), PidSpec::Pid(listener.pid())),
-                ("backend".into(), backend.clone()),
-            ],
-        },
-        Chain {
-            name: "phoenix client->listener h1".into(),
-            url: format!("http://{c1_addr}/"),
-            tiers: vec![
-                ("client".into(), PidSpec::Pid(client_h1.pid())),
-                ("mtls".into(), PidSpec::Pid(listener.pid())),
-                ("backend".into(), backend.clone()),
-            ],
-        },
-        Chain {
-            name: "nginx->phoenix (deployed)".into(),
-            url: format!("http://{front_addr}/"),
-            tiers: vec![
-                ("front".into(), PidSpec::Pid(front_pid)),
-                ("client".into(), PidSpec::Pid(client_h2.pid())),
-                ("mtls".into(), PidSpec::Pid(listener.pid())),
-                ("backend".into(), backend.clone()),
-            ],
-        },
-        Chain {
-            name: "nginx->phoenix unix (deployed)".into(),
-            url: format!("http://{front_unix_addr}/"),
-            tiers: vec![
-                ("front".into(), PidSpec::Pid(front_unix_pid)),
-                ("client".into(), PidSpec::Pid(client_unix.pid())),
-                ("mtls".into(), PidSpec::Pid(listener.pid())),
-                ("backend".into(), backend.clone()),
-            ],
-        },
+        phoenix_chain(
+            "phoenix client->listener h2",
+            c2_addr,
+            None,
+            client_h2.pid(),
+        ),
+        phoenix_chain(
+            "phoenix client->listener h1",
+            c1_addr,
+            None,
+            client_h1.pid(),
+        ),
+        phoenix_chain(
+            "nginx->phoenix (deployed)",
+            front_addr,
+            Some(front_pid),
+            client_h2.pid(),
+        ),
+        phoenix_chain(
+            "nginx->phoenix unix (deployed)",
+            front_unix_addr,
+            Some(front_unix_pid),
+            client_unix.pid(),
+        ),
     ];
     if !a.no_peers && run.join("nginx-mtls.pid").exists() {
         let t = |name: &str, port: u16, pidf: &str, peer: &str| Target {

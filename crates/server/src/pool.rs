@@ -229,6 +229,18 @@ mod tests {
         (addr, accepted)
     }
 
+    /// A pool (connect timeout 5 s) to a fresh [`backend`], and the backend's connection count.
+    async fn pool_to_backend(
+        keep_alive: bool,
+        idle: Duration,
+    ) -> (Arc<BackendPool>, Arc<AtomicUsize>) {
+        let (addr, accepted) = backend(keep_alive).await;
+        (
+            BackendPool::new(addr, Duration::from_secs(5), idle),
+            accepted,
+        )
+    }
+
     async fn get(pool: &BackendPool) -> String {
         let req = Request::get("/")
             .header("host", "svc")
@@ -250,8 +262,7 @@ mod tests {
 
     #[tokio::test]
     async fn sequential_requests_share_one_connection() {
-        let (addr, accepted) = backend(true).await;
-        let pool = BackendPool::new(addr, Duration::from_secs(5), Duration::from_secs(60));
+        let (pool, accepted) = pool_to_backend(true, Duration::from_secs(60)).await;
         for _ in 0..10 {
             assert_eq!(get(&pool).await, "ok");
         }
@@ -261,10 +272,9 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_requests_get_their_own_connections_then_reuse_them() {
-        let (addr, accepted) = backend(true).await;
-        let pool = BackendPool::new(addr, Duration::from_secs(5), Duration::from_secs(60));
+        let (pool, accepted) = pool_to_backend(true, Duration::from_secs(60)).await;
         for _ in 0..3 {
-            let replies = futures_join4(&pool).await;
+            let replies = four_at_once(&pool).await;
             assert!(replies.iter().all(|r| r == "ok"), "{replies:?}");
         }
         let opened = accepted.load(Ordering::SeqCst);
@@ -274,15 +284,14 @@ mod tests {
         );
     }
 
-    async fn futures_join4(pool: &BackendPool) -> [String; 4] {
+    async fn four_at_once(pool: &BackendPool) -> [String; 4] {
         let (a, b, c, d) = tokio::join!(get(pool), get(pool), get(pool), get(pool));
         [a, b, c, d]
     }
 
     #[tokio::test]
     async fn a_connection_the_backend_closed_is_not_used_again() {
-        let (addr, accepted) = backend(false).await;
-        let pool = BackendPool::new(addr, Duration::from_secs(5), Duration::from_secs(60));
+        let (pool, accepted) = pool_to_backend(false, Duration::from_secs(60)).await;
         for _ in 0..3 {
             assert_eq!(get(&pool).await, "ok");
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -292,8 +301,7 @@ mod tests {
 
     #[tokio::test]
     async fn connections_idle_past_the_timeout_are_closed() {
-        let (addr, accepted) = backend(true).await;
-        let pool = BackendPool::new(addr, Duration::from_secs(5), Duration::from_millis(100));
+        let (pool, accepted) = pool_to_backend(true, Duration::from_millis(100)).await;
         assert_eq!(get(&pool).await, "ok");
         tokio::time::sleep(Duration::from_millis(250)).await;
         assert_eq!(get(&pool).await, "ok");
