@@ -7,11 +7,12 @@ use std::path::{Path, PathBuf};
 use phoenix_mesh_certs::error_chain;
 use phoenix_mesh_client::{ClientSettings, ClientSidecar};
 
-use crate::support::backend::HELLO;
+use crate::support::backend::{Backend, HELLO};
 use crate::support::http::{get, send_h1_unix};
-use crate::support::mesh::Mesh;
+use crate::support::mesh::{toml_str, Mesh};
 use crate::support::pki::expected_gateway_xfcc;
 use crate::support::within;
+use crate::support_ops::{OpsPki, Proc, ProcFiles};
 
 /// A mesh whose client listens on `client.sock` in the mesh's directory, after `hook`.
 async fn unix_mesh(hook: impl FnOnce(&Path)) -> (Mesh, PathBuf) {
@@ -117,4 +118,48 @@ async fn a_stale_socket_is_replaced_a_live_one_and_other_files_are_not() {
     // A clean stop takes the socket file away, so nginx gets "no such file", not a hang.
     mesh.stop_client().await;
     assert!(!socket.exists(), "{} is still there", socket.display());
+}
+
+/// The real binary: the access log names the kernel's peer (our uid and pid), and SIGTERM's drain
+/// removes the socket file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_logs_unix_peers_and_removes_its_socket_at_sigterm() {
+    let pki = OpsPki::new();
+    let backend = Backend::start().await;
+    let mut files = ProcFiles::new(&pki, backend.addr, &pki.listener(), &pki.gateway());
+    let (_listener, listener_addr) = files.start_listener().await;
+    let socket = files.path("client.sock");
+    files
+        .client
+        .set_str("listen", &format!("unix:{}", socket.display()))
+        .set("access_log", "true")
+        .set(
+            "upstreams",
+            format!("[{}]", toml_str(&listener_addr.to_string())),
+        );
+    files.client.write(&files.path("client.toml"));
+    let mut client = Proc::spawn("client", &files.path("client.toml"));
+    client
+        .wait_for_line(&["client sidecar accepting plain HTTP", "unix:"])
+        .await;
+
+    let reply = within(
+        "a request over the unix socket",
+        send_h1_unix(&socket, get("/unix/binary")),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{reply:#?}");
+    let uid = std::fs::metadata("/proc/self").unwrap().uid();
+    let peer = format!("\"peer\":\"unix:uid={uid},pid={}\"", std::process::id());
+    client
+        .wait_for_line(&["phoenix_mesh::access", "/unix/binary", &peer])
+        .await;
+
+    client.signal("TERM");
+    assert!(client.exit().await.success());
+    assert!(
+        !socket.exists(),
+        "{} is still there after SIGTERM",
+        socket.display()
+    );
 }
