@@ -10,11 +10,14 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::support::http::{get, send_h1, Reply};
 use crate::support::mesh::{toml_str, Mesh};
+use crate::support_ops::eventually;
 
 /// A TCP relay in front of the listener that counts the connections the client opens.
 struct CountingRelay {
     addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
+    /// Connections the client has closed.
+    closed: Arc<AtomicUsize>,
 }
 
 impl CountingRelay {
@@ -23,23 +26,39 @@ impl CountingRelay {
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let (target_tx, target_rx) = tokio::sync::oneshot::channel::<SocketAddr>();
-        let count = accepted.clone();
+        let closed = Arc::new(AtomicUsize::new(0));
+        let (count, ended) = (accepted.clone(), closed.clone());
         tokio::spawn(async move {
             let Ok(target) = target_rx.await else { return };
             while let Ok((mut inbound, _)) = listener.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
+                let ended = ended.clone();
                 tokio::spawn(async move {
                     if let Ok(mut outbound) = TcpStream::connect(target).await {
                         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                     }
+                    ended.fetch_add(1, Ordering::SeqCst);
                 });
             }
         });
-        (CountingRelay { addr, accepted }, target_tx)
+        (
+            CountingRelay {
+                addr,
+                accepted,
+                closed,
+            },
+            target_tx,
+        )
     }
 }
 
-async fn mesh_through_relay(listener_cert_left: Option<Duration>) -> (Mesh, CountingRelay) {
+/// A mesh whose client reaches the listener through a relay counting connections; the mesh link is
+/// HTTP/2 (the client's shared connection) or HTTP/1.1 (hyper-util's pool).
+async fn mesh_through_relay(
+    listener_cert_left: Option<Duration>,
+    http2: bool,
+    pool_idle_timeout: Option<&str>,
+) -> (Mesh, CountingRelay) {
     let (relay, target) = CountingRelay::start().await;
     let relay_addr = relay.addr;
     let mesh = Mesh::start_with(|setup| {
@@ -52,7 +71,10 @@ async fn mesh_through_relay(listener_cert_left: Option<Duration>) -> (Mesh, Coun
                 "upstreams",
                 format!("[{}]", toml_str(&relay_addr.to_string())),
             )
-            .set("upstream_http2", "false");
+            .set("upstream_http2", http2.to_string());
+        if let Some(idle) = pool_idle_timeout {
+            setup.client.set_str("pool_idle_timeout", idle);
+        }
     })
     .await;
     target.send(mesh.listener_addr).unwrap();
@@ -69,26 +91,50 @@ async fn sequential_requests(mesh: &Mesh, n: usize) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn reuses_pooled_connections_to_a_long_lived_listener_certificate() {
-    let (mesh, relay) = mesh_through_relay(None).await;
-    sequential_requests(&mesh, 6).await;
-    assert_eq!(
-        relay.accepted.load(Ordering::SeqCst),
-        1,
-        "six sequential requests should share one pooled mesh connection"
-    );
+    for http2 in [true, false] {
+        let (mesh, relay) = mesh_through_relay(None, http2, None).await;
+        sequential_requests(&mesh, 6).await;
+        assert_eq!(
+            relay.accepted.load(Ordering::SeqCst),
+            1,
+            "http2 {http2}: six sequential requests should share one pooled mesh connection"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn closes_mesh_connections_idle_past_pool_idle_timeout() {
+    for http2 in [true, false] {
+        let (mesh, relay) = mesh_through_relay(None, http2, Some("300ms")).await;
+        sequential_requests(&mesh, 1).await;
+        // Closed without any further traffic, then a new one for the next request.
+        eventually(
+            &format!("http2 {http2}: the idle mesh connection closing"),
+            || {
+                let closed = relay.closed.load(Ordering::SeqCst);
+                async move { (closed == 1).then_some(()) }
+            },
+        )
+        .await;
+        sequential_requests(&mesh, 1).await;
+        assert_eq!(relay.accepted.load(Ordering::SeqCst), 2, "http2 {http2}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn retires_connections_whose_listener_certificate_is_about_to_expire() {
     // Valid for 100 s more: inside pool_idle_timeout (90 s) + 30 s of its end, so no connection may
     // stay pooled; each request after the first finds its connection retired and dials afresh.
-    let (mesh, relay) = mesh_through_relay(Some(Duration::from_secs(100))).await;
-    sequential_requests(&mesh, 6).await;
-    let opened = relay.accepted.load(Ordering::SeqCst);
-    assert!(
-        opened >= 5,
-        "connections near the listener certificate's expiry must not be reused; {opened} opened for 6 requests"
-    );
+    for http2 in [true, false] {
+        let (mesh, relay) = mesh_through_relay(Some(Duration::from_secs(100)), http2, None).await;
+        sequential_requests(&mesh, 6).await;
+        let opened = relay.accepted.load(Ordering::SeqCst);
+        assert!(
+            opened >= 5,
+            "http2 {http2}: connections near the listener certificate's expiry must not be reused; \
+             {opened} opened for 6 requests"
+        );
+    }
 }
 
 /// Which certificate [`served_then_expired`] lets run out.

@@ -377,6 +377,11 @@ impl Dialer {
 }
 
 impl MeshConnector {
+    /// Dials a mesh listener (TCP, mutual TLS), offering HTTP/2 unless this connector is HTTP/1.1-only.
+    pub(crate) async fn dial(&self) -> Result<MeshStream, UpstreamError> {
+        self.0.dial(self.1).await
+    }
+
     /// Dials a mesh listener (TCP, mutual TLS) and hangs up: the readiness probe.
     pub(crate) async fn probe(&self) -> Result<(), UpstreamError> {
         self.0.dial(false).await.map(drop)
@@ -702,6 +707,18 @@ pub struct MeshStream {
     live: ConnGuard,
     tls: TlsStream<TcpStream>,
     h2: bool,
+}
+
+impl MeshStream {
+    /// Whether ALPN chose HTTP/2.
+    pub(crate) fn is_h2(&self) -> bool {
+        self.h2
+    }
+
+    /// What the connection was opened with.
+    pub(crate) fn info(&self) -> ConnInfo {
+        self.live.info
+    }
 }
 
 impl Connection for MeshStream {

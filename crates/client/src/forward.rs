@@ -2,6 +2,7 @@
 
 use std::error::Error as StdError;
 use std::io;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use http::header::{HeaderValue, HOST};
@@ -22,6 +23,7 @@ use tracing::info;
 use crate::connector::{
     client_cert_alert, client_cert_refused, ConnInfo, MeshConnector, UpstreamError,
 };
+use crate::link::{H2Link, LinkError, Sent};
 
 /// The pool key: every request shares the same pool whatever its Host; the connector picks the
 /// listener. Host itself travels untouched as a header.
@@ -39,6 +41,9 @@ fn unix_now() -> u64 {
 }
 
 pub(crate) struct Upstream {
+    /// The shared HTTP/2 connection plain requests ride (`upstream_http2`, the default).
+    h2: Option<Arc<H2Link>>,
+    /// Pooled HTTP/1.1 connections: `upstream_http2 = false`, or a listener that declined HTTP/2.
     client: Client<MeshConnector, ProxyBody>,
     /// HTTP/1.1-only connections for requests that upgrade (WebSocket): an upgrade cannot ride an
     /// HTTP/2 stream, and an upgraded connection never returns to a pool.
@@ -57,8 +62,11 @@ impl Upstream {
         upstreams: &[String],
         pool_idle: Duration,
         timeout: Duration,
+        http2: bool,
     ) -> Self {
         let connector_for_expiry = connector.clone();
+        let h2 =
+            http2.then(|| H2Link::new(connector.clone(), pool_idle, pool_idle + RETIRE_MARGIN));
         let upgrades = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(0)
             .set_host(false)
@@ -70,6 +78,7 @@ impl Upstream {
             .set_host(false)
             .build(connector);
         Upstream {
+            h2,
             client,
             upgrades,
             connector: connector_for_expiry,
@@ -119,15 +128,8 @@ impl Upstream {
             }
         };
         parts.version = http::Version::HTTP_11;
-        let mut request = Request::from_parts(parts, Either::Left(body));
-        let capture = self.retiring().then(|| capture_connection(&mut request));
-
-        let client = if downstream.is_some() {
-            &self.upgrades
-        } else {
-            &self.client
-        };
-        match tokio::time::timeout(self.timeout, client.request(request)).await {
+        let request = Request::from_parts(parts, Either::Left(body));
+        match tokio::time::timeout(self.timeout, self.send(request, downstream.is_some())).await {
             Ok(Ok(mut response)) => {
                 if let (Some(downstream), StatusCode::SWITCHING_PROTOCOLS) =
                     (downstream, response.status())
@@ -135,7 +137,6 @@ impl Upstream {
                     splice(downstream, hyper::upgrade::on(&mut response));
                     return (response.map(Either::Left), "backend");
                 }
-                self.retire_if_stale(&response, capture.as_ref());
                 let made_by = if response.headers().contains_key(MESH_ERROR_HEADER) {
                     "listener"
                 } else {
@@ -145,7 +146,7 @@ impl Upstream {
                 remove_hop_by_hop(&mut parts.headers);
                 (Response::from_parts(parts, Either::Left(body)), made_by)
             }
-            Ok(Err(error)) => (self.failure(&error), "sidecar"),
+            Ok(Err(error)) => (self.failure(&*error), "sidecar"),
             Err(_) => {
                 info!(upstreams = %self.upstreams, "mesh listener too slow");
                 (mesh_error(
@@ -158,6 +159,30 @@ impl Upstream {
                 ), "sidecar")
             }
         }
+    }
+
+    /// One request to a mesh listener: on the HTTP/2 link, or through an HTTP/1.1 pool (upgrades always;
+    /// every request with `upstream_http2 = false` or while a listener declines HTTP/2).
+    async fn send(
+        &self,
+        request: Request<ProxyBody>,
+        upgrade: bool,
+    ) -> Result<Response<Incoming>, LinkError> {
+        if upgrade {
+            return Ok(self.upgrades.request(request).await?);
+        }
+        let request = match self.h2.as_ref().filter(|link| !link.declined()) {
+            Some(link) => match link.send(request).await? {
+                Sent::Response(response) => return Ok(response),
+                Sent::NotH2(request) => request,
+            },
+            None => request,
+        };
+        let mut request = request;
+        let capture = self.retiring().then(|| capture_connection(&mut request));
+        let response = self.client.request(request).await?;
+        self.retire_if_stale(&response, capture.as_ref());
+        Ok(response)
     }
 
     /// Whether requests should capture their connection: only while some open connection is stale

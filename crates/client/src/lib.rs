@@ -7,6 +7,7 @@ mod check;
 mod config;
 mod connector;
 mod forward;
+mod link;
 mod sidecar;
 
 pub use check::{check, CheckRequest};

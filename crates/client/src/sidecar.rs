@@ -100,6 +100,7 @@ impl ClientSidecar {
             &settings.upstreams,
             settings.pool_idle_timeout,
             settings.upstream_timeout,
+            settings.upstream_http2,
         );
         let bind_error = ClientError::bind("the client listener", &settings.listen);
         let listener = match &settings.listen {
