@@ -10,13 +10,14 @@
 //! it and share the result. A request the connection turned down unsent (it was closing) is sent once
 //! more on a fresh connection.
 
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use phoenix_mesh_common::periodic::sweep_idle;
 use phoenix_mesh_common::ProxyBody;
 use tokio::time::Instant;
 use tracing::{debug, info};
@@ -76,7 +77,7 @@ impl H2Link {
             current: Mutex::default(),
             dialing: tokio::sync::Mutex::new(()),
         });
-        tokio::spawn(reap(Arc::downgrade(&link), idle_timeout));
+        sweep_idle(&link, idle_timeout, H2Link::purge);
         link
     }
 
@@ -205,16 +206,4 @@ async fn handshake(stream: MeshStream) -> Result<http2::SendRequest<ProxyBody>, 
         }
     });
     Ok(sender)
-}
-
-async fn reap(link: Weak<H2Link>, idle_timeout: Duration) {
-    let mut tick = tokio::time::interval((idle_timeout / 2).max(Duration::from_secs(1)));
-    tick.tick().await;
-    loop {
-        tick.tick().await;
-        match link.upgrade() {
-            Some(link) => link.purge(),
-            None => return,
-        }
-    }
 }

@@ -11,6 +11,7 @@ pub mod headers;
 pub mod listen;
 pub mod metrics;
 pub mod park;
+pub mod periodic;
 pub mod response;
 pub mod serve;
 pub mod settings;

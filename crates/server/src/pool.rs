@@ -10,13 +10,14 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
+use phoenix_mesh_common::periodic::sweep_idle;
 use phoenix_mesh_common::ProxyBody;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -69,7 +70,7 @@ impl BackendPool {
             idle_timeout,
             conns: Mutex::new(VecDeque::new()),
         });
-        tokio::spawn(reap(Arc::downgrade(&pool), idle_timeout));
+        sweep_idle(&pool, idle_timeout, BackendPool::purge);
         pool
     }
 
@@ -174,18 +175,6 @@ impl BackendPool {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .len()
-    }
-}
-
-async fn reap(pool: Weak<BackendPool>, idle_timeout: Duration) {
-    let mut tick = tokio::time::interval((idle_timeout / 2).max(Duration::from_secs(1)));
-    tick.tick().await;
-    loop {
-        tick.tick().await;
-        match pool.upgrade() {
-            Some(pool) => pool.purge(),
-            None => return,
-        }
     }
 }
 
