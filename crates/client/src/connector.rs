@@ -397,6 +397,14 @@ impl MeshConnector {
         self.0.tls.generation()
     }
 
+    /// Why a connection opened with `info` must take no new requests, if it must: its listener
+    /// certificate ends within `margin`, or our own certificate or trust was reloaded since.
+    pub(crate) fn retirement(&self, info: ConnInfo, margin: Duration) -> Option<Retirement> {
+        let expiring = info.expires <= SystemTime::now() + margin;
+        let rotated = info.generation < self.generation();
+        (expiring || rotated).then_some(Retirement { expiring, rotated })
+    }
+
     /// The same dialler offering only HTTP/1.1 through ALPN, for requests that upgrade.
     pub(crate) fn http1_only(&self) -> Self {
         MeshConnector(self.0.clone(), true)
@@ -694,7 +702,24 @@ impl ConnInfo {
     }
 }
 
-/// An established mTLS link, told to the pool as HTTP/2 when ALPN chose it.
+/// Why a connection is retired (see [`MeshConnector::retirement`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Retirement {
+    expiring: bool,
+    rotated: bool,
+}
+
+impl Retirement {
+    /// Says so in the log, once per retired connection.
+    pub(crate) fn log(self) {
+        info!(
+            listener_cert_expiring = self.expiring,
+            our_tls_reloaded = self.rotated,
+            "retired a mesh connection; new requests get a fresh one"
+        );
+    }
+}
+
 /// What one connection attempt came to.
 enum Dialed {
     Ready(Box<MeshStream>),
@@ -702,6 +727,7 @@ enum Dialed {
     ExpiredSession,
 }
 
+/// An established mTLS link, told to the pool as HTTP/2 when ALPN chose it.
 pub struct MeshStream {
     _open: GaugeGuard,
     live: ConnGuard,

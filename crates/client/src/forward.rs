@@ -171,14 +171,13 @@ impl Upstream {
         if upgrade {
             return Ok(self.upgrades.request(request).await?);
         }
-        let request = match self.h2.as_ref().filter(|link| !link.declined()) {
+        let mut request = match &self.h2 {
             Some(link) => match link.send(request).await? {
                 Sent::Response(response) => return Ok(response),
                 Sent::NotH2(request) => request,
             },
             None => request,
         };
-        let mut request = request;
         let capture = self.retiring().then(|| capture_connection(&mut request));
         let response = self.client.request(request).await?;
         self.retire_if_stale(&response, capture.as_ref());
@@ -200,18 +199,12 @@ impl Upstream {
         let (Some(capture), Some(info)) = (capture, response.extensions().get::<ConnInfo>()) else {
             return;
         };
-        let expiring = info.expires <= SystemTime::now() + self.retire_margin;
-        let rotated = info.generation < self.connector.generation();
-        if !(expiring || rotated) {
+        let Some(retirement) = self.connector.retirement(*info, self.retire_margin) else {
             return;
-        }
+        };
         if let Some(connected) = capture.connection_metadata().as_ref() {
             connected.poison();
-            info!(
-                listener_cert_expiring = expiring,
-                our_tls_reloaded = rotated,
-                "retired a pooled mesh connection; new requests get a fresh one"
-            );
+            retirement.log();
         }
     }
 

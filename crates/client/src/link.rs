@@ -11,7 +11,7 @@
 //! more on a fresh connection.
 
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -81,15 +81,16 @@ impl H2Link {
         link
     }
 
-    /// Whether requests go to the HTTP/1.1 pool for now.
-    pub(crate) fn declined(&self) -> bool {
-        let current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-        current.h1_until.is_some_and(|until| Instant::now() < until)
-    }
-
     /// Sends `req` on the current connection, dialing one when there is none worth using.
     pub(crate) async fn send(&self, req: Request<ProxyBody>) -> Result<Sent, LinkError> {
-        let (id, mut sender) = match self.checkout() {
+        let current = {
+            let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+            if current.h1_until.is_some_and(|until| Instant::now() < until) {
+                return Ok(Sent::NotH2(req));
+            }
+            self.checkout(&mut current)
+        };
+        let (id, mut sender) = match current {
             Some(conn) => conn,
             None => match self.connect().await? {
                 Some(conn) => conn,
@@ -115,32 +116,20 @@ impl H2Link {
     }
 
     /// The current connection's number and a clone of its sender, if it is still worth using.
-    fn checkout(&self) -> Option<(u64, http2::SendRequest<ProxyBody>)> {
-        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+    fn checkout(&self, current: &mut Current) -> Option<(u64, http2::SendRequest<ProxyBody>)> {
         let now = Instant::now();
         let conn = current.conn.as_mut()?;
-        let closed = conn.sender.is_closed();
-        let stale = self.stale(conn.info);
-        if closed || stale || now - conn.last_used > self.idle_timeout {
-            if stale && !closed {
-                info!(
-                    listener_cert_expiring =
-                        conn.info.expires <= SystemTime::now() + self.retire_margin,
-                    our_tls_reloaded = conn.info.generation < self.connector.generation(),
-                    "retired the mesh connection; new requests get a fresh one"
-                );
+        let usable = !conn.sender.is_closed() && now - conn.last_used <= self.idle_timeout;
+        match self.connector.retirement(conn.info, self.retire_margin) {
+            None if usable => {
+                conn.last_used = now;
+                return Some((conn.id, conn.sender.clone()));
             }
-            current.conn = None;
-            return None;
+            Some(retirement) if usable => retirement.log(),
+            _ => {}
         }
-        conn.last_used = now;
-        Some((conn.id, conn.sender.clone()))
-    }
-
-    /// Whether a connection opened with `info` must not take new requests.
-    fn stale(&self, info: ConnInfo) -> bool {
-        info.expires <= SystemTime::now() + self.retire_margin
-            || info.generation < self.connector.generation()
+        current.conn = None;
+        None
     }
 
     /// Drops the current connection if it is still connection `id`.
@@ -155,8 +144,10 @@ impl H2Link {
     /// new one. `None` when the listener declined HTTP/2.
     async fn connect(&self) -> Result<Option<(u64, http2::SendRequest<ProxyBody>)>, LinkError> {
         let _turn = self.dialing.lock().await;
-        if let Some(conn) = self.checkout() {
-            return Ok(Some(conn));
+        let reused =
+            self.checkout(&mut self.current.lock().unwrap_or_else(PoisonError::into_inner));
+        if reused.is_some() {
+            return Ok(reused);
         }
         let stream = self.connector.dial().await?;
         if !stream.is_h2() {
