@@ -5,12 +5,19 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::StatusCode;
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+use phoenix_mesh_certs::pki::Leaf;
 use phoenix_mesh_client::{ClientSettings, ClientSidecar};
 use phoenix_mesh_common::serve::Shutdown;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -778,4 +785,67 @@ async fn shutdown_closes_a_parked_connection_at_once() {
     let read = within("close after shutdown", tls.read_to_end(&mut rest)).await;
     assert!(read.is_ok(), "expected a clean TLS close, got {read:?}");
     assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+}
+
+/// A TLS server on loopback that speaks only HTTP/1.1 (ALPN `http/1.1`, no `h2`), answering every
+/// request with `h1 only`, counting its connections: a mesh listener that declines HTTP/2.
+async fn http1_only_listener(leaf: &Leaf) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let chain = CertificateDer::pem_slice_iter(leaf.chain_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                        Bytes::from_static(b"h1 only"),
+                    )))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// A listener that declines HTTP/2 is still reached: the client falls back to pooled HTTP/1.1 for a
+/// while instead of dialing (or failing) per request.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_listener_that_declines_http2_is_reached_over_http1() {
+    let mesh = Mesh::start().await;
+    let (addr, accepted) = http1_only_listener(&mesh.pki.listener_cert()).await;
+    let client = extra_client(&mesh, &[addr], &[]).await;
+    for i in 0..3 {
+        let reply = within(
+            "a request to the HTTP/1.1-only listener",
+            send_h1(client.addr, get(&format!("/h1/{i}"))),
+        )
+        .await;
+        assert_eq!(reply.status, 200, "request {i}: {reply:#?}");
+        assert_eq!(reply.body, "h1 only");
+    }
+    // The HTTP/2 attempt that learnt it, then one pooled HTTP/1.1 connection.
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
