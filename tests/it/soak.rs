@@ -25,7 +25,7 @@ use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
 use crate::support::backend::{Backend, HELLO};
-use crate::support::http::SERVICE_HOST;
+use crate::support::http::{get, SERVICE_HOST};
 use crate::support::mesh::{toml_str, TomlConfig};
 use crate::support::pki::{write_leaf, TestPki, LISTENER_NAME};
 use crate::support::{closed_port_addr, sha256_hex, tls};
@@ -220,12 +220,8 @@ async fn parked_client(listener: SocketAddr, pki: &TestPki, tag: &str) -> Result
         for i in 0..PARKED_PER_ROUND {
             tokio::time::sleep(Duration::from_millis(60)).await;
             send.ready().await.map_err(|e| fail("ready", &e))?;
-            let req = Request::get(format!("/parked/{tag}/{i}"))
-                .header("host", SERVICE_HOST)
-                .body(Empty::<Bytes>::new())
-                .unwrap();
             let resp = send
-                .send_request(req)
+                .send_request(get(&format!("/parked/{tag}/{i}")))
                 .await
                 .map_err(|e| fail("request", &e))?;
             let status = resp.status();

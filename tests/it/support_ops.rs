@@ -511,12 +511,8 @@ pub async fn try_get(addr: SocketAddr, target: &str) -> Result<Got, String> {
             .await
             .map_err(|e| format!("handshake: {e}"))?;
         tokio::spawn(conn);
-        let req = Request::get(target)
-            .header("host", SERVICE_HOST)
-            .body(Empty::<Bytes>::new())
-            .unwrap();
         let response = sender
-            .send_request(req)
+            .send_request(crate::support::http::get(target))
             .await
             .map_err(|e| format!("request: {e}"))?;
         let status = response.status().as_u16();
