@@ -61,20 +61,21 @@ async fn refuses_expired_client() {
     assert_backend_untouched(&mesh);
 }
 
-/// The listener remembers chains it has verified (a full handshake from a known peer skips path
-/// building), but never past the end of a certificate in them: the same chain, presented again in a
-/// full handshake after it has expired, is refused like any expired certificate.
-#[tokio::test(flavor = "multi_thread")]
-async fn refuses_a_remembered_chain_once_it_expires() {
-    let mesh = Mesh::start().await;
+/// A gateway certificate that expires [`CERT_LIFE`] from now, and when.
+fn expiring_client(mesh: &Mesh) -> (Leaf, tokio::time::Instant) {
     let leaf = mesh.pki.client_cert_expiring_in(CERT_LIFE);
-    let expired_at = tokio::time::Instant::now() + CERT_LIFE;
-    let mut config =
-        (*tls::client_config(mesh.pki.root_pem(), Some(&leaf), &[b"http/1.1"])).clone();
-    // Full handshakes only: a resumed one would not present the chain at all.
-    config.resumption = rustls::client::Resumption::disabled();
-    let config = std::sync::Arc::new(config);
-    for _ in 0..2 {
+    (leaf, tokio::time::Instant::now() + CERT_LIFE)
+}
+
+/// `times` requests straight to the listener with `config` are served; then waits until
+/// `expired_at` is safely past (rcgen writes whole seconds and webpki accepts the last one).
+async fn served_until(
+    mesh: &Mesh,
+    config: &std::sync::Arc<rustls::ClientConfig>,
+    times: usize,
+    expired_at: tokio::time::Instant,
+) {
+    for _ in 0..times {
         let tls = tls::to_listener(mesh.listener_addr, config.clone()).await;
         let reply = within("direct request", direct_get(tls)).await;
         assert!(
@@ -82,8 +83,22 @@ async fn refuses_a_remembered_chain_once_it_expires() {
             "while valid: {reply:?}"
         );
     }
-    // rcgen writes whole seconds and webpki accepts the last one: 2 s past the end is safely past.
     tokio::time::sleep_until(expired_at + std::time::Duration::from_secs(2)).await;
+}
+
+/// The listener remembers chains it has verified (a full handshake from a known peer skips path
+/// building), but never past the end of a certificate in them: the same chain, presented again in a
+/// full handshake after it has expired, is refused like any expired certificate.
+#[tokio::test(flavor = "multi_thread")]
+async fn refuses_a_remembered_chain_once_it_expires() {
+    let mesh = Mesh::start().await;
+    let (leaf, expired_at) = expiring_client(&mesh);
+    let mut config =
+        (*tls::client_config(mesh.pki.root_pem(), Some(&leaf), &[b"http/1.1"])).clone();
+    // Full handshakes only: a resumed one would not present the chain at all.
+    config.resumption = rustls::client::Resumption::disabled();
+    let config = std::sync::Arc::new(config);
+    served_until(&mesh, &config, 2, expired_at).await;
     let alert = within(
         "refused handshake",
         tls::refusal_alert(mesh.listener_addr, config),
@@ -97,16 +112,9 @@ async fn refuses_a_remembered_chain_once_it_expires() {
 #[tokio::test(flavor = "multi_thread")]
 async fn does_not_serve_a_resumed_session_whose_certificate_expired() {
     let mesh = Mesh::start().await;
-    let leaf = mesh.pki.client_cert_expiring_in(CERT_LIFE);
-    let expired_at = tokio::time::Instant::now() + CERT_LIFE;
+    let (leaf, expired_at) = expiring_client(&mesh);
     let config = tls::client_config(mesh.pki.root_pem(), Some(&leaf), &[b"http/1.1"]);
-    let tls1 = tls::to_listener(mesh.listener_addr, config.clone()).await;
-    let reply = within("direct request", direct_get(tls1)).await;
-    assert!(
-        reply.starts_with("HTTP/1.1 200 OK\r\n"),
-        "while valid: {reply:?}"
-    );
-    tokio::time::sleep_until(expired_at + std::time::Duration::from_secs(2)).await;
+    served_until(&mesh, &config, 1, expired_at).await;
     let mut tls2 = tls::to_listener(mesh.listener_addr, config).await;
     assert_eq!(
         tls2.get_ref().1.handshake_kind(),
