@@ -163,3 +163,39 @@ async fn the_binary_logs_unix_peers_and_removes_its_socket_at_sigterm() {
         socket.display()
     );
 }
+
+/// A live process so busy that its socket's backlog is full still counts as live, and the client
+/// says so at once instead of hanging in its start-up.
+#[tokio::test]
+async fn a_socket_with_a_full_backlog_is_refused_without_waiting() {
+    let (mesh, _) = unix_mesh(|_| {}).await;
+    let busy = mesh.dir.path().join("busy.sock");
+    let _held = std::os::unix::net::UnixListener::bind(&busy).unwrap();
+    let mut queued = Vec::new();
+    loop {
+        match tokio::net::UnixStream::connect(&busy).await {
+            Ok(stream) => queued.push(stream),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("filling the backlog: {e}"),
+        }
+        assert!(queued.len() < 100_000, "the backlog never filled");
+    }
+    let config = mesh.dir.path().join("client.toml");
+    let busy_config = mesh.dir.path().join("busy.toml");
+    let socket = mesh.dir.path().join("client.sock");
+    let toml = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(&socket.display().to_string(), &busy.display().to_string());
+    std::fs::write(&busy_config, toml).unwrap();
+    let error = within(
+        "binding next to a busy socket",
+        ClientSidecar::bind(ClientSettings::load(&busy_config).unwrap()),
+    )
+    .await
+    .unwrap_err();
+    let text = error_chain(&error);
+    assert!(
+        text.contains("backlog is full") && text.contains(&busy.display().to_string()),
+        "{text}"
+    );
+}

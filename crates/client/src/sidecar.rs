@@ -105,7 +105,7 @@ impl ClientSidecar {
         let bind_error = ClientError::bind("the client listener", &settings.listen);
         let listener = match &settings.listen {
             ListenAddr::Tcp(addr) => TcpListener::bind(addr).await.map(Bound::Tcp),
-            ListenAddr::Unix(socket) => BoundUnix::bind(socket).map(Bound::Unix),
+            ListenAddr::Unix(socket) => BoundUnix::bind(socket).await.map(Bound::Unix),
         }
         .map_err(bind_error)?;
         let admin = bind_admin(settings.shared.admin_listen).await?;

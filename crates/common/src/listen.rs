@@ -130,11 +130,19 @@ pub struct BoundUnix {
 impl BoundUnix {
     /// Binds `socket`. A socket file left behind by a process that is gone (nothing accepts on
     /// it) is replaced; one that still answers, or a path that is not a socket, is an error.
-    pub fn bind(socket: &UnixSocket) -> io::Result<Self> {
+    pub async fn bind(socket: &UnixSocket) -> io::Result<Self> {
         let path = &socket.path;
         match std::fs::symlink_metadata(path) {
             Ok(meta) if meta.file_type().is_socket() => {
-                match std::os::unix::net::UnixStream::connect(path) {
+                // Non-blocking: a live process whose backlog is full answers EAGAIN instead of
+                // holding our start-up until it accepts.
+                match UnixStream::connect(path).await {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::AddrInUse,
+                            "another process holds this socket (its backlog is full)",
+                        ))
+                    }
                     Ok(_) => {
                         return Err(io::Error::new(
                             io::ErrorKind::AddrInUse,
