@@ -179,7 +179,13 @@ impl BoundUnix {
         };
         if let Some(gid) = socket.group {
             std::os::unix::fs::chown(path, None, Some(gid)).map_err(|e| {
-                io::Error::new(e.kind(), format!("giving the socket to group {gid}: {e}"))
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "giving the socket to group {gid} (listen_group): {e}; the sidecar must be \
+                         root or a member of that group (systemd: SupplementaryGroups=)"
+                    ),
+                )
             })?;
         }
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(socket.mode)).map_err(
