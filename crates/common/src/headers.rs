@@ -4,8 +4,9 @@ use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-/// Headers that describe one connection, not the message, and never cross a hop.
-const HOP_BY_HOP: [HeaderName; 7] = [
+/// Headers that describe one connection, not the message, and never cross a hop: RFC 9110's, plus
+/// the non-standard `Keep-Alive` and `Proxy-Connection`.
+const HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
@@ -13,28 +14,46 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
 ];
+
+/// `X-Forwarded-For`.
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// Removes hop-by-hop headers, including every header the `Connection` header names, plus the
 /// non-standard `Keep-Alive` and `Proxy-Connection`.
+///
+/// Runs on every request and response: one pass over the names present (a handful) finds which of
+/// the nine are there, instead of nine hashed removals of names that are mostly absent.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
+        return;
+    }
+    if present & 1 != 0 {
         // Split the raw bytes: one non-ASCII byte in the value must not let the named headers through.
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
             .flat_map(|v| v.as_bytes().split(|b| *b == b','))
             .filter_map(|name| HeaderName::from_bytes(name.trim_ascii()).ok())
+            .filter(|name| !HOP_BY_HOP.contains(name))
             .collect();
         for name in named {
             headers.remove(name);
         }
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
 }
 
 /// The protocol an HTTP/1.1 request asks to switch to (`Upgrade: websocket` with `upgrade` named in
@@ -75,24 +94,32 @@ pub fn retarget(
     http::Uri::from_parts(parts)
 }
 
-/// Appends `peer` to `X-Forwarded-For`, folding earlier values into one comma-separated header.
-pub fn append_forwarded_for(headers: &mut HeaderMap, peer: IpAddr) {
-    const XFF: &str = "x-forwarded-for";
-    let mut value = String::new();
-    for prior in headers.get_all(XFF) {
-        if let Ok(s) = prior.to_str() {
-            if !value.is_empty() {
-                value.push_str(", ");
-            }
-            value.push_str(s);
-        }
+/// A peer address as an `X-Forwarded-For` element, made once per connection.
+pub fn forwarded_for_value(peer: IpAddr) -> HeaderValue {
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(peer.to_string()))
+        .unwrap_or(HeaderValue::from_static("unknown"))
+}
+
+/// Appends `peer` (from [`forwarded_for_value`]) to `X-Forwarded-For`, folding earlier values into one
+/// comma-separated header.
+pub fn append_forwarded_for(headers: &mut HeaderMap, peer: &HeaderValue) {
+    let mut prior = headers
+        .get_all(X_FORWARDED_FOR)
+        .iter()
+        .filter(|v| v.to_str().is_ok())
+        .peekable();
+    if prior.peek().is_none() {
+        headers.insert(X_FORWARDED_FOR, peer.clone());
+        return;
     }
-    if !value.is_empty() {
-        value.push_str(", ");
+    let mut value = Vec::with_capacity(64);
+    for v in prior {
+        value.extend_from_slice(v.as_bytes());
+        value.extend_from_slice(b", ");
     }
-    value.push_str(&peer.to_string());
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        headers.insert(XFF, v);
+    value.extend_from_slice(peer.as_bytes());
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
+        headers.insert(X_FORWARDED_FOR, v);
     }
 }
 
@@ -136,11 +163,49 @@ mod tests {
         let mut h = HeaderMap::new();
         h.append("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));
         h.append("x-forwarded-for", HeaderValue::from_static("198.51.100.1"));
-        append_forwarded_for(
-            &mut h,
-            "127.0.0.1".parse().unwrap_or(IpAddr::from([0, 0, 0, 0])),
-        );
+        append_forwarded_for(&mut h, &forwarded_for_value(IpAddr::from([127, 0, 0, 1])));
         assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
         assert_eq!(h["x-forwarded-for"], "203.0.113.9, 198.51.100.1, 127.0.0.1");
+    }
+
+    #[test]
+    fn strips_each_hop_by_hop_header_on_its_own() {
+        for name in &HOP_BY_HOP {
+            let mut h = HeaderMap::new();
+            h.insert(header::HOST, HeaderValue::from_static("a.example"));
+            h.insert(name, HeaderValue::from_static("x"));
+            h.insert("x-after", HeaderValue::from_static("1"));
+            remove_hop_by_hop(&mut h);
+            assert!(!h.contains_key(name), "{name} kept: {h:?}");
+            assert_eq!(h.len(), 2, "{name}: {h:?}");
+        }
+    }
+
+    #[test]
+    fn leaves_end_to_end_headers_alone() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("a.example"));
+        h.append("x-many", HeaderValue::from_static("1"));
+        h.append("x-many", HeaderValue::from_static("2"));
+        let before = h.clone();
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h, before);
+    }
+
+    #[test]
+    fn forwarded_for_starts_with_the_peer_and_skips_unreadable_values() {
+        let peer = forwarded_for_value(IpAddr::from([0xfd00, 0, 0, 0, 0, 0, 0, 1]));
+        let mut h = HeaderMap::new();
+        append_forwarded_for(&mut h, &peer);
+        assert_eq!(h["x-forwarded-for"], "fd00::1");
+
+        let mut h = HeaderMap::new();
+        if let Ok(opaque) = HeaderValue::from_bytes(b"\xd0\x90") {
+            h.append("x-forwarded-for", opaque);
+        }
+        h.append("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));
+        append_forwarded_for(&mut h, &peer);
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+        assert_eq!(h["x-forwarded-for"], "203.0.113.9, fd00::1");
     }
 }

@@ -1,6 +1,7 @@
 //! The Prometheus metrics both sidecars export on `/metrics`, every name prefixed `phoenix_mesh_`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -85,7 +86,16 @@ pub struct Metrics {
     pub cert_not_after: Family<CertLabels, Gauge>,
     /// Certificate and config reloads by result.
     pub reloads: Family<ResultLabels, Counter>,
+    /// `requests`' counters by [`STATUS_CLASSES`] and [`MADE_BY`] index, each taken from the family
+    /// the first time it is used: counting a request is then an atomic add, not a locked hash lookup.
+    request_counters: [[OnceLock<Counter>; MADE_BY.len()]; STATUS_CLASSES.len()],
 }
+
+/// The `status_class` label values, by status code / 100 - 1.
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// The `made_by` label values the sidecars use.
+const MADE_BY: [&str; 3] = ["backend", "listener", "sidecar"];
 
 impl Metrics {
     /// All metrics, registered.
@@ -163,6 +173,7 @@ impl Metrics {
             upstream_healthy,
             cert_not_after,
             reloads,
+            request_counters: Default::default(),
         }
     }
 
@@ -186,19 +197,23 @@ impl Metrics {
 
     /// Counts one request.
     pub fn request(&self, status: http::StatusCode, made_by: &'static str, took: Duration) {
-        let status_class = match status.as_u16() {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
+        let class = match status.as_u16() {
+            100..=199 => 0,
+            200..=299 => 1,
+            300..=399 => 2,
+            400..=499 => 3,
+            _ => 4,
         };
-        self.requests
-            .get_or_create(&RequestLabels {
-                status_class,
-                made_by,
-            })
-            .inc();
+        let labels = |made_by| RequestLabels {
+            status_class: STATUS_CLASSES[class],
+            made_by,
+        };
+        match MADE_BY.iter().position(|m| *m == made_by) {
+            Some(who) => self.request_counters[class][who]
+                .get_or_init(|| self.requests.get_or_create(&labels(MADE_BY[who])).clone())
+                .inc(),
+            None => self.requests.get_or_create(&labels(made_by)).inc(),
+        };
         self.request_seconds.observe(took.as_secs_f64());
     }
 
@@ -252,5 +267,56 @@ impl GaugeGuard {
 impl Drop for GaugeGuard {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn count(metrics: &Metrics, labels: &str) -> Option<u64> {
+        let text = metrics.encode();
+        let prefix = format!("phoenix_mesh_http_requests_total{{{labels}}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.parse().ok())
+    }
+
+    #[test]
+    fn counts_requests_by_class_and_maker_through_the_cached_counters() {
+        let m = Metrics::new();
+        let took = Duration::from_millis(1);
+        m.request(http::StatusCode::OK, "backend", took);
+        m.request(http::StatusCode::NO_CONTENT, "backend", took);
+        m.request(http::StatusCode::BAD_GATEWAY, "sidecar", took);
+        m.request(http::StatusCode::BAD_GATEWAY, "listener", took);
+        m.request(http::StatusCode::NOT_FOUND, "elsewhere", took);
+        assert_eq!(
+            count(&m, r#"status_class="2xx",made_by="backend""#),
+            Some(2)
+        );
+        assert_eq!(
+            count(&m, r#"status_class="5xx",made_by="sidecar""#),
+            Some(1)
+        );
+        assert_eq!(
+            count(&m, r#"status_class="5xx",made_by="listener""#),
+            Some(1)
+        );
+        assert_eq!(
+            count(&m, r#"status_class="4xx",made_by="elsewhere""#),
+            Some(1)
+        );
+        // Series appear when first used, not before.
+        assert_eq!(count(&m, r#"status_class="2xx",made_by="sidecar""#), None);
+        assert_eq!(
+            m.requests
+                .get_or_create(&RequestLabels {
+                    status_class: "2xx",
+                    made_by: "backend"
+                })
+                .get(),
+            2
+        );
     }
 }

@@ -1,12 +1,13 @@
 //! Responses the sidecars make themselves, told apart from backend responses by a header.
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Response, StatusCode};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
 /// Set on every response a sidecar makes itself, with a short machine-readable code.
-pub const MESH_ERROR_HEADER: &str = "phoenix-mesh-error";
+pub const MESH_ERROR_HEADER: HeaderName = HeaderName::from_static("phoenix-mesh-error");
 
 /// A body that is either streamed through from the other side or made here.
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{HeaderValue, HOST};
+use http::header::{HeaderName, HeaderValue, HOST};
 use http::uri::{Authority, PathAndQuery};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::Either;
@@ -25,12 +25,13 @@ use crate::pool::{BackendError, BackendPool};
 const MESH_POOL_AUTHORITY: &str = "phoenix-mesh";
 
 /// The header carrying the verified client identity to the backend.
-pub(crate) const XFCC: &str = "x-forwarded-client-cert";
+pub(crate) const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 
 /// Who is on the other end of one mTLS connection, computed once after its handshake.
 #[derive(Debug, Clone)]
 pub(crate) struct Peer {
-    pub addr: SocketAddr,
+    /// The peer's IP as an `X-Forwarded-For` element.
+    pub forwarded_for: HeaderValue,
     pub id: Arc<PeerId>,
 }
 
@@ -129,7 +130,7 @@ impl Backend {
         }
         parts.headers.remove(XFCC);
         parts.headers.insert(XFCC, peer.id.xfcc.clone());
-        append_forwarded_for(&mut parts.headers, peer.addr.ip());
+        append_forwarded_for(&mut parts.headers, &peer.forwarded_for);
 
         // Origin form, as HTTP/1.1 sends it to an origin server (RFC 9112 section 3.2.1).
         parts.uri = parts

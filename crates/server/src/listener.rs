@@ -14,6 +14,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use phoenix_mesh_certs::{failure_reason, LiveServerTls, Material, Reloader, Role};
 use phoenix_mesh_common::access::{AccessStart, Logged};
 use phoenix_mesh_common::admin::AdminState;
+use phoenix_mesh_common::headers::forwarded_for_value;
 use phoenix_mesh_common::metrics::{GaugeGuard, Metrics};
 use phoenix_mesh_common::park::serve_http1_parking;
 use phoenix_mesh_common::serve::{
@@ -295,7 +296,10 @@ async fn handle(
         alpn = ?conn.alpn_protocol().map(String::from_utf8_lossy),
         "mutual TLS established"
     );
-    let peer = Arc::new(Peer { addr, id });
+    let peer = Arc::new(Peer {
+        forwarded_for: forwarded_for_value(addr.ip()),
+        id,
+    });
     let service = {
         let state = state.clone();
         service_fn(move |req| {
