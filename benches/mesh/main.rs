@@ -108,6 +108,10 @@ struct Args {
     load_cpu: String,
     #[arg(long, default_value = "1")]
     server_cpu: String,
+    /// Scheduling policy of the phoenix processes: batch, as the deploy/ units set it
+    /// (CPUSchedulingPolicy=batch), or other (the kernel default). nginx and HAProxy keep theirs.
+    #[arg(long, value_enum, default_value = "batch")]
+    sched: procs::Sched,
     /// Foreign load (cores) above which a run is retried.
     #[arg(long, default_value_t = 0.08)]
     foreign_max: f64,
@@ -294,8 +298,8 @@ impl Ctx {
 
     fn record(&self, r: &Rec) {
         let mut line = format!(
-            "{{\"kind\":\"{}\",\"target\":\"{}\",\"cell\":\"{}\",\"rep\":{},\"foreign_cores\":{:.3},\"steal_cores\":{:.3},\"attempts\":{}",
-            r.kind, r.target, r.cell, r.rep, r.foreign, r.steal, r.attempts
+            "{{\"kind\":\"{}\",\"target\":\"{}\",\"cell\":\"{}\",\"rep\":{},\"phoenix_sched\":\"{}\",\"foreign_cores\":{:.3},\"steal_cores\":{:.3},\"attempts\":{}",
+            r.kind, r.target, r.cell, r.rep, self.args.sched.name(), r.foreign, r.steal, r.attempts
         );
         for (k, v) in &r.vals {
             let _ = write!(
@@ -456,10 +460,14 @@ fn run(mut args: Args) -> anyhow::Result<()> {
     let (l_addr, idle_addr, c2_addr, c1_addr, front_addr, front_unix_addr) =
         (port(3), port(4), port(41), port(42), port(50), port(51));
     let cpu = a.server_cpu.as_str();
+    let at = procs::Placement {
+        cpu,
+        sched: a.sched,
+    };
     let listener = procs::listener(
         &ctx.bin,
         &out,
-        cpu,
+        at,
         l_addr,
         a.backend,
         &ctx.pki,
@@ -467,13 +475,13 @@ fn run(mut args: Args) -> anyhow::Result<()> {
         &ctx.server_key,
     )?;
     let (c2, c1) = (procs::Listen::Tcp(c2_addr), procs::Listen::Tcp(c1_addr));
-    let client_h2 = procs::client(&ctx.bin, &out, cpu, &c2, l_addr, &ctx.pki, true)?;
-    let client_h1 = procs::client(&ctx.bin, &out, cpu, &c1, l_addr, &ctx.pki, false)?;
+    let client_h2 = procs::client(&ctx.bin, &out, at, &c2, l_addr, &ctx.pki, true)?;
+    let client_h1 = procs::client(&ctx.bin, &out, at, &c1, l_addr, &ctx.pki, false)?;
     let front = procs::NginxFront::start(&out.join("front"), cpu, front_addr, &c2)?;
     let front_pid = front.pid().context("nginx front pid")?;
     // The deployed path again with nginx reaching the client through a unix socket.
     let cu = procs::Listen::Unix(out.join("client.sock"));
-    let client_unix = procs::client(&ctx.bin, &out, cpu, &cu, l_addr, &ctx.pki, true)?;
+    let client_unix = procs::client(&ctx.bin, &out, at, &cu, l_addr, &ctx.pki, true)?;
     let front_unix = procs::NginxFront::start(&out.join("front-unix"), cpu, front_unix_addr, &cu)?;
     let front_unix_pid = front_unix.pid().context("nginx front (unix) pid")?;
     if let Ok(mut x) = ctx.ours_extra.lock() {
@@ -645,7 +653,7 @@ fn run(mut args: Args) -> anyhow::Result<()> {
         }
     }
     let total = t_start.elapsed().as_secs_f64();
-    let tables = report(&recs, total);
+    let tables = report(&recs, total, a.sched);
     fs::write(out.join("tables.md"), &tables)?;
     println!("\n{tables}");
     println!(
@@ -817,7 +825,10 @@ fn idle_cell(
         let p = procs::listener(
             &ctx.bin,
             &ctx.out,
-            &ctx.args.server_cpu,
+            procs::Placement {
+                cpu: &ctx.args.server_cpu,
+                sched: ctx.args.sched,
+            },
             idle_addr,
             ctx.args.backend,
             &ctx.pki,
@@ -905,7 +916,7 @@ fn idle_cell(
     })
 }
 
-fn report(recs: &[Rec], total_s: f64) -> String {
+fn report(recs: &[Rec], total_s: f64, sched: procs::Sched) -> String {
     // (kind, cell, target) in first-seen order -> reps
     let mut order: Vec<(&str, String, String)> = Vec::new();
     let mut groups: BTreeMap<(String, String, String), Vec<&Rec>> = BTreeMap::new();
@@ -919,7 +930,9 @@ fn report(recs: &[Rec], total_s: f64) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "Medians over reps, (min–max) in brackets. Total run time {total_s:.0} s.\n"
+        "Medians over reps, (min–max) in brackets. Total run time {total_s:.0} s. phoenix scheduling \
+         policy: {} (--sched).\n",
+        sched.name()
     );
     for (kind, title) in [
         ("hs", "Handshakes (+ one request, Connection: close)"),
@@ -985,6 +998,10 @@ fn write_versions(ctx: &Ctx) -> anyhow::Result<()> {
         ("kernel", "uname -a"),
         ("cpu", "grep -m1 'model name' /proc/cpuinfo; nproc"),
         ("phoenix-mesh", &format!("{} --version", ctx.bin.display())),
+        (
+            "phoenix-mesh scheduling policy (--sched)",
+            &format!("echo {}", ctx.args.sched.name()),
+        ),
     ] {
         let o = Command::new("sh").args(["-c", cmd]).output()?;
         let _ = writeln!(

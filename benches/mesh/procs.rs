@@ -102,12 +102,38 @@ pub fn wait_listen(addr: SocketAddr) -> anyhow::Result<()> {
     bail!("nothing accepts on {addr} after 10 s")
 }
 
-/// Starts `phoenix-mesh server` pinned to `cpu`, forwarding to `backend`.
+/// The scheduling policy the phoenix processes run under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Sched {
+    /// `SCHED_BATCH`, as the deploy/ units set it (`CPUSchedulingPolicy=batch`): a woken sidecar does
+    /// not preempt the process that woke it.
+    Batch,
+    /// The kernel's default (`SCHED_OTHER`).
+    Other,
+}
+
+impl Sched {
+    pub fn name(self) -> &'static str {
+        match self {
+            Sched::Batch => "batch",
+            Sched::Other => "other",
+        }
+    }
+}
+
+/// Where and how a phoenix process runs: the CPU it is pinned to and its scheduling policy.
+#[derive(Debug, Clone, Copy)]
+pub struct Placement<'a> {
+    pub cpu: &'a str,
+    pub sched: Sched,
+}
+
+/// Starts `phoenix-mesh server` on `at`, forwarding to `backend`.
 #[allow(clippy::too_many_arguments)]
 pub fn listener(
     bin: &Path,
     dir: &Path,
-    cpu: &str,
+    at: Placement<'_>,
     listen: SocketAddr,
     backend: SocketAddr,
     pki: &ClientPki,
@@ -127,7 +153,7 @@ pub fn listener(
     spawn(
         bin,
         dir,
-        cpu,
+        at,
         "server",
         &cfg,
         &Listen::Tcp(listen),
@@ -135,11 +161,11 @@ pub fn listener(
     )
 }
 
-/// Starts `phoenix-mesh client` pinned to `cpu`: plain HTTP on `listen`, mTLS to `upstream`.
+/// Starts `phoenix-mesh client` on `at`: plain HTTP on `listen`, mTLS to `upstream`.
 pub fn client(
     bin: &Path,
     dir: &Path,
-    cpu: &str,
+    at: Placement<'_>,
     listen: &Listen,
     upstream: SocketAddr,
     pki: &ClientPki,
@@ -159,7 +185,7 @@ pub fn client(
     spawn(
         bin,
         dir,
-        cpu,
+        at,
         "client",
         &cfg,
         listen,
@@ -170,7 +196,7 @@ pub fn client(
 fn spawn(
     bin: &Path,
     dir: &Path,
-    cpu: &str,
+    at: Placement<'_>,
     sub: &str,
     cfg: &Path,
     listen: &Listen,
@@ -182,8 +208,12 @@ fn spawn(
         bail!("{listen} is already in use: stop whatever listens there (ss -ltnp) or pass --base-port");
     }
     let log = fs::File::create(dir.join(format!("{name}.log")))?;
-    let child = Command::new("taskset")
-        .args(["-c", cpu])
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", at.cpu]);
+    if at.sched == Sched::Batch {
+        cmd.args(["chrt", "--batch", "0"]);
+    }
+    let child = cmd
         .arg(bin)
         .args([sub, "--config"])
         .arg(cfg)

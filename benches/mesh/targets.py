@@ -69,6 +69,8 @@ for n in ("n1000", "n5000"):
     out.append(f"| listener KiB per idle mTLS conn | {n} | {p if p is None else f'{p:.1f}'} | "
                f"{nn if nn is None else f'{nn:.1f}'} | {'-' if not (p and nn) else f'{p / nn:.2f}x'} | ≤ 16 KiB | {ok} |")
 out.append("")
+scheds = sorted({r.get("phoenix_sched", "other (before --sched)") for r in rows})
+out.append(f"phoenix scheduling policy: {', '.join(scheds)}")
 out.append(f"max foreign load over all cells: {max(foreign.values()):.2f} cores; "
            f"cells with foreign > 0.08: {sum(1 for v in foreign.values() if v > 0.08)} of {len(foreign)}")
 print("\n".join(out))
