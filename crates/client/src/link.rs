@@ -92,7 +92,9 @@ impl H2Link {
         };
         let (id, mut sender) = match current {
             Some(conn) => conn,
-            None => match self.connect().await? {
+            // Boxed: dialing (TCP, TLS, the HTTP/2 handshake) is rare and its future is large, and
+            // every request's future would otherwise carry room for it, copied on each move.
+            None => match Box::pin(self.connect()).await? {
                 Some(conn) => conn,
                 None => return Ok(Sent::NotH2(req)),
             },
@@ -103,7 +105,7 @@ impl H2Link {
                 Some(unsent) => {
                     debug!(error = %error.error(), "mesh connection closing; sending on a fresh one");
                     self.forget(id);
-                    match self.connect().await? {
+                    match Box::pin(self.connect()).await? {
                         Some((_, mut fresh)) => {
                             Ok(Sent::Response(fresh.send_request(unsent).await?))
                         }

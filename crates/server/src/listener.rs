@@ -305,7 +305,11 @@ async fn handle(
         service_fn(move |req| {
             let state = state.clone();
             let peer = peer.clone();
-            async move { Ok::<_, std::convert::Infallible>(state.request(req, &peer).await) }
+            // Boxed: hyper moves each stream's future several times on its way into a spawned task,
+            // and ours is a few KiB.
+            Box::pin(
+                async move { Ok::<_, std::convert::Infallible>(state.request(req, &peer).await) },
+            )
         })
     };
     // HTTP/2 only when ALPN chose it (RFC 9113 has no prior knowledge over TLS); HTTP/1.1 otherwise,

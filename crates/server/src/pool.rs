@@ -95,7 +95,9 @@ impl BackendPool {
                 },
             }
         }
-        let mut sender = self.connect().await?;
+        // Boxed: connecting is rare and its future large; every request's future would otherwise
+        // carry room for it, copied on each move.
+        let mut sender = Box::pin(self.connect()).await?;
         match sender.try_send_request(req).await {
             Ok(response) => {
                 self.put_back(sender, response.status());
