@@ -291,22 +291,14 @@ mod tests {
         m.request(http::StatusCode::BAD_GATEWAY, "sidecar", took);
         m.request(http::StatusCode::BAD_GATEWAY, "listener", took);
         m.request(http::StatusCode::NOT_FOUND, "elsewhere", took);
-        assert_eq!(
-            count(&m, r#"status_class="2xx",made_by="backend""#),
-            Some(2)
-        );
-        assert_eq!(
-            count(&m, r#"status_class="5xx",made_by="sidecar""#),
-            Some(1)
-        );
-        assert_eq!(
-            count(&m, r#"status_class="5xx",made_by="listener""#),
-            Some(1)
-        );
-        assert_eq!(
-            count(&m, r#"status_class="4xx",made_by="elsewhere""#),
-            Some(1)
-        );
+        for (labels, want) in [
+            (r#"status_class="2xx",made_by="backend""#, 2),
+            (r#"status_class="5xx",made_by="sidecar""#, 1),
+            (r#"status_class="5xx",made_by="listener""#, 1),
+            (r#"status_class="4xx",made_by="elsewhere""#, 1),
+        ] {
+            assert_eq!(count(&m, labels), Some(want), "{labels}");
+        }
         // Series appear when first used, not before.
         assert_eq!(count(&m, r#"status_class="2xx",made_by="sidecar""#), None);
         assert_eq!(
