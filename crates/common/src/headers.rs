@@ -7,6 +7,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 /// Headers that describe one connection, not the message, and never cross a hop: RFC 9110's, plus
 /// the non-standard `Keep-Alive` and `Proxy-Connection`.
 const HOP_BY_HOP: [HeaderName; 9] = [
+    // First: `remove_hop_by_hop` reads bit 0 as "Connection is present".
     header::CONNECTION,
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
@@ -37,6 +38,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
         return;
     }
     if present & 1 != 0 {
+        // Connection (HOP_BY_HOP[0]) names more headers to drop.
         // Split the raw bytes: one non-ASCII byte in the value must not let the named headers through.
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
