@@ -128,7 +128,7 @@ impl Backend {
         if let Some(protocol) = upgrade {
             restore_upgrade(&mut parts.headers, protocol);
         }
-        parts.headers.remove(XFCC);
+        // `insert` replaces every value the client sent: a forged identity never reaches Traefik.
         parts.headers.insert(XFCC, peer.id.xfcc.clone());
         append_forwarded_for(&mut parts.headers, &peer.forwarded_for);
 
