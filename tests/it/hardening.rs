@@ -478,6 +478,25 @@ async fn slow_listener_answer_gets_504_upstream_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn request_given_up_by_the_client_is_cancelled_at_the_listener_and_the_backend() {
+    // The listener's own backend_timeout stays at its default (60 s), far beyond this test: only the
+    // client resetting the HTTP/2 stream makes the listener let go of the backend request.
+    let mesh = Mesh::start_with(|s| {
+        s.client.set_str("upstream_timeout", "500ms");
+    })
+    .await;
+    let reply = within("request to /slow", send_h1(mesh.client_addr, get("/slow"))).await;
+    reply.assert_mesh_error(504, "upstream-timeout", &["upstream_timeout"]);
+    within("the backend's request to be dropped", async {
+        while mesh.backend.abandoned() == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    good_requests(&mesh, "after-cancel", 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn connection_named_headers_are_stripped_even_with_obs_text_in_connection() {
     let mesh = Mesh::start().await;
     let mut tcp = TcpStream::connect(mesh.client_addr).await.unwrap();

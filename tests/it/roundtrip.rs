@@ -155,6 +155,52 @@ async fn streams_an_8_mib_upload_intact() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn chunked_upload_cut_off_midway_reaches_the_backend_failed_not_complete() {
+    use tokio::io::AsyncWriteExt as _;
+    const CHUNK: usize = 64 * 1024;
+    let mesh = Mesh::start().await;
+    let mut progress = mesh.backend.upload_progress();
+    let mut tcp = tokio::net::TcpStream::connect(mesh.client_addr)
+        .await
+        .unwrap();
+    let mut raw = format!(
+        "POST /upload HTTP/1.1\r\nHost: {SERVICE_HOST}\r\nTransfer-Encoding: chunked\r\n\r\n{CHUNK:x}\r\n"
+    )
+    .into_bytes();
+    raw.extend_from_slice(&[b'x'; CHUNK]);
+    raw.extend_from_slice(b"\r\n");
+    tcp.write_all(&raw).await.unwrap();
+    within(
+        "the backend reading the first chunk",
+        progress.wait_for(|&n| n >= CHUNK as u64),
+    )
+    .await
+    .unwrap();
+    // No last chunk: nginx's side hung up mid-upload. Every hop must pass that on as a failure; a
+    // hop that ended the body cleanly would hand the backend a truncated upload as complete.
+    drop(tcp);
+    let seen = within("the backend's verdict on the upload", async {
+        loop {
+            if let Some(seen) = mesh
+                .backend
+                .seen()
+                .into_iter()
+                .find(|s| s.target == "/upload")
+            {
+                return seen;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(
+        seen.upload, None,
+        "a cut-off upload arrived as complete: {seen:#?}"
+    );
+    assert!(seen.upload_error.is_some(), "{seen:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn streams_a_20_mb_download_intact() {
     const SIZE: u64 = 20_000_000;
     let mesh = Mesh::start().await;

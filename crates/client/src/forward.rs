@@ -23,7 +23,12 @@ use tracing::info;
 use crate::connector::{
     client_cert_alert, client_cert_refused, ConnInfo, MeshConnector, UpstreamError,
 };
+use crate::h2body::H2Body;
 use crate::link::{H2Link, LinkError, Sent};
+
+/// What the client answers nginx with: a body from an HTTP/1.1 connection or made here, or one
+/// arriving on an HTTP/2 stream of the mesh link.
+pub(crate) type ResponseBody = Either<ProxyBody, H2Body>;
 
 /// The pool key: every request shares the same pool whatever its Host; the connector picks the
 /// listener. Host itself travels untouched as a header.
@@ -93,7 +98,7 @@ impl Upstream {
     pub(crate) async fn forward(
         &self,
         mut req: Request<Incoming>,
-    ) -> (Response<ProxyBody>, &'static str) {
+    ) -> (Response<ResponseBody>, &'static str) {
         let upgrade =
             upgrade_protocol(req.headers()).filter(|_| req.version() == http::Version::HTTP_11);
         let downstream = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
@@ -122,7 +127,8 @@ impl Upstream {
                         StatusCode::BAD_REQUEST,
                         "bad-request",
                         format!("phoenix-mesh client: invalid request target: {e}"),
-                    ),
+                    )
+                    .map(Either::Left),
                     "sidecar",
                 )
             }
@@ -135,7 +141,7 @@ impl Upstream {
                     (downstream, response.status())
                 {
                     splice(downstream, hyper::upgrade::on(&mut response));
-                    return (response.map(Either::Left), "backend");
+                    return (response, "backend");
                 }
                 let made_by = if response.headers().contains_key(MESH_ERROR_HEADER) {
                     "listener"
@@ -144,9 +150,9 @@ impl Upstream {
                 };
                 let (mut parts, body) = response.into_parts();
                 remove_hop_by_hop(&mut parts.headers);
-                (Response::from_parts(parts, Either::Left(body)), made_by)
+                (Response::from_parts(parts, body), made_by)
             }
-            Ok(Err(error)) => (self.failure(&*error), "sidecar"),
+            Ok(Err(error)) => (self.failure(&*error).map(Either::Left), "sidecar"),
             Err(_) => {
                 info!(upstreams = %self.upstreams, "mesh listener too slow");
                 (mesh_error(
@@ -156,7 +162,7 @@ impl Upstream {
                         "phoenix-mesh client: mesh listener ({}) did not answer within {:?} (upstream_timeout)",
                         self.upstreams, self.timeout
                     ),
-                ), "sidecar")
+                ).map(Either::Left), "sidecar")
             }
         }
     }
@@ -167,13 +173,14 @@ impl Upstream {
         &self,
         request: Request<ProxyBody>,
         upgrade: bool,
-    ) -> Result<Response<Incoming>, LinkError> {
+    ) -> Result<Response<ResponseBody>, LinkError> {
         if upgrade {
-            return Ok(self.upgrades.request(request).await?);
+            let response = self.upgrades.request(request).await?;
+            return Ok(response.map(|body| Either::Left(Either::Left(body))));
         }
         let mut request = match &self.h2 {
             Some(link) => match link.send(request).await? {
-                Sent::Response(response) => return Ok(response),
+                Sent::Response(response) => return Ok(response.map(Either::Right)),
                 Sent::NotH2(request) => request,
             },
             None => request,
@@ -181,7 +188,7 @@ impl Upstream {
         let capture = self.retiring().then(|| capture_connection(&mut request));
         let response = self.client.request(request).await?;
         self.retire_if_stale(&response, capture.as_ref());
-        Ok(response)
+        Ok(response.map(|body| Either::Left(Either::Left(body))))
     }
 
     /// Whether requests should capture their connection: only while some open connection is stale

@@ -1,35 +1,42 @@
 //! The shared HTTP/2 connection to a mesh listener that every plain request rides.
 //!
-//! In place of hyper-util's legacy client for this path: that client checks a connection out of a keyed
-//! pool, wraps and boxes several large futures per request and learns about stale connections only
-//! from each response. Here a request clones the current connection's `SendRequest` under a short lock.
-//! A connection is replaced, for the next request, when it is closed, idle past `pool_idle_timeout`, or
-//! stale: its listener certificate expires within the retire margin, or it was opened before our own
-//! certificate or trust was reloaded. Requests in flight on a replaced connection finish on it; hyper
-//! closes it when the last of them is done. One dial at a time: requests arriving meanwhile wait for
-//! it and share the result. A request the connection turned down unsent (it was closing) is sent once
-//! more on a fresh connection.
+//! In place of hyper's client for this path: hyper-util's legacy client checks a connection out of a
+//! keyed pool, wraps and boxes several large futures per request and learns about stale connections
+//! only from each response, and hyper's own HTTP/2 client hands each request to its connection task
+//! through a channel, spawns a task to await the response and answers through a second channel. Here
+//! a request clones the current connection's `h2` sender under a short lock, opens its stream itself
+//! and awaits the response in its own task (the bodies: [`crate::h2body`]).
+//! A connection is replaced, for the next request, when it is closed or going away, idle past
+//! `pool_idle_timeout`, or stale: its listener certificate expires within the retire margin, or it was
+//! opened before our own certificate or trust was reloaded. Requests in flight on a replaced connection
+//! finish on it; h2 closes it when the last of them is done. One dial at a time: requests arriving
+//! meanwhile wait for it and share the result. A request the connection turned down unsent (it had a
+//! GOAWAY or was gone) is sent once more on a fresh connection.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper::client::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use bytes::Bytes;
+use h2::client::SendRequest;
+use http::header::CONTENT_LENGTH;
+use http::{HeaderValue, Method, Request, Response};
+use http_body::Body as _;
 use phoenix_mesh_common::periodic::sweep_idle;
 use phoenix_mesh_common::ProxyBody;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
 use crate::connector::{ConnInfo, MeshConnector, MeshStream};
+use crate::h2body::{pipe_body, H2Body};
 
 /// Why a request found no answer on the link.
 pub(crate) type LinkError = Box<dyn std::error::Error + Send + Sync>;
 
 /// What [`H2Link::send`] came to.
 pub(crate) enum Sent {
-    Response(Response<Incoming>),
+    Response(Response<H2Body>),
     /// The listener did not choose HTTP/2 (not a phoenix listener, or HTTP/2 turned off there): the
     /// request comes back for the HTTP/1.1 pool, which the link leaves it to for a while.
     NotH2(Request<ProxyBody>),
@@ -57,7 +64,9 @@ struct Current {
 
 struct Conn {
     id: u64,
-    sender: http2::SendRequest<ProxyBody>,
+    sender: SendRequest<Bytes>,
+    /// Set when the connection's task has ended (the connection is gone).
+    closed: Arc<AtomicBool>,
     info: ConnInfo,
     last_used: Instant,
 }
@@ -83,6 +92,10 @@ impl H2Link {
 
     /// Sends `req` on the current connection, dialing one when there is none worth using.
     pub(crate) async fn send(&self, req: Request<ProxyBody>) -> Result<Sent, LinkError> {
+        // CONNECT asks for a tunnel, which an HTTP/2 stream to the listener does not give.
+        if req.method() == Method::CONNECT {
+            return Ok(Sent::NotH2(req));
+        }
         let current = {
             let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
             if current.h1_until.is_some_and(|until| Instant::now() < until) {
@@ -90,7 +103,7 @@ impl H2Link {
             }
             self.checkout(&mut current)
         };
-        let (id, mut sender) = match current {
+        let (id, sender) = match current {
             Some(conn) => conn,
             // Boxed: dialing (TCP, TLS, the HTTP/2 handshake) is rare and its future is large, and
             // every request's future would otherwise carry room for it, copied on each move.
@@ -99,29 +112,27 @@ impl H2Link {
                 None => return Ok(Sent::NotH2(req)),
             },
         };
-        match sender.try_send_request(req).await {
-            Ok(response) => Ok(Sent::Response(response)),
-            Err(mut error) => match error.take_message() {
-                Some(unsent) => {
-                    debug!(error = %error.error(), "mesh connection closing; sending on a fresh one");
-                    self.forget(id);
-                    match Box::pin(self.connect()).await? {
-                        Some((_, mut fresh)) => {
-                            Ok(Sent::Response(fresh.send_request(unsent).await?))
-                        }
-                        None => Ok(Sent::NotH2(unsent)),
-                    }
+        let sender = match sender.ready().await {
+            Ok(sender) => sender,
+            // Nothing was sent: the connection had a GOAWAY or is gone.
+            Err(error) => {
+                debug!(%error, "mesh connection closing; sending on a fresh one");
+                self.forget(id);
+                match Box::pin(self.connect()).await? {
+                    Some((_, fresh)) => fresh.ready().await.map_err(link_error)?,
+                    None => return Ok(Sent::NotH2(req)),
                 }
-                None => Err(error.into_error().into()),
-            },
-        }
+            }
+        };
+        open_stream(sender, req).await.map(Sent::Response)
     }
 
     /// The current connection's number and a clone of its sender, if it is still worth using.
-    fn checkout(&self, current: &mut Current) -> Option<(u64, http2::SendRequest<ProxyBody>)> {
+    fn checkout(&self, current: &mut Current) -> Option<(u64, SendRequest<Bytes>)> {
         let now = Instant::now();
         let conn = current.conn.as_mut()?;
-        let usable = !conn.sender.is_closed() && now - conn.last_used <= self.idle_timeout;
+        let usable =
+            !conn.closed.load(Ordering::Relaxed) && now - conn.last_used <= self.idle_timeout;
         match self.connector.retirement(conn.info, self.retire_margin) {
             None if usable => {
                 conn.last_used = now;
@@ -144,7 +155,7 @@ impl H2Link {
 
     /// A sender on a usable connection: the one another request dialed while this one waited, or a
     /// new one. `None` when the listener declined HTTP/2.
-    async fn connect(&self) -> Result<Option<(u64, http2::SendRequest<ProxyBody>)>, LinkError> {
+    async fn connect(&self) -> Result<Option<(u64, SendRequest<Bytes>)>, LinkError> {
         let _turn = self.dialing.lock().await;
         let reused =
             self.checkout(&mut self.current.lock().unwrap_or_else(PoisonError::into_inner));
@@ -162,13 +173,14 @@ impl H2Link {
             return Ok(None);
         }
         let info = stream.info();
-        let sender = handshake(stream).await?;
+        let (sender, closed) = handshake(stream).await?;
         let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
         current.dialed += 1;
         let id = current.dialed;
         current.conn = Some(Conn {
             id,
             sender: sender.clone(),
+            closed,
             info,
             last_used: Instant::now(),
         });
@@ -178,25 +190,108 @@ impl H2Link {
     /// Drops the connection if it has been idle past the timeout (hyper then closes it).
     fn purge(&self) {
         let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-        if current
-            .conn
-            .as_ref()
-            .is_some_and(|c| c.sender.is_closed() || c.last_used.elapsed() > self.idle_timeout)
-        {
+        if current.conn.as_ref().is_some_and(|c| {
+            c.closed.load(Ordering::Relaxed) || c.last_used.elapsed() > self.idle_timeout
+        }) {
             current.conn = None;
         }
     }
 }
 
-async fn handshake(stream: MeshStream) -> Result<http2::SendRequest<ProxyBody>, LinkError> {
-    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .handshake(TokioIo::new(stream))
-        .await?;
+/// The HTTP/2 handshake on a fresh mesh connection, with hyper's client settings (its windows, frame
+/// and header-list sizes, send buffer and stream limits, push off), and the task that drives it.
+async fn handshake(stream: MeshStream) -> Result<(SendRequest<Bytes>, Arc<AtomicBool>), LinkError> {
+    let (sender, conn) = h2::client::Builder::new()
+        .initial_max_send_streams(100)
+        .initial_window_size(2 * 1024 * 1024)
+        .initial_connection_window_size(5 * 1024 * 1024)
+        .max_frame_size(16 * 1024)
+        .max_header_list_size(16 * 1024)
+        .max_send_buffer_size(1024 * 1024)
+        .max_local_error_reset_streams(Some(1024))
+        .enable_push(false)
+        .handshake::<_, Bytes>(stream)
+        .await
+        .map_err(link_error)?;
+    let closed = Arc::new(AtomicBool::new(false));
+    let ended = closed.clone();
     tokio::spawn(async move {
         if let Err(error) = conn.await {
             debug!(%error, "mesh connection ended with an error");
         }
+        ended.store(true, Ordering::Relaxed);
     });
-    Ok(sender)
+    Ok((sender, closed))
+}
+
+/// Opens a stream for `req` and waits for the response head. A request body is piped by a task of its
+/// own, so it can go on after the response has begun (the listener may answer before reading it all);
+/// if the response never comes (timeout, the downstream hung up), dropping this future stops the pipe
+/// and h2 resets the stream.
+async fn open_stream(
+    mut sender: SendRequest<Bytes>,
+    req: Request<ProxyBody>,
+) -> Result<Response<H2Body>, LinkError> {
+    let (mut head, body) = req.into_parts();
+    // As hyper does: a body of known length says so when the request did not.
+    if let Some(len) = body.size_hint().exact() {
+        if (len != 0 || has_payload_semantics(&head.method))
+            && !head.headers.contains_key(CONTENT_LENGTH)
+        {
+            head.headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
+        }
+    }
+    let end = body.is_end_stream();
+    let (response, stream) = sender
+        .send_request(Request::from_parts(head, ()), end)
+        .map_err(link_error)?;
+    let mut pipe = PipeGuard((!end).then(|| {
+        tokio::spawn(async move {
+            if let Err(error) = pipe_body(body, stream).await {
+                debug!(%error, "request body to the mesh listener ended early");
+            }
+        })
+    }));
+    let response = response.await.map_err(link_error)?;
+    pipe.detach();
+    let (parts, recv) = response.into_parts();
+    let body = H2Body::new(recv, &parts.headers);
+    Ok(Response::from_parts(parts, body))
+}
+
+/// Methods whose request carries a payload by definition (hyper's rule for adding `content-length: 0`).
+fn has_payload_semantics(method: &Method) -> bool {
+    !matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::DELETE | Method::CONNECT
+    )
+}
+
+/// Stops a request body's pipe when dropped, unless detached.
+struct PipeGuard(Option<JoinHandle<()>>);
+
+impl PipeGuard {
+    fn detach(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for PipeGuard {
+    fn drop(&mut self) {
+        if let Some(pipe) = self.0.take() {
+            pipe.abort();
+        }
+    }
+}
+
+/// An h2 error as the link reports it: I/O errors as `std::io::Error` (where the sidecar looks for
+/// the listener's TLS alerts), everything else as itself.
+fn link_error(error: h2::Error) -> LinkError {
+    if error.is_io() {
+        if let Some(io) = error.into_io() {
+            return io.into();
+        }
+        return "I/O error on the mesh connection".into();
+    }
+    error.into()
 }

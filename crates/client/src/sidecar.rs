@@ -22,14 +22,13 @@ use phoenix_mesh_common::sidecar::{
     bind_admin, log_certificate, own_certificate_ready, refresh_tls_metrics, spawn_background,
     SideSettings,
 };
-use phoenix_mesh_common::ProxyBody;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tracing::{debug, field, info, info_span, Instrument};
 
 use crate::connector::MeshConnector;
-use crate::forward::Upstream;
+use crate::forward::{ResponseBody, Upstream};
 use crate::ClientSettings;
 
 /// Why the client could not start.
@@ -228,7 +227,11 @@ fn spawn_conn<S>(
 }
 
 impl State {
-    async fn request(&self, req: Request<Incoming>, peer: Arc<str>) -> Response<Logged<ProxyBody>> {
+    async fn request(
+        &self,
+        req: Request<Incoming>,
+        peer: Arc<str>,
+    ) -> Response<Logged<ResponseBody>> {
         let start = Instant::now();
         let access = self
             .settings

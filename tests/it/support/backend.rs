@@ -1,14 +1,16 @@
 //! A small hyper backend standing in for Traefik. It records what it saw and answers by path:
 //!
 //! - `/404`: Traefik's own `404 page not found`.
-//! - `/slow`: answers only after 30 s (for backend_timeout).
+//! - `/slow`: answers only after 30 s (for backend_timeout); counts the times it was given up on.
 //! - `/delay/MS`: answers `HELLO` after MS milliseconds.
-//! - `/upload`: reads the body frame by frame without keeping it; answers `<length> <sha256>`.
+//! - `/upload`: reads the body frame by frame without keeping it; answers `<length> <sha256>`, or
+//!   `400` when the body fails (recorded in `Seen::upload_error`).
 //! - `/download?bytes=N`: streams N pattern bytes, gated on the test's progress (see `stream`).
 //! - anything else: `200 hello from backend` with `x-backend: echo`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,7 +24,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::stream::{drain_hashing, gated_body, ChannelBody};
+use super::stream::{gated_body, try_drain_hashing, ChannelBody};
 
 /// Body of Traefik's own 404.
 pub const TRAEFIK_404: &str = "404 page not found\n";
@@ -39,6 +41,8 @@ pub struct Seen {
     pub headers: HeaderMap,
     /// For `/upload`: (length, sha256, largest frame).
     pub upload: Option<(u64, String, usize)>,
+    /// For `/upload`: why the body failed, if it did.
+    pub upload_error: Option<String>,
 }
 
 impl Seen {
@@ -71,6 +75,8 @@ struct Shared {
     upload_progress: watch::Sender<u64>,
     /// Bytes of the current download the test has read so far (set by the test).
     download_progress: watch::Sender<u64>,
+    /// `/slow` requests dropped before they were answered (the connection went away).
+    abandoned: AtomicU64,
 }
 
 /// A running backend; stops accepting when dropped.
@@ -95,6 +101,7 @@ impl Backend {
             seen: Mutex::new(Vec::new()),
             upload_progress: watch::channel(0).0,
             download_progress: watch::channel(0).0,
+            abandoned: AtomicU64::new(0),
         });
         let task = tokio::spawn(accept(listener, shared.clone()));
         Backend { addr, shared, task }
@@ -120,6 +127,11 @@ impl Backend {
     /// Where a test uploading through the mesh can watch the backend's progress.
     pub fn upload_progress(&self) -> watch::Receiver<u64> {
         self.shared.upload_progress.subscribe()
+    }
+
+    /// How many `/slow` requests were dropped unanswered: the proxy in front gave up on them.
+    pub fn abandoned(&self) -> u64 {
+        self.shared.abandoned.load(Ordering::SeqCst)
     }
 
     /// Where a test downloading through the mesh reports its progress to the backend.
@@ -161,14 +173,20 @@ async fn handle(
         version: parts.version,
         headers: parts.headers.clone(),
         upload: None,
+        upload_error: None,
     };
     let path = parts.uri.path();
     let response = match path {
-        "/upload" => {
-            let (len, sha, largest) = drain_hashing(body, &shared.upload_progress).await;
-            seen.upload = Some((len, sha.clone(), largest));
-            text(StatusCode::OK, format!("{len} {sha}"))
-        }
+        "/upload" => match try_drain_hashing(body, &shared.upload_progress).await {
+            Ok((len, sha, largest)) => {
+                seen.upload = Some((len, sha.clone(), largest));
+                text(StatusCode::OK, format!("{len} {sha}"))
+            }
+            Err(error) => {
+                seen.upload_error = Some(error);
+                text(StatusCode::BAD_REQUEST, "upload failed\n".to_owned())
+            }
+        },
         "/download" => {
             let total: u64 = parts
                 .uri
@@ -196,7 +214,9 @@ async fn handle(
         }
         "/slow" => {
             shared.seen.lock().unwrap().push(seen);
+            let mut given_up = Abandoned(Some(shared.clone()));
             tokio::time::sleep(Duration::from_secs(30)).await;
+            given_up.0 = None;
             return Ok(text(StatusCode::OK, "finally\n".to_owned()));
         }
         _ => {
@@ -207,6 +227,18 @@ async fn handle(
     };
     shared.seen.lock().unwrap().push(seen);
     Ok(response)
+}
+
+/// Counts a `/slow` request dropped before its answer (hyper drops the handler when the connection
+/// closes mid-request).
+struct Abandoned(Option<Arc<Shared>>);
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        if let Some(shared) = self.0.take() {
+            shared.abandoned.fetch_add(1, Ordering::SeqCst);
+        }
+    }
 }
 
 fn text(status: StatusCode, body: String) -> Response<BackendBody> {

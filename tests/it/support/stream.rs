@@ -86,13 +86,27 @@ where
     B: Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Debug,
 {
+    try_drain_hashing(body, progress)
+        .await
+        .expect("reading a streamed body")
+}
+
+/// [`drain_hashing`], with a body error as the result instead of a panic.
+pub async fn try_drain_hashing<B>(
+    body: B,
+    progress: &watch::Sender<u64>,
+) -> Result<(u64, String, usize), String>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Debug,
+{
     use http_body_util::BodyExt as _;
     let mut body = body;
     let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     let mut len = 0u64;
     let mut largest = 0usize;
     while let Some(frame) = body.frame().await {
-        let frame = frame.expect("reading a streamed body");
+        let frame = frame.map_err(|e| format!("after {len} bytes: {e:?}"))?;
         if let Ok(data) = frame.into_data() {
             ctx.update(&data);
             len += data.len() as u64;
@@ -100,5 +114,5 @@ where
             progress.send_replace(len);
         }
     }
-    (len, super::hex(ctx.finish().as_ref()), largest)
+    Ok((len, super::hex(ctx.finish().as_ref()), largest))
 }
