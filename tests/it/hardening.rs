@@ -497,6 +497,33 @@ async fn request_given_up_by_the_client_is_cancelled_at_the_listener_and_the_bac
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn request_turned_down_by_a_closing_mesh_connection_goes_out_on_a_fresh_one() {
+    let mut mesh = Mesh::start().await;
+    // A request in flight keeps the shared connection open through the listener's GOAWAY.
+    let in_flight = tokio::spawn(send_h1(mesh.client_addr, get("/delay/1500")));
+    within("the backend taking the slow request", async {
+        while seen_with_prefix(&mesh, "/delay/").is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let drained = mesh.replace_listener().await;
+    // Let the GOAWAY reach the client; the old connection stays open for the request in flight.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let reply = within(
+        "a request after the GOAWAY",
+        send_h1(mesh.client_addr, get("/after-goaway")),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:#?}");
+    assert_eq!(reply.mesh_error(), None, "{reply:#?}");
+    let finished = within("the request in flight", in_flight).await.unwrap();
+    assert_eq!(finished.status, StatusCode::OK, "{finished:#?}");
+    assert_eq!(finished.body, HELLO);
+    drained.await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn connection_named_headers_are_stripped_even_with_obs_text_in_connection() {
     let mesh = Mesh::start().await;
     let mut tcp = TcpStream::connect(mesh.client_addr).await.unwrap();

@@ -1,6 +1,7 @@
 //! The whole hop in-process: backend <- mesh listener <- client sidecar, on free loopback ports, with
 //! config files in a temporary directory and a hook to change them. Everything stops when dropped.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -232,6 +233,22 @@ impl Mesh {
         if let Some(listener) = self.listener.take() {
             listener.stop().await;
         }
+    }
+
+    /// Begins the listener's graceful shutdown (GOAWAY on its HTTP/2 connections, its port closed)
+    /// and starts a fresh listener on the same port at once. The old one's connections finish what
+    /// they carry; the returned future waits for that.
+    pub async fn replace_listener(&mut self) -> impl Future<Output = ()> {
+        let old = self.listener.take().expect("the listener is running");
+        old.shutdown.begin();
+        super::within("stopping the old accept loop", old.task)
+            .await
+            .unwrap();
+        let (listener, addr) = start_listener(&self.server_toml).await;
+        assert_eq!(addr, self.listener_addr);
+        self.listener = Some(listener);
+        let shutdown = old.shutdown;
+        async move { super::within("draining the old listener", shutdown.drained()).await }
     }
 
     /// Starts the mesh listener again, on the same port as before.
