@@ -250,7 +250,8 @@ pub fn check_files(pki: &ClientPki) -> anyhow::Result<()> {
     for p in [&pki.cert, &pki.key, &pki.ca] {
         if !Path::new(p).exists() {
             bail!(
-                "{} does not exist: start the peers first (RUN=... /work/shared/peers/peers.sh start) or pass --pki",
+                "{} does not exist: start the peers first (RUN=... /work/shared/peers/peers.sh start) and pass the \
+                 same run directory (RUN=... or --run), or name the files with --cert, --key and --ca",
                 p.display()
             );
         }
