@@ -12,6 +12,7 @@ use crate::support::mesh::Mesh;
 use crate::support::pki::expected_gateway_xfcc;
 use crate::support::stream::{drain_hashing, gated_body, pattern_sha256};
 use crate::support::{tls, within};
+use crate::support_ops::eventually;
 
 fn assert_hello(reply: &Reply) {
     assert_eq!(reply.status, StatusCode::OK, "{reply:#?}");
@@ -179,18 +180,11 @@ async fn chunked_upload_cut_off_midway_reaches_the_backend_failed_not_complete()
     // No last chunk: nginx's side hung up mid-upload. Every hop must pass that on as a failure; a
     // hop that ended the body cleanly would hand the backend a truncated upload as complete.
     drop(tcp);
-    let seen = within("the backend's verdict on the upload", async {
-        loop {
-            if let Some(seen) = mesh
-                .backend
-                .seen()
-                .into_iter()
-                .find(|s| s.target == "/upload")
-            {
-                return seen;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+    let seen = eventually("the backend's verdict on the upload", || async {
+        mesh.backend
+            .seen()
+            .into_iter()
+            .find(|s| s.target == "/upload")
     })
     .await;
     assert_eq!(

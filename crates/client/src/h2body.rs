@@ -95,6 +95,8 @@ pub(crate) enum PipeError {
     Reset(h2::Reason),
     #[error("sending on the stream failed: {0}")]
     Send(#[from] h2::Error),
+    #[error("the stream closed before the request body was sent")]
+    Closed,
     #[error("reading the request body failed: {0}")]
     Body(Box<dyn std::error::Error + Send + Sync>),
 }
@@ -134,7 +136,7 @@ pub(crate) async fn pipe_body(
                         match poll_fn(|cx| stream.poll_capacity(cx)).await {
                             Some(Ok(_)) => {}
                             Some(Err(e)) => return Err(e.into()),
-                            None => return Err(PipeError::Reset(h2::Reason::STREAM_CLOSED)),
+                            None => return Err(PipeError::Closed),
                         }
                     }
                 }
