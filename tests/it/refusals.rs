@@ -285,3 +285,48 @@ async fn refuses_near_miss_allowed_peers() {
     assert_eq!(alert, AlertDescription::AccessDenied);
     assert_backend_untouched(&mesh);
 }
+
+/// TLS 1.3: a client finishes its side of the handshake before the listener has judged its
+/// certificate, so the listener's verdict for an accepted client, its session ticket, must come at
+/// once and not with the first response: a client that waits for it before sending anything (ours
+/// does) would otherwise stall. Over HTTP/2 it comes with the listener's SETTINGS.
+#[tokio::test(flavor = "multi_thread")]
+async fn accepted_client_gets_the_verdict_before_it_sends_anything() {
+    let mesh = Mesh::start_with(|s| {
+        // A ticket held back would only leave when this closes the idle connection.
+        s.server.set_str("header_read_timeout", "60s");
+    })
+    .await;
+    for alpn in [&b"http/1.1"[..], b"h2"] {
+        let config = tls::client_config(mesh.pki.root_pem(), Some(&mesh.client_leaf), &[alpn]);
+        let mut tls = tls::to_listener(mesh.listener_addr, config).await;
+        let (tcp, conn) = tls.get_mut();
+        let verdict = within("the listener's verdict after the handshake", async {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                tcp.readable().await.unwrap();
+                match tcp.try_read(&mut buf) {
+                    Ok(n) => break buf[..n].to_vec(),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(e) => panic!("reading the verdict: {e}"),
+                }
+            }
+        })
+        .await;
+        assert!(!verdict.is_empty(), "the listener closed instead");
+        conn.read_tls(&mut verdict.as_slice()).unwrap();
+        let state = conn
+            .process_new_packets()
+            .expect("the listener refused an allowed client");
+        assert!(!state.peer_has_closed(), "the listener closed instead");
+        if alpn == b"h2" {
+            continue;
+        }
+        assert_eq!(state.plaintext_bytes_to_read(), 0, "not a session ticket");
+        let reply = within("request after the verdict", direct_get(tls)).await;
+        assert!(
+            reply.starts_with("HTTP/1.1 200 OK\r\n"),
+            "request after the verdict: {reply:?}"
+        );
+    }
+}

@@ -53,7 +53,7 @@ impl ReadReady for TcpStream {
     }
 }
 
-impl ReadReady for tokio_rustls::server::TlsStream<TcpStream> {
+impl<I: ReadReady> ReadReady for tokio_rustls::server::TlsStream<I> {
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.get_ref().0.poll_read_ready(cx)
     }

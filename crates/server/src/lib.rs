@@ -9,6 +9,7 @@ mod forward;
 mod listener;
 mod plaintext;
 mod pool;
+mod socket;
 
 pub use check::check;
 pub use config::{ServerFile, ServerSettings};

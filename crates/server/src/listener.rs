@@ -32,7 +32,8 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, field, info, info_span, warn, Instrument};
 
 use crate::forward::{Backend, Peer, PeerIds};
-use crate::plaintext::{refuse_plain_http, sniff, FirstByte};
+use crate::plaintext::refuse_plain_http;
+use crate::socket::{First, MeshSocket};
 use crate::ServerSettings;
 
 /// Why the server could not start.
@@ -201,60 +202,36 @@ async fn handle(
             .metrics
             .handshake("failed", reason, "unknown", started.elapsed());
     };
-    match timeout(handshake_timeout, sniff(&stream)).await {
-        Ok(Ok(FirstByte::Tls)) => {}
-        Ok(Ok(FirstByte::PlainHttp)) => {
-            info!("plain HTTP on the mutual-TLS port; answering 400 tls-required");
-            failed("plaintext-http");
-            if let Err(error) = refuse_plain_http(stream, listen).await {
-                debug!(%error, "writing the tls-required answer failed");
-            }
-            return;
-        }
-        Ok(Ok(FirstByte::Garbage(byte))) => {
-            info!(
-                first_byte = byte,
-                "connection does not start with a TLS handshake; closing"
-            );
-            failed("not-tls");
-            return;
-        }
-        Ok(Ok(FirstByte::Closed)) => return,
-        Ok(Err(error)) => {
-            debug!(%error, "reading the first byte failed");
-            return;
-        }
-        Err(_) => {
-            info!(
-                timeout_ms = handshake_timeout.as_millis() as u64,
-                "no TLS handshake within handshake_timeout; closing"
-            );
-            failed("timeout");
-            return;
-        }
-    }
-
     let acceptor = TlsAcceptor::from(state.reloader.live().current());
-    let tls = match timeout(handshake_timeout, acceptor.accept(stream)).await {
+    let accept = acceptor.accept(MeshSocket::new(stream)).into_fallible();
+    let mut tls = match timeout(handshake_timeout, accept).await {
         Ok(Ok(tls)) => tls,
-        Ok(Err(error)) => {
-            let reason = error
-                .get_ref()
-                .and_then(|e| e.downcast_ref::<rustls::Error>())
-                .map_or("io", failure_reason);
-            info!(%error, reason, "TLS handshake failed");
-            failed(reason);
+        Ok(Err((error, socket))) => {
+            refused(socket, error, listen, failed).await;
             return;
         }
         Err(_) => {
             info!(
                 timeout_ms = handshake_timeout.as_millis() as u64,
-                "TLS handshake timed out"
+                "no TLS handshake finished within handshake_timeout; closing"
             );
             failed("timeout");
             return;
         }
     };
+    // The session ticket rustls wrote last waits for the first answer only when one follows at once:
+    // the client sent its request with its Finished, or HTTP/2, whose server preface goes out straight
+    // away. Otherwise it goes now: the client may be waiting for it as the sign that its certificate
+    // was accepted (see socket.rs).
+    let (socket, conn) = tls.get_mut();
+    let answer_follows = conn.alpn_protocol() == Some(b"h2")
+        || conn
+            .process_new_packets()
+            .is_ok_and(|state| state.plaintext_bytes_to_read() > 0);
+    if let Err(error) = socket.stop_holding(answer_follows).await {
+        debug!(%error, "sending the session ticket failed");
+        return;
+    }
 
     let (_, conn) = tls.get_ref();
     let resumed = matches!(conn.handshake_kind(), Some(rustls::HandshakeKind::Resumed));
@@ -327,6 +304,44 @@ async fn handle(
     };
     if let Err(error) = served {
         debug!(%error, "connection ended with an error");
+    }
+}
+
+/// A connection whose handshake failed: answers plain HTTP with `400 tls-required`, closes anything
+/// else that is not TLS, and sends a failed TLS handshake's alert before closing.
+async fn refused(
+    mut socket: MeshSocket,
+    error: io::Error,
+    listen: SocketAddr,
+    failed: impl Fn(&'static str),
+) {
+    match socket.take_first() {
+        First::Closed => {}
+        First::Unread => debug!(%error, "reading the first bytes failed"),
+        First::NotTls(bytes) if bytes.first().is_some_and(u8::is_ascii_uppercase) => {
+            info!("plain HTTP on the mutual-TLS port; answering 400 tls-required");
+            failed("plaintext-http");
+            if let Err(error) = refuse_plain_http(socket.into_tcp(), bytes, listen).await {
+                debug!(%error, "writing the tls-required answer failed");
+            }
+        }
+        First::NotTls(bytes) => {
+            info!(
+                first_byte = bytes.first().copied().unwrap_or_default(),
+                "connection does not start with a TLS handshake; closing"
+            );
+            failed("not-tls");
+        }
+        First::Tls => {
+            let reason = error
+                .get_ref()
+                .and_then(|e| e.downcast_ref::<rustls::Error>())
+                .map_or("io", failure_reason);
+            info!(%error, reason, "TLS handshake failed");
+            failed(reason);
+            // With rustls' alert, so the peer learns why (a client certificate refused, say).
+            let _ = timeout(std::time::Duration::from_secs(1), socket.shutdown()).await;
+        }
     }
 }
 

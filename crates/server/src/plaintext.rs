@@ -6,41 +6,16 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// The first byte of every TLS connection: a handshake record.
-const TLS_HANDSHAKE: u8 = 0x16;
-
-/// What the first byte on a connection says it is.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum FirstByte {
-    /// A TLS handshake record.
-    Tls,
-    /// Looks like the start of an HTTP method.
-    PlainHttp,
-    /// Neither; the connection is closed.
-    Garbage(u8),
-    /// The peer closed before sending anything.
-    Closed,
-}
-
-/// Peeks at the first byte without consuming it.
-pub(crate) async fn sniff(stream: &TcpStream) -> std::io::Result<FirstByte> {
-    let mut byte = [0u8; 1];
-    Ok(match stream.peek(&mut byte).await? {
-        0 => FirstByte::Closed,
-        _ if byte[0] == TLS_HANDSHAKE => FirstByte::Tls,
-        _ if byte[0].is_ascii_uppercase() => FirstByte::PlainHttp,
-        _ => FirstByte::Garbage(byte[0]),
-    })
-}
-
 /// Answers a plaintext HTTP request with `400` and `phoenix-mesh-error: tls-required`, then closes.
+/// `first` is what the peer sent first, already read.
 pub(crate) async fn refuse_plain_http(
     mut stream: TcpStream,
+    first: Vec<u8>,
     listen: std::net::SocketAddr,
 ) -> std::io::Result<()> {
     // Read the request head first (bounded in size and time): closing with unread bytes makes the
     // kernel send a reset, and the client could lose the answer.
-    let mut head = Vec::with_capacity(1024);
+    let mut head = first;
     let mut buf = [0u8; 1024];
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         while head.len() < 16 * 1024 && !head.windows(4).any(|w| w == b"\r\n\r\n") {
