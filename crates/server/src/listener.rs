@@ -195,43 +195,25 @@ async fn handle(
     _slot: Slot,
 ) {
     let _open = GaugeGuard::new(&state.metrics.open_connections);
-    let handshake_timeout = state.settings.shared.handshake_timeout;
     let started = Instant::now();
     let failed = |reason: &'static str| {
         state
             .metrics
             .handshake("failed", reason, "unknown", started.elapsed());
     };
-    let acceptor = TlsAcceptor::from(state.reloader.live().current());
-    let accept = acceptor.accept(MeshSocket::new(stream)).into_fallible();
-    let mut tls = match timeout(handshake_timeout, accept).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err((error, socket))) => {
-            refused(socket, error, listen, failed).await;
-            return;
-        }
-        Err(_) => {
-            info!(
-                timeout_ms = handshake_timeout.as_millis() as u64,
-                "no TLS handshake finished within handshake_timeout; closing"
-            );
-            failed("timeout");
-            return;
-        }
+    let Some(mut tls) = accept(&state, stream, listen, &failed).await else {
+        return;
     };
     // The session ticket rustls wrote last waits for the first answer only when one follows at once:
     // the client sent its request with its Finished, or HTTP/2, whose server preface goes out straight
-    // away. Otherwise it goes now: the client may be waiting for it as the sign that its certificate
-    // was accepted (see socket.rs).
+    // away. Otherwise it goes as soon as hyper waits for a request: the client may be waiting for it
+    // as the sign that its certificate was accepted (see socket.rs).
     let (socket, conn) = tls.get_mut();
     let answer_follows = conn.alpn_protocol() == Some(b"h2")
         || conn
             .process_new_packets()
             .is_ok_and(|state| state.plaintext_bytes_to_read() > 0);
-    if let Err(error) = socket.stop_holding(answer_follows).await {
-        debug!(%error, "sending the session ticket failed");
-        return;
-    }
+    socket.stop_holding(answer_follows);
 
     let (_, conn) = tls.get_ref();
     let resumed = matches!(conn.handshake_kind(), Some(rustls::HandshakeKind::Resumed));
@@ -307,13 +289,47 @@ async fn handle(
     }
 }
 
+/// The TLS handshake, bounded by `handshake_timeout`; a connection that fails it is answered (see
+/// [`refused`]) and closed. A function of its own: awaited inside `handle`'s match on the handshake's
+/// result, `refused` kept that result (a whole `TlsStream`) in every connection's task for the
+/// connection's life, 1.4 KiB each.
+async fn accept(
+    state: &State,
+    stream: TcpStream,
+    listen: SocketAddr,
+    failed: &impl Fn(&'static str),
+) -> Option<tokio_rustls::server::TlsStream<MeshSocket>> {
+    let handshake_timeout = state.settings.shared.handshake_timeout;
+    let acceptor = TlsAcceptor::from(state.reloader.live().current());
+    match timeout(
+        handshake_timeout,
+        acceptor.accept(MeshSocket::new(stream)).into_fallible(),
+    )
+    .await
+    {
+        Ok(Ok(tls)) => Some(tls),
+        Ok(Err((error, socket))) => {
+            refused(socket, error, listen, failed).await;
+            None
+        }
+        Err(_) => {
+            info!(
+                timeout_ms = handshake_timeout.as_millis() as u64,
+                "no TLS handshake finished within handshake_timeout; closing"
+            );
+            failed("timeout");
+            None
+        }
+    }
+}
+
 /// A connection whose handshake failed: answers plain HTTP with `400 tls-required`, closes anything
 /// else that is not TLS, and sends a failed TLS handshake's alert before closing.
 async fn refused(
     mut socket: MeshSocket,
     error: io::Error,
     listen: SocketAddr,
-    failed: impl Fn(&'static str),
+    failed: &impl Fn(&'static str),
 ) {
     match socket.take_first() {
         First::Closed => {}

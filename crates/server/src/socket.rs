@@ -6,16 +6,18 @@
 //!   that are not a TLS handshake record never reach rustls (no alert is written back to a plain-HTTP
 //!   client); they are kept for the `400 tls-required` answer.
 //! - It **holds the handshake's last write**: rustls ends a TLS 1.3 handshake by writing the session
-//!   ticket, and tokio-rustls flushes it at once, in a write (and a TCP segment) of its own. While
-//!   the handshake runs this socket keeps what it is given and sends it when the reader would wait
-//!   for the peer (the peer cannot answer what it has not got), so every handshake flight still goes
-//!   out before the listener waits for the reply. What is held when the handshake completes is the
-//!   session ticket. It goes out at once unless an answer is certain to follow straight away (the
+//!   ticket, and tokio-rustls flushes it at once, in a write (and a TCP segment) of its own. This
+//!   socket lets the listener's flight go straight out; once the peer has answered it, what the TLS
+//!   layer writes (the ticket) is kept until the handshake is over. Should the handshake need another
+//!   flight all the same (a HelloRetryRequest, say), what is held goes out before a read waits for the
+//!   peer, which cannot answer what it has not got. When the handshake is over, the ticket goes out
+//!   before the first read that waits unless an answer is certain to follow straight away (the
 //!   listener decides, see `stop_holding`): a TLS 1.3 client may be waiting for it, as the sign that
-//!   its certificate was accepted (our own client does on its HTTP/1.1 connections). When an answer
-//!   follows, the ticket goes out in one `writev` with it, or at shutdown if nothing is written
-//!   first; flushes and reads that wait do not send it then, since hyper flushes and reads ahead
-//!   before every response and honouring them would send the ticket on its own again.
+//!   its certificate was accepted (our own client does on its HTTP/1.1 connections), and hyper's first
+//!   read for a request that has not come waits at once. When an answer follows, the ticket goes out
+//!   in one `writev` with it, or at shutdown if nothing is written first; flushes and reads that wait
+//!   do not send it then, since hyper flushes and reads ahead before every response and honouring them
+//!   would send the ticket on its own again. Only the ticket is copied, not every flight.
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -47,30 +49,44 @@ pub(crate) struct MeshSocket {
     tcp: TcpStream,
     /// Bytes taken from the TLS layer but not yet given to the kernel.
     held: Vec<u8>,
-    /// While set (the handshake), writes are held, and sent when a read has to wait.
-    holding: bool,
+    phase: Phase,
+    /// A read that waits sends what is held first.
+    wait_sends_held: bool,
     first: First,
 }
 
+/// How far the handshake is, as far as the socket can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Nothing written yet: writes go straight out.
+    Opening,
+    /// Our flight went out: writes still go straight out until the peer answers.
+    Sent,
+    /// The peer answered our flight: writes are held until the handshake is over (and sent before a
+    /// read waits, should the handshake go on).
+    Holding,
+    /// The handshake is over.
+    Done,
+}
+
 impl MeshSocket {
-    /// Wraps a freshly accepted connection: holding, nothing read.
+    /// Wraps a freshly accepted connection: nothing written or read.
     pub(crate) fn new(tcp: TcpStream) -> Self {
         MeshSocket {
             tcp,
             held: Vec::new(),
-            holding: true,
+            phase: Phase::Opening,
+            wait_sends_held: false,
             first: First::Unread,
         }
     }
 
-    /// Ends holding (the handshake is over). With `answer_follows`, what is held waits for the next
-    /// write, or shutdown; without, it goes now.
-    pub(crate) async fn stop_holding(&mut self, answer_follows: bool) -> io::Result<()> {
-        self.holding = false;
-        if answer_follows {
-            return Ok(());
-        }
-        std::future::poll_fn(|cx| self.poll_send_held(cx)).await
+    /// Ends holding (the handshake is over). What is held goes out with the next write, or at
+    /// shutdown; without `answer_follows` also before the next read that waits, which hyper does at
+    /// once when no request has arrived yet.
+    pub(crate) fn stop_holding(&mut self, answer_follows: bool) {
+        self.phase = Phase::Done;
+        self.wait_sends_held = !answer_follows;
     }
 
     /// What the first read said.
@@ -123,9 +139,9 @@ impl AsyncRead for MeshSocket {
         let start = buf.filled().len();
         match Pin::new(&mut this.tcp).poll_read(cx, buf) {
             Poll::Pending => {
-                // About to wait for the peer, which may be waiting for the handshake flight we hold
-                // (once the handshake is over, only the ticket can be held; see the module docs).
-                if !this.holding {
+                // About to wait for the peer, which may be waiting for what we hold: a handshake
+                // flight, or the session ticket (see `stop_holding`).
+                if !this.wait_sends_held || this.held.is_empty() {
                     return Poll::Pending;
                 }
                 if let Poll::Ready(Err(error)) = this.poll_send_held(cx) {
@@ -133,23 +149,29 @@ impl AsyncRead for MeshSocket {
                 }
                 Poll::Pending
             }
-            Poll::Ready(Ok(())) if this.first == First::Unread => {
-                let got = &buf.filled()[start..];
-                match got.first() {
-                    None => this.first = First::Closed,
-                    Some(&TLS_HANDSHAKE) => this.first = First::Tls,
-                    Some(_) => {
-                        this.first = First::NotTls(got.to_vec());
-                        buf.set_filled(start);
-                        return Poll::Ready(Err(io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            "the connection does not start with a TLS handshake record",
-                        )));
+            Poll::Ready(Ok(())) => {
+                let got = buf.filled().len() - start;
+                if this.first == First::Unread {
+                    match buf.filled().get(start) {
+                        None => this.first = First::Closed,
+                        Some(&TLS_HANDSHAKE) => this.first = First::Tls,
+                        Some(_) => {
+                            this.first = First::NotTls(buf.filled()[start..].to_vec());
+                            buf.set_filled(start);
+                            return Poll::Ready(Err(io::Error::new(
+                                io::ErrorKind::InvalidData,
+                                "the connection does not start with a TLS handshake record",
+                            )));
+                        }
                     }
+                }
+                if this.phase == Phase::Sent && got > 0 {
+                    this.phase = Phase::Holding;
+                    this.wait_sends_held = true;
                 }
                 Poll::Ready(Ok(()))
             }
-            ready => ready,
+            error => error,
         }
     }
 }
@@ -169,7 +191,7 @@ impl AsyncWrite for MeshSocket {
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        if this.holding {
+        if this.phase == Phase::Holding {
             let before = this.held.len();
             for buf in bufs {
                 this.held.extend_from_slice(buf);
@@ -178,7 +200,12 @@ impl AsyncWrite for MeshSocket {
         }
         loop {
             if this.held.is_empty() {
-                return Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs);
+                let written =
+                    std::task::ready!(Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs))?;
+                if this.phase == Phase::Opening && written > 0 {
+                    this.phase = Phase::Sent;
+                }
+                return Poll::Ready(Ok(written));
             }
             // Once per connection at most: what is held, then the caller's bytes, in one writev.
             let mut slices = Vec::with_capacity(bufs.len() + 1);
@@ -252,28 +279,47 @@ mod tests {
         got
     }
 
-    #[tokio::test]
-    async fn held_bytes_wait_for_the_first_write_after_holding_ends_and_go_first() {
+    /// A connection whose peer has answered our first flight, as in a handshake: what is written
+    /// next is held.
+    async fn answered() -> (MeshSocket, TcpStream) {
         let (mut ours, mut peer) = pair().await;
+        let mut buf = [0u8; 16];
+        peer.write_all(&[TLS_HANDSHAKE, 1]).await.unwrap();
+        assert_eq!(ours.read(&mut buf).await.unwrap(), 2);
+        ours.write_all(b"flight").await.unwrap();
+        ours.flush().await.unwrap();
+        assert_eq!(
+            arrived(&mut peer).await,
+            b"flight",
+            "the first flight was held"
+        );
+        peer.write_all(&[TLS_HANDSHAKE, 2]).await.unwrap();
+        assert_eq!(ours.read(&mut buf).await.unwrap(), 2);
+        (ours, peer)
+    }
+
+    #[tokio::test]
+    async fn once_the_peer_answered_writes_wait_for_the_first_write_after_holding_ends() {
+        let (mut ours, mut peer) = answered().await;
         ours.write_all(b"ticket;").await.unwrap();
         ours.flush().await.unwrap();
         assert_eq!(arrived(&mut peer).await, b"", "a held write was sent");
-        ours.stop_holding(true).await.unwrap();
+        ours.stop_holding(true);
         ours.write_all(b"response").await.unwrap();
         assert_eq!(arrived(&mut peer).await, b"ticket;response");
     }
 
     #[tokio::test]
     async fn held_bytes_go_out_before_a_read_that_has_to_wait() {
-        let (mut ours, mut peer) = pair().await;
-        ours.write_all(b"server flight").await.unwrap();
+        let (mut ours, mut peer) = answered().await;
+        ours.write_all(b"second flight").await.unwrap();
         ours.flush().await.unwrap();
         // The peer answers only once it has our flight: without sending it, the read never ends.
         let answer = tokio::spawn(async move {
             let mut flight = [0u8; 13];
             peer.read_exact(&mut flight).await.unwrap();
-            assert_eq!(&flight, b"server flight");
-            peer.write_all(&[TLS_HANDSHAKE, 1, 2]).await.unwrap();
+            assert_eq!(&flight, b"second flight");
+            peer.write_all(&[TLS_HANDSHAKE, 3]).await.unwrap();
             peer
         });
         let mut buf = [0u8; 16];
@@ -281,16 +327,16 @@ mod tests {
             .await
             .expect("the held flight never went out")
             .unwrap();
-        assert_eq!(&buf[..n], &[TLS_HANDSHAKE, 1, 2]);
+        assert_eq!(&buf[..n], &[TLS_HANDSHAKE, 3]);
         assert_eq!(ours.first(), &First::Tls);
         answer.await.unwrap();
     }
 
     #[tokio::test]
     async fn after_holding_ends_a_read_that_waits_leaves_the_held_bytes_for_the_response() {
-        let (mut ours, mut peer) = pair().await;
+        let (mut ours, mut peer) = answered().await;
         ours.write_all(b"ticket;").await.unwrap();
-        ours.stop_holding(true).await.unwrap();
+        ours.stop_holding(true);
         let mut buf = [0u8; 16];
         let waited =
             tokio::time::timeout(std::time::Duration::from_millis(100), ours.read(&mut buf)).await;
@@ -306,9 +352,9 @@ mod tests {
 
     #[tokio::test]
     async fn after_holding_ends_a_flush_leaves_the_held_bytes_for_the_response() {
-        let (mut ours, mut peer) = pair().await;
+        let (mut ours, mut peer) = answered().await;
         ours.write_all(b"ticket;").await.unwrap();
-        ours.stop_holding(true).await.unwrap();
+        ours.stop_holding(true);
         ours.flush().await.unwrap();
         assert_eq!(
             arrived(&mut peer).await,
@@ -321,18 +367,23 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn without_an_answer_to_follow_what_is_held_goes_out_when_holding_ends() {
-        let (mut ours, mut peer) = pair().await;
+    async fn without_an_answer_to_follow_what_is_held_goes_out_before_a_read_waits() {
+        let (mut ours, mut peer) = answered().await;
         ours.write_all(b"ticket").await.unwrap();
         ours.flush().await.unwrap();
         assert_eq!(arrived(&mut peer).await, b"", "a held write was sent");
-        ours.stop_holding(false).await.unwrap();
+        ours.stop_holding(false);
+        let mut buf = [0u8; 16];
+        let waited =
+            tokio::time::timeout(std::time::Duration::from_millis(100), ours.read(&mut buf)).await;
+        assert!(waited.is_err(), "the read should still be waiting");
         assert_eq!(arrived(&mut peer).await, b"ticket");
+        assert_eq!(ours.held.capacity(), 0, "the ticket's buffer was kept");
     }
 
     #[tokio::test]
     async fn shutdown_sends_what_is_held_even_while_holding() {
-        let (mut ours, mut peer) = pair().await;
+        let (mut ours, mut peer) = answered().await;
         ours.write_all(b"alert").await.unwrap();
         ours.shutdown().await.unwrap();
         assert_eq!(arrived(&mut peer).await, b"alert");
