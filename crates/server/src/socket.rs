@@ -279,6 +279,14 @@ mod tests {
         got
     }
 
+    /// Reads with nothing to read: the read must still be waiting after a while.
+    async fn read_waits(ours: &mut MeshSocket) {
+        let mut buf = [0u8; 16];
+        let waited =
+            tokio::time::timeout(std::time::Duration::from_millis(100), ours.read(&mut buf)).await;
+        assert!(waited.is_err(), "the read should still be waiting");
+    }
+
     /// A connection whose peer has answered our first flight, as in a handshake: what is written
     /// next is held.
     async fn answered() -> (MeshSocket, TcpStream) {
@@ -337,10 +345,7 @@ mod tests {
         let (mut ours, mut peer) = answered().await;
         ours.write_all(b"ticket;").await.unwrap();
         ours.stop_holding(true);
-        let mut buf = [0u8; 16];
-        let waited =
-            tokio::time::timeout(std::time::Duration::from_millis(100), ours.read(&mut buf)).await;
-        assert!(waited.is_err(), "the read should still be waiting");
+        read_waits(&mut ours).await;
         assert_eq!(
             arrived(&mut peer).await,
             b"",
@@ -373,10 +378,7 @@ mod tests {
         ours.flush().await.unwrap();
         assert_eq!(arrived(&mut peer).await, b"", "a held write was sent");
         ours.stop_holding(false);
-        let mut buf = [0u8; 16];
-        let waited =
-            tokio::time::timeout(std::time::Duration::from_millis(100), ours.read(&mut buf)).await;
-        assert!(waited.is_err(), "the read should still be waiting");
+        read_waits(&mut ours).await;
         assert_eq!(arrived(&mut peer).await, b"ticket");
         assert_eq!(ours.held.capacity(), 0, "the ticket's buffer was kept");
     }
