@@ -330,3 +330,30 @@ async fn accepted_client_gets_the_verdict_before_it_sends_anything() {
         );
     }
 }
+
+/// TLS 1.2 (allowed with `min_tls_version = "1.2"`): the listener's last flight (its Finished) comes
+/// after the client's and must go out although no request can come before it, over HTTP/1.1 and h2.
+#[tokio::test(flavor = "multi_thread")]
+async fn tls12_client_completes_its_handshake_and_is_served() {
+    let mesh = Mesh::start_with(|s| {
+        s.server.set_str("min_tls_version", "1.2");
+        s.server.set_str("header_read_timeout", "60s");
+    })
+    .await;
+    for alpn in [&b"http/1.1"[..], b"h2"] {
+        let config = tls::client_config_tls12(mesh.pki.root_pem(), &mesh.client_leaf, &[alpn]);
+        let tls = tls::to_listener(mesh.listener_addr, config).await;
+        assert_eq!(
+            tls.get_ref().1.protocol_version(),
+            Some(rustls::ProtocolVersion::TLSv1_2)
+        );
+        if alpn == b"h2" {
+            continue;
+        }
+        let reply = within("request over TLS 1.2", direct_get(tls)).await;
+        assert!(
+            reply.starts_with("HTTP/1.1 200 OK\r\n"),
+            "request over TLS 1.2: {reply:?}"
+        );
+    }
+}
