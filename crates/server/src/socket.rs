@@ -1,5 +1,5 @@
-//! The listener's TCP socket as the TLS layer sees it. It saves two system calls per connection
-//! without changing a byte on the wire:
+//! The listener's TCP socket as the TLS layer sees it. It saves up to two system calls per connection
+//! without changing a byte on the wire (only how the bytes are cut into writes):
 //!
 //! - It **sniffs the first read**: the first bytes a peer sends say whether it speaks TLS at all, and
 //!   they are looked at as rustls reads them, instead of with a `MSG_PEEK` of their own first. Bytes
