@@ -187,7 +187,7 @@ impl H2Link {
         Ok(Some((id, sender)))
     }
 
-    /// Drops the connection if it has been idle past the timeout (hyper then closes it).
+    /// Drops the connection if it has been idle past the timeout (h2 then closes it).
     fn purge(&self) {
         let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
         if current.conn.as_ref().is_some_and(|c| {

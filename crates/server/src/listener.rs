@@ -32,7 +32,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, field, info, info_span, warn, Instrument};
 
 use crate::forward::{Backend, Peer, PeerIds};
-use crate::plaintext::refuse_plain_http;
+use crate::plaintext::{looks_like_http, refuse_plain_http};
 use crate::socket::{First, MeshSocket};
 use crate::ServerSettings;
 
@@ -334,7 +334,7 @@ async fn refused(
     match socket.take_first() {
         First::Closed => {}
         First::Unread => debug!(%error, "reading the first bytes failed"),
-        First::NotTls(bytes) if bytes.first().is_some_and(u8::is_ascii_uppercase) => {
+        First::NotTls(bytes) if looks_like_http(&bytes) => {
             info!("plain HTTP on the mutual-TLS port; answering 400 tls-required");
             failed("plaintext-http");
             if let Err(error) = refuse_plain_http(socket.into_tcp(), bytes, listen).await {

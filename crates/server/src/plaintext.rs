@@ -6,6 +6,12 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+/// Whether a connection's first bytes (not a TLS record) look like an HTTP request: a method starts
+/// with an upper-case letter.
+pub(crate) fn looks_like_http(first: &[u8]) -> bool {
+    first.first().is_some_and(u8::is_ascii_uppercase)
+}
+
 /// Answers a plaintext HTTP request with `400` and `phoenix-mesh-error: tls-required`, then closes.
 /// `first` is what the peer sent first, already read.
 pub(crate) async fn refuse_plain_http(

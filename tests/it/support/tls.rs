@@ -19,13 +19,27 @@ use super::http::SERVICE_HOST;
 
 /// A client configuration trusting `root_pem`, presenting `leaf` if given, offering `alpn`.
 pub fn client_config(root_pem: &str, leaf: Option<&Leaf>, alpn: &[&[u8]]) -> Arc<ClientConfig> {
+    client_config_for(rustls::DEFAULT_VERSIONS, root_pem, leaf, alpn)
+}
+
+/// A TLS 1.2-only client presenting `leaf`.
+pub fn client_config_tls12(root_pem: &str, leaf: &Leaf, alpn: &[&[u8]]) -> Arc<ClientConfig> {
+    client_config_for(&[&rustls::version::TLS12], root_pem, Some(leaf), alpn)
+}
+
+fn client_config_for(
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    root_pem: &str,
+    leaf: Option<&Leaf>,
+    alpn: &[&[u8]],
+) -> Arc<ClientConfig> {
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(root_pem.as_bytes()) {
         roots.add(cert.unwrap()).unwrap();
     }
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(versions)
         .unwrap()
         .with_root_certificates(roots);
     let mut config = match leaf {
@@ -38,27 +52,6 @@ pub fn client_config(root_pem: &str, leaf: Option<&Leaf>, alpn: &[&[u8]]) -> Arc
         }
         None => builder.with_no_client_auth(),
     };
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    Arc::new(config)
-}
-
-/// A TLS 1.2-only client presenting `leaf`.
-pub fn client_config_tls12(root_pem: &str, leaf: &Leaf, alpn: &[&[u8]]) -> Arc<ClientConfig> {
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(root_pem.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let chain = CertificateDer::pem_slice_iter(leaf.chain_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap();
-    let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
-    let mut config = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS12])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .unwrap();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Arc::new(config)
 }
