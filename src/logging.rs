@@ -1,5 +1,7 @@
 //! Logs to stderr through tracing, filtered by RUST_LOG, as text or JSON lines.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 /// How log lines are written.
@@ -16,6 +18,7 @@ pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour())
         .with_writer(std::io::stderr);
     let result = match format {
         LogFormat::Text => builder.try_init(),
@@ -28,4 +31,12 @@ pub fn init(format: LogFormat) {
     if let Err(error) = result {
         eprintln!("phoenix-mesh: logging already initialised: {error}");
     }
+}
+
+/// Colours only for a person at a terminal. tracing-subscriber colours whenever `NO_COLOR` is unset, so
+/// under systemd every line reached the journal with escape sequences in it: stored as bytes rather
+/// than text, shown as `[N blob data]` by some journalctl versions and as `#033[2m` once forwarded to
+/// rsyslog, and in the way of `grep` on a log file.
+fn colour() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }

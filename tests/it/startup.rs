@@ -93,6 +93,43 @@ fn path_in(dir: &TempDir, name: &str) -> String {
     dir.path().join(name).display().to_string()
 }
 
+/// Starts `phoenix-mesh <side> --config <dir>/<side>.toml` with stderr on a pipe (as under systemd) and
+/// returns it running, with what it logged up to its "accepting" line.
+async fn start_until_accepting(
+    side: &str,
+    dir: &Path,
+    config: &TomlConfig,
+) -> (tokio::process::Child, String) {
+    let path = dir.join(format!("{side}.toml"));
+    config.write(&path);
+    let mut child = Command::new(BIN)
+        .arg(side)
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut log = String::new();
+    within(&format!("phoenix-mesh {side} starting"), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            log.push_str(&line);
+            log.push('\n');
+            if line.contains("accepting") {
+                return;
+            }
+        }
+        panic!("phoenix-mesh {side} exited before accepting:\n{log}");
+    })
+    .await;
+    (child, log)
+}
+
 /// The control for every test below: the same setup, unbroken, starts and serves.
 #[tokio::test(flavor = "multi_thread")]
 async fn valid_configs_start_serving() {
@@ -101,34 +138,32 @@ async fn valid_configs_start_serving() {
         ("server", server_setup(&pki)),
         ("client", client_setup(&pki)),
     ] {
-        let path = dir.path().join(format!("{side}.toml"));
-        config.write(&path);
-        let mut child = Command::new(BIN)
-            .arg(side)
-            .arg("--config")
-            .arg(&path)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let mut log = String::new();
-        within(&format!("phoenix-mesh {side} starting"), async {
-            while let Some(line) = lines.next_line().await.unwrap() {
-                log.push_str(&line);
-                log.push('\n');
-                if line.contains("accepting") {
-                    return;
-                }
-            }
-            panic!("phoenix-mesh {side} exited before accepting:\n{log}");
-        })
-        .await;
+        let (mut child, log) = start_until_accepting(side, dir.path(), &config).await;
         assert!(child.try_wait().unwrap().is_none(), "{side} exited:\n{log}");
         child.kill().await.unwrap();
+    }
+}
+
+/// Log lines written to a pipe or file (the journal, under systemd) are plain text: no terminal colour
+/// escapes, which journald would store as bytes and journalctl or rsyslog show mangled.
+#[tokio::test(flavor = "multi_thread")]
+async fn logs_on_a_pipe_are_plain_text() {
+    let pki = TestPki::new();
+    for (side, (dir, config)) in [
+        ("server", server_setup(&pki)),
+        ("client", client_setup(&pki)),
+    ] {
+        let (mut child, log) = start_until_accepting(side, dir.path(), &config).await;
+        child.kill().await.unwrap();
+        assert!(
+            log.contains("certificate loaded"),
+            "{side} should log its certificate at start:\n{log}"
+        );
+        assert!(
+            !log.contains('\u{1b}'),
+            "{side} wrote terminal escape sequences to a pipe:\n{}",
+            log.escape_debug()
+        );
     }
 }
 
