@@ -341,3 +341,113 @@ async fn client_accepts_public_listen_when_allowed() {
     assert_eq!(reply.body, HELLO);
     assert_eq!(reply.mesh_error(), None);
 }
+
+/// Starts `phoenix-mesh [args] server --config <dir>/server.toml` with stderr on a unix stream socket
+/// (what journald gives a unit) and `JOURNAL_STREAM` set to that socket's `device:inode`, as systemd
+/// does, or to something else, and returns its stderr lines up to the "accepting" one.
+async fn start_on_stream(
+    args: &[&str],
+    dir: &Path,
+    config: &TomlConfig,
+    names_the_stream: bool,
+) -> Vec<String> {
+    use std::io::BufRead;
+    use std::os::fd::{AsFd, OwnedFd};
+    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::net::UnixStream;
+
+    let path = dir.join("server.toml");
+    config.write(&path);
+    let (reader, writer) = UnixStream::pair().unwrap();
+    let socket = std::fs::File::from(writer.as_fd().try_clone_to_owned().unwrap())
+        .metadata()
+        .unwrap();
+    let stream = if names_the_stream {
+        format!("{}:{}", socket.dev(), socket.ino())
+    } else {
+        format!("{}:{}", socket.dev(), socket.ino() + 1)
+    };
+    let mut child = {
+        let mut command = Command::new(BIN);
+        command
+            .args(args)
+            .arg("server")
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .env("JOURNAL_STREAM", stream)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(OwnedFd::from(writer)))
+            .kill_on_drop(true);
+        command.spawn().unwrap()
+    };
+    let lines = within(
+        "phoenix-mesh server starting on a journal-like stream",
+        tokio::task::spawn_blocking(move || {
+            let mut lines = Vec::new();
+            for line in std::io::BufReader::new(reader).lines() {
+                let line = line.unwrap();
+                let done = line.contains("accepting");
+                lines.push(line);
+                if done {
+                    break;
+                }
+            }
+            lines
+        }),
+    )
+    .await
+    .unwrap();
+    child.kill().await.unwrap();
+    lines
+}
+
+/// Under systemd every line starts with its syslog priority, which journald keeps as the entry's
+/// priority (so `journalctl -p warning` shows the warnings), and text lines leave the timestamp to the
+/// journal; the same variable naming another stream (a child whose stderr went elsewhere) adds nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn on_the_journal_each_line_carries_its_priority() {
+    let pki = TestPki::new();
+    let (dir, config) = server_setup(&pki);
+    // Ten minutes left of seventy: the start-up warns that renewal may not be running.
+    write_leaf(
+        dir.path(),
+        "listener",
+        &pki.listener_cert_expiring_in(std::time::Duration::from_secs(600)),
+    );
+    for args in [&[][..], &["--log-format", "json"][..]] {
+        let lines = start_on_stream(args, dir.path(), &config, true).await;
+        let log = lines.join("\n");
+        let line = |needle: &str| {
+            lines
+                .iter()
+                .find(|l| l.contains(needle))
+                .unwrap_or_else(|| panic!("{args:?}: no line with {needle:?}:\n{log}"))
+                .clone()
+        };
+        let info = line("certificate loaded");
+        let warning = line("less than a third of its lifetime left");
+        assert!(info.starts_with("<6>"), "{args:?}: info line {info:?}");
+        assert!(warning.starts_with("<4>"), "{args:?}: warning {warning:?}");
+        for l in &lines {
+            let rest = l.get(3..).unwrap_or_default();
+            assert!(
+                l.starts_with('<') && !rest.starts_with(|c: char| c.is_ascii_digit()),
+                "{args:?}: a line without its priority, or with a timestamp the journal adds itself: {l:?}"
+            );
+        }
+        if args.is_empty() {
+            assert!(info.contains(" INFO "), "{info:?}");
+        } else {
+            assert!(info.starts_with("<6>{"), "{info:?}");
+        }
+
+        let elsewhere = start_on_stream(args, dir.path(), &config, false).await;
+        assert!(
+            elsewhere.iter().all(|l| !l.starts_with('<')),
+            "{args:?}: priority prefixes on a stream that is not the journal:\n{}",
+            elsewhere.join("\n")
+        );
+    }
+}
