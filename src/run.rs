@@ -190,6 +190,9 @@ where
     let (shutdown, watch) = Shutdown::new();
     let accept = tokio::spawn(serve(watch));
     notify(&[sd_notify::NotifyState::Ready]);
+    if let Some(period) = sd_notify::watchdog_enabled() {
+        tokio::spawn(feed_watchdog(period));
+    }
     let on_hup = std::sync::Arc::new(on_hup);
     let which = loop {
         tokio::select! {
@@ -227,6 +230,19 @@ where
         info!("drained; exiting");
     }
     Ok(())
+}
+
+/// With `WatchdogSec=` in the unit, systemd restarts a sidecar that stops pinging it. The pings come
+/// from a task on the runtime that carries the traffic, so they stop when that runtime stops polling
+/// its tasks (a worker stuck in a blocking call or a busy loop), not only when the process dies; every
+/// half period, as sd_watchdog_enabled(3) advises.
+async fn feed_watchdog(period: Duration) {
+    let mut tick = tokio::time::interval(period / 2);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        notify(&[sd_notify::NotifyState::Watchdog]);
+    }
 }
 
 /// Tells systemd (Type=notify) about our state; does nothing outside systemd (no NOTIFY_SOCKET).

@@ -83,3 +83,67 @@ async fn listener_notifies_ready_reloading_and_stopping() {
     assert!(heard.is_err(), "a process outside systemd must not notify");
     quiet.kill().await.unwrap();
 }
+
+/// Starts the listener of `files` with `NOTIFY_SOCKET` and the given watchdog variables.
+fn spawn_with_watchdog(
+    files: &ProcFiles,
+    socket: &std::path::Path,
+    vars: &[(&str, String)],
+) -> tokio::process::Child {
+    let mut command = tokio::process::Command::new(BIN);
+    command
+        .args(["server", "--config"])
+        .arg(files.path("server.toml"))
+        .env("NOTIFY_SOCKET", socket)
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
+        .envs(vars.iter().map(|(k, v)| (k, v)))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    command.spawn().unwrap()
+}
+
+/// With `WatchdogSec=` (systemd passes `WATCHDOG_USEC`) the listener pings `WATCHDOG=1` until it
+/// stops; when `WATCHDOG_PID` names another process (a child started by the unit's main process) it
+/// does not.
+#[tokio::test(flavor = "multi_thread")]
+async fn listener_feeds_the_watchdog_only_when_asked() {
+    let pki = OpsPki::new();
+    let backend = Backend::start().await;
+    let files = ProcFiles::new(&pki, backend.addr, &pki.listener(), &pki.gateway());
+    files.server.write(&files.path("server.toml"));
+    let socket_path = files.path("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+
+    let mut fed = spawn_with_watchdog(&files, &socket_path, &[("WATCHDOG_USEC", "300000".into())]);
+    assert_eq!(next_notification(&socket).await.trim(), "READY=1");
+    for _ in 0..3 {
+        assert_eq!(next_notification(&socket).await.trim(), "WATCHDOG=1");
+    }
+    fed.kill().await.unwrap();
+    // Drain what the killed process sent before it died.
+    let mut buf = [0u8; 64];
+    while tokio::time::timeout(Duration::from_millis(200), socket.recv(&mut buf))
+        .await
+        .is_ok()
+    {}
+
+    let mut other = spawn_with_watchdog(
+        &files,
+        &socket_path,
+        &[
+            ("WATCHDOG_USEC", "100000".into()),
+            ("WATCHDOG_PID", "1".into()),
+        ],
+    );
+    assert_eq!(next_notification(&socket).await.trim(), "READY=1");
+    let heard = tokio::time::timeout(Duration::from_millis(800), socket.recv(&mut buf)).await;
+    assert!(
+        heard.is_err(),
+        "pinged a watchdog meant for another process: {:?}",
+        heard.map(|n| String::from_utf8_lossy(&buf[..n.unwrap()]).into_owned())
+    );
+    other.kill().await.unwrap();
+}
