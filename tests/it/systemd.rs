@@ -20,25 +20,53 @@ async fn next_notification(socket: &UnixDatagram) -> String {
     String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 
+/// A listener setup (its backend, config files) and the datagram socket standing in for systemd.
+struct Notified {
+    _backend: Backend,
+    files: ProcFiles,
+    socket_path: std::path::PathBuf,
+    socket: UnixDatagram,
+}
+
+impl Notified {
+    async fn new() -> Notified {
+        let pki = OpsPki::new();
+        let backend = Backend::start().await;
+        let files = ProcFiles::new(&pki, backend.addr, &pki.listener(), &pki.gateway());
+        files.server.write(&files.path("server.toml"));
+        let socket_path = files.path("notify.sock");
+        let socket = UnixDatagram::bind(&socket_path).unwrap();
+        Notified {
+            _backend: backend,
+            files,
+            socket_path,
+            socket,
+        }
+    }
+
+    /// Starts the listener with `NOTIFY_SOCKET` set, no watchdog variables but `vars`.
+    fn spawn(&self, vars: &[(&str, String)]) -> tokio::process::Child {
+        let mut command = tokio::process::Command::new(BIN);
+        command
+            .args(["server", "--config"])
+            .arg(self.files.path("server.toml"))
+            .env("NOTIFY_SOCKET", &self.socket_path)
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
+            .envs(vars.iter().map(|(k, v)| (k, v)))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true);
+        command.spawn().unwrap()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn listener_notifies_ready_reloading_and_stopping() {
-    let pki = OpsPki::new();
-    let backend = Backend::start().await;
-    let files = ProcFiles::new(&pki, backend.addr, &pki.listener(), &pki.gateway());
-    files.server.write(&files.path("server.toml"));
-    let socket_path = files.path("notify.sock");
-    let socket = UnixDatagram::bind(&socket_path).unwrap();
-
-    let mut child = tokio::process::Command::new(BIN)
-        .args(["server", "--config"])
-        .arg(files.path("server.toml"))
-        .env("NOTIFY_SOCKET", &socket_path)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let notified = Notified::new().await;
+    let (files, socket) = (&notified.files, &notified.socket);
+    let mut child = notified.spawn(&[]);
     let pid = child.id().unwrap().to_string();
     let kill = |signal: &str| {
         let status = std::process::Command::new("kill")
@@ -48,10 +76,10 @@ async fn listener_notifies_ready_reloading_and_stopping() {
         assert!(status.success());
     };
 
-    assert_eq!(next_notification(&socket).await.trim(), "READY=1");
+    assert_eq!(next_notification(socket).await.trim(), "READY=1");
 
     kill("HUP");
-    let reloading = next_notification(&socket).await;
+    let reloading = next_notification(socket).await;
     assert!(
         reloading.lines().any(|l| l == "RELOADING=1"),
         "{reloading:?}"
@@ -60,10 +88,10 @@ async fn listener_notifies_ready_reloading_and_stopping() {
         reloading.lines().any(|l| l.starts_with("MONOTONIC_USEC=")),
         "systemd's notify-reload wants the time: {reloading:?}"
     );
-    assert_eq!(next_notification(&socket).await.trim(), "READY=1");
+    assert_eq!(next_notification(socket).await.trim(), "READY=1");
 
     kill("TERM");
-    assert_eq!(next_notification(&socket).await.trim(), "STOPPING=1");
+    assert_eq!(next_notification(socket).await.trim(), "STOPPING=1");
     let status = within("the listener exiting", child.wait()).await.unwrap();
     assert!(status.success(), "{status:?}");
 
@@ -84,43 +112,18 @@ async fn listener_notifies_ready_reloading_and_stopping() {
     quiet.kill().await.unwrap();
 }
 
-/// Starts the listener of `files` with `NOTIFY_SOCKET` and the given watchdog variables.
-fn spawn_with_watchdog(
-    files: &ProcFiles,
-    socket: &std::path::Path,
-    vars: &[(&str, String)],
-) -> tokio::process::Child {
-    let mut command = tokio::process::Command::new(BIN);
-    command
-        .args(["server", "--config"])
-        .arg(files.path("server.toml"))
-        .env("NOTIFY_SOCKET", socket)
-        .env_remove("WATCHDOG_USEC")
-        .env_remove("WATCHDOG_PID")
-        .envs(vars.iter().map(|(k, v)| (k, v)))
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true);
-    command.spawn().unwrap()
-}
-
 /// With `WatchdogSec=` (systemd passes `WATCHDOG_USEC`) the listener pings `WATCHDOG=1` until it
 /// stops; when `WATCHDOG_PID` names another process (a child started by the unit's main process) it
 /// does not.
 #[tokio::test(flavor = "multi_thread")]
 async fn listener_feeds_the_watchdog_only_when_asked() {
-    let pki = OpsPki::new();
-    let backend = Backend::start().await;
-    let files = ProcFiles::new(&pki, backend.addr, &pki.listener(), &pki.gateway());
-    files.server.write(&files.path("server.toml"));
-    let socket_path = files.path("notify.sock");
-    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    let notified = Notified::new().await;
+    let socket = &notified.socket;
 
-    let mut fed = spawn_with_watchdog(&files, &socket_path, &[("WATCHDOG_USEC", "300000".into())]);
-    assert_eq!(next_notification(&socket).await.trim(), "READY=1");
+    let mut fed = notified.spawn(&[("WATCHDOG_USEC", "300000".into())]);
+    assert_eq!(next_notification(socket).await.trim(), "READY=1");
     for _ in 0..3 {
-        assert_eq!(next_notification(&socket).await.trim(), "WATCHDOG=1");
+        assert_eq!(next_notification(socket).await.trim(), "WATCHDOG=1");
     }
     fed.kill().await.unwrap();
     // Drain what the killed process sent before it died.
@@ -130,15 +133,11 @@ async fn listener_feeds_the_watchdog_only_when_asked() {
         .is_ok()
     {}
 
-    let mut other = spawn_with_watchdog(
-        &files,
-        &socket_path,
-        &[
-            ("WATCHDOG_USEC", "100000".into()),
-            ("WATCHDOG_PID", "1".into()),
-        ],
-    );
-    assert_eq!(next_notification(&socket).await.trim(), "READY=1");
+    let mut other = notified.spawn(&[
+        ("WATCHDOG_USEC", "100000".into()),
+        ("WATCHDOG_PID", "1".into()),
+    ]);
+    assert_eq!(next_notification(socket).await.trim(), "READY=1");
     let heard = tokio::time::timeout(Duration::from_millis(800), socket.recv(&mut buf)).await;
     assert!(
         heard.is_err(),
