@@ -190,7 +190,8 @@ where
     let (shutdown, watch) = Shutdown::new();
     let accept = tokio::spawn(serve(watch));
     notify(&[sd_notify::NotifyState::Ready]);
-    if let Some(period) = sd_notify::watchdog_enabled() {
+    // WATCHDOG_USEC=0 is not something systemd sends, and `interval` panics on a zero period.
+    if let Some(period) = sd_notify::watchdog_enabled().filter(|p| !p.is_zero()) {
         tokio::spawn(feed_watchdog(period));
     }
     let on_hup = std::sync::Arc::new(on_hup);
@@ -234,8 +235,8 @@ where
 
 /// With `WatchdogSec=` in the unit, systemd restarts a sidecar that stops pinging it. The pings come
 /// from a task on the runtime that carries the traffic, so they stop when that runtime stops polling
-/// its tasks (a worker stuck in a blocking call or a busy loop), not only when the process dies; every
-/// half period, as sd_watchdog_enabled(3) advises.
+/// its tasks (with the default single runtime thread: a blocking call or a busy loop on it), not only
+/// when the process dies; every half period, as sd_watchdog_enabled(3) advises.
 async fn feed_watchdog(period: Duration) {
     let mut tick = tokio::time::interval(period / 2);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

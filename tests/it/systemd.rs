@@ -46,6 +46,15 @@ impl Notified {
 
     /// Starts the listener with `NOTIFY_SOCKET` set, no watchdog variables but `vars`.
     fn spawn(&self, vars: &[(&str, String)]) -> tokio::process::Child {
+        self.spawn_logging(vars, std::process::Stdio::null())
+    }
+
+    /// The same, with the listener's stderr going to `stderr`.
+    fn spawn_logging(
+        &self,
+        vars: &[(&str, String)],
+        stderr: std::process::Stdio,
+    ) -> tokio::process::Child {
         let mut command = tokio::process::Command::new(BIN);
         command
             .args(["server", "--config"])
@@ -56,7 +65,7 @@ impl Notified {
             .envs(vars.iter().map(|(k, v)| (k, v)))
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(stderr)
             .kill_on_drop(true);
         command.spawn().unwrap()
     }
@@ -145,4 +154,20 @@ async fn listener_feeds_the_watchdog_only_when_asked() {
         heard.map(|n| String::from_utf8_lossy(&buf[..n.unwrap()]).into_owned())
     );
     other.kill().await.unwrap();
+
+    // A zero period (not something systemd sends) is no watchdog, and no panic: tokio would keep the
+    // process up after a task panics, so it is stderr that tells.
+    let mut zero = notified.spawn_logging(
+        &[("WATCHDOG_USEC", "0".into())],
+        std::process::Stdio::piped(),
+    );
+    assert_eq!(next_notification(socket).await.trim(), "READY=1");
+    let heard = tokio::time::timeout(Duration::from_millis(500), socket.recv(&mut buf)).await;
+    assert!(heard.is_err(), "a zero watchdog period was pinged");
+    zero.start_kill().unwrap();
+    let output = within("the listener exiting", zero.wait_with_output())
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }
