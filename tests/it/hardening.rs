@@ -190,6 +190,35 @@ async fn slowloris_on_client_port_is_closed_after_header_read_timeout() {
     good_requests(&mesh, "after-slowloris", 2).await;
 }
 
+/// A connection to the client port that sends nothing, or stops inside what could be the HTTP/2
+/// preface (before the sidecar can tell HTTP/1.1 from h2c), is closed after `header_read_timeout` like
+/// one that stops inside a request head: otherwise any local process could hold every connection slot.
+#[tokio::test(flavor = "multi_thread")]
+async fn silent_connection_on_client_port_is_closed_after_header_read_timeout() {
+    let mesh = Mesh::start_with(|s| {
+        s.client.set_str("header_read_timeout", "500ms");
+    })
+    .await;
+    for (what, first) in [
+        ("a connection that sends nothing", &b""[..]),
+        (
+            "a connection that stops inside the h2 preface",
+            &b"PRI * HTTP/2.0\r\n"[..],
+        ),
+    ] {
+        let mut tcp = TcpStream::connect(mesh.client_addr).await.unwrap();
+        tcp.write_all(first).await.unwrap();
+        good_requests(&mesh, "silent", 2).await;
+        let got = expect_closed(what, &mut tcp).await;
+        assert!(
+            got.is_empty(),
+            "{what}: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+    good_requests(&mesh, "after-silent", 2).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn slowloris_over_tls_on_listener_is_closed_after_header_read_timeout() {
     let mesh = Mesh::start_with(|s| {

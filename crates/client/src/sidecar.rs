@@ -218,7 +218,10 @@ fn spawn_conn<S>(
                     async move { Ok::<_, std::convert::Infallible>(state.request(req, peer).await) }
                 })
             };
-            if let Err(error) = serve_http(&state.http, stream, service, shutdown).await {
+            let first_bytes = state.settings.shared.http.header_read_timeout;
+            if let Err(error) =
+                serve_http(&state.http, stream, first_bytes, service, shutdown).await
+            {
                 debug!(%error, "connection ended with an error");
             }
         }

@@ -235,10 +235,12 @@ pub async fn drive<C: Future>(
 }
 
 /// Serves HTTP on `io` until the peer is done or shutdown begins; on shutdown, in-flight requests
-/// finish, HTTP/1 connections close after their response and HTTP/2 ones get a GOAWAY.
+/// finish, HTTP/1 connections close after their response and HTTP/2 ones get a GOAWAY. A peer that
+/// has not let the version be told within `first_bytes_timeout` is closed (see [`SniffDeadline`]).
 pub async fn serve_http<I, S, B>(
     builder: &auto::Builder<TokioExecutor>,
     io: I,
+    first_bytes_timeout: Duration,
     service: S,
     mut shutdown: ShutdownWatch,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
@@ -251,7 +253,151 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let io = SniffDeadline::new(io, first_bytes_timeout);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
     drive(conn, |c| c.graceful_shutdown(), &mut shutdown).await
+}
+
+/// What an HTTP/2 client with prior knowledge sends first (RFC 9113 section 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Bounds the reads of a new connection until hyper-util's `auto` server can tell HTTP/1.1 from the
+/// HTTP/2 preface. It reads up to 24 bytes for that before hyper takes over, and hyper's
+/// `header_read_timeout` starts only then, so a peer that sent nothing, or stopped inside what could
+/// still be the preface, would hold its connection (and a `max_connections` slot) for ever. The
+/// deadline ends with the first byte that is not the preface's (HTTP/1.1: hyper's timer covers the
+/// rest of the head), a whole preface (HTTP/2: hyper's keep-alive pings cover an idle peer), or the
+/// end of the stream; then reads pass straight through.
+struct SniffDeadline<I> {
+    io: I,
+    /// Bytes of the preface matched so far.
+    matched: usize,
+    /// Until when, while still telling; the timer exists only once a read had to wait.
+    deadline: Option<(tokio::time::Instant, Option<Pin<Box<tokio::time::Sleep>>>)>,
+}
+
+impl<I> SniffDeadline<I> {
+    fn new(io: I, timeout: Duration) -> Self {
+        SniffDeadline {
+            io,
+            matched: 0,
+            deadline: Some((tokio::time::Instant::now() + timeout, None)),
+        }
+    }
+
+    /// Follows the bytes just read as hyper-util does; the deadline ends once the version is known.
+    fn saw(&mut self, got: &[u8]) {
+        if got.is_empty() {
+            self.deadline = None;
+            return;
+        }
+        for &byte in got {
+            if H2_PREFACE.get(self.matched) != Some(&byte) {
+                self.deadline = None;
+                return;
+            }
+            self.matched += 1;
+        }
+        if self.matched >= H2_PREFACE.len() {
+            self.deadline = None;
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for SniffDeadline<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let this = &mut *self;
+        let start = buf.filled().len();
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        let Some((at, timer)) = &mut this.deadline else {
+            return polled;
+        };
+        match polled {
+            std::task::Poll::Ready(Ok(())) => {
+                this.saw(&buf.filled()[start..]);
+                std::task::Poll::Ready(Ok(()))
+            }
+            std::task::Poll::Pending => {
+                let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(*at)));
+                if timer.as_mut().poll(cx).is_ready() {
+                    return std::task::Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no request started within header_read_timeout",
+                    )));
+                }
+                std::task::Poll::Pending
+            }
+            error => error,
+        }
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for SniffDeadline<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether the deadline still runs after reads that returned `chunks`.
+    fn still_telling(chunks: &[&[u8]]) -> bool {
+        let mut sniff = SniffDeadline::new((), Duration::from_secs(1));
+        for chunk in chunks {
+            sniff.saw(chunk);
+        }
+        sniff.deadline.is_some()
+    }
+
+    #[test]
+    fn the_deadline_lasts_while_the_bytes_could_still_be_the_h2_preface() {
+        assert!(still_telling(&[]));
+        assert!(still_telling(&[b"PRI * HTTP/2.0\r\n"]));
+        assert!(still_telling(&[b"PRI", b" * HTTP/2.0\r\n\r\nSM\r\n\r"]));
+        assert!(!still_telling(&[b"GET / HTTP/1.1\r\n"]));
+        assert!(!still_telling(&[b"PRI * HTTP/1.1\r\n"]));
+        assert!(!still_telling(&[H2_PREFACE]));
+        assert!(!still_telling(&[b"PRI * HTTP/2.0\r\n", b"\r\nSM\r\n\r\n"]));
+        assert!(
+            !still_telling(&[b"PRI * ", b""]),
+            "the end of the stream ends it"
+        );
+    }
 }
