@@ -219,6 +219,35 @@ async fn silent_connection_on_client_port_is_closed_after_header_read_timeout() 
     good_requests(&mesh, "after-silent", 2).await;
 }
 
+/// On the listener, a peer that completes the handshake with ALPN `h2` and never sends the HTTP/2
+/// preface is closed after `header_read_timeout`: hyper's HTTP/2 server waits for the preface with no
+/// timer of its own, and its keep-alive pings start only after it.
+#[tokio::test(flavor = "multi_thread")]
+async fn silent_h2_peer_on_listener_is_closed_after_header_read_timeout() {
+    let mesh = Mesh::start_with(|s| {
+        s.server.set_str("header_read_timeout", "500ms");
+    })
+    .await;
+    let config = tls::client_config(mesh.pki.root_pem(), Some(&mesh.client_leaf), &[b"h2"]);
+    let mut silent = tls::to_listener(mesh.listener_addr, config).await;
+    assert_eq!(silent.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    good_requests(&mesh, "silent-h2", 2).await;
+    let got = expect_closed("an h2 peer that never sends the preface", &mut silent).await;
+    // The listener's own SETTINGS (sent at once) and maybe a GOAWAY: no other frame.
+    let mut rest = &got[..];
+    while rest.len() >= 9 {
+        let len = usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
+        assert!(
+            matches!(rest[3], 4 | 7),
+            "frame type {} in {got:?}",
+            rest[3]
+        );
+        rest = &rest[(9 + len).min(rest.len())..];
+    }
+    assert!(rest.is_empty(), "{got:?}");
+    good_requests(&mesh, "after-silent-h2", 2).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn slowloris_over_tls_on_listener_is_closed_after_header_read_timeout() {
     let mesh = Mesh::start_with(|s| {

@@ -262,14 +262,16 @@ where
 /// What an HTTP/2 client with prior knowledge sends first (RFC 9113 section 3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Bounds the reads of a new connection until hyper-util's `auto` server can tell HTTP/1.1 from the
-/// HTTP/2 preface. It reads up to 24 bytes for that before hyper takes over, and hyper's
-/// `header_read_timeout` starts only then, so a peer that sent nothing, or stopped inside what could
-/// still be the preface, would hold its connection (and a `max_connections` slot) for ever. The
-/// deadline ends with the first byte that is not the preface's (HTTP/1.1: hyper's timer covers the
-/// rest of the head), a whole preface (HTTP/2: hyper's keep-alive pings cover an idle peer), or the
-/// end of the stream; then reads pass straight through.
-struct SniffDeadline<I> {
+/// Bounds the reads of a new connection until it has shown whether it starts with the HTTP/2
+/// preface. hyper-util's `auto` server reads up to 24 bytes to tell HTTP/1.1 from h2c before hyper
+/// takes over, and hyper's `header_read_timeout` starts only then; hyper's HTTP/2 server waits for the
+/// preface with no timer at all (its keep-alive pings start after it). Without a deadline a peer that
+/// sent nothing, or stopped inside what could still be the preface, would hold its connection (and a
+/// `max_connections` slot) for ever. The deadline ends with the first byte that is not the preface's
+/// (HTTP/1.1: hyper's timer covers the rest of the head; HTTP/2: hyper refuses the connection), a
+/// whole preface (HTTP/2: the keep-alive pings cover an idle peer from then on), or the end of the
+/// stream; then reads pass straight through.
+pub struct SniffDeadline<I> {
     io: I,
     /// Bytes of the preface matched so far.
     matched: usize,
@@ -278,7 +280,8 @@ struct SniffDeadline<I> {
 }
 
 impl<I> SniffDeadline<I> {
-    fn new(io: I, timeout: Duration) -> Self {
+    /// `io`, whose first bytes must show within `timeout`.
+    pub fn new(io: I, timeout: Duration) -> Self {
         SniffDeadline {
             io,
             matched: 0,

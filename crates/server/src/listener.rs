@@ -18,7 +18,7 @@ use phoenix_mesh_common::headers::forwarded_for_value;
 use phoenix_mesh_common::metrics::{GaugeGuard, Metrics};
 use phoenix_mesh_common::park::serve_http1_parking;
 use phoenix_mesh_common::serve::{
-    accept_loop, drive, http1_builder, http2_builder, ShutdownWatch, Slot,
+    accept_loop, drive, http1_builder, http2_builder, ShutdownWatch, Slot, SniffDeadline,
 };
 use phoenix_mesh_common::sidecar::{
     bind_admin, log_certificate, own_certificate_ready, refresh_tls_metrics, spawn_background,
@@ -274,7 +274,9 @@ async fn handle(
     // HTTP/2 only when ALPN chose it (RFC 9113 has no prior knowledge over TLS); HTTP/1.1 otherwise,
     // its idle keep-alive connections parked without hyper's buffers.
     let served: Result<(), Box<dyn std::error::Error + Send + Sync>> = if h2 {
-        // On shutdown: GOAWAY, open streams finish.
+        // On shutdown: GOAWAY, open streams finish. A peer that never sends the preface is closed
+        // after header_read_timeout.
+        let tls = SniffDeadline::new(tls, state.settings.shared.http.header_read_timeout);
         let conn = state.http2.serve_connection(TokioIo::new(tls), service);
         tokio::pin!(conn);
         drive(conn, |c| c.graceful_shutdown(), &mut shutdown)
