@@ -647,3 +647,45 @@ async fn check_config_only_refuses_an_unknown_key() {
     assert_eq!(code, Some(78), "{stdout}\n{stderr}");
     assert!(stderr.contains("alowed_peers"), "{stderr}");
 }
+
+/// The admin port closes connections that send nothing, or stop inside a request head, after
+/// `header_read_timeout` like the traffic ports: it accepts 64 connections at a time, and a local
+/// process holding them would blind `/readyz` and the Prometheus scrape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_port_closes_silent_and_stalled_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let pki = OpsPki::new();
+    let backend = Backend::start().await;
+    let (listener_leaf, gateway) = (pki.listener(), pki.gateway());
+    let mut files = ProcFiles::new(&pki, backend.addr, &listener_leaf, &gateway);
+    files.server.set_str("admin_listen", "127.0.0.1:0");
+    files.server.set_str("header_read_timeout", "500ms");
+    let (listener, _) = files.start_listener().await;
+    let admin = listener
+        .addr_from_log("admin endpoint serving", "admin")
+        .await;
+    for (what, first) in [
+        ("a silent connection", &b""[..]),
+        (
+            "a stalled request head",
+            &b"GET /metrics HTTP/1.1\r\nHost: a\r\n"[..],
+        ),
+    ] {
+        let mut tcp = TcpStream::connect(admin).await.unwrap();
+        tcp.write_all(first).await.unwrap();
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            tcp.read_to_end(&mut got),
+        )
+        .await;
+        assert!(read.is_ok(), "admin port: {what} still open after 10 s");
+        let text = String::from_utf8_lossy(&got);
+        assert!(
+            got.is_empty() || text.starts_with("HTTP/1.1 408"),
+            "{what}: {text}"
+        );
+    }
+    assert_eq!(admin_get(admin, "/healthz").await, (200, "ok\n".to_owned()));
+}

@@ -5,13 +5,14 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tracing::{debug, info};
 
@@ -25,10 +26,13 @@ pub trait AdminState: Send + Sync + 'static {
     fn metrics(&self) -> String;
 }
 
-/// Serves the admin endpoint on `listener` until shutdown.
+/// Serves the admin endpoint on `listener` until shutdown. A connection that has not sent a whole
+/// request head within `header_read_timeout` (a silent one, an idle keep-alive one) is closed: 64 are
+/// served at a time, and a local process holding them would blind `/readyz` and the scrape.
 pub async fn serve_admin(
     listener: TcpListener,
     state: Arc<dyn AdminState>,
+    header_read_timeout: Duration,
     shutdown: ShutdownWatch,
 ) {
     if let Ok(addr) = listener.local_addr() {
@@ -43,6 +47,8 @@ pub async fn serve_admin(
                 async move { Ok::<_, Infallible>(route(&*state, &req).await) }
             });
             if let Err(error) = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_read_timeout)
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {

@@ -154,7 +154,12 @@ pub fn spawn_background<T: LiveTls>(
         ),
     );
     if let Some((listener, state)) = admin {
-        tokio::spawn(serve_admin(listener, state, shutdown.clone()));
+        tokio::spawn(serve_admin(
+            listener,
+            state,
+            shared.http.header_read_timeout,
+            shutdown.clone(),
+        ));
     }
 }
 
