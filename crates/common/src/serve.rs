@@ -236,7 +236,7 @@ pub async fn drive<C: Future>(
 
 /// Serves HTTP on `io` until the peer is done or shutdown begins; on shutdown, in-flight requests
 /// finish, HTTP/1 connections close after their response and HTTP/2 ones get a GOAWAY. A peer that
-/// has not let the version be told within `first_bytes_timeout` is closed (see [`SniffDeadline`]).
+/// has not let the version be told within `first_bytes_timeout` is closed (see [`PrefaceDeadline`]).
 pub async fn serve_http<I, S, B>(
     builder: &auto::Builder<TokioExecutor>,
     io: I,
@@ -253,7 +253,7 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let io = SniffDeadline::new(io, first_bytes_timeout);
+    let io = PrefaceDeadline::new(io, first_bytes_timeout);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
     drive(conn, |c| c.graceful_shutdown(), &mut shutdown).await
@@ -271,7 +271,7 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// (HTTP/1.1: hyper's timer covers the rest of the head; HTTP/2: hyper refuses the connection), a
 /// whole preface (HTTP/2: the keep-alive pings cover an idle peer from then on), or the end of the
 /// stream; then reads pass straight through.
-pub struct SniffDeadline<I> {
+pub struct PrefaceDeadline<I> {
     io: I,
     /// Bytes of the preface matched so far.
     matched: usize,
@@ -279,10 +279,10 @@ pub struct SniffDeadline<I> {
     deadline: Option<(tokio::time::Instant, Option<Pin<Box<tokio::time::Sleep>>>)>,
 }
 
-impl<I> SniffDeadline<I> {
+impl<I> PrefaceDeadline<I> {
     /// `io`, whose first bytes must show within `timeout`.
     pub fn new(io: I, timeout: Duration) -> Self {
-        SniffDeadline {
+        PrefaceDeadline {
             io,
             matched: 0,
             deadline: Some((tokio::time::Instant::now() + timeout, None)),
@@ -308,7 +308,7 @@ impl<I> SniffDeadline<I> {
     }
 }
 
-impl<I: AsyncRead + Unpin> AsyncRead for SniffDeadline<I> {
+impl<I: AsyncRead + Unpin> AsyncRead for PrefaceDeadline<I> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -340,7 +340,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for SniffDeadline<I> {
     }
 }
 
-impl<I: AsyncWrite + Unpin> AsyncWrite for SniffDeadline<I> {
+impl<I: AsyncWrite + Unpin> AsyncWrite for PrefaceDeadline<I> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -382,7 +382,7 @@ mod tests {
 
     /// Whether the deadline still runs after reads that returned `chunks`.
     fn still_telling(chunks: &[&[u8]]) -> bool {
-        let mut sniff = SniffDeadline::new((), Duration::from_secs(1));
+        let mut sniff = PrefaceDeadline::new((), Duration::from_secs(1));
         for chunk in chunks {
             sniff.saw(chunk);
         }

@@ -18,7 +18,7 @@ use phoenix_mesh_common::headers::forwarded_for_value;
 use phoenix_mesh_common::metrics::{GaugeGuard, Metrics};
 use phoenix_mesh_common::park::serve_http1_parking;
 use phoenix_mesh_common::serve::{
-    accept_loop, drive, http1_builder, http2_builder, ShutdownWatch, Slot, SniffDeadline,
+    accept_loop, drive, http1_builder, http2_builder, PrefaceDeadline, ShutdownWatch, Slot,
 };
 use phoenix_mesh_common::sidecar::{
     bind_admin, log_certificate, own_certificate_ready, refresh_tls_metrics, spawn_background,
@@ -276,7 +276,7 @@ async fn handle(
     let served: Result<(), Box<dyn std::error::Error + Send + Sync>> = if h2 {
         // On shutdown: GOAWAY, open streams finish. A peer that never sends the preface is closed
         // after header_read_timeout.
-        let tls = SniffDeadline::new(tls, state.settings.shared.http.header_read_timeout);
+        let tls = PrefaceDeadline::new(tls, state.settings.shared.http.header_read_timeout);
         let conn = state.http2.serve_connection(TokioIo::new(tls), service);
         tokio::pin!(conn);
         drive(conn, |c| c.graceful_shutdown(), &mut shutdown)
