@@ -360,3 +360,36 @@ async fn http10_request_without_host_gets_the_backend_address_as_host() {
     assert_eq!(seen.version, Version::HTTP_11);
     assert_eq!(seen.headers["host"], mesh.backend.addr.to_string().as_str());
 }
+
+/// Both sidecars on the IPv6 loopback: `listen = "[::1]:port"` on each side, the client's upstream as
+/// `"[::1]:port"`, and the listener's X-Forwarded-For naming the client by its IPv6 address. The
+/// listener's certificate is still checked by its DNS name. Skipped, saying so, on a machine without
+/// an IPv6 loopback.
+#[tokio::test(flavor = "multi_thread")]
+async fn whole_hop_over_the_ipv6_loopback() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("skipped: no IPv6 loopback (::1) on this machine");
+        return;
+    }
+    let mesh = Mesh::start_with(|s| {
+        s.server.set_str("listen", "[::1]:0");
+        s.client.set_str("listen", "[::1]:0");
+    })
+    .await;
+    assert!(mesh.listener_addr.is_ipv6(), "{}", mesh.listener_addr);
+    assert!(mesh.client_addr.is_ipv6(), "{}", mesh.client_addr);
+    let req = Request::get("/v6")
+        .header("host", SERVICE_HOST)
+        .header("x-forwarded-for", "2001:db8::7")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let reply = within("request over ::1", send_h1(mesh.client_addr, req)).await;
+    assert_hello(&reply);
+    let seen = mesh.backend.only_request();
+    assert_eq!(seen.one("host"), SERVICE_HOST);
+    assert_eq!(seen.one("x-forwarded-for"), "2001:db8::7, ::1");
+    assert_eq!(
+        seen.one("x-forwarded-client-cert"),
+        expected_gateway_xfcc(&mesh.client_leaf)
+    );
+}
