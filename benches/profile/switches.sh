@@ -22,7 +22,13 @@ sleep 6
 if [ -n "${PIDFILE:-}" ]; then
     root=$(cat "$PIDFILE")
 else
-    root=$(pgrep -f "^$out/phoenix-mesh server" | head -1)
+    root=$(pgrep -f "^$out/phoenix-mesh server" | head -1 || true)
+fi
+if [ -z "$root" ] || [ ! -r "/proc/$root/status" ]; then
+    echo "switches.sh: no server process to count (PIDFILE=${PIDFILE:-unset}; without it, a listener" \
+        "started from $out/phoenix-mesh: BIN must be a binary, not a wrapper script); see $out.log" >&2
+    wait "$harness" || true   # let the cell end, so that nothing it started is left behind
+    exit 1
 fi
 pids="$root $(pgrep -P "$root" | tr "\n" " " || true)"
 count() {
