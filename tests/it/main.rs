@@ -10,6 +10,7 @@
 mod support;
 mod support_ops;
 
+mod backend_h2c;
 mod expiry;
 mod failures;
 mod hardening;

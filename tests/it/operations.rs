@@ -584,6 +584,44 @@ async fn check_reports_a_backend_404_as_mesh_ok_without_a_router() {
     assert_eq!(mesh.backend.only_request().one("host"), host);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_check_probes_the_backend_over_h2c_when_backend_http2_is_on() {
+    let mesh = InProc::start(|_| {}).await;
+    let mut config = running_server_toml(&mesh);
+    config.set("backend_http2", "true");
+    let (code, out) = check(
+        &mesh,
+        "server",
+        "s.toml",
+        &config,
+        &["--host", SERVICE_HOST],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("[ OK ]") && l.contains("over h2c")),
+        "{out}"
+    );
+    let seen = mesh.backend.only_request();
+    assert_eq!(seen.version, http::Version::HTTP_2, "{seen:#?}");
+    assert_eq!(seen.authority.as_deref(), Some(SERVICE_HOST), "{seen:#?}");
+
+    // A backend that speaks HTTP/1.1 only fails the step, and the hint names the key.
+    let http1_only = Backend::start_http1_only().await;
+    config.set_str("backend", &http1_only.addr.to_string());
+    let (code, out) = check(&mesh, "server", "s.toml", &config, &[]).await;
+    assert_eq!(code, Some(1), "{out}");
+    let fails = fail_lines(&out);
+    assert!(
+        fails.len() == 1
+            && fails[0].contains(&http1_only.addr.to_string())
+            && fails[0].contains("over h2c"),
+        "{out}"
+    );
+    assert!(out.contains("hint: backend_http2 = true"), "{out}");
+}
+
 fn toml_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();

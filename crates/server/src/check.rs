@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Empty;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use phoenix_mesh_certs::{error_chain, Material, Role};
 use phoenix_mesh_common::check::Report;
 use tokio::net::TcpStream;
@@ -21,9 +21,10 @@ pub async fn check(settings: &ServerSettings, host: &str, path: &str) -> Report 
     report.ok(
         format!("config {}", settings.path.display()),
         format!(
-            "listen {}, backend {}, allowed_peers {}",
+            "listen {}, backend {}{}, allowed_peers {}",
             settings.listen,
             settings.backend,
+            if settings.backend_http2 { " (h2c)" } else { "" },
             if settings.allowed_peers.is_empty() {
                 "any certificate from the CA".to_owned()
             } else {
@@ -62,7 +63,21 @@ pub async fn check(settings: &ServerSettings, host: &str, path: &str) -> Report 
         Err(_) => report.warn(format!("listener {}", settings.listen), format!("{local}: no answer within 3 s"), "is a firewall dropping loopback traffic?"),
     }
 
-    let what = format!("backend {}: GET {path} (Host {host})", settings.backend);
+    let (proto, protocol_hint) = if settings.backend_http2 {
+        (
+            "h2c",
+            "backend_http2 = true: the backend must accept HTTP/2 cleartext with prior knowledge (Traefik's entrypoints do); set backend_http2 = false for one that speaks HTTP/1.1 only",
+        )
+    } else {
+        (
+            "plain HTTP",
+            "backend must be Traefik's plain-HTTP entrypoint, not a TLS port",
+        )
+    };
+    let what = format!(
+        "backend {}: GET {path} (Host {host}) over {proto}",
+        settings.backend
+    );
     let backend = settings.backend;
     let connect = timeout(
         settings.backend_connect_timeout,
@@ -91,15 +106,20 @@ pub async fn check(settings: &ServerSettings, host: &str, path: &str) -> Report 
             return report;
         }
     };
-    match timeout(Duration::from_secs(10), get(tcp, host, path)).await {
-        Ok(Ok(status)) => report.ok(what, format!("the backend answered {status} in plain HTTP")),
+    match timeout(
+        Duration::from_secs(10),
+        get(tcp, host, path, settings.backend_http2),
+    )
+    .await
+    {
+        Ok(Ok(status)) => report.ok(what, format!("the backend answered {status} over {proto}")),
         Ok(Err(error)) => report.fail(
             what,
             format!(
-                "{backend} did not answer in HTTP: {}",
+                "{backend} did not answer over {proto}: {}",
                 error_chain(error.as_ref())
             ),
-            "backend must be Traefik's plain-HTTP entrypoint, not a TLS port",
+            protocol_hint,
         ),
         Err(_) => report.fail(
             what,
@@ -110,11 +130,22 @@ pub async fn check(settings: &ServerSettings, host: &str, path: &str) -> Report 
     report
 }
 
+/// One GET over HTTP/1.1, or over h2c (the host as `:authority`) when `http2`, as the listener sends.
 async fn get(
     tcp: TcpStream,
     host: &str,
     path: &str,
+    http2: bool,
 ) -> Result<http::StatusCode, Box<dyn std::error::Error + Send + Sync>> {
+    if http2 {
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await?;
+        tokio::spawn(conn);
+        let req = Request::get(format!("http://{host}{path}"))
+            .header("user-agent", "phoenix-mesh-check")
+            .body(Empty::<Bytes>::new())?;
+        return Ok(sender.send_request(req).await?.status());
+    }
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
     tokio::spawn(conn);
     let req = Request::get(path)

@@ -23,6 +23,8 @@ pub struct ServerFile {
     backend_connect_timeout: Option<ConfigDuration>,
     #[serde(default)]
     backend_timeout: Option<ConfigDuration>,
+    #[serde(default)]
+    backend_http2: Option<bool>,
 }
 
 /// Validated listener settings, with paths resolved against the config file.
@@ -42,6 +44,8 @@ pub struct ServerSettings {
     pub backend_connect_timeout: Duration,
     /// Longest the backend may take to start its response.
     pub backend_timeout: Duration,
+    /// Requests (but upgrades) go to the backend on one shared HTTP/2 cleartext connection.
+    pub backend_http2: bool,
 }
 
 impl ServerSettings {
@@ -60,6 +64,7 @@ impl ServerSettings {
             allowed_peers,
             backend_connect_timeout: or_secs(f.backend_connect_timeout, 5),
             backend_timeout: or_secs(f.backend_timeout, 60),
+            backend_http2: f.backend_http2.unwrap_or(false),
         })
     }
 }
@@ -90,6 +95,7 @@ impl SideSettings for ServerSettings {
         vec![
             ("listen", self.listen.to_string()),
             ("backend", self.backend.to_string()),
+            ("backend_http2", self.backend_http2.to_string()),
             (
                 "backend_connect_timeout / backend_timeout",
                 format!(

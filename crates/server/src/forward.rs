@@ -19,6 +19,7 @@ use phoenix_mesh_common::upgrade::splice;
 use phoenix_mesh_common::{mesh_error, ProxyBody};
 use tracing::info;
 
+use crate::h2c::H2cBackend;
 use crate::pool::{BackendError, BackendPool};
 
 /// The `:authority` the client sidecar puts on HTTP/2 requests (its pool key, not a host).
@@ -72,9 +73,11 @@ impl PeerIds {
 /// How long an unused keep-alive connection to the backend is kept.
 const BACKEND_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The pooled HTTP/1.1 client to Traefik.
+/// The client to Traefik: pooled HTTP/1.1 connections, and with `backend_http2` one shared h2c
+/// connection that every request but upgrades takes.
 pub(crate) struct Backend {
     pool: Arc<BackendPool>,
+    h2c: Option<Arc<H2cBackend>>,
     addr: SocketAddr,
     /// The backend's address as a Host value, for requests that arrive without one.
     host: HeaderValue,
@@ -86,12 +89,15 @@ impl Backend {
         addr: SocketAddr,
         connect_timeout: Duration,
         response_timeout: Duration,
+        http2: bool,
     ) -> Self {
         let pool = BackendPool::new(addr, connect_timeout, BACKEND_IDLE_TIMEOUT);
+        let h2c = http2.then(|| H2cBackend::new(addr, connect_timeout, BACKEND_IDLE_TIMEOUT));
         let authority = Authority::try_from(addr.to_string())
             .unwrap_or_else(|_| Authority::from_static("127.0.0.1"));
         Backend {
             pool,
+            h2c,
             host: HeaderValue::from_str(authority.as_str())
                 .unwrap_or(HeaderValue::from_static("localhost")),
             addr,
@@ -132,18 +138,49 @@ impl Backend {
         parts.headers.insert(XFCC, peer.id.xfcc.clone());
         append_forwarded_for(&mut parts.headers, &peer.forwarded_for);
 
-        // Origin form, as HTTP/1.1 sends it to an origin server (RFC 9112 section 3.2.1).
-        parts.uri = parts
+        let path = parts
             .uri
             .path_and_query()
             .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"))
-            .into();
-        parts.version = Version::HTTP_11;
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        // Over h2c the host travels as :authority (RFC 9113 section 8.3.1), which Traefik routes on
+        // as it does on Host; a Host that is no valid authority goes over HTTP/1.1 untouched.
+        let h2c = match (&self.h2c, &downstream) {
+            (Some(h2c), None) => parts
+                .headers
+                .get(HOST)
+                .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+                .map(|authority| (h2c, authority)),
+            _ => None,
+        };
         let method = parts.method.clone();
-        let request = Request::from_parts(parts, Either::Left(body));
-
-        match tokio::time::timeout(self.response_timeout, self.pool.send(request)).await {
+        let (over_h2c, sent) = match h2c {
+            Some((h2c, authority)) => {
+                parts.headers.remove(HOST);
+                let mut uri = http::uri::Parts::default();
+                uri.scheme = Some(http::uri::Scheme::HTTP);
+                uri.authority = Some(authority);
+                uri.path_and_query = Some(path);
+                parts.uri = http::Uri::from_parts(uri).unwrap_or_default();
+                parts.version = Version::HTTP_2;
+                let request = Request::from_parts(parts, Either::Left(body));
+                (
+                    true,
+                    tokio::time::timeout(self.response_timeout, h2c.send(request)).await,
+                )
+            }
+            None => {
+                // Origin form, as HTTP/1.1 sends it to an origin server (RFC 9112 section 3.2.1).
+                parts.uri = path.into();
+                parts.version = Version::HTTP_11;
+                let request = Request::from_parts(parts, Either::Left(body));
+                (
+                    false,
+                    tokio::time::timeout(self.response_timeout, self.pool.send(request)).await,
+                )
+            }
+        };
+        match sent {
             Ok(Ok(mut response)) => {
                 if let (Some(downstream), StatusCode::SWITCHING_PROTOCOLS) =
                     (downstream, response.status())
@@ -165,13 +202,20 @@ impl Backend {
                         format!("phoenix-mesh listener: backend {} unreachable: {cause} (is Traefik listening there?)", self.addr),
                     ), "sidecar")
                 } else {
-                    info!(backend = %self.addr, %method, %cause, "backend request failed");
+                    info!(backend = %self.addr, %method, %cause, over_h2c, "backend request failed");
+                    // A backend that does not speak h2c answers the preface with an HTTP/1.1 error or
+                    // closes, which reads as a framing error: say which protocol was tried.
+                    let over = if over_h2c {
+                        " over HTTP/2 cleartext (backend_http2 = true; does it accept h2c?)"
+                    } else {
+                        ""
+                    };
                     (
                         mesh_error(
                             StatusCode::BAD_GATEWAY,
                             "backend-error",
                             format!(
-                                "phoenix-mesh listener: backend {} failed the request: {cause}",
+                                "phoenix-mesh listener: backend {} failed the request{over}: {cause}",
                                 self.addr
                             ),
                         ),

@@ -6,6 +6,7 @@
 mod check;
 mod config;
 mod forward;
+mod h2c;
 mod listener;
 mod plaintext;
 mod pool;

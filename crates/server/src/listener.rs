@@ -82,6 +82,7 @@ impl MeshListener {
             settings.backend,
             settings.backend_connect_timeout,
             settings.backend_timeout,
+            settings.backend_http2,
         );
         let http1 = http1_builder(&settings.shared.http);
         let http2 = http2_builder(&settings.shared.http);

@@ -34,6 +34,25 @@ pub(crate) enum BackendError {
     Request(#[from] hyper::Error),
 }
 
+/// A TCP connection to the backend within `connect_timeout`, with Nagle off.
+pub(crate) async fn connect_tcp(
+    addr: SocketAddr,
+    connect_timeout: Duration,
+) -> Result<TcpStream, BackendError> {
+    let stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => return Err(BackendError::Connect(error)),
+        Err(_) => {
+            return Err(BackendError::Connect(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no TCP connection within {connect_timeout:?} (backend_connect_timeout)"),
+            )))
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
 /// One backend's connections.
 pub(crate) struct BackendPool {
     addr: SocketAddr,
@@ -138,21 +157,7 @@ impl BackendPool {
     }
 
     async fn connect(&self) -> Result<http1::SendRequest<ProxyBody>, BackendError> {
-        let stream =
-            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr)).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(error)) => return Err(BackendError::Connect(error)),
-                Err(_) => {
-                    return Err(BackendError::Connect(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!(
-                            "no TCP connection within {:?} (backend_connect_timeout)",
-                            self.connect_timeout
-                        ),
-                    )))
-                }
-            };
-        let _ = stream.set_nodelay(true);
+        let stream = connect_tcp(self.addr, self.connect_timeout).await?;
         let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
         let addr = self.addr;
         tokio::spawn(async move {

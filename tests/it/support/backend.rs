@@ -1,4 +1,6 @@
-//! A small hyper backend standing in for Traefik. It records what it saw and answers by path:
+//! A small hyper backend standing in for Traefik: HTTP/1.1 and, like Traefik's entrypoints, h2c with
+//! prior knowledge (or HTTP/1.1 only, [`Backend::start_http1_only`]). It records what it saw and
+//! answers by path:
 //!
 //! - `/404`: Traefik's own `404 page not found`.
 //! - `/slow`: answers only after 30 s (for backend_timeout); counts the times it was given up on.
@@ -37,6 +39,8 @@ pub struct Seen {
     pub method: Method,
     /// Path and query.
     pub target: String,
+    /// The request's authority (HTTP/2 `:authority`), if any.
+    pub authority: Option<String>,
     pub version: Version,
     pub headers: HeaderMap,
     /// For `/upload`: (length, sha256, largest frame).
@@ -77,6 +81,12 @@ struct Shared {
     download_progress: watch::Sender<u64>,
     /// `/slow` requests dropped before they were answered (the connection went away).
     abandoned: AtomicU64,
+    /// TCP connections accepted.
+    connections: AtomicU64,
+    /// TCP connections open now.
+    open: AtomicU64,
+    /// Bumped to close every open connection gracefully (HTTP/2: GOAWAY).
+    close: watch::Sender<u64>,
 }
 
 /// A running backend; stops accepting when dropped.
@@ -93,8 +103,17 @@ impl Drop for Backend {
 }
 
 impl Backend {
-    /// Starts on a free loopback port.
+    /// Starts on a free loopback port, serving HTTP/1.1 and h2c.
     pub async fn start() -> Backend {
+        Backend::start_serving(false).await
+    }
+
+    /// Starts on a free loopback port, serving HTTP/1.1 only.
+    pub async fn start_http1_only() -> Backend {
+        Backend::start_serving(true).await
+    }
+
+    async fn start_serving(http1_only: bool) -> Backend {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shared = Arc::new(Shared {
@@ -102,9 +121,28 @@ impl Backend {
             upload_progress: watch::channel(0).0,
             download_progress: watch::channel(0).0,
             abandoned: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+            open: AtomicU64::new(0),
+            close: watch::channel(0).0,
         });
-        let task = tokio::spawn(accept(listener, shared.clone()));
+        let task = tokio::spawn(accept(listener, shared.clone(), http1_only));
         Backend { addr, shared, task }
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.shared.connections.load(Ordering::SeqCst)
+    }
+
+    /// TCP connections open now (accepted and not yet ended on the backend's side).
+    pub fn open_connections(&self) -> u64 {
+        self.shared.open.load(Ordering::SeqCst)
+    }
+
+    /// Closes every open connection gracefully: requests in progress finish, HTTP/2 connections get
+    /// GOAWAY. New connections are still accepted.
+    pub fn close_connections(&self) {
+        self.shared.close.send_modify(|n| *n += 1);
     }
 
     /// Every request seen so far, in arrival order.
@@ -140,18 +178,32 @@ impl Backend {
     }
 }
 
-async fn accept(listener: TcpListener, shared: Arc<Shared>) {
+async fn accept(listener: TcpListener, shared: Arc<Shared>, http1_only: bool) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
+        shared.connections.fetch_add(1, Ordering::SeqCst);
+        shared.open.fetch_add(1, Ordering::SeqCst);
+        let mut close = shared.close.subscribe();
         let shared = shared.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| handle(shared.clone(), req));
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .http1_only()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let handler = shared.clone();
+            let service = service_fn(move |req| handle(handler.clone(), req));
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            if http1_only {
+                builder = builder.http1_only();
+            }
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = close.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+            shared.open.fetch_sub(1, Ordering::SeqCst);
         });
     }
 }
@@ -170,6 +222,7 @@ async fn handle(
     let mut seen = Seen {
         method: parts.method.clone(),
         target: target.clone(),
+        authority: parts.uri.authority().map(|a| a.as_str().to_owned()),
         version: parts.version,
         headers: parts.headers.clone(),
         upload: None,

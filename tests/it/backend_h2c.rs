@@ -1,0 +1,147 @@
+//! `backend_http2 = true`: the listener carries requests to the backend on one shared HTTP/2
+//! cleartext connection (prior knowledge), as Traefik's entrypoints accept.
+
+use http::{Request, StatusCode, Version};
+use http_body_util::Empty;
+
+use crate::support::backend::{Backend, HELLO};
+use crate::support::http::{get, send_h1, Reply, SERVICE_HOST};
+use crate::support::mesh::Mesh;
+use crate::support::pki::expected_gateway_xfcc;
+use crate::support::within;
+use crate::support_ops::eventually;
+
+async fn h2c_mesh() -> Mesh {
+    Mesh::start_with(|s| {
+        s.server.set("backend_http2", "true");
+    })
+    .await
+}
+
+fn assert_hello(reply: &Reply) {
+    assert_eq!(reply.status, StatusCode::OK, "{reply:#?}");
+    assert_eq!(reply.body, HELLO, "{reply:#?}");
+    assert_eq!(reply.mesh_error(), None, "{reply:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_share_one_h2c_connection_with_the_host_as_authority() {
+    let mesh = h2c_mesh().await;
+    let host = "grafana.internal.thinkheads.ai:8443";
+    // Sixteen at once, each on its own connection to the client sidecar.
+    let sends = (0..16).map(|i| {
+        let req = Request::get(format!("/api/{i}?q=a%20b"))
+            .header("host", host)
+            .header("x-forwarded-client-cert", "By=spoofed;URI=spiffe://evil")
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        send_h1(mesh.client_addr, req)
+    });
+    let replies = within("16 requests", futures_join_all(sends)).await;
+    replies.iter().for_each(assert_hello);
+
+    let seen = mesh.backend.seen();
+    assert_eq!(seen.len(), 16, "{seen:#?}");
+    let xfcc = expected_gateway_xfcc(&mesh.client_leaf);
+    for s in &seen {
+        assert_eq!(s.version, Version::HTTP_2, "{s:#?}");
+        assert_eq!(s.authority.as_deref(), Some(host), "{s:#?}");
+        assert!(s.all("host").is_empty(), "Host beside :authority: {s:#?}");
+        assert!(
+            s.target.starts_with("/api/") && s.target.ends_with("?q=a%20b"),
+            "{s:#?}"
+        );
+        assert_eq!(
+            s.one("x-forwarded-client-cert"),
+            xfcc,
+            "forged identity kept: {s:#?}"
+        );
+        assert_eq!(s.one("x-forwarded-for"), "127.0.0.1", "{s:#?}");
+    }
+    assert_eq!(
+        mesh.backend.connections(),
+        1,
+        "16 requests should share one h2c connection"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upgrade_still_goes_over_http1() {
+    let mesh = h2c_mesh().await;
+    assert_hello(&within("plain request", send_h1(mesh.client_addr, get("/plain"))).await);
+    let req = Request::get("/chat")
+        .header("host", SERVICE_HOST)
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .body(Empty::<bytes::Bytes>::new())
+        .unwrap();
+    // The test backend does not upgrade: it answers 200, which comes back as it is.
+    assert_hello(&within("upgrade request", send_h1(mesh.client_addr, req)).await);
+    let seen = mesh.backend.seen();
+    assert_eq!(seen.len(), 2, "{seen:#?}");
+    assert_eq!(seen[0].version, Version::HTTP_2, "{:#?}", seen[0]);
+    assert_eq!(seen[1].version, Version::HTTP_11, "{:#?}", seen[1]);
+    assert_eq!(seen[1].one("upgrade"), "websocket");
+    assert_eq!(seen[1].one("host"), SERVICE_HOST);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backend_without_h2c_gets_a_502_that_names_the_protocol() {
+    let http1_only = Backend::start_http1_only().await;
+    let addr = http1_only.addr.to_string();
+    let mesh = Mesh::start_with(|s| {
+        s.server
+            .set("backend_http2", "true")
+            .set_str("backend", &addr);
+    })
+    .await;
+    let reply = within("request", send_h1(mesh.client_addr, get("/x"))).await;
+    reply.assert_mesh_error(
+        502,
+        "backend-error",
+        &[
+            "phoenix-mesh listener",
+            &addr,
+            "over HTTP/2 cleartext (backend_http2 = true; does it accept h2c?)",
+        ],
+    );
+    assert!(http1_only.seen().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_the_backend_closed_is_dialled_again() {
+    let mesh = h2c_mesh().await;
+    assert_hello(&within("first request", send_h1(mesh.client_addr, get("/1"))).await);
+    assert_eq!(mesh.backend.connections(), 1);
+    // GOAWAY, then the backend closes: the next requests need a new connection.
+    mesh.backend.close_connections();
+    eventually("the backend's connection closed", || async {
+        (mesh.backend.open_connections() == 0).then_some(())
+    })
+    .await;
+    for i in 2..5 {
+        let reply = within(
+            "request after the close",
+            send_h1(mesh.client_addr, get(&format!("/{i}"))),
+        )
+        .await;
+        assert_hello(&reply);
+    }
+    assert_eq!(mesh.backend.connections(), 2);
+}
+
+/// Runs every future as a task at once and collects their outputs in order.
+async fn futures_join_all<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
