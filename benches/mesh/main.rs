@@ -459,6 +459,9 @@ fn run(mut args: Args) -> anyhow::Result<()> {
     let port = |i: u16| SocketAddr::from(([127, 0, 0, 1], a.base_port + i));
     let (l_addr, idle_addr, c2_addr, c1_addr, front_addr, front_unix_addr) =
         (port(3), port(4), port(41), port(42), port(50), port(51));
+    // The same chains with the listener's backend_http2: its own listener, client, front and an h2c
+    // backend (nginx serving the peers' backend body over HTTP/2 cleartext).
+    let (lh_addr, ch_addr, front_h_addr, backend_h_addr) = (port(5), port(43), port(52), port(60));
     let cpu = a.server_cpu.as_str();
     let at = procs::Placement {
         cpu,
@@ -473,7 +476,26 @@ fn run(mut args: Args) -> anyhow::Result<()> {
         &ctx.pki,
         &ctx.server_cert,
         &ctx.server_key,
+        false,
     )?;
+    let backend_h2c =
+        procs::NginxFront::start_h2c_backend(&out.join("backend-h2c"), cpu, backend_h_addr)?;
+    let backend_h2c_pid = backend_h2c.pid().context("h2c backend pid")?;
+    let listener_h2c = procs::listener(
+        &ctx.bin,
+        &out,
+        at,
+        lh_addr,
+        backend_h_addr,
+        &ctx.pki,
+        &ctx.server_cert,
+        &ctx.server_key,
+        true,
+    )?;
+    let ch = procs::Listen::Tcp(ch_addr);
+    let client_h2c = procs::client(&ctx.bin, &out, at, &ch, lh_addr, &ctx.pki, true)?;
+    let front_h2c = procs::NginxFront::start(&out.join("front-h2c"), cpu, front_h_addr, &ch)?;
+    let front_h2c_pid = front_h2c.pid().context("nginx front (h2c) pid")?;
     let (c2, c1) = (procs::Listen::Tcp(c2_addr), procs::Listen::Tcp(c1_addr));
     let client_h2 = procs::client(&ctx.bin, &out, at, &c2, l_addr, &ctx.pki, true)?;
     let client_h1 = procs::client(&ctx.bin, &out, at, &c1, l_addr, &ctx.pki, false)?;
@@ -492,6 +514,10 @@ fn run(mut args: Args) -> anyhow::Result<()> {
             front_pid,
             client_unix.pid(),
             front_unix_pid,
+            backend_h2c_pid,
+            listener_h2c.pid(),
+            client_h2c.pid(),
+            front_h2c_pid,
         ]);
     }
     stop_on_signal(ctx.ours_extra.clone());
@@ -516,14 +542,29 @@ fn run(mut args: Args) -> anyhow::Result<()> {
     let backend = PidSpec::File(run.join("backend.pid"));
     // wrk -> [nginx front ->] phoenix client -> listener -> backend.
     let phoenix_chain = |name: &str, addr: SocketAddr, front: Option<u32>, client: u32| {
+        let h2c = name.contains("h2c backend");
         let mut tiers: Vec<_> = front
             .map(|pid| ("front".to_string(), PidSpec::Pid(pid)))
             .into_iter()
             .collect();
         tiers.extend([
             ("client".into(), PidSpec::Pid(client)),
-            ("mtls".into(), PidSpec::Pid(listener.pid())),
-            ("backend".into(), backend.clone()),
+            (
+                "mtls".into(),
+                PidSpec::Pid(if h2c {
+                    listener_h2c.pid()
+                } else {
+                    listener.pid()
+                }),
+            ),
+            (
+                "backend".into(),
+                if h2c {
+                    PidSpec::Pid(backend_h2c_pid)
+                } else {
+                    backend.clone()
+                },
+            ),
         ]);
         Chain {
             name: name.into(),
@@ -555,6 +596,18 @@ fn run(mut args: Args) -> anyhow::Result<()> {
             front_unix_addr,
             Some(front_unix_pid),
             client_unix.pid(),
+        ),
+        phoenix_chain(
+            "phoenix client->listener h2, h2c backend",
+            ch_addr,
+            None,
+            client_h2c.pid(),
+        ),
+        phoenix_chain(
+            "nginx->phoenix (deployed, h2c backend)",
+            front_h_addr,
+            Some(front_h2c_pid),
+            client_h2c.pid(),
         ),
     ];
     if !a.no_peers && run.join("nginx-mtls.pid").exists() {
@@ -834,6 +887,7 @@ fn idle_cell(
             &ctx.pki,
             &ctx.server_cert,
             &ctx.server_key,
+            false,
         )?;
         let pid = p.pid();
         fresh = Some(p);

@@ -139,15 +139,18 @@ pub fn listener(
     pki: &ClientPki,
     server_cert: &Path,
     server_key: &Path,
+    backend_http2: bool,
 ) -> anyhow::Result<Proc> {
     let cfg = dir.join(format!("listener-{}.toml", listen.port()));
     fs::write(
         &cfg,
         format!(
-            "listen = \"{listen}\"\nbackend = \"{backend}\"\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n",
+            "listen = \"{listen}\"\nbackend = \"{backend}\"\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n{}",
             server_cert.display(),
             server_key.display(),
-            pki.ca.display()
+            pki.ca.display(),
+            // Only when on: a --bin from before the key existed refuses unknown keys.
+            if backend_http2 { "backend_http2 = true\n" } else { "" }
         ),
     )?;
     spawn(
@@ -240,12 +243,41 @@ pub struct NginxFront {
 }
 
 impl NginxFront {
+    /// nginx proxying plain HTTP on `listen` to `upstream` over keep-alive HTTP/1.1 connections, as
+    /// the deployed gateway does.
     pub fn start(
         dir: &Path,
         cpu: &str,
         listen: SocketAddr,
         upstream: &Listen,
     ) -> anyhow::Result<Self> {
+        NginxFront::start_with(
+            dir,
+            cpu,
+            listen,
+            &format!(
+                "  proxy_http_version 1.1;\n  proxy_set_header Connection \"\";\n\
+                 upstream mesh_client {{ server {upstream}; keepalive 128; keepalive_requests 1000000; keepalive_timeout 300s; }}\n\
+                 server {{ listen {listen} backlog=4096; location / {{ proxy_pass http://mesh_client; }} }}\n"
+            ),
+        )
+    }
+
+    /// The peers' backend (a fixed `hello from backend` body) served over h2c with prior knowledge on
+    /// `listen`, for the listener's `backend_http2`.
+    pub fn start_h2c_backend(dir: &Path, cpu: &str, listen: SocketAddr) -> anyhow::Result<Self> {
+        NginxFront::start_with(
+            dir,
+            cpu,
+            listen,
+            &format!(
+                "  server {{ listen {listen} http2 backlog=4096;\n    \
+                 location / {{ default_type text/plain; return 200 \"hello from backend\\n\"; }} }}\n"
+            ),
+        )
+    }
+
+    fn start_with(dir: &Path, cpu: &str, listen: SocketAddr, http: &str) -> anyhow::Result<Self> {
         if TcpStream::connect_timeout(&listen, Duration::from_millis(200)).is_ok() {
             bail!("{listen} is already in use: stop whatever listens there (ss -ltnp) or pass --base-port");
         }
@@ -260,10 +292,7 @@ impl NginxFront {
                  error_log {d}/nginx-front.err warn;\nworker_rlimit_nofile 16384;\nevents {{ worker_connections 8192; }}\n\
                  http {{\n  access_log off;\n  client_body_temp_path {d}/tmp/b;\n  proxy_temp_path {d}/tmp/p;\n\
                  fastcgi_temp_path {d}/tmp/f;\n  uwsgi_temp_path {d}/tmp/u;\n  scgi_temp_path {d}/tmp/s;\n\
-                 keepalive_timeout 300s;\n  keepalive_requests 1000000;\n  proxy_http_version 1.1;\n\
-                 proxy_set_header Connection \"\";\n\
-                 upstream mesh_client {{ server {upstream}; keepalive 128; keepalive_requests 1000000; keepalive_timeout 300s; }}\n\
-                 server {{ listen {listen} backlog=4096; location / {{ proxy_pass http://mesh_client; }} }}\n}}\n"
+                 keepalive_timeout 300s;\n  keepalive_requests 1000000;\n{http}}}\n"
             ),
         )?;
         let st = Command::new("taskset")
@@ -276,7 +305,7 @@ impl NginxFront {
             .status()
             .context("starting nginx (apt-get install -y nginx)")?;
         if !st.success() {
-            bail!("nginx front failed to start; see {d}/nginx-front.err");
+            bail!("nginx failed to start; see {d}/nginx-front.err");
         }
         wait_listen(listen)?;
         Ok(NginxFront { pidfile })

@@ -49,6 +49,7 @@ for mode, goal in (("full", 0.3), ("resumed", 0.25)):
                  m("hs", ref, cell, "server_us_per_hs"), rng("hs", ref, cell, "server_us_per_hs"), goal)
 CH, NN, DEP = "phoenix client->listener h2", "nginx->nginx", "nginx->phoenix (deployed)"
 DEPU = "nginx->phoenix unix (deployed)"
+CHH, DEPH = "phoenix client->listener h2, h2c backend", "nginx->phoenix (deployed, h2c backend)"
 for conns in ("c32", "c64"):
     for ka in ("ka", "close"):
         cell = f"{conns} {ka}"
@@ -62,6 +63,15 @@ for conns in ("c32", "c64"):
              rng("wrk", DEP, cell, "rps"), m("wrk", NN, cell, "rps"), rng("wrk", NN, cell, "rps"), 1.0, le=False)
         line("deployed, nginx to the client over a unix socket", cell, m("wrk", DEPU, cell, "rps"),
              rng("wrk", DEPU, cell, "rps"), m("wrk", NN, cell, "rps"), rng("wrk", NN, cell, "rps"), 1.0, le=False)
+        # backend_http2 = true: the listener reaches an h2c backend (nginx -> nginx stays on HTTP/1.1).
+        line("chain req/s, h2c backend", cell, m("wrk", CHH, cell, "rps"), rng("wrk", CHH, cell, "rps"),
+             m("wrk", NN, cell, "rps"), rng("wrk", NN, cell, "rps"), 1.5, le=False)
+        line("chain proxy CPU µs/req, h2c backend", cell, m("wrk", CHH, cell, "us_proxy"), "",
+             m("wrk", NN, cell, "us_proxy"), "", 0.6, fmt="{:.1f}")
+        line("chain p99 ms, h2c backend", cell, m("wrk", CHH, cell, "p99_ms"), "", m("wrk", NN, cell, "p99_ms"), "",
+             1.0, fmt="{:.2f}")
+        line("deployed req/s, h2c backend", cell, m("wrk", DEPH, cell, "rps"), rng("wrk", DEPH, cell, "rps"),
+             m("wrk", NN, cell, "rps"), rng("wrk", NN, cell, "rps"), 1.0, le=False)
 for n in ("n1000", "n5000"):
     p = m("idle", P, n, "kib_per_conn")
     nn = m("idle", NF, n, "kib_per_conn")
