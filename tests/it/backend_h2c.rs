@@ -5,9 +5,10 @@ use http::{Request, StatusCode, Version};
 use http_body_util::Empty;
 
 use crate::support::backend::{Backend, HELLO};
-use crate::support::http::{get, send_h1, Reply, SERVICE_HOST};
+use crate::support::http::{get, send_h1, send_h1_streaming, Reply, SERVICE_HOST};
 use crate::support::mesh::Mesh;
 use crate::support::pki::expected_gateway_xfcc;
+use crate::support::stream::{drain_hashing, gated_body, pattern_sha256};
 use crate::support::within;
 use crate::support_ops::eventually;
 
@@ -85,6 +86,41 @@ async fn an_upgrade_still_goes_over_http1() {
     assert_eq!(seen[1].version, Version::HTTP_11, "{:#?}", seen[1]);
     assert_eq!(seen[1].one("upgrade"), "websocket");
     assert_eq!(seen[1].one("host"), SERVICE_HOST);
+}
+
+/// Bodies stream both ways over h2c under its flow control: each side pauses half-way until the
+/// other has read some, so a hop that buffered a whole body would never finish.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upload_and_a_download_stream_over_h2c() {
+    const UP: u64 = 8 * 1024 * 1024;
+    const DOWN: u64 = 20_000_000;
+    let mesh = h2c_mesh().await;
+    let req = Request::post("/upload")
+        .header("host", SERVICE_HOST)
+        .body(gated_body(UP, mesh.backend.upload_progress()))
+        .unwrap();
+    let reply = within("8 MiB upload over h2c", send_h1(mesh.client_addr, req)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:#?}");
+    assert_eq!(reply.body, format!("{UP} {}", pattern_sha256(UP)));
+
+    let response = within(
+        "download headers",
+        send_h1_streaming(mesh.client_addr, get(&format!("/download?bytes={DOWN}"))),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let (len, sha, _) = within(
+        "20 MB download over h2c",
+        drain_hashing(response.into_body(), mesh.backend.download_progress()),
+    )
+    .await;
+    assert_eq!((len, sha), (DOWN, pattern_sha256(DOWN)));
+    let seen = mesh.backend.seen();
+    assert!(
+        seen.iter().all(|s| s.version == Version::HTTP_2),
+        "{seen:#?}"
+    );
+    assert_eq!(mesh.backend.connections(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]
