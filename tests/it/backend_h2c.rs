@@ -88,6 +88,26 @@ async fn an_upgrade_still_goes_over_http1() {
     assert_eq!(seen[1].one("host"), SERVICE_HOST);
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_host_that_is_no_authority_goes_over_http1_untouched() {
+    let mesh = h2c_mesh().await;
+    for host in ["not a host", "user@whoami.internal.thinkheads.ai"] {
+        let req = Request::get("/odd-host")
+            .header("host", host)
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        assert_hello(&within("request", send_h1(mesh.client_addr, req)).await);
+    }
+    let seen = mesh.backend.seen();
+    assert_eq!(seen.len(), 2, "{seen:#?}");
+    assert!(
+        seen.iter().all(|s| s.version == Version::HTTP_11),
+        "{seen:#?}"
+    );
+    assert_eq!(seen[0].one("host"), "not a host");
+    assert_eq!(seen[1].one("host"), "user@whoami.internal.thinkheads.ai");
+}
+
 /// Bodies stream both ways over h2c under its flow control: each side pauses half-way until the
 /// other has read some, so a hop that buffered a whole body would never finish.
 #[tokio::test(flavor = "multi_thread")]
