@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
 use crate::support::backend::HELLO;
-use crate::support::http::{collect, SERVICE_HOST};
+use crate::support::http::{collect, send_h1, SERVICE_HOST};
 use crate::support::mesh::Mesh;
 use crate::support::pki::{expected_gateway_xfcc, write_leaf};
 use crate::support::{tls, within};
@@ -82,6 +82,11 @@ http {{
 }}
 "#
         );
+        Nginx::run(binary, dir, addr, &conf).await
+    }
+
+    /// nginx in the foreground with `conf`, `dir` its prefix; ready once `addr` accepts.
+    async fn run(binary: &Path, dir: &Path, addr: SocketAddr, conf: &str) -> Nginx {
         let conf_path = dir.join("nginx.conf");
         std::fs::write(&conf_path, conf).unwrap();
         let child = Command::new(binary)
@@ -197,4 +202,71 @@ async fn through_nginx(binary: &Path, mesh: &Mesh, sidecar: &str) {
         seen.all("x-forwarded-client-cert"),
         vec![expected_gateway_xfcc(&mesh.client_leaf)]
     );
+}
+
+/// `backend_http2` against nginx as an h2c backend (`listen ... http2` without TLS): another HTTP/2
+/// implementation than the tests' own, answering with what it saw.
+#[tokio::test(flavor = "multi_thread")]
+async fn listener_to_an_nginx_h2c_backend() {
+    let Some(binary) = find_nginx() else {
+        eprintln!("skipped: nginx not found on PATH (apt-get install -y nginx)");
+        return;
+    };
+    let backend_dir = tempfile::tempdir().unwrap();
+    let d = backend_dir.path().display();
+    for sub in ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"] {
+        std::fs::create_dir_all(backend_dir.path().join("tmp").join(sub)).unwrap();
+    }
+    let addr = crate::support::closed_port_addr();
+    let conf = format!(
+        r#"master_process off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log info;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/tmp/client_body;
+    proxy_temp_path {d}/tmp/proxy;
+    fastcgi_temp_path {d}/tmp/fastcgi;
+    uwsgi_temp_path {d}/tmp/uwsgi;
+    scgi_temp_path {d}/tmp/scgi;
+    server {{
+        listen {addr} http2;
+        location / {{
+            default_type text/plain;
+            return 200 "$server_protocol $host $request_uri|$http_x_forwarded_client_cert|$http_x_forwarded_for\n";
+        }}
+    }}
+}}
+"#
+    );
+    let nginx = Nginx::run(&binary, backend_dir.path(), addr, &conf).await;
+    let mesh = Mesh::start_with(|s| {
+        s.server
+            .set("backend_http2", "true")
+            .set_str("backend", &addr.to_string());
+    })
+    .await;
+    let xfcc = expected_gateway_xfcc(&mesh.client_leaf);
+    let sends: Vec<_> = (0..8)
+        .map(|i| {
+            let req = Request::get(format!("/h2c/{i}?x=1"))
+                .header("host", SERVICE_HOST)
+                .body(Empty::<Bytes>::new())
+                .unwrap();
+            tokio::spawn(send_h1(mesh.client_addr, req))
+        })
+        .collect();
+    for (i, send) in sends.into_iter().enumerate() {
+        let reply = within("request to the nginx h2c backend", send)
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 200, "{reply:#?}\n{}", nginx.error_log());
+        assert_eq!(
+            reply.body,
+            format!("HTTP/2.0 {SERVICE_HOST} /h2c/{i}?x=1|{xfcc}|127.0.0.1\n"),
+            "{reply:#?}"
+        );
+    }
 }
