@@ -108,6 +108,55 @@ async fn a_host_that_is_no_authority_goes_over_http1_untouched() {
     assert_eq!(seen[1].one("host"), "user@whoami.internal.thinkheads.ai");
 }
 
+/// A backend whose accept queue is full drops new connections' SYNs, so each connect waits out
+/// `backend_connect_timeout`. Requests that queued behind the one dial share its failure: one second,
+/// not one second each in turn (which would take the third past `backend_timeout`, a 504).
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_waiting_on_a_dial_that_fails_share_its_failure() {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let full = socket.listen(1).unwrap();
+    let addr = full.local_addr().unwrap();
+    let mut queued = Vec::new();
+    loop {
+        match tokio::time::timeout(
+            std::time::Duration::from_millis(300),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(Ok(stream)) => queued.push(stream),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                eprintln!("skipped: this kernel refuses connections to a full accept queue (net.ipv4.tcp_abort_on_overflow = 1)");
+                return;
+            }
+            Ok(Err(e)) => panic!("filling the accept queue: {e}"),
+            Err(_) => break,
+        }
+        assert!(queued.len() < 64, "the accept queue never filled");
+    }
+    let mesh = Mesh::start_with(|s| {
+        s.server
+            .set("backend_http2", "true")
+            .set_str("backend", &addr.to_string())
+            .set_str("backend_connect_timeout", "1s")
+            .set_str("backend_timeout", "2500ms");
+    })
+    .await;
+    let sends = (0..4).map(|i| send_h1(mesh.client_addr, get(&format!("/{i}"))));
+    for reply in within("4 requests", futures_join_all(sends)).await {
+        reply.assert_mesh_error(
+            502,
+            "backend-unreachable",
+            &[
+                &addr.to_string(),
+                "no TCP connection within 1s (backend_connect_timeout)",
+            ],
+        );
+    }
+    drop(full);
+}
+
 /// Bodies stream both ways over h2c under its flow control: each side pauses half-way until the
 /// other has read some, so a hop that buffered a whole body would never finish.
 #[tokio::test(flavor = "multi_thread")]

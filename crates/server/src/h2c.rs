@@ -35,6 +35,8 @@ pub(crate) struct H2cBackend {
     conn: Mutex<Option<Shared>>,
     /// Held while dialling, so that a burst of requests finding no connection opens one, not many.
     dialing: tokio::sync::Mutex<()>,
+    /// The last dial that could not connect: when, and why (`io::Error` is not `Clone`).
+    failed: Mutex<Option<(Instant, std::io::ErrorKind, String)>>,
 }
 
 struct Shared {
@@ -60,6 +62,7 @@ impl H2cBackend {
             builder,
             conn: Mutex::new(None),
             dialing: tokio::sync::Mutex::new(()),
+            failed: Mutex::new(None),
         });
         sweep_idle(&backend, idle_timeout, H2cBackend::purge);
         backend
@@ -117,12 +120,34 @@ impl H2cBackend {
     }
 
     async fn dial(&self) -> Result<http2::SendRequest<ProxyBody>, BackendError> {
+        let waiting_since = Instant::now();
         let _dialing = self.dialing.lock().await;
         // Another request may have dialled while this one waited.
         if let Some(sender) = self.current() {
             return Ok(sender);
         }
-        let stream: TcpStream = connect_tcp(self.addr, self.connect_timeout).await?;
+        // A dial that failed while this request waited answers for it too: requests queued behind a
+        // backend that does not accept (a full accept queue drops the SYN, so each connect waits out
+        // backend_connect_timeout) must not each wait for a dial of their own in turn.
+        if let Some((at, kind, message)) =
+            &*self.failed.lock().unwrap_or_else(PoisonError::into_inner)
+        {
+            if *at >= waiting_since {
+                return Err(BackendError::Connect(std::io::Error::new(
+                    *kind,
+                    message.clone(),
+                )));
+            }
+        }
+        let stream: TcpStream = match connect_tcp(self.addr, self.connect_timeout).await {
+            Ok(stream) => stream,
+            Err(BackendError::Connect(error)) => {
+                *self.failed.lock().unwrap_or_else(PoisonError::into_inner) =
+                    Some((Instant::now(), error.kind(), error.to_string()));
+                return Err(BackendError::Connect(error));
+            }
+            Err(error) => return Err(error),
+        };
         let (sender, conn) = self.builder.handshake(TokioIo::new(stream)).await?;
         let addr = self.addr;
         tokio::spawn(async move {
