@@ -157,6 +157,29 @@ async fn requests_waiting_on_a_dial_that_fails_share_its_failure() {
     drop(full);
 }
 
+/// A request the client gives up on (`upstream_timeout`) is cancelled on the h2c stream to the
+/// backend too, not left running until `backend_timeout` (60 s, beyond this test).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_given_up_on_is_cancelled_at_the_backend() {
+    let mesh = Mesh::start_with(|s| {
+        s.server.set("backend_http2", "true");
+        s.client.set_str("upstream_timeout", "500ms");
+    })
+    .await;
+    let reply = within("request to /slow", send_h1(mesh.client_addr, get("/slow"))).await;
+    reply.assert_mesh_error(504, "upstream-timeout", &["upstream_timeout"]);
+    eventually("the backend's request to be dropped", || async {
+        (mesh.backend.abandoned() > 0).then_some(())
+    })
+    .await;
+    assert_hello(&within("request after", send_h1(mesh.client_addr, get("/after"))).await);
+    assert_eq!(
+        mesh.backend.connections(),
+        1,
+        "the h2c connection survives a cancelled stream"
+    );
+}
+
 /// Bodies stream both ways over h2c under its flow control: each side pauses half-way until the
 /// other has read some, so a hop that buffered a whole body would never finish.
 #[tokio::test(flavor = "multi_thread")]
