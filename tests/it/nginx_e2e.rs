@@ -40,27 +40,12 @@ impl Nginx {
     /// `server` directive takes it (the same `upstream` block as deploy/lxc-101-nginx).
     async fn start(binary: &Path, dir: &Path, sidecar: &str, mesh: &Mesh) -> Nginx {
         write_leaf(dir, "nginx", &mesh.pki.server_cert_for(SERVICE_HOST));
-        for sub in ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"] {
-            std::fs::create_dir_all(dir.join("tmp").join(sub)).unwrap();
-        }
         let addr = crate::support::closed_port_addr();
         let d = dir.display();
-        // master_process off: one process, no switching to an unprivileged user that could not read
-        // the temporary directory when the tests run as root.
-        let conf = format!(
-            r#"master_process off;
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log {d}/error.log info;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {d}/tmp/client_body;
-    proxy_temp_path {d}/tmp/proxy;
-    fastcgi_temp_path {d}/tmp/fastcgi;
-    uwsgi_temp_path {d}/tmp/uwsgi;
-    scgi_temp_path {d}/tmp/scgi;
-    upstream phoenix_mesh {{
+        let conf = Nginx::conf(
+            dir,
+            &format!(
+                r#"    upstream phoenix_mesh {{
         server {sidecar};
         keepalive 8;
     }}
@@ -79,10 +64,36 @@ http {{
             proxy_set_header X-Real-IP $remote_addr;
         }}
     }}
-}}
 "#
+            ),
         );
         Nginx::run(binary, dir, addr, &conf).await
+    }
+
+    /// A whole config with everything (pid, logs, temp files) under `dir`, `http` inside its `http`
+    /// block; creates the temp directories. master_process off: one process, no switching to an
+    /// unprivileged user that could not read the temporary directory when the tests run as root.
+    fn conf(dir: &Path, http: &str) -> String {
+        for sub in ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"] {
+            std::fs::create_dir_all(dir.join("tmp").join(sub)).unwrap();
+        }
+        let d = dir.display();
+        format!(
+            r#"master_process off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log info;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/tmp/client_body;
+    proxy_temp_path {d}/tmp/proxy;
+    fastcgi_temp_path {d}/tmp/fastcgi;
+    uwsgi_temp_path {d}/tmp/uwsgi;
+    scgi_temp_path {d}/tmp/scgi;
+{http}}}
+"#
+        )
     }
 
     /// nginx in the foreground with `conf`, `dir` its prefix; ready once `addr` accepts.
@@ -213,33 +224,19 @@ async fn listener_to_an_nginx_h2c_backend() {
         return;
     };
     let backend_dir = tempfile::tempdir().unwrap();
-    let d = backend_dir.path().display();
-    for sub in ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"] {
-        std::fs::create_dir_all(backend_dir.path().join("tmp").join(sub)).unwrap();
-    }
     let addr = crate::support::closed_port_addr();
-    let conf = format!(
-        r#"master_process off;
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log {d}/error.log info;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {d}/tmp/client_body;
-    proxy_temp_path {d}/tmp/proxy;
-    fastcgi_temp_path {d}/tmp/fastcgi;
-    uwsgi_temp_path {d}/tmp/uwsgi;
-    scgi_temp_path {d}/tmp/scgi;
-    server {{
+    let conf = Nginx::conf(
+        backend_dir.path(),
+        &format!(
+            r#"    server {{
         listen {addr} http2;
         location / {{
             default_type text/plain;
             return 200 "$server_protocol $host $request_uri|$http_x_forwarded_client_cert|$http_x_forwarded_for\n";
         }}
     }}
-}}
 "#
+        ),
     );
     let nginx = Nginx::run(&binary, backend_dir.path(), addr, &conf).await;
     let mesh = Mesh::start_with(|s| {
