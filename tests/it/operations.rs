@@ -620,6 +620,23 @@ async fn server_check_probes_the_backend_over_h2c_when_backend_http2_is_on() {
         "{out}"
     );
     assert!(out.contains("hint: backend_http2 = true"), "{out}");
+
+    // A --host that cannot be an :authority is named as the problem, not the backend.
+    config.set_str("backend", &mesh.backend.addr.to_string());
+    let (code, out) = check(
+        &mesh,
+        "server",
+        "s.toml",
+        &config,
+        &["--host", "not a host"],
+    )
+    .await;
+    assert_eq!(code, Some(1), "{out}");
+    let fails = fail_lines(&out);
+    assert!(
+        fails.len() == 1 && fails[0].contains(r#"--host "not a host" is no valid host[:port]"#),
+        "{out}"
+    );
 }
 
 fn toml_files(dir: &Path, out: &mut Vec<PathBuf>) {

@@ -79,6 +79,16 @@ pub async fn check(settings: &ServerSettings, host: &str, path: &str) -> Report 
         settings.backend
     );
     let backend = settings.backend;
+    if settings.backend_http2
+        && (host.contains('@') || http::uri::Authority::try_from(host).is_err())
+    {
+        report.fail(
+            what,
+            format!("--host {host:?} is no valid host[:port], so it cannot go as :authority"),
+            "the listener sends a request with such a Host over HTTP/1.1; pass a host name to check h2c",
+        );
+        return report;
+    }
     let connect = timeout(
         settings.backend_connect_timeout,
         TcpStream::connect(backend),
