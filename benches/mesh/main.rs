@@ -479,7 +479,7 @@ fn run(mut args: Args) -> anyhow::Result<()> {
         false,
     )?;
     let backend_h2c =
-        procs::NginxFront::start_h2c_backend(&out.join("backend-h2c"), cpu, backend_h_addr)?;
+        procs::HarnessNginx::start_h2c_backend(&out.join("backend-h2c"), cpu, backend_h_addr)?;
     let backend_h2c_pid = backend_h2c.pid().context("h2c backend pid")?;
     let listener_h2c = procs::listener(
         &ctx.bin,
@@ -494,17 +494,18 @@ fn run(mut args: Args) -> anyhow::Result<()> {
     )?;
     let ch = procs::Listen::Tcp(ch_addr);
     let client_h2c = procs::client(&ctx.bin, &out, at, &ch, lh_addr, &ctx.pki, true)?;
-    let front_h2c = procs::NginxFront::start(&out.join("front-h2c"), cpu, front_h_addr, &ch)?;
+    let front_h2c = procs::HarnessNginx::start(&out.join("front-h2c"), cpu, front_h_addr, &ch)?;
     let front_h2c_pid = front_h2c.pid().context("nginx front (h2c) pid")?;
     let (c2, c1) = (procs::Listen::Tcp(c2_addr), procs::Listen::Tcp(c1_addr));
     let client_h2 = procs::client(&ctx.bin, &out, at, &c2, l_addr, &ctx.pki, true)?;
     let client_h1 = procs::client(&ctx.bin, &out, at, &c1, l_addr, &ctx.pki, false)?;
-    let front = procs::NginxFront::start(&out.join("front"), cpu, front_addr, &c2)?;
+    let front = procs::HarnessNginx::start(&out.join("front"), cpu, front_addr, &c2)?;
     let front_pid = front.pid().context("nginx front pid")?;
     // The deployed path again with nginx reaching the client through a unix socket.
     let cu = procs::Listen::Unix(out.join("client.sock"));
     let client_unix = procs::client(&ctx.bin, &out, at, &cu, l_addr, &ctx.pki, true)?;
-    let front_unix = procs::NginxFront::start(&out.join("front-unix"), cpu, front_unix_addr, &cu)?;
+    let front_unix =
+        procs::HarnessNginx::start(&out.join("front-unix"), cpu, front_unix_addr, &cu)?;
     let front_unix_pid = front_unix.pid().context("nginx front (unix) pid")?;
     if let Ok(mut x) = ctx.ours_extra.lock() {
         x.extend([

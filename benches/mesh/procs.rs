@@ -235,14 +235,15 @@ fn spawn(
     Ok(p)
 }
 
-/// An nginx plain-HTTP proxy (one worker, keep-alive pool) in front of `upstream`: the gateway nginx of
-/// the deployed path, configured like the peers' client-side nginx.
+/// An nginx the harness starts itself (one worker, pinned like the servers; stopped when dropped): the
+/// gateway nginx of the deployed path ([`HarnessNginx::start`], configured like the peers' client-side
+/// nginx) or the h2c backend ([`HarnessNginx::start_h2c_backend`]).
 #[derive(Debug)]
-pub struct NginxFront {
+pub struct HarnessNginx {
     pidfile: PathBuf,
 }
 
-impl NginxFront {
+impl HarnessNginx {
     /// nginx proxying plain HTTP on `listen` to `upstream` over keep-alive HTTP/1.1 connections, as
     /// the deployed gateway does.
     pub fn start(
@@ -251,7 +252,7 @@ impl NginxFront {
         listen: SocketAddr,
         upstream: &Listen,
     ) -> anyhow::Result<Self> {
-        NginxFront::start_with(
+        HarnessNginx::start_with(
             dir,
             cpu,
             listen,
@@ -266,7 +267,7 @@ impl NginxFront {
     /// The peers' backend (a fixed `hello from backend` body) served over h2c with prior knowledge on
     /// `listen`, for the listener's `backend_http2`.
     pub fn start_h2c_backend(dir: &Path, cpu: &str, listen: SocketAddr) -> anyhow::Result<Self> {
-        NginxFront::start_with(
+        HarnessNginx::start_with(
             dir,
             cpu,
             listen,
@@ -283,13 +284,13 @@ impl NginxFront {
         }
         let d = dir.display();
         fs::create_dir_all(dir.join("tmp"))?;
-        let pidfile = dir.join("nginx-front.pid");
-        let conf = dir.join("nginx-front.conf");
+        let pidfile = dir.join("nginx.pid");
+        let conf = dir.join("nginx.conf");
         fs::write(
             &conf,
             format!(
-                "worker_processes 1;\ndaemon on;\nmaster_process on;\nuser root;\npid {d}/nginx-front.pid;\n\
-                 error_log {d}/nginx-front.err warn;\nworker_rlimit_nofile 16384;\nevents {{ worker_connections 8192; }}\n\
+                "worker_processes 1;\ndaemon on;\nmaster_process on;\nuser root;\npid {d}/nginx.pid;\n\
+                 error_log {d}/nginx.err warn;\nworker_rlimit_nofile 16384;\nevents {{ worker_connections 8192; }}\n\
                  http {{\n  access_log off;\n  client_body_temp_path {d}/tmp/b;\n  proxy_temp_path {d}/tmp/p;\n\
                  fastcgi_temp_path {d}/tmp/f;\n  uwsgi_temp_path {d}/tmp/u;\n  scgi_temp_path {d}/tmp/s;\n\
                  keepalive_timeout 300s;\n  keepalive_requests 1000000;\n{http}}}\n"
@@ -299,16 +300,16 @@ impl NginxFront {
             .args(["-c", cpu, "nginx", "-p"])
             .arg(format!("{d}/"))
             .arg("-e")
-            .arg(dir.join("nginx-front.err"))
+            .arg(dir.join("nginx.err"))
             .arg("-c")
             .arg(&conf)
             .status()
             .context("starting nginx (apt-get install -y nginx)")?;
         if !st.success() {
-            bail!("nginx failed to start; see {d}/nginx-front.err");
+            bail!("nginx failed to start; see {d}/nginx.err");
         }
         wait_listen(listen)?;
-        Ok(NginxFront { pidfile })
+        Ok(HarnessNginx { pidfile })
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -316,7 +317,7 @@ impl NginxFront {
     }
 }
 
-impl Drop for NginxFront {
+impl Drop for HarnessNginx {
     fn drop(&mut self) {
         if let Some(pid) = self.pid() {
             let _ = Command::new("kill")
