@@ -263,6 +263,36 @@ async fn a_connection_the_backend_closed_is_dialled_again() {
     assert_eq!(mesh.backend.connections(), 2);
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_going_away_takes_no_new_requests() {
+    let mesh = h2c_mesh().await;
+    // A request still in progress keeps the connection open after the backend's GOAWAY.
+    let client = mesh.client_addr;
+    let slow = tokio::spawn(async move { send_h1(client, get("/delay/1500")).await });
+    eventually("the slow request at the backend", || async {
+        (!mesh.backend.seen().is_empty()).then_some(())
+    })
+    .await;
+    mesh.backend.close_connections();
+    // Let the listener read the GOAWAY (a request crossing it on the wire is the documented race).
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(
+        mesh.backend.open_connections(),
+        1,
+        "the GOAWAY'd connection closed early"
+    );
+    // The connection is open but going away: this request must go on a new one.
+    assert_hello(
+        &within(
+            "request after the GOAWAY",
+            send_h1(mesh.client_addr, get("/2")),
+        )
+        .await,
+    );
+    assert_eq!(mesh.backend.connections(), 2);
+    assert_hello(&within("the slow request", slow).await.unwrap());
+}
+
 /// Runs every future as a task at once and collects their outputs in order.
 async fn futures_join_all<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
 where

@@ -13,6 +13,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::{capture_connection, CaptureConnection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use phoenix_mesh_common::h2body::ResponseBody;
 use phoenix_mesh_common::headers::{
     remove_hop_by_hop, restore_upgrade, retarget, upgrade_protocol,
 };
@@ -23,12 +24,7 @@ use tracing::info;
 use crate::connector::{
     client_cert_alert, client_cert_refused, ConnInfo, MeshConnector, UpstreamError,
 };
-use crate::h2body::H2Body;
 use crate::link::{H2Link, LinkError, Sent};
-
-/// What the client answers nginx with: a body from an HTTP/1.1 connection or made here, or one
-/// arriving on an HTTP/2 stream of the mesh link.
-pub(crate) type ResponseBody = Either<ProxyBody, H2Body>;
 
 /// The pool key: every request shares the same pool whatever its Host; the connector picks the
 /// listener. Host itself travels untouched as a header.

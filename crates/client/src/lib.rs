@@ -7,7 +7,6 @@ mod check;
 mod config;
 mod connector;
 mod forward;
-mod h2body;
 mod link;
 mod sidecar;
 

@@ -5,7 +5,7 @@
 //! only from each response, and hyper's own HTTP/2 client hands each request to its connection task
 //! through a channel, spawns a task to await the response and answers through a second channel. Here
 //! a request clones the current connection's `h2` sender under a short lock, opens its stream itself
-//! and awaits the response in its own task (the bodies: [`crate::h2body`]).
+//! and awaits the response in its own task ([`phoenix_mesh_common::h2body`]).
 //! A connection is replaced, for the next request, when it is closed or going away, idle past
 //! `pool_idle_timeout`, or stale: its listener certificate expires within the retire margin, or it was
 //! opened before our own certificate or trust was reloaded. Requests in flight on a replaced connection
@@ -19,17 +19,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use h2::client::SendRequest;
-use http::header::CONTENT_LENGTH;
-use http::{HeaderValue, Method, Request, Response};
-use http_body::Body as _;
+use http::{Method, Request, Response};
+use phoenix_mesh_common::h2body::{self, H2Body};
 use phoenix_mesh_common::periodic::sweep_idle;
 use phoenix_mesh_common::ProxyBody;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
 use crate::connector::{ConnInfo, MeshConnector, MeshStream};
-use crate::h2body::{pipe_body, H2Body};
 
 /// Why a request found no answer on the link.
 pub(crate) type LinkError = Box<dyn std::error::Error + Send + Sync>;
@@ -124,7 +121,10 @@ impl H2Link {
                 }
             }
         };
-        open_stream(sender, req).await.map(Sent::Response)
+        h2body::open_stream(sender, req, "the mesh listener")
+            .await
+            .map(Sent::Response)
+            .map_err(link_error)
     }
 
     /// The current connection's number and a clone of its sender, if it is still worth using.
@@ -198,18 +198,10 @@ impl H2Link {
     }
 }
 
-/// The HTTP/2 handshake on a fresh mesh connection, with hyper's client settings (its windows, frame
-/// and header-list sizes, send buffer and stream limits, push off), and the task that drives it.
+/// The HTTP/2 handshake on a fresh mesh connection, with hyper's client settings, and the task that
+/// drives it.
 async fn handshake(stream: MeshStream) -> Result<(SendRequest<Bytes>, Arc<AtomicBool>), LinkError> {
-    let (sender, conn) = h2::client::Builder::new()
-        .initial_max_send_streams(100)
-        .initial_window_size(2 * 1024 * 1024)
-        .initial_connection_window_size(5 * 1024 * 1024)
-        .max_frame_size(16 * 1024)
-        .max_header_list_size(16 * 1024)
-        .max_send_buffer_size(1024 * 1024)
-        .max_local_error_reset_streams(Some(1024))
-        .enable_push(false)
+    let (sender, conn) = h2body::client_builder()
         .handshake::<_, Bytes>(stream)
         .await
         .map_err(link_error)?;
@@ -222,66 +214,6 @@ async fn handshake(stream: MeshStream) -> Result<(SendRequest<Bytes>, Arc<Atomic
         ended.store(true, Ordering::Relaxed);
     });
     Ok((sender, closed))
-}
-
-/// Opens a stream for `req` and waits for the response head. A request body is piped by a task of its
-/// own, so it can go on after the response has begun (the listener may answer before reading it all);
-/// if the response never comes (timeout, the downstream hung up), dropping this future stops the pipe
-/// and h2 resets the stream.
-async fn open_stream(
-    mut sender: SendRequest<Bytes>,
-    req: Request<ProxyBody>,
-) -> Result<Response<H2Body>, LinkError> {
-    let (mut head, body) = req.into_parts();
-    // As hyper does: a body of known length says so when the request did not.
-    if let Some(len) = body.size_hint().exact() {
-        if (len != 0 || has_payload_semantics(&head.method))
-            && !head.headers.contains_key(CONTENT_LENGTH)
-        {
-            head.headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
-        }
-    }
-    let end = body.is_end_stream();
-    let (response, stream) = sender
-        .send_request(Request::from_parts(head, ()), end)
-        .map_err(link_error)?;
-    let mut pipe = PipeGuard((!end).then(|| {
-        tokio::spawn(async move {
-            if let Err(error) = pipe_body(body, stream).await {
-                debug!(%error, "request body to the mesh listener ended early");
-            }
-        })
-    }));
-    let response = response.await.map_err(link_error)?;
-    pipe.detach();
-    let (parts, recv) = response.into_parts();
-    let body = H2Body::new(recv, &parts.headers);
-    Ok(Response::from_parts(parts, body))
-}
-
-/// Methods whose request carries a payload by definition (hyper's rule for adding `content-length: 0`).
-fn has_payload_semantics(method: &Method) -> bool {
-    !matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::DELETE | Method::CONNECT
-    )
-}
-
-/// Stops a request body's pipe when dropped, unless detached.
-struct PipeGuard(Option<JoinHandle<()>>);
-
-impl PipeGuard {
-    fn detach(&mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for PipeGuard {
-    fn drop(&mut self) {
-        if let Some(pipe) = self.0.take() {
-            pipe.abort();
-        }
-    }
 }
 
 /// An h2 error as the link reports it: I/O errors as `std::io::Error` (where the sidecar looks for

@@ -15,6 +15,7 @@ use phoenix_mesh_certs::{error_chain, LiveClientTls, Material, Reloader, Role};
 use phoenix_mesh_common::access::{AccessStart, Logged};
 use phoenix_mesh_common::admin::AdminState;
 use phoenix_mesh_common::config::ConfigError;
+use phoenix_mesh_common::h2body::ResponseBody;
 use phoenix_mesh_common::listen::{BoundUnix, ListenAddr};
 use phoenix_mesh_common::metrics::{GaugeGuard, Metrics};
 use phoenix_mesh_common::serve::{accept_loop, http_builder, serve_http, ShutdownWatch, Slot};
@@ -28,7 +29,7 @@ use tokio::net::TcpListener;
 use tracing::{debug, field, info, info_span, Instrument};
 
 use crate::connector::MeshConnector;
-use crate::forward::{ResponseBody, Upstream};
+use crate::forward::Upstream;
 use crate::ClientSettings;
 
 /// Why the client could not start.

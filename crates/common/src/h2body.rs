@@ -1,7 +1,9 @@
-//! Bodies on the HTTP/2 mesh link, driven with the `h2` crate directly: a response stream as an
-//! `http_body::Body`, and a request body piped into its stream under HTTP/2 flow control.
+//! HTTP/2 requests driven with the `h2` crate directly, as both sidecars send them (the client on its
+//! mesh link, the listener to an h2c backend): the connection settings, opening a request's stream, a
+//! response stream as an `http_body::Body`, and a request body piped into its stream under HTTP/2
+//! flow control.
 //!
-//! This is the part of hyper's HTTP/2 client the link keeps. hyper routes every request through a
+//! This is the part of hyper's HTTP/2 client the sidecars keep. hyper routes every request through a
 //! channel to its connection task, spawns a task per request to wait for the response and answers
 //! through a second channel; here the request's own task opens the stream and awaits the response.
 //! What hyper does besides, and this does the same way: received data is handed back to the
@@ -15,15 +17,98 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
+use h2::client::SendRequest;
 use h2::{RecvStream, SendStream};
 use http::header::CONTENT_LENGTH;
-use http::HeaderMap;
+use http::{HeaderMap, HeaderValue, Method, Request, Response};
 use http_body::{Body, Frame, SizeHint};
-use phoenix_mesh_common::ProxyBody;
+use http_body_util::Either;
+use tokio::task::JoinHandle;
 use tracing::debug;
 
-/// A response body arriving on an HTTP/2 stream of the mesh link.
-pub(crate) struct H2Body {
+use crate::ProxyBody;
+
+/// What a sidecar answers with: a body from hyper (or one of its own), or a stream of an HTTP/2
+/// connection it drives itself.
+pub type ResponseBody = Either<ProxyBody, H2Body>;
+
+/// An `h2` client builder with hyper's HTTP/2 client settings: its windows (2 MiB per stream, 5 MiB
+/// per connection), frame and header-list sizes, send buffer, stream and reset limits, push off.
+pub fn client_builder() -> h2::client::Builder {
+    let mut builder = h2::client::Builder::new();
+    builder
+        .initial_max_send_streams(100)
+        .initial_window_size(2 * 1024 * 1024)
+        .initial_connection_window_size(5 * 1024 * 1024)
+        .max_frame_size(16 * 1024)
+        .max_header_list_size(16 * 1024)
+        .max_send_buffer_size(1024 * 1024)
+        .max_local_error_reset_streams(Some(1024))
+        .enable_push(false);
+    builder
+}
+
+/// Opens a stream for `req` on a ready sender and waits for the response head. A request body is
+/// piped by a task of its own, so it can go on after the response has begun (the peer may answer
+/// before reading it all); if the response never comes (timeout, the downstream hung up), dropping
+/// this future stops the pipe and h2 resets the stream. `peer` names the other end in the pipe's log.
+pub async fn open_stream(
+    mut sender: SendRequest<Bytes>,
+    req: Request<ProxyBody>,
+    peer: &'static str,
+) -> Result<Response<H2Body>, h2::Error> {
+    let (mut head, body) = req.into_parts();
+    // As hyper does: a body of known length says so when the request did not.
+    if let Some(len) = body.size_hint().exact() {
+        if (len != 0 || has_payload_semantics(&head.method))
+            && !head.headers.contains_key(CONTENT_LENGTH)
+        {
+            head.headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
+        }
+    }
+    let end = body.is_end_stream();
+    let (response, stream) = sender.send_request(Request::from_parts(head, ()), end)?;
+    let mut pipe = PipeGuard((!end).then(|| {
+        tokio::spawn(async move {
+            if let Err(error) = pipe_body(body, stream, peer).await {
+                debug!(%error, "request body to {peer} ended early");
+            }
+        })
+    }));
+    let response = response.await?;
+    pipe.detach();
+    let (parts, recv) = response.into_parts();
+    let body = H2Body::new(recv, &parts.headers);
+    Ok(Response::from_parts(parts, body))
+}
+
+/// Methods whose request carries a payload by definition (hyper's rule for adding `content-length: 0`).
+fn has_payload_semantics(method: &Method) -> bool {
+    !matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::DELETE | Method::CONNECT
+    )
+}
+
+/// Stops a request body's pipe when dropped, unless detached.
+struct PipeGuard(Option<JoinHandle<()>>);
+
+impl PipeGuard {
+    fn detach(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for PipeGuard {
+    fn drop(&mut self) {
+        if let Some(pipe) = self.0.take() {
+            pipe.abort();
+        }
+    }
+}
+
+/// A response body arriving on an HTTP/2 stream.
+pub struct H2Body {
     recv: RecvStream,
     /// Bytes still to come, when the response said (`content-length`) or had ended already.
     remaining: Option<u64>,
@@ -31,7 +116,7 @@ pub(crate) struct H2Body {
 }
 
 impl H2Body {
-    pub(crate) fn new(recv: RecvStream, headers: &HeaderMap) -> Self {
+    fn new(recv: RecvStream, headers: &HeaderMap) -> Self {
         let remaining = headers
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
@@ -57,7 +142,7 @@ impl Body for H2Body {
         if !me.data_done {
             match ready!(me.recv.poll_data(cx)) {
                 Some(Ok(data)) => {
-                    // Consumed: the listener may send as much again.
+                    // Consumed: the peer may send as much again.
                     let _ = me.recv.flow_control().release_capacity(data.len());
                     if let Some(left) = me.remaining.as_mut() {
                         *left = left.saturating_sub(data.len() as u64);
@@ -90,9 +175,9 @@ impl Body for H2Body {
 
 /// Why piping a request body stopped early.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum PipeError {
-    #[error("the mesh listener reset the stream ({0})")]
-    Reset(h2::Reason),
+enum PipeError {
+    #[error("{0} reset the stream ({1})")]
+    Reset(&'static str, h2::Reason),
     #[error("sending on the stream failed: {0}")]
     Send(#[from] h2::Error),
     #[error("the stream closed before the request body was sent")]
@@ -102,17 +187,20 @@ pub(crate) enum PipeError {
 }
 
 /// Sends `body` on `stream` until it ends: each data frame waits for stream window, trailers end
-/// the stream, a body error resets it (`CANCEL`), and a reset from the listener stops the pipe.
-pub(crate) async fn pipe_body(
+/// the stream, a body error resets it (`CANCEL`), and a reset from the peer stops the pipe.
+async fn pipe_body(
     mut body: ProxyBody,
     mut stream: SendStream<Bytes>,
+    peer: &'static str,
 ) -> Result<(), PipeError> {
     loop {
         let frame = poll_fn(|cx| {
-            // Wake for a reset as well as for the next frame: a listener that stopped reading
-            // (it answered early, or gave up) must not leave the pipe waiting on the body.
+            // Wake for a reset as well as for the next frame: a peer that stopped reading (it
+            // answered early, or gave up) must not leave the pipe waiting on the body.
             if let Poll::Ready(reason) = stream.poll_reset(cx) {
-                return Poll::Ready(Err(reason.map_or_else(PipeError::Send, PipeError::Reset)));
+                return Poll::Ready(Err(
+                    reason.map_or_else(PipeError::Send, |r| PipeError::Reset(peer, r))
+                ));
             }
             Pin::new(&mut body).poll_frame(cx).map(Ok)
         })

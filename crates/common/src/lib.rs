@@ -7,6 +7,7 @@ pub mod access;
 pub mod admin;
 pub mod check;
 pub mod config;
+pub mod h2body;
 pub mod headers;
 pub mod listen;
 pub mod metrics;

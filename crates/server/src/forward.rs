@@ -12,11 +12,12 @@ use http::{Request, Response, StatusCode, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use phoenix_mesh_certs::{ByteCache, PeerIdentity};
+use phoenix_mesh_common::h2body::ResponseBody;
 use phoenix_mesh_common::headers::{
     append_forwarded_for, remove_hop_by_hop, restore_upgrade, upgrade_protocol,
 };
+use phoenix_mesh_common::mesh_error;
 use phoenix_mesh_common::upgrade::splice;
-use phoenix_mesh_common::{mesh_error, ProxyBody};
 use tracing::info;
 
 use crate::h2c::H2cBackend;
@@ -111,7 +112,7 @@ impl Backend {
         &self,
         mut req: Request<Incoming>,
         peer: &Peer,
-    ) -> (Response<ProxyBody>, &'static str) {
+    ) -> (Response<ResponseBody>, &'static str) {
         let upgrade = upgrade_protocol(req.headers()).filter(|_| req.version() == Version::HTTP_11);
         let downstream = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
@@ -166,43 +167,43 @@ impl Backend {
                 parts.uri = http::Uri::from_parts(uri).unwrap_or_default();
                 parts.version = Version::HTTP_2;
                 let request = Request::from_parts(parts, Either::Left(body));
-                (
-                    true,
-                    tokio::time::timeout(self.response_timeout, h2c.send(request)).await,
-                )
+                let sent = tokio::time::timeout(self.response_timeout, h2c.send(request)).await;
+                (true, sent.map(|r| r.map(|r| r.map(Either::Right))))
             }
             None => {
                 // Origin form, as HTTP/1.1 sends it to an origin server (RFC 9112 section 3.2.1).
                 parts.uri = path.into();
                 parts.version = Version::HTTP_11;
                 let request = Request::from_parts(parts, Either::Left(body));
+                let sent =
+                    tokio::time::timeout(self.response_timeout, self.pool.send(request)).await;
                 (
                     false,
-                    tokio::time::timeout(self.response_timeout, self.pool.send(request)).await,
+                    sent.map(|r| r.map(|r| r.map(|b| Either::Left(Either::Left(b))))),
                 )
             }
         };
-        match sent {
+        let failed = match sent {
             Ok(Ok(mut response)) => {
                 if let (Some(downstream), StatusCode::SWITCHING_PROTOCOLS) =
                     (downstream, response.status())
                 {
                     splice(downstream, hyper::upgrade::on(&mut response));
-                    return (response.map(Either::Left), "backend");
+                    return (response, "backend");
                 }
                 let (mut parts, body) = response.into_parts();
                 remove_hop_by_hop(&mut parts.headers);
-                (Response::from_parts(parts, Either::Left(body)), "backend")
+                return (Response::from_parts(parts, body), "backend");
             }
             Ok(Err(error)) => {
                 let cause = root_cause(&error);
                 if matches!(error, BackendError::Connect(_)) {
                     info!(backend = %self.addr, %cause, "backend unreachable");
-                    (mesh_error(
+                    mesh_error(
                         StatusCode::BAD_GATEWAY,
                         "backend-unreachable",
                         format!("phoenix-mesh listener: backend {} unreachable: {cause} (is Traefik listening there?)", self.addr),
-                    ), "sidecar")
+                    )
                 } else {
                     info!(backend = %self.addr, %method, %cause, over_h2c, "backend request failed");
                     // A backend that does not speak h2c answers the preface with an HTTP/1.1 error or
@@ -212,31 +213,29 @@ impl Backend {
                     } else {
                         ""
                     };
-                    (
-                        mesh_error(
-                            StatusCode::BAD_GATEWAY,
-                            "backend-error",
-                            format!(
-                                "phoenix-mesh listener: backend {} failed the request{over}: {cause}",
-                                self.addr
-                            ),
+                    mesh_error(
+                        StatusCode::BAD_GATEWAY,
+                        "backend-error",
+                        format!(
+                            "phoenix-mesh listener: backend {} failed the request{over}: {cause}",
+                            self.addr
                         ),
-                        "sidecar",
                     )
                 }
             }
             Err(_) => {
                 info!(backend = %self.addr, %method, timeout_ms = self.response_timeout.as_millis() as u64, "backend too slow");
-                (mesh_error(
+                mesh_error(
                     StatusCode::GATEWAY_TIMEOUT,
                     "backend-timeout",
                     format!(
                         "phoenix-mesh listener: backend {} did not answer within {:?} (backend_timeout)",
                         self.addr, self.response_timeout
                     ),
-                ), "sidecar")
+                )
             }
-        }
+        };
+        (failed.map(Either::Left), "sidecar")
     }
 }
 

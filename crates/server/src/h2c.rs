@@ -6,18 +6,24 @@
 //! write and their responses come back in one read. Traefik's entrypoints accept h2c with prior
 //! knowledge. Requests that upgrade (WebSocket) still go over HTTP/1.1 ([`crate::pool`]).
 //!
+//! Driven with the `h2` crate directly, as the client sidecar drives its mesh link
+//! ([`phoenix_mesh_common::h2body`]): each request's own task opens its stream and awaits the
+//! response, where hyper's HTTP/2 client would pass it through its connection task and spawn a task
+//! per request to wait for the answer.
+//!
 //! The connection is dialled on first use and again after it closes (the backend went away, sent
 //! GOAWAY, or failed it), one dial at a time; a request the connection turned down before sending
 //! any of it is sent once more on a fresh one. Unused for `idle_timeout`, it is closed.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use bytes::Bytes;
+use h2::client::SendRequest;
 use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper::client::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use phoenix_mesh_common::h2body::{self, H2Body};
 use phoenix_mesh_common::periodic::sweep_idle;
 use phoenix_mesh_common::ProxyBody;
 use tokio::net::TcpStream;
@@ -31,7 +37,6 @@ pub(crate) struct H2cBackend {
     addr: SocketAddr,
     connect_timeout: Duration,
     idle_timeout: Duration,
-    builder: http2::Builder<TokioExecutor>,
     conn: Mutex<Option<Shared>>,
     /// Held while dialling, so that a burst of requests finding no connection opens one, not many.
     dialing: tokio::sync::Mutex<()>,
@@ -40,9 +45,18 @@ pub(crate) struct H2cBackend {
 }
 
 struct Shared {
-    sender: http2::SendRequest<ProxyBody>,
+    sender: SendRequest<Bytes>,
+    /// Set when the connection's task has ended (the connection is gone), or when it turned a
+    /// request down (it is going away: a GOAWAY came, and streams still open keep it up a while).
+    closed: Arc<AtomicBool>,
     /// When a request last went out on it.
     last_used: Instant,
+}
+
+impl Shared {
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
 }
 
 impl H2cBackend {
@@ -53,13 +67,10 @@ impl H2cBackend {
         connect_timeout: Duration,
         idle_timeout: Duration,
     ) -> Arc<Self> {
-        let mut builder = http2::Builder::new(TokioExecutor::new());
-        builder.timer(TokioTimer::new());
         let backend = Arc::new(H2cBackend {
             addr,
             connect_timeout,
             idle_timeout,
-            builder,
             conn: Mutex::new(None),
             dialing: tokio::sync::Mutex::new(()),
             failed: Mutex::new(None),
@@ -72,37 +83,33 @@ impl H2cBackend {
     /// dialling it first when there is none.
     pub(crate) async fn send(
         &self,
-        mut req: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, BackendError> {
-        let mut retried = false;
-        loop {
-            let mut sender = match self.current() {
-                Some(sender) => sender,
-                None => Box::pin(self.dial()).await?,
-            };
-            match sender.try_send_request(req).await {
-                Ok(response) => return Ok(response),
-                Err(mut error) => match error.take_message() {
-                    // Not sent at all: the connection closed as we picked it.
-                    Some(unsent) if !retried => {
-                        debug!(backend = %self.addr, error = %error.error(), "h2c connection closed; dialling again");
-                        self.forget_closed();
-                        retried = true;
-                        req = unsent;
-                    }
-                    _ => return Err(error.into_error().into()),
-                },
+        req: Request<ProxyBody>,
+    ) -> Result<Response<H2Body>, BackendError> {
+        let (sender, closed) = match self.current() {
+            Some(current) => current,
+            // Boxed: dialling is rare and its future large; every request's would carry room for it.
+            None => Box::pin(self.dial()).await?,
+        };
+        let sender = match sender.ready().await {
+            Ok(sender) => sender,
+            // Nothing was sent: the connection had a GOAWAY or is gone.
+            Err(error) => {
+                debug!(backend = %self.addr, %error, "h2c connection going away; dialling again");
+                closed.store(true, Ordering::Relaxed);
+                self.forget_closed();
+                Box::pin(self.dial()).await?.0.ready().await?
             }
-        }
+        };
+        Ok(h2body::open_stream(sender, req, "the backend").await?)
     }
 
-    /// The open connection, if any, marked as used now.
-    fn current(&self) -> Option<http2::SendRequest<ProxyBody>> {
+    /// The open connection's sender and closed flag, if any, marked as used now.
+    fn current(&self) -> Option<(SendRequest<Bytes>, Arc<AtomicBool>)> {
         let mut conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
         match conn.as_mut() {
-            Some(shared) if !shared.sender.is_closed() => {
+            Some(shared) if !shared.is_closed() => {
                 shared.last_used = Instant::now();
-                Some(shared.sender.clone())
+                Some((shared.sender.clone(), shared.closed.clone()))
             }
             _ => {
                 *conn = None;
@@ -111,15 +118,16 @@ impl H2cBackend {
         }
     }
 
-    /// Empties the slot if its connection has closed (another request may have replaced it already).
+    /// Empties the slot if its connection is closed or going away (another request may have replaced
+    /// it already, and then that one stays).
     fn forget_closed(&self) {
         let mut conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
-        if conn.as_ref().is_some_and(|s| s.sender.is_closed()) {
+        if conn.as_ref().is_some_and(Shared::is_closed) {
             *conn = None;
         }
     }
 
-    async fn dial(&self) -> Result<http2::SendRequest<ProxyBody>, BackendError> {
+    async fn dial(&self) -> Result<(SendRequest<Bytes>, Arc<AtomicBool>), BackendError> {
         let waiting_since = Instant::now();
         let _dialing = self.dialing.lock().await;
         // Another request may have dialled while this one waited.
@@ -148,29 +156,36 @@ impl H2cBackend {
             }
             Err(error) => return Err(error),
         };
-        let (sender, conn) = self.builder.handshake(TokioIo::new(stream)).await?;
+        let (sender, conn) = h2body::client_builder()
+            .handshake::<_, Bytes>(stream)
+            .await?;
+        let closed = Arc::new(AtomicBool::new(false));
+        let ended = closed.clone();
         let addr = self.addr;
         tokio::spawn(async move {
             if let Err(error) = conn.await {
                 debug!(backend = %addr, %error, "h2c backend connection ended with an error");
             }
+            ended.store(true, Ordering::Relaxed);
         });
         debug!(backend = %addr, "h2c connection to the backend open");
         *self.conn.lock().unwrap_or_else(PoisonError::into_inner) = Some(Shared {
             sender: sender.clone(),
+            closed: closed.clone(),
             last_used: Instant::now(),
         });
-        Ok(sender)
+        Ok((sender, closed))
     }
 
     /// Closes the connection when it has been unused for longer than the idle timeout (streams still
-    /// open on it finish first: the connection ends once its last handle is dropped and they are done).
+    /// open on it finish first: h2 closes the connection once its last sender is dropped and they
+    /// are done).
     fn purge(&self) {
         let now = Instant::now();
         let mut conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
         if conn
             .as_ref()
-            .is_some_and(|s| s.sender.is_closed() || now - s.last_used > self.idle_timeout)
+            .is_some_and(|s| s.is_closed() || now - s.last_used > self.idle_timeout)
         {
             *conn = None;
         }
@@ -183,7 +198,7 @@ impl H2cBackend {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .as_ref()
-            .is_some_and(|s| !s.sender.is_closed())
+            .is_some_and(|s| !s.is_closed())
     }
 }
 
@@ -194,6 +209,7 @@ mod tests {
     use http::StatusCode;
     use http_body_util::{Either, Full};
     use hyper::service::service_fn;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
     use tokio::net::TcpListener;
 
     use super::*;

@@ -14,6 +14,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use phoenix_mesh_certs::{failure_reason, LiveServerTls, Material, Reloader, Role};
 use phoenix_mesh_common::access::{AccessStart, Logged};
 use phoenix_mesh_common::admin::AdminState;
+use phoenix_mesh_common::h2body::ResponseBody;
 use phoenix_mesh_common::headers::forwarded_for_value;
 use phoenix_mesh_common::metrics::{GaugeGuard, Metrics};
 use phoenix_mesh_common::park::serve_http1_parking;
@@ -24,7 +25,6 @@ use phoenix_mesh_common::sidecar::{
     bind_admin, log_certificate, own_certificate_ready, refresh_tls_metrics, spawn_background,
     SideSettings,
 };
-use phoenix_mesh_common::ProxyBody;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
@@ -365,7 +365,7 @@ async fn refused(
 }
 
 impl State {
-    async fn request(&self, req: Request<Incoming>, peer: &Peer) -> Response<Logged<ProxyBody>> {
+    async fn request(&self, req: Request<Incoming>, peer: &Peer) -> Response<Logged<ResponseBody>> {
         let start = Instant::now();
         let access = self
             .settings

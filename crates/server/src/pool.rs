@@ -32,6 +32,9 @@ pub(crate) enum BackendError {
     /// The connection failed while the request was sent or the response read.
     #[error("{0}")]
     Request(#[from] hyper::Error),
+    /// The h2c connection failed, or the backend reset the request's stream.
+    #[error("{0}")]
+    H2(#[from] h2::Error),
 }
 
 /// A TCP connection to the backend within `connect_timeout`, with Nagle off.
