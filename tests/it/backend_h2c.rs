@@ -5,10 +5,10 @@ use http::{Request, StatusCode, Version};
 use http_body_util::Empty;
 
 use crate::support::backend::{Backend, HELLO};
-use crate::support::http::{get, send_h1, send_h1_streaming, Reply, SERVICE_HOST};
+use crate::support::http::{get, send_h1, send_h1_streaming, send_h2c, Reply, SERVICE_HOST};
 use crate::support::mesh::Mesh;
 use crate::support::pki::expected_gateway_xfcc;
-use crate::support::stream::{drain_hashing, gated_body, pattern_sha256};
+use crate::support::stream::{drain_hashing, gated_body, pattern_sha256, TrailerBody};
 use crate::support::within;
 use crate::support_ops::eventually;
 
@@ -291,6 +291,44 @@ async fn a_connection_going_away_takes_no_new_requests() {
     );
     assert_eq!(mesh.backend.connections(), 2);
     assert_hello(&within("the slow request", slow).await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn trailers_cross_the_h2c_hop_both_ways() {
+    // As gRPC travels: nginx's grpc_pass speaks h2c to the client sidecar, the body ends in trailers,
+    // and the status comes back in the response's trailers.
+    let mesh = h2c_mesh().await;
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-checksum", "c0ffee".parse().unwrap());
+    let req = Request::post("/trailers")
+        .header("host", SERVICE_HOST)
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(TrailerBody::new("ping", trailers))
+        .unwrap();
+    let reply = within("request with trailers", send_h2c(mesh.client_addr, req)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:#?}");
+    assert_eq!(reply.body, "ping", "{reply:#?}");
+    assert_eq!(
+        reply.trailers.get("grpc-status").map(|v| v.as_bytes()),
+        Some(&b"0"[..]),
+        "the response's trailers were lost: {reply:#?}"
+    );
+    assert_eq!(
+        reply
+            .trailers
+            .get("x-echo-x-checksum")
+            .map(|v| v.as_bytes()),
+        Some(&b"c0ffee"[..]),
+        "the request's trailers did not reach the backend: {reply:#?}"
+    );
+    let seen = &mesh.backend.seen()[0];
+    assert_eq!(seen.version, Version::HTTP_2);
+    // gRPC clients say they take trailers, and some gRPC servers insist on hearing it.
+    assert_eq!(
+        seen.headers.get("te").map(|v| v.as_bytes()),
+        Some(&b"trailers"[..])
+    );
 }
 
 /// Runs every future as a task at once and collects their outputs in order.

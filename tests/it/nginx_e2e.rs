@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
 use crate::support::backend::HELLO;
-use crate::support::http::{collect, send_h1, SERVICE_HOST};
+use crate::support::http::{collect, send_h1, send_h2c, SERVICE_HOST};
 use crate::support::mesh::Mesh;
 use crate::support::pki::{expected_gateway_xfcc, write_leaf};
 use crate::support::{tls, within};
@@ -266,4 +266,59 @@ async fn listener_to_an_nginx_h2c_backend() {
             "{reply:#?}"
         );
     }
+}
+
+/// gRPC the way README describes it: nginx's `grpc_pass` speaks h2c to the client sidecar, the listener
+/// h2c to the backend (`backend_http2`), and the call's status comes back in trailers through nginx.
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_through_nginx_grpc_pass_and_an_h2c_backend() {
+    let Some(binary) = find_nginx() else {
+        eprintln!("skipped: nginx not found on PATH (apt-get install -y nginx)");
+        return;
+    };
+    let mesh = Mesh::start_with(|s| {
+        s.server.set("backend_http2", "true");
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let addr = crate::support::closed_port_addr();
+    let client = mesh.client_addr;
+    let conf = Nginx::conf(
+        dir.path(),
+        &format!(
+            r#"    server {{
+        listen {addr} http2;
+        location / {{
+            grpc_pass grpc://{client};
+        }}
+    }}
+"#
+        ),
+    );
+    let nginx = Nginx::run(&binary, dir.path(), addr, &conf).await;
+    let req = Request::post("/trailers")
+        .header("host", SERVICE_HOST)
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        // A gRPC client's request ends with its data; only the response carries trailers.
+        .body(http_body_util::Full::new(Bytes::from_static(b"ping")))
+        .unwrap();
+    let reply = match within("gRPC call through nginx", tokio::spawn(send_h2c(addr, req))).await {
+        Ok(reply) => reply,
+        Err(error) => panic!("{error}\nnginx error log:\n{}", nginx.error_log()),
+    };
+    assert_eq!(reply.status, 200, "{reply:#?}\n{}", nginx.error_log());
+    assert_eq!(reply.body, "ping", "{reply:#?}");
+    assert_eq!(
+        reply.trailers.get("grpc-status").map(|v| v.as_bytes()),
+        Some(&b"0"[..]),
+        "the call's status did not come back: {reply:#?}"
+    );
+    let seen = &mesh.backend.seen()[0];
+    assert_eq!(seen.version, http::Version::HTTP_2);
+    assert_eq!(
+        seen.headers.get("te").map(|v| v.as_bytes()),
+        Some(&b"trailers"[..]),
+        "nginx's te: trailers was lost on the way: {seen:#?}"
+    );
 }

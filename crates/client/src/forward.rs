@@ -15,7 +15,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use phoenix_mesh_common::h2body::ResponseBody;
 use phoenix_mesh_common::headers::{
-    remove_hop_by_hop, restore_upgrade, retarget, upgrade_protocol,
+    remove_hop_by_hop, remove_hop_by_hop_request, restore_upgrade, retarget, upgrade_protocol,
 };
 use phoenix_mesh_common::upgrade::splice;
 use phoenix_mesh_common::{mesh_error, ProxyBody, MESH_ERROR_HEADER};
@@ -107,7 +107,7 @@ impl Upstream {
                 }
             }
         }
-        remove_hop_by_hop(&mut parts.headers);
+        remove_hop_by_hop_request(&mut parts.headers);
         if let Some(protocol) = upgrade {
             restore_upgrade(&mut parts.headers, protocol);
         }

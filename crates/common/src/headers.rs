@@ -28,6 +28,21 @@ pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for
 /// Runs on every request and response: one pass over the names present (a handful) finds which of
 /// the nine are there, instead of nine hashed removals of names that are mostly absent.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    strip_hop_by_hop(headers, false);
+}
+
+/// [`remove_hop_by_hop`] for a request, keeping `TE: trailers` when the request's TE lists
+/// `trailers`: the one TE value HTTP/2 allows (RFC 9113 section 8.2.2), which says the client takes
+/// trailers, and which gRPC clients send and some gRPC servers require. Go's reverse proxy, and so
+/// Traefik, passes it on the same way; any other TE value is dropped.
+pub fn remove_hop_by_hop_request(headers: &mut HeaderMap) {
+    strip_hop_by_hop(headers, true);
+}
+
+/// Bit of `TE` in the presence mask of [`strip_hop_by_hop`] (its index in [`HOP_BY_HOP`]).
+const TE_BIT: u16 = 1 << 3;
+
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     let mut present = 0u16;
     for name in headers.keys() {
         if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
@@ -37,6 +52,17 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     if present == 0 {
         return;
     }
+    let te_trailers = keep_te_trailers
+        && present & TE_BIT != 0
+        && headers
+            .get_all(header::TE)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .any(|coding| {
+                // A coding may carry parameters (`trailers` takes none, but `;q=` is allowed).
+                let name = coding.split(|b| *b == b';').next().unwrap_or_default();
+                name.trim_ascii().eq_ignore_ascii_case(b"trailers")
+            });
     if present & 1 != 0 {
         // Connection (HOP_BY_HOP[0]) names more headers to drop.
         // Split the raw bytes: one non-ASCII byte in the value must not let the named headers through.
@@ -55,6 +81,9 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
         if present & (1 << i) != 0 {
             headers.remove(name);
         }
+    }
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
 }
 
@@ -145,6 +174,30 @@ mod tests {
         assert_eq!(h.len(), 2, "{h:?}");
         assert!(h.contains_key(header::HOST));
         assert!(h.contains_key("x-forwarded-proto"));
+    }
+
+    #[test]
+    fn a_request_keeps_te_trailers_and_nothing_else_of_te() {
+        for (te, kept) in [
+            ("trailers", true),
+            ("gzip, Trailers", true),
+            ("trailers;q=1", true),
+            ("gzip", false),
+            ("trailersx", false),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(header::TE, HeaderValue::from_static(te));
+            // An HTTP/1.1 client names TE in Connection, as RFC 9110 asks.
+            h.insert(header::CONNECTION, HeaderValue::from_static("te"));
+            remove_hop_by_hop_request(&mut h);
+            let expected = kept.then(|| HeaderValue::from_static("trailers"));
+            assert_eq!(h.get(header::TE), expected.as_ref(), "TE: {te}");
+            assert_eq!(h.len(), usize::from(kept), "TE: {te}: {h:?}");
+        }
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        remove_hop_by_hop(&mut h);
+        assert!(h.is_empty(), "a response kept TE: {h:?}");
     }
 
     #[test]

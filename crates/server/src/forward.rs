@@ -14,7 +14,8 @@ use hyper::body::Incoming;
 use phoenix_mesh_certs::{ByteCache, PeerIdentity};
 use phoenix_mesh_common::h2body::ResponseBody;
 use phoenix_mesh_common::headers::{
-    append_forwarded_for, remove_hop_by_hop, restore_upgrade, upgrade_protocol,
+    append_forwarded_for, remove_hop_by_hop, remove_hop_by_hop_request, restore_upgrade,
+    upgrade_protocol,
 };
 use phoenix_mesh_common::mesh_error;
 use phoenix_mesh_common::upgrade::splice;
@@ -131,7 +132,7 @@ impl Backend {
                 .headers
                 .insert(HOST, host.unwrap_or_else(|| self.host.clone()));
         }
-        remove_hop_by_hop(&mut parts.headers);
+        remove_hop_by_hop_request(&mut parts.headers);
         if let Some(protocol) = upgrade {
             restore_upgrade(&mut parts.headers, protocol);
         }

@@ -8,6 +8,8 @@
 //! - `/upload`: reads the body frame by frame without keeping it; answers `<length> <sha256>`, or
 //!   `400` when the body fails (recorded in `Seen::upload_error`).
 //! - `/download?bytes=N`: streams N pattern bytes, gated on the test's progress (see `stream`).
+//! - `/trailers`: answers the request's data followed by trailers, as a gRPC server would:
+//!   `grpc-status: 0` and each request trailer echoed as `x-echo-NAME`.
 //! - anything else: `200 hello from backend` with `x-backend: echo`.
 
 use std::convert::Infallible;
@@ -17,8 +19,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
-use http_body_util::{Either, Full};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -26,7 +28,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::stream::{gated_body, try_drain_hashing, ChannelBody};
+use super::stream::{gated_body, try_drain_hashing, ChannelBody, TrailerBody};
 
 /// Body of Traefik's own 404.
 pub const TRAEFIK_404: &str = "404 page not found\n";
@@ -208,7 +210,7 @@ async fn accept(listener: TcpListener, shared: Arc<Shared>, http1_only: bool) {
     }
 }
 
-type BackendBody = Either<Full<Bytes>, ChannelBody>;
+type BackendBody = Either<Full<Bytes>, Either<ChannelBody, TrailerBody>>;
 
 async fn handle(
     shared: Arc<Shared>,
@@ -248,11 +250,30 @@ async fn handle(
                 .and_then(|n| n.parse().ok())
                 .unwrap_or(0);
             let body = gated_body(total, shared.download_progress.subscribe());
-            let mut r = Response::new(Either::Right(body));
+            let mut r = Response::new(Either::Right(Either::Left(body)));
             r.headers_mut()
                 .insert("content-type", "application/octet-stream".parse().unwrap());
             r
         }
+        "/trailers" => match body.collect().await {
+            Ok(collected) => {
+                let mut trailers = HeaderMap::new();
+                trailers.insert("grpc-status", HeaderValue::from_static("0"));
+                for (name, value) in collected.trailers().into_iter().flatten() {
+                    let echo = HeaderName::from_bytes(format!("x-echo-{name}").as_bytes()).unwrap();
+                    trailers.append(echo, value.clone());
+                }
+                let body = TrailerBody::new(collected.to_bytes(), trailers);
+                let mut r = Response::new(Either::Right(Either::Right(body)));
+                r.headers_mut()
+                    .insert("content-type", "application/grpc".parse().unwrap());
+                r
+            }
+            Err(error) => {
+                seen.upload_error = Some(error.to_string());
+                text(StatusCode::BAD_REQUEST, "upload failed\n".to_owned())
+            }
+        },
         "/404" => {
             let mut r = text(StatusCode::NOT_FOUND, TRAEFIK_404.to_owned());
             r.headers_mut()

@@ -18,6 +18,8 @@ pub struct Reply {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: String,
+    /// The trailers that ended the body (empty when none came).
+    pub trailers: HeaderMap,
 }
 
 impl Reply {
@@ -125,10 +127,13 @@ where
 /// Reads a whole response.
 pub async fn collect(response: Response<Incoming>) -> Reply {
     let (parts, body) = response.into_parts();
-    let body = body.collect().await.unwrap().to_bytes();
+    let collected = body.collect().await.unwrap();
+    let trailers = collected.trailers().cloned().unwrap_or_default();
+    let body = collected.to_bytes();
     Reply {
         status: parts.status,
         headers: parts.headers,
         body: String::from_utf8_lossy(&body).into_owned(),
+        trailers,
     }
 }
