@@ -1,6 +1,9 @@
 //! `backend_http2 = true`: the listener carries requests to the backend on one shared HTTP/2
 //! cleartext connection (prior knowledge), as Traefik's entrypoints accept.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
 use http::{Request, StatusCode, Version};
 use http_body_util::Empty;
 
@@ -329,6 +332,118 @@ async fn trailers_cross_the_h2c_hop_both_ways() {
         seen.headers.get("te").map(|v| v.as_bytes()),
         Some(&b"trailers"[..])
     );
+}
+
+/// A raw HTTP/2 backend: on its first connection it answers the first request with
+/// `GOAWAY(last stream 0, NO_ERROR)`, as a backend does whose GOAWAY (nginx's after
+/// `keepalive_requests`, Traefik's on shutdown) crossed a request on the wire: the request was not
+/// processed. Requests on later connections get `200 hello`. Counts connections and answers.
+async fn turning_away_backend() -> (std::net::SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let (conns, answers) = (connections.clone(), answered.clone());
+    tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let first = conns.fetch_add(1, Ordering::SeqCst) == 0;
+            let answers = answers.clone();
+            tokio::spawn(async move {
+                let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+                    let len = payload.len() as u32;
+                    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+                    f.extend_from_slice(&stream.to_be_bytes());
+                    f.extend_from_slice(payload);
+                    f
+                };
+                let mut preface = [0u8; 24];
+                if tcp.read_exact(&mut preface).await.is_err() {
+                    return;
+                }
+                tcp.write_all(&frame(4, 0, 0, &[])).await.unwrap();
+                loop {
+                    let mut head = [0u8; 9];
+                    if tcp.read_exact(&mut head).await.is_err() {
+                        return;
+                    }
+                    let len = (usize::from(head[0]) << 16)
+                        | (usize::from(head[1]) << 8)
+                        | usize::from(head[2]);
+                    let mut payload = vec![0u8; len];
+                    if tcp.read_exact(&mut payload).await.is_err() {
+                        return;
+                    }
+                    let stream =
+                        u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+                    match head[3] {
+                        // SETTINGS, not an ACK: acknowledge.
+                        4 if head[4] & 1 == 0 => tcp.write_all(&frame(4, 1, 0, &[])).await.unwrap(),
+                        // HEADERS: turn it away, or answer `:status 200` (static table index 8).
+                        1 if first => {
+                            tcp.write_all(&frame(7, 0, 0, &[0; 8])).await.unwrap();
+                        }
+                        1 => {
+                            tcp.write_all(&frame(1, 4, stream, &[0x88])).await.unwrap();
+                            tcp.write_all(&frame(0, 1, stream, b"hello\n"))
+                                .await
+                                .unwrap();
+                            answers.fetch_add(1, Ordering::SeqCst);
+                        }
+                        _ => {}
+                    }
+                }
+            });
+        }
+    });
+    (addr, connections, answered)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_the_backend_turned_away_unprocessed_goes_again() {
+    let (addr, connections, answered) = turning_away_backend().await;
+    let mesh = Mesh::start_with(|s| {
+        s.server
+            .set("backend_http2", "true")
+            .set_str("backend", &addr.to_string());
+    })
+    .await;
+    let reply = within("GET turned away once", send_h1(mesh.client_addr, get("/"))).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:#?}");
+    assert_eq!(reply.body, "hello\n");
+    assert_eq!(connections.load(Ordering::SeqCst), 2);
+    assert_eq!(answered.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_post_turned_away_is_not_sent_again() {
+    // h2 cannot tell a stream refused by the GOAWAY from one cut off later, when the backend may have
+    // acted on it: a request that is not idempotent gets 502 rather than a second go.
+    let (addr, connections, answered) = turning_away_backend().await;
+    let mesh = Mesh::start_with(|s| {
+        s.server
+            .set("backend_http2", "true")
+            .set_str("backend", &addr.to_string());
+    })
+    .await;
+    let req = Request::post("/orders")
+        .header("host", SERVICE_HOST)
+        .body(Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let reply = within("POST turned away", send_h1(mesh.client_addr, req)).await;
+    reply.assert_mesh_error(
+        502,
+        "backend-error",
+        &[
+            "phoenix-mesh listener",
+            "turned the request away without processing it",
+            "a POST request is not sent again",
+        ],
+    );
+    assert!(!reply.body.contains("does it accept h2c"), "{reply:#?}");
+    assert_eq!(connections.load(Ordering::SeqCst), 1);
+    assert_eq!(answered.load(Ordering::SeqCst), 0);
 }
 
 /// Runs every future as a task at once and collects their outputs in order.

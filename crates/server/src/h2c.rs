@@ -23,6 +23,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use h2::client::SendRequest;
 use http::{Request, Response};
+use http_body::Body as _;
+use http_body_util::{Either, Full};
 use phoenix_mesh_common::h2body::{self, H2Body};
 use phoenix_mesh_common::periodic::sweep_idle;
 use phoenix_mesh_common::ProxyBody;
@@ -81,26 +83,55 @@ impl H2cBackend {
 
     /// Sends `req` (absolute form: the authority is the request's host) on the shared connection,
     /// dialling it first when there is none.
+    ///
+    /// A request the backend turned away unprocessed (its stream refused, or above the last stream a
+    /// GOAWAY let through, as nginx's does after `keepalive_requests` and Traefik's on shutdown) goes
+    /// once more on a fresh connection if it is idempotent and has no body (RFC 9110 section 9.2.2):
+    /// `h2` reports a stream cut off by the connection closing after a GOAWAY with the same error, so
+    /// only a request that may be repeated anyway is.
     pub(crate) async fn send(
         &self,
         req: Request<ProxyBody>,
     ) -> Result<Response<H2Body>, BackendError> {
+        let method = req.method().clone();
+        let again = (method.is_idempotent() && req.body().is_end_stream()).then(|| head(&req));
+        let (sender, closed) = self.ready().await?;
+        let error = match h2body::open_stream(sender, req, "the backend").await {
+            Ok(response) => return Ok(response),
+            Err(error) => error,
+        };
+        if !turned_away(&error) {
+            return Err(error.into());
+        }
+        let Some(again) = again else {
+            return Err(BackendError::TurnedAway(method, error));
+        };
+        debug!(backend = %self.addr, %error, "h2c backend turned the request away unprocessed; sending it again");
+        closed.store(true, Ordering::Relaxed);
+        self.forget_closed();
+        let (sender, _) = self.ready().await?;
+        let again = again.map(|()| Either::Right(Full::default()));
+        Ok(h2body::open_stream(sender, again, "the backend").await?)
+    }
+
+    /// A sender ready to open a stream, and its connection's closed flag.
+    async fn ready(&self) -> Result<(SendRequest<Bytes>, Arc<AtomicBool>), BackendError> {
         let (sender, closed) = match self.current() {
             Some(current) => current,
             // Boxed: dialling is rare and its future large; every request's would carry room for it.
             None => Box::pin(self.dial()).await?,
         };
-        let sender = match sender.ready().await {
-            Ok(sender) => sender,
+        match sender.ready().await {
+            Ok(sender) => Ok((sender, closed)),
             // Nothing was sent: the connection had a GOAWAY or is gone.
             Err(error) => {
                 debug!(backend = %self.addr, %error, "h2c connection going away; dialling again");
                 closed.store(true, Ordering::Relaxed);
                 self.forget_closed();
-                Box::pin(self.dial()).await?.0.ready().await?
+                let (sender, closed) = Box::pin(self.dial()).await?;
+                Ok((sender.ready().await?, closed))
             }
-        };
-        Ok(h2body::open_stream(sender, req, "the backend").await?)
+        }
     }
 
     /// The open connection's sender and closed flag, if any, marked as used now.
@@ -200,6 +231,22 @@ impl H2cBackend {
             .as_ref()
             .is_some_and(|s| !s.is_closed())
     }
+}
+
+/// Whether the backend turned a stream away without processing it: refused, or cut off by its GOAWAY.
+fn turned_away(error: &h2::Error) -> bool {
+    error.reason() == Some(h2::Reason::REFUSED_STREAM) || (error.is_go_away() && error.is_remote())
+}
+
+/// A copy of a request's head (method, target, version, headers), for a request without a body that
+/// may have to go again.
+fn head(req: &Request<ProxyBody>) -> Request<()> {
+    let mut head = Request::new(());
+    *head.method_mut() = req.method().clone();
+    *head.uri_mut() = req.uri().clone();
+    *head.version_mut() = req.version();
+    *head.headers_mut() = req.headers().clone();
+    head
 }
 
 #[cfg(test)]

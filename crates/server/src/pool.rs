@@ -35,6 +35,9 @@ pub(crate) enum BackendError {
     /// The h2c connection failed, or the backend reset the request's stream.
     #[error("{0}")]
     H2(#[from] h2::Error),
+    /// The backend turned the request away unprocessed (h2c), and it is not one to send twice.
+    #[error("the backend turned the request away without processing it ({1}: its GOAWAY crossed the request, or it refused the stream); a {0} request is not sent again, only idempotent ones without a body are")]
+    TurnedAway(http::Method, h2::Error),
 }
 
 /// A TCP connection to the backend within `connect_timeout`, with Nagle off.
