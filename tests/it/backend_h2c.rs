@@ -22,6 +22,16 @@ async fn h2c_mesh() -> Mesh {
     .await
 }
 
+/// A mesh whose listener sends to the backend at `addr` over h2c.
+async fn h2c_mesh_to(addr: &str) -> Mesh {
+    Mesh::start_with(|s| {
+        s.server
+            .set("backend_http2", "true")
+            .set_str("backend", addr);
+    })
+    .await
+}
+
 fn assert_hello(reply: &Reply) {
     assert_eq!(reply.status, StatusCode::OK, "{reply:#?}");
     assert_eq!(reply.body, HELLO, "{reply:#?}");
@@ -222,12 +232,7 @@ async fn an_upload_and_a_download_stream_over_h2c() {
 async fn a_backend_without_h2c_gets_a_502_that_names_the_protocol() {
     let http1_only = Backend::start_http1_only().await;
     let addr = http1_only.addr.to_string();
-    let mesh = Mesh::start_with(|s| {
-        s.server
-            .set("backend_http2", "true")
-            .set_str("backend", &addr);
-    })
-    .await;
+    let mesh = h2c_mesh_to(&addr).await;
     let reply = within("request", send_h1(mesh.client_addr, get("/x"))).await;
     reply.assert_mesh_error(
         502,
@@ -403,12 +408,7 @@ async fn turning_away_backend() -> (std::net::SocketAddr, Arc<AtomicUsize>, Arc<
 #[tokio::test(flavor = "multi_thread")]
 async fn a_request_the_backend_turned_away_unprocessed_goes_again() {
     let (addr, connections, answered) = turning_away_backend().await;
-    let mesh = Mesh::start_with(|s| {
-        s.server
-            .set("backend_http2", "true")
-            .set_str("backend", &addr.to_string());
-    })
-    .await;
+    let mesh = h2c_mesh_to(&addr.to_string()).await;
     let reply = within("GET turned away once", send_h1(mesh.client_addr, get("/"))).await;
     assert_eq!(reply.status, StatusCode::OK, "{reply:#?}");
     assert_eq!(reply.body, "hello\n");
@@ -421,12 +421,7 @@ async fn a_post_turned_away_is_not_sent_again() {
     // h2 cannot tell a stream refused by the GOAWAY from one cut off later, when the backend may have
     // acted on it: a request that is not idempotent gets 502 rather than a second go.
     let (addr, connections, answered) = turning_away_backend().await;
-    let mesh = Mesh::start_with(|s| {
-        s.server
-            .set("backend_http2", "true")
-            .set_str("backend", &addr.to_string());
-    })
-    .await;
+    let mesh = h2c_mesh_to(&addr.to_string()).await;
     let req = Request::post("/orders")
         .header("host", SERVICE_HOST)
         .body(Empty::<bytes::Bytes>::new())
