@@ -339,11 +339,21 @@ async fn trailers_cross_the_h2c_hop_both_ways() {
     );
 }
 
-/// A raw HTTP/2 backend: on its first connection it answers the first request with
-/// `GOAWAY(last stream 0, NO_ERROR)`, as a backend does whose GOAWAY (nginx's after
-/// `keepalive_requests`, Traefik's on shutdown) crossed a request on the wire: the request was not
-/// processed. Requests on later connections get `200 hello`. Counts connections and answers.
-async fn turning_away_backend() -> (std::net::SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+/// How [`turning_away_backend`] turns its first request away.
+#[derive(Clone, Copy)]
+enum TurnAway {
+    /// `GOAWAY(last stream 0, NO_ERROR)`, as a backend does whose GOAWAY (nginx's after
+    /// `keepalive_requests`, Traefik's on shutdown) crossed a request on the wire.
+    GoAway,
+    /// `RST_STREAM(REFUSED_STREAM)`, the connection staying open.
+    Refuse,
+}
+
+/// A raw HTTP/2 backend that turns the first request of its first connection away unprocessed, and
+/// answers every other `200 hello`. Counts connections and answers.
+async fn turning_away_backend(
+    how: TurnAway,
+) -> (std::net::SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -353,7 +363,7 @@ async fn turning_away_backend() -> (std::net::SocketAddr, Arc<AtomicUsize>, Arc<
     tokio::spawn(async move {
         loop {
             let (mut tcp, _) = listener.accept().await.unwrap();
-            let first = conns.fetch_add(1, Ordering::SeqCst) == 0;
+            let mut first = conns.fetch_add(1, Ordering::SeqCst) == 0;
             let answers = answers.clone();
             tokio::spawn(async move {
                 let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
@@ -387,7 +397,12 @@ async fn turning_away_backend() -> (std::net::SocketAddr, Arc<AtomicUsize>, Arc<
                         4 if head[4] & 1 == 0 => tcp.write_all(&frame(4, 1, 0, &[])).await.unwrap(),
                         // HEADERS: turn it away, or answer `:status 200` (static table index 8).
                         1 if first => {
-                            tcp.write_all(&frame(7, 0, 0, &[0; 8])).await.unwrap();
+                            let turn_away = match how {
+                                TurnAway::GoAway => frame(7, 0, 0, &[0; 8]),
+                                TurnAway::Refuse => frame(3, 0, stream, &7u32.to_be_bytes()),
+                            };
+                            tcp.write_all(&turn_away).await.unwrap();
+                            first = false;
                         }
                         1 => {
                             tcp.write_all(&frame(1, 4, stream, &[0x88])).await.unwrap();
@@ -407,7 +422,7 @@ async fn turning_away_backend() -> (std::net::SocketAddr, Arc<AtomicUsize>, Arc<
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_request_the_backend_turned_away_unprocessed_goes_again() {
-    let (addr, connections, answered) = turning_away_backend().await;
+    let (addr, connections, answered) = turning_away_backend(TurnAway::GoAway).await;
     let mesh = h2c_mesh_to(&addr.to_string()).await;
     let reply = within("GET turned away once", send_h1(mesh.client_addr, get("/"))).await;
     assert_eq!(reply.status, StatusCode::OK, "{reply:#?}");
@@ -417,10 +432,22 @@ async fn a_request_the_backend_turned_away_unprocessed_goes_again() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_refused_stream_goes_again_on_the_same_connection() {
+    let (addr, connections, answered) = turning_away_backend(TurnAway::Refuse).await;
+    let mesh = h2c_mesh_to(&addr.to_string()).await;
+    let reply = within("GET refused once", send_h1(mesh.client_addr, get("/"))).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:#?}");
+    assert_eq!(reply.body, "hello\n");
+    // A refused stream says nothing about the connection: it stays in use.
+    assert_eq!(connections.load(Ordering::SeqCst), 1);
+    assert_eq!(answered.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_post_turned_away_is_not_sent_again() {
     // h2 cannot tell a stream refused by the GOAWAY from one cut off later, when the backend may have
     // acted on it: a request that is not idempotent gets 502 rather than a second go.
-    let (addr, connections, answered) = turning_away_backend().await;
+    let (addr, connections, answered) = turning_away_backend(TurnAway::GoAway).await;
     let mesh = h2c_mesh_to(&addr.to_string()).await;
     let req = Request::post("/orders")
         .header("host", SERVICE_HOST)

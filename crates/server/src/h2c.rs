@@ -86,9 +86,9 @@ impl H2cBackend {
     ///
     /// A request the backend turned away unprocessed (its stream refused, or above the last stream a
     /// GOAWAY let through, as nginx's does after `keepalive_requests` and Traefik's on shutdown) goes
-    /// once more on a fresh connection if it is idempotent and has no body (RFC 9110 section 9.2.2):
-    /// `h2` reports a stream cut off by the connection closing after a GOAWAY with the same error, so
-    /// only a request that may be repeated anyway is.
+    /// once more, after a GOAWAY on a fresh connection, if it is idempotent and has no body (RFC 9110
+    /// section 9.2.2): `h2` reports a stream cut off by the connection closing after a GOAWAY with the
+    /// same error, so only a request that may be repeated anyway is.
     pub(crate) async fn send(
         &self,
         req: Request<ProxyBody>,
@@ -107,8 +107,11 @@ impl H2cBackend {
             return Err(BackendError::TurnedAway(method, error));
         };
         debug!(backend = %self.addr, %error, "h2c backend turned the request away unprocessed; sending it again");
-        closed.store(true, Ordering::Relaxed);
-        self.forget_closed();
+        if error.is_go_away() {
+            // Going away: no new streams on it.
+            closed.store(true, Ordering::Relaxed);
+            self.forget_closed();
+        }
         let (sender, _) = self.ready().await?;
         let again = again.map(|()| Either::Right(Full::default()));
         Ok(h2body::open_stream(sender, again, "the backend").await?)
