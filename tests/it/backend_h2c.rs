@@ -420,27 +420,27 @@ async fn turning_away_backend(
     (addr, connections, answered)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_request_the_backend_turned_away_unprocessed_goes_again() {
-    let (addr, connections, answered) = turning_away_backend(TurnAway::GoAway).await;
+/// A GET the backend turns away `how` is answered after one more try, on `connections` connections.
+async fn turned_away_get_goes_again(how: TurnAway, connections_used: usize) {
+    let (addr, connections, answered) = turning_away_backend(how).await;
     let mesh = h2c_mesh_to(&addr.to_string()).await;
     let reply = within("GET turned away once", send_h1(mesh.client_addr, get("/"))).await;
     assert_eq!(reply.status, StatusCode::OK, "{reply:#?}");
     assert_eq!(reply.body, "hello\n");
-    assert_eq!(connections.load(Ordering::SeqCst), 2);
+    assert_eq!(connections.load(Ordering::SeqCst), connections_used);
     assert_eq!(answered.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_request_the_backend_turned_away_unprocessed_goes_again() {
+    // After a GOAWAY, on a fresh connection.
+    turned_away_get_goes_again(TurnAway::GoAway, 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_refused_stream_goes_again_on_the_same_connection() {
-    let (addr, connections, answered) = turning_away_backend(TurnAway::Refuse).await;
-    let mesh = h2c_mesh_to(&addr.to_string()).await;
-    let reply = within("GET refused once", send_h1(mesh.client_addr, get("/"))).await;
-    assert_eq!(reply.status, StatusCode::OK, "{reply:#?}");
-    assert_eq!(reply.body, "hello\n");
     // A refused stream says nothing about the connection: it stays in use.
-    assert_eq!(connections.load(Ordering::SeqCst), 1);
-    assert_eq!(answered.load(Ordering::SeqCst), 1);
+    turned_away_get_goes_again(TurnAway::Refuse, 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -6,10 +6,11 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::Request;
-use http_body_util::Empty;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use http_body_util::{Either, Empty, Full};
+use hyper_util::rt::TokioIo;
 use phoenix_mesh_certs::{error_chain, Material, Role};
 use phoenix_mesh_common::check::Report;
+use phoenix_mesh_common::h2body;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
@@ -148,13 +149,16 @@ async fn get(
     http2: bool,
 ) -> Result<http::StatusCode, Box<dyn std::error::Error + Send + Sync>> {
     if http2 {
-        let (mut sender, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await?;
+        // The listener's own h2c client (its settings and stream handling), not another one.
+        let (sender, conn) = h2body::client_builder().handshake::<_, Bytes>(tcp).await?;
         tokio::spawn(conn);
         let req = Request::get(format!("http://{host}{path}"))
             .header("user-agent", "phoenix-mesh-check")
-            .body(Empty::<Bytes>::new())?;
-        return Ok(sender.send_request(req).await?.status());
+            .body(Either::Right(Full::default()))?;
+        let sender = sender.ready().await?;
+        return Ok(h2body::open_stream(sender, req, "the backend")
+            .await?
+            .status());
     }
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
     tokio::spawn(conn);
