@@ -36,10 +36,12 @@ profdata="$(rustc --print sysroot)/lib/rustlib/$host/bin/llvm-profdata"
 work="$root/target/pgo-data"
 rm -rf "$work" && mkdir -p "$work/raw"
 
+# `--target $host`: with an explicit target, RUSTFLAGS reach only the binary's own crates, not build
+# scripts and proc macros (which would otherwise be instrumented and leave profiles of the build).
 echo "== pgo: instrumented build (target/pgo-gen)"
 RUSTFLAGS="-Cprofile-generate=$work/raw" CARGO_TARGET_DIR="$root/target/pgo-gen" \
-    cargo build --release --locked --bin phoenix-mesh
-cp "$root/target/pgo-gen/release/phoenix-mesh" "$work/phoenix-mesh-instrumented"
+    cargo build --release --locked --bin phoenix-mesh --target "$host"
+cp "$root/target/pgo-gen/$host/release/phoenix-mesh" "$work/phoenix-mesh-instrumented"
 
 echo "== pgo: training run (the demo's PKI and backend, the harness, $work/train)"
 # The harness itself is built in the normal target directory, without the profiling flags.
@@ -77,7 +79,7 @@ echo "== pgo: merged $n profiles into $work/merged.profdata"
 
 echo "== pgo: optimised build (target/pgo-use)"
 RUSTFLAGS="-Cprofile-use=$work/merged.profdata" CARGO_TARGET_DIR="$root/target/pgo-use" \
-    cargo build --release --locked --bin phoenix-mesh
+    cargo build --release --locked --bin phoenix-mesh --target "$host"
 mkdir -p "$(dirname "$out")"
-cp "$root/target/pgo-use/release/phoenix-mesh" "$out"
+cp "$root/target/pgo-use/$host/release/phoenix-mesh" "$out"
 echo "pgo: $out"
