@@ -347,24 +347,25 @@ enum TurnAway {
     GoAway,
     /// `RST_STREAM(REFUSED_STREAM)`, the connection staying open.
     Refuse,
+    /// `RST_STREAM(REFUSED_STREAM)` for every request, as a backend over its stream limit.
+    RefuseAll,
 }
 
-/// A raw HTTP/2 backend that turns the first request of its first connection away unprocessed, and
-/// answers every other `200 hello`. Counts connections and answers.
-async fn turning_away_backend(
-    how: TurnAway,
-) -> (std::net::SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+/// A raw HTTP/2 backend that turns the first request of its first connection away unprocessed (every
+/// request with [`TurnAway::RefuseAll`]), and answers every other `200 hello`. Counts connections, and
+/// requests answered and turned away.
+async fn turning_away_backend(how: TurnAway) -> (std::net::SocketAddr, Arc<AtomicUsize>, Counts) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let connections = Arc::new(AtomicUsize::new(0));
-    let answered = Arc::new(AtomicUsize::new(0));
-    let (conns, answers) = (connections.clone(), answered.clone());
+    let counts = Counts::default();
+    let (conns, counted) = (connections.clone(), counts.clone());
     tokio::spawn(async move {
         loop {
             let (mut tcp, _) = listener.accept().await.unwrap();
             let mut first = conns.fetch_add(1, Ordering::SeqCst) == 0;
-            let answers = answers.clone();
+            let counted = counted.clone();
             tokio::spawn(async move {
                 let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
                     let len = payload.len() as u32;
@@ -396,12 +397,15 @@ async fn turning_away_backend(
                         // SETTINGS, not an ACK: acknowledge.
                         4 if head[4] & 1 == 0 => tcp.write_all(&frame(4, 1, 0, &[])).await.unwrap(),
                         // HEADERS: turn it away, or answer `:status 200` (static table index 8).
-                        1 if first => {
+                        1 if first || matches!(how, TurnAway::RefuseAll) => {
                             let turn_away = match how {
                                 TurnAway::GoAway => frame(7, 0, 0, &[0; 8]),
-                                TurnAway::Refuse => frame(3, 0, stream, &7u32.to_be_bytes()),
+                                TurnAway::Refuse | TurnAway::RefuseAll => {
+                                    frame(3, 0, stream, &7u32.to_be_bytes())
+                                }
                             };
                             tcp.write_all(&turn_away).await.unwrap();
+                            counted.turned_away.fetch_add(1, Ordering::SeqCst);
                             first = false;
                         }
                         1 => {
@@ -409,7 +413,7 @@ async fn turning_away_backend(
                             tcp.write_all(&frame(0, 1, stream, b"hello\n"))
                                 .await
                                 .unwrap();
-                            answers.fetch_add(1, Ordering::SeqCst);
+                            counted.answered.fetch_add(1, Ordering::SeqCst);
                         }
                         _ => {}
                     }
@@ -417,18 +421,26 @@ async fn turning_away_backend(
             });
         }
     });
-    (addr, connections, answered)
+    (addr, connections, counts)
+}
+
+/// What [`turning_away_backend`] did with the requests it saw.
+#[derive(Clone, Default)]
+struct Counts {
+    answered: Arc<AtomicUsize>,
+    turned_away: Arc<AtomicUsize>,
 }
 
 /// A GET the backend turns away `how` is answered after one more try, on `connections` connections.
 async fn turned_away_get_goes_again(how: TurnAway, connections_used: usize) {
-    let (addr, connections, answered) = turning_away_backend(how).await;
+    let (addr, connections, counts) = turning_away_backend(how).await;
     let mesh = h2c_mesh_to(&addr.to_string()).await;
     let reply = within("GET turned away once", send_h1(mesh.client_addr, get("/"))).await;
     assert_eq!(reply.status, StatusCode::OK, "{reply:#?}");
     assert_eq!(reply.body, "hello\n");
     assert_eq!(connections.load(Ordering::SeqCst), connections_used);
-    assert_eq!(answered.load(Ordering::SeqCst), 1);
+    assert_eq!(counts.answered.load(Ordering::SeqCst), 1);
+    assert_eq!(counts.turned_away.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -447,7 +459,7 @@ async fn a_refused_stream_goes_again_on_the_same_connection() {
 async fn a_post_turned_away_is_not_sent_again() {
     // h2 cannot tell a stream refused by the GOAWAY from one cut off later, when the backend may have
     // acted on it: a request that is not idempotent gets 502 rather than a second go.
-    let (addr, connections, answered) = turning_away_backend(TurnAway::GoAway).await;
+    let (addr, connections, counts) = turning_away_backend(TurnAway::GoAway).await;
     let mesh = h2c_mesh_to(&addr.to_string()).await;
     let req = Request::post("/orders")
         .header("host", SERVICE_HOST)
@@ -465,7 +477,29 @@ async fn a_post_turned_away_is_not_sent_again() {
     );
     assert!(!reply.body.contains("does it accept h2c"), "{reply:#?}");
     assert_eq!(connections.load(Ordering::SeqCst), 1);
-    assert_eq!(answered.load(Ordering::SeqCst), 0);
+    assert_eq!(counts.answered.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_get_turned_away_twice_gets_502_naming_both_tries() {
+    // A backend refusing every stream (over its stream limit, or shutting down): the GET goes once
+    // more, not over and over, and the 502 says it was turned away twice, not that h2c may be wrong.
+    let (addr, connections, counts) = turning_away_backend(TurnAway::RefuseAll).await;
+    let mesh = h2c_mesh_to(&addr.to_string()).await;
+    let reply = within("GET refused twice", send_h1(mesh.client_addr, get("/"))).await;
+    reply.assert_mesh_error(
+        502,
+        "backend-error",
+        &[
+            "phoenix-mesh listener",
+            "turned the request away without processing it, twice",
+            "the GET request went once more",
+        ],
+    );
+    assert!(!reply.body.contains("does it accept h2c"), "{reply:#?}");
+    assert_eq!(connections.load(Ordering::SeqCst), 1);
+    assert_eq!(counts.turned_away.load(Ordering::SeqCst), 2);
+    assert_eq!(counts.answered.load(Ordering::SeqCst), 0);
 }
 
 /// Runs every future as a task at once and collects their outputs in order.

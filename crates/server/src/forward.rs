@@ -209,7 +209,11 @@ impl Backend {
                     info!(backend = %self.addr, %method, %cause, over_h2c, "backend request failed");
                     // A backend that does not speak h2c answers the preface with an HTTP/1.1 error or
                     // closes, which reads as a framing error: say which protocol was tried.
-                    let over = if over_h2c && !matches!(error, BackendError::TurnedAway(..)) {
+                    let turned_away = matches!(
+                        error,
+                        BackendError::TurnedAway(..) | BackendError::TurnedAwayAgain(..)
+                    );
+                    let over = if over_h2c && !turned_away {
                         " over HTTP/2 cleartext (backend_http2 = true; does it accept h2c?)"
                     } else {
                         ""

@@ -114,7 +114,11 @@ impl H2cBackend {
         }
         let (sender, _) = self.ready().await?;
         let again = again.map(|()| Either::Right(Full::default()));
-        Ok(h2body::open_stream(sender, again, "the backend").await?)
+        match h2body::open_stream(sender, again, "the backend").await {
+            Ok(response) => Ok(response),
+            Err(error) if turned_away(&error) => Err(BackendError::TurnedAwayAgain(method, error)),
+            Err(error) => Err(error.into()),
+        }
     }
 
     /// A sender ready to open a stream, and its connection's closed flag.

@@ -38,6 +38,9 @@ pub(crate) enum BackendError {
     /// The backend turned the request away unprocessed (h2c), and it is not one to send twice.
     #[error("the backend turned the request away without processing it ({1}: its GOAWAY crossed the request, or it refused the stream); a {0} request is not sent again, only idempotent ones without a body are")]
     TurnedAway(http::Method, h2::Error),
+    /// The backend turned an idempotent request away unprocessed, and again when it went once more.
+    #[error("the backend turned the request away without processing it, twice ({1}); the {0} request went once more and was turned away again: is the backend shutting down, or over its limit of concurrent streams?")]
+    TurnedAwayAgain(http::Method, h2::Error),
 }
 
 /// A TCP connection to the backend within `connect_timeout`, with Nagle off.
