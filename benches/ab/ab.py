@@ -20,6 +20,9 @@ for f in sorted(glob.glob(f"{out_dir}/[ab]-*/mesh.jsonl")):
             cells[(r["kind"], r["target"], r["cell"])] = r
     runs[variant][int(rnd)] = cells
 
+if not runs:
+    sys.exit(f"ab.py: no {out_dir}/a-N/mesh.jsonl or b-N/mesh.jsonl (run benches/ab/ab.sh first)")
+
 P, NB = "phoenix listener->backend", "nginx->backend"
 CH, NN, DEP = "phoenix client->listener h2", "nginx->nginx", "nginx->phoenix (deployed)"
 CHH, DEPH = "phoenix client->listener h2, h2c backend", "nginx->phoenix (deployed, h2c backend)"

@@ -14,11 +14,20 @@ shift 4
 cd "$(dirname "$0")/../.."
 mkdir -p "$out"
 # Build the harness (and the bench's own phoenix-mesh) once, before any timed cell.
-cargo bench --bench mesh --no-run >/dev/null 2>&1
+if ! cargo bench --bench mesh --no-run >"$out/build.log" 2>&1; then
+  echo "ab: building the harness failed; see $out/build.log" >&2
+  exit 1
+fi
+for bin in "$a" "$b"; do
+  [ -x "$bin" ] || { echo "ab: $bin is not an executable phoenix-mesh binary" >&2; exit 1; }
+done
 for r in $(seq 1 "$rounds"); do
   for v in a b; do
     bin=$a; [ "$v" = b ] && bin=$b
     echo "round $r variant $v: $bin"
-    cargo bench --bench mesh -- "$@" --reps 1 --bin "$bin" --out "$out/$v-$r" >"$out/$v-$r.log" 2>&1
+    if ! cargo bench --bench mesh -- "$@" --reps 1 --bin "$bin" --out "$out/$v-$r" >"$out/$v-$r.log" 2>&1; then
+      echo "ab: round $r, variant $v ($bin) failed; see $out/$v-$r.log" >&2
+      exit 1
+    fi
   done
 done
