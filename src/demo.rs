@@ -16,8 +16,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use phoenix_mesh_certs::pki::{LeafSpec, Pki, Usage};
 use phoenix_mesh_client::{ClientSettings, ClientSidecar};
-use phoenix_mesh_common::serve::{Shutdown, ShutdownWatch};
 use phoenix_mesh_server::{MeshListener, ServerSettings};
+use phoenix_mesh_transport::serve::{Shutdown, ShutdownWatch};
 use tokio::net::{TcpListener, TcpStream};
 
 const LISTENER_NAME: &str = "mesh.internal.thinkheads.ai";

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use phoenix_mesh_client::{ClientSettings, ClientSidecar};
-use phoenix_mesh_common::serve::{Shutdown, ShutdownWatch};
 use phoenix_mesh_server::{MeshListener, ServerSettings};
+use phoenix_mesh_transport::serve::{Shutdown, ShutdownWatch};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 

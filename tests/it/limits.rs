@@ -15,7 +15,7 @@ use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use phoenix_mesh_certs::pki::Leaf;
 use phoenix_mesh_client::{ClientSettings, ClientSidecar};
-use phoenix_mesh_common::serve::Shutdown;
+use phoenix_mesh_transport::serve::Shutdown;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -520,7 +520,7 @@ async fn idle_keep_alive_connection_is_closed_after_header_read_timeout() {
 }
 
 /// Between requests the listener parks an idle HTTP/1.1 connection without hyper's buffers (see
-/// `phoenix_mesh_common::park`). Parking must be invisible to the peer: a connection that sat idle
+/// `phoenix_mesh_transport::http1_idle`). Parking must be invisible to the peer: a connection that sat idle
 /// serves its next request, a request head that arrives in two pieces with a pause between is served
 /// whole (not cut off as the end of the stream), a pipelined request that waits for the backend is not
 /// taken for idleness, and a parked connection still closes after the idle timeout.

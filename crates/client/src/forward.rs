@@ -13,12 +13,12 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::{capture_connection, CaptureConnection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use phoenix_mesh_common::h2body::ResponseBody;
 use phoenix_mesh_common::headers::{
     remove_hop_by_hop, remove_hop_by_hop_request, restore_upgrade, retarget, upgrade_protocol,
 };
-use phoenix_mesh_common::upgrade::splice;
 use phoenix_mesh_common::{mesh_error, ProxyBody, MESH_ERROR_HEADER};
+use phoenix_mesh_transport::body::ResponseBody;
+use phoenix_mesh_transport::tunnel::splice;
 use tracing::info;
 
 use crate::connector::{

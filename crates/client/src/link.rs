@@ -5,7 +5,7 @@
 //! only from each response, and hyper's own HTTP/2 client hands each request to its connection task
 //! through a channel, spawns a task to await the response and answers through a second channel. Here
 //! a request clones the current connection's `h2` sender under a short lock, opens its stream itself
-//! and awaits the response in its own task ([`phoenix_mesh_common::h2body`]).
+//! and awaits the response in its own task ([`phoenix_mesh_transport::h2::client`]).
 //! A connection is replaced, for the next request, when it is closed or going away, idle past
 //! `pool_idle_timeout`, or stale: its listener certificate expires within the retire margin, or it was
 //! opened before our own certificate or trust was reloaded. Requests in flight on a replaced connection
@@ -20,9 +20,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use h2::client::SendRequest;
 use http::{Method, Request, Response};
-use phoenix_mesh_common::h2body::{self, H2Body};
-use phoenix_mesh_common::periodic::sweep_idle;
 use phoenix_mesh_common::ProxyBody;
+use phoenix_mesh_transport::h2::client::{self as h2body, H2Body};
+use phoenix_mesh_transport::sweep::sweep_idle;
 use tokio::time::Instant;
 use tracing::{debug, info};
 

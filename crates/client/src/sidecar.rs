@@ -15,14 +15,14 @@ use phoenix_mesh_certs::{error_chain, LiveClientTls, Material, Reloader, Role};
 use phoenix_mesh_common::access::{AccessStart, Logged};
 use phoenix_mesh_common::admin::AdminState;
 use phoenix_mesh_common::config::ConfigError;
-use phoenix_mesh_common::h2body::ResponseBody;
 use phoenix_mesh_common::listen::{BoundUnix, ListenAddr};
 use phoenix_mesh_common::metrics::{GaugeGuard, Metrics};
-use phoenix_mesh_common::serve::{accept_loop, http_builder, serve_http, ShutdownWatch, Slot};
 use phoenix_mesh_common::sidecar::{
     bind_admin, log_certificate, own_certificate_ready, refresh_tls_metrics, spawn_background,
     SideSettings,
 };
+use phoenix_mesh_transport::body::ResponseBody;
+use phoenix_mesh_transport::serve::{accept_loop, http_builder, serve_http, ShutdownWatch, Slot};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;

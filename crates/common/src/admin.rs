@@ -16,7 +16,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tracing::{debug, info};
 
-use crate::serve::{accept_loop, ShutdownWatch};
+use phoenix_mesh_transport::serve::{accept_loop, ShutdownWatch};
 
 /// What the admin endpoint asks of a sidecar.
 pub trait AdminState: Send + Sync + 'static {

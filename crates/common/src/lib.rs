@@ -7,16 +7,11 @@ pub mod access;
 pub mod admin;
 pub mod check;
 pub mod config;
-pub mod h2body;
 pub mod headers;
 pub mod listen;
 pub mod metrics;
-pub mod park;
-pub mod periodic;
 pub mod response;
-pub mod serve;
 pub mod settings;
 pub mod sidecar;
-pub mod upgrade;
 
 pub use response::{mesh_error, ProxyBody, MESH_ERROR_HEADER};

@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::config::ConfigError;
-use crate::serve::Accept;
 use crate::settings::{invalid, socket_addr};
+use phoenix_mesh_transport::serve::Accept;
 
 /// A configured `listen`.
 #[derive(Debug, Clone, PartialEq, Eq)]

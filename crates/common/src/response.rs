@@ -4,13 +4,11 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 
 /// Set on every response a sidecar makes itself, with a short machine-readable code.
 pub const MESH_ERROR_HEADER: HeaderName = HeaderName::from_static("phoenix-mesh-error");
 
-/// A body that is either streamed through from the other side or made here.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+pub use phoenix_mesh_transport::body::ProxyBody;
 
 /// A plain-text error response naming the hop and the cause, tagged `phoenix-mesh-error: <code>`.
 pub fn mesh_error(

@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::config::{resolve, ConfigDuration, ConfigError};
-use crate::serve::HttpOptions;
+use phoenix_mesh_transport::serve::HttpOptions;
 
 /// The shared keys, as written.
 #[derive(Debug, Deserialize)]

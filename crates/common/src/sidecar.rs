@@ -14,8 +14,8 @@ use tracing::{info, warn};
 use crate::admin::{serve_admin, AdminState};
 use crate::config::ConfigError;
 use crate::metrics::Metrics;
-use crate::serve::ShutdownWatch;
 use crate::settings::SharedSettings;
+use phoenix_mesh_transport::serve::ShutdownWatch;
 
 /// Why a sidecar could not start.
 #[derive(Debug, thiserror::Error)]

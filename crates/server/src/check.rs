@@ -10,7 +10,7 @@ use http_body_util::{Either, Empty, Full};
 use hyper_util::rt::TokioIo;
 use phoenix_mesh_certs::{error_chain, Material, Role};
 use phoenix_mesh_common::check::Report;
-use phoenix_mesh_common::h2body;
+use phoenix_mesh_transport::h2::client as h2body;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 

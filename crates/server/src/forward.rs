@@ -12,17 +12,17 @@ use http::{Request, Response, StatusCode, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use phoenix_mesh_certs::{ByteCache, PeerIdentity};
-use phoenix_mesh_common::h2body::ResponseBody;
 use phoenix_mesh_common::headers::{
     append_forwarded_for, remove_hop_by_hop, remove_hop_by_hop_request, restore_upgrade,
     upgrade_protocol,
 };
 use phoenix_mesh_common::mesh_error;
-use phoenix_mesh_common::upgrade::splice;
+use phoenix_mesh_transport::body::ResponseBody;
+use phoenix_mesh_transport::tunnel::splice;
 use tracing::info;
 
 use crate::h2c::H2cBackend;
-use crate::pool::{BackendError, BackendPool};
+use phoenix_mesh_transport::pool::{BackendError, BackendPool};
 
 /// The `:authority` the client sidecar puts on HTTP/2 requests (its pool key, not a host).
 const MESH_POOL_AUTHORITY: &str = "phoenix-mesh";

@@ -4,10 +4,10 @@
 //! Over HTTP/1.1 each request costs the listener a write and a read of its own on a connection of
 //! its own; on one HTTP/2 connection the requests that arrive together on the mesh link leave in one
 //! write and their responses come back in one read. Traefik's entrypoints accept h2c with prior
-//! knowledge. Requests that upgrade (WebSocket) still go over HTTP/1.1 ([`crate::pool`]).
+//! knowledge. Requests that upgrade (WebSocket) still go over HTTP/1.1 ([`phoenix_mesh_transport::pool`]).
 //!
 //! Driven with the `h2` crate directly, as the client sidecar drives its mesh link
-//! ([`phoenix_mesh_common::h2body`]): each request's own task opens its stream and awaits the
+//! ([`phoenix_mesh_transport::h2::client`]): each request's own task opens its stream and awaits the
 //! response, where hyper's HTTP/2 client would pass it through its connection task and spawn a task
 //! per request to wait for the answer.
 //!
@@ -25,14 +25,14 @@ use h2::client::SendRequest;
 use http::{Request, Response};
 use http_body::Body as _;
 use http_body_util::{Either, Full};
-use phoenix_mesh_common::h2body::{self, H2Body};
-use phoenix_mesh_common::periodic::sweep_idle;
 use phoenix_mesh_common::ProxyBody;
+use phoenix_mesh_transport::h2::client::{self as h2body, H2Body};
+use phoenix_mesh_transport::sweep::sweep_idle;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::debug;
 
-use crate::pool::{connect_tcp, BackendError};
+use phoenix_mesh_transport::pool::{connect_tcp, BackendError};
 
 /// The shared h2c connection to one backend.
 pub(crate) struct H2cBackend {

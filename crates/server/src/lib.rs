@@ -9,8 +9,6 @@ mod forward;
 mod h2c;
 mod listener;
 mod plaintext;
-mod pool;
-mod socket;
 
 pub use check::check;
 pub use config::{ServerFile, ServerSettings};

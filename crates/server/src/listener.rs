@@ -14,16 +14,16 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use phoenix_mesh_certs::{failure_reason, LiveServerTls, Material, Reloader, Role};
 use phoenix_mesh_common::access::{AccessStart, Logged};
 use phoenix_mesh_common::admin::AdminState;
-use phoenix_mesh_common::h2body::ResponseBody;
 use phoenix_mesh_common::headers::forwarded_for_value;
 use phoenix_mesh_common::metrics::{GaugeGuard, Metrics};
-use phoenix_mesh_common::park::serve_http1_parking;
-use phoenix_mesh_common::serve::{
-    accept_loop, drive, http1_builder, http2_builder, PrefaceDeadline, ShutdownWatch, Slot,
-};
 use phoenix_mesh_common::sidecar::{
     bind_admin, log_certificate, own_certificate_ready, refresh_tls_metrics, spawn_background,
     SideSettings,
+};
+use phoenix_mesh_transport::body::ResponseBody;
+use phoenix_mesh_transport::http1_idle::serve_http1_parking;
+use phoenix_mesh_transport::serve::{
+    accept_loop, drive, http1_builder, http2_builder, PrefaceDeadline, ShutdownWatch, Slot,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -33,8 +33,8 @@ use tracing::{debug, field, info, info_span, warn, Instrument};
 
 use crate::forward::{Backend, Peer, PeerIds};
 use crate::plaintext::{looks_like_http, refuse_plain_http};
-use crate::socket::{First, MeshSocket};
 use crate::ServerSettings;
+use phoenix_mesh_transport::coalescing_socket::{First, MeshSocket};
 
 /// Why the server could not start.
 pub type ServerError = phoenix_mesh_common::sidecar::StartError;

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use phoenix_mesh_certs::pki::Leaf;
 use phoenix_mesh_client::{ClientSettings, ClientSidecar};
-use phoenix_mesh_common::serve::Shutdown;
 use phoenix_mesh_server::{MeshListener, ServerSettings};
+use phoenix_mesh_transport::serve::Shutdown;
 use tempfile::TempDir;
 use tokio::task::JoinHandle;
 

@@ -23,7 +23,7 @@ use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use phoenix_mesh_common::park::ReadReady;
+use crate::http1_idle::ReadReady;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -32,7 +32,7 @@ const TLS_HANDSHAKE: u8 = 0x16;
 
 /// What the first read on a connection said.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum First {
+pub enum First {
     /// Nothing read yet.
     Unread,
     /// A TLS handshake record; rustls has it.
@@ -45,7 +45,7 @@ pub(crate) enum First {
 
 /// A [`TcpStream`] that sniffs its first read and can hold writes; see the module docs.
 #[derive(Debug)]
-pub(crate) struct MeshSocket {
+pub struct MeshSocket {
     tcp: TcpStream,
     /// Bytes taken from the TLS layer but not yet given to the kernel.
     held: Vec<u8>,
@@ -71,7 +71,7 @@ enum Phase {
 
 impl MeshSocket {
     /// Wraps a freshly accepted connection: nothing written or read.
-    pub(crate) fn new(tcp: TcpStream) -> Self {
+    pub fn new(tcp: TcpStream) -> Self {
         MeshSocket {
             tcp,
             held: Vec::new(),
@@ -84,7 +84,7 @@ impl MeshSocket {
     /// Ends holding (the handshake is over). What is held goes out with the next write, or at
     /// shutdown; without `answer_follows` also before the next read that waits, which hyper does at
     /// once when no request has arrived yet.
-    pub(crate) fn stop_holding(&mut self, answer_follows: bool) {
+    pub fn stop_holding(&mut self, answer_follows: bool) {
         self.phase = Phase::Done;
         self.wait_sends_held = !answer_follows;
     }
@@ -96,13 +96,13 @@ impl MeshSocket {
     }
 
     /// What the first read said, taken out (for the bytes of a peer that did not speak TLS).
-    pub(crate) fn take_first(&mut self) -> First {
+    pub fn take_first(&mut self) -> First {
         std::mem::replace(&mut self.first, First::Unread)
     }
 
     /// The stream itself, for answering a peer that did not speak TLS (nothing is held then: rustls
     /// never saw its bytes, so it wrote nothing).
-    pub(crate) fn into_tcp(self) -> TcpStream {
+    pub fn into_tcp(self) -> TcpStream {
         self.tcp
     }
 

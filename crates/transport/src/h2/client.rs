@@ -22,15 +22,10 @@ use h2::{RecvStream, SendStream};
 use http::header::CONTENT_LENGTH;
 use http::{HeaderMap, HeaderValue, Method, Request, Response};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::Either;
 use tokio::task::JoinHandle;
 use tracing::debug;
 
-use crate::ProxyBody;
-
-/// What a sidecar answers with: a body from hyper (or one of its own), or a stream of an HTTP/2
-/// connection it drives itself.
-pub type ResponseBody = Either<ProxyBody, H2Body>;
+use crate::body::ProxyBody;
 
 /// An `h2` client builder with hyper's HTTP/2 client settings: its windows (2 MiB per stream, 5 MiB
 /// per connection), frame and header-list sizes, send buffer, stream and reset limits, push off.

@@ -13,19 +13,19 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use crate::body::ProxyBody;
+use crate::sweep::sweep_idle;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
-use phoenix_mesh_common::periodic::sweep_idle;
-use phoenix_mesh_common::ProxyBody;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::debug;
 
 /// Why the backend did not answer.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum BackendError {
+pub enum BackendError {
     /// No connection could be opened (refused, unreachable, timed out).
     #[error("{0}")]
     Connect(std::io::Error),
@@ -44,7 +44,7 @@ pub(crate) enum BackendError {
 }
 
 /// A TCP connection to the backend within `connect_timeout`, with Nagle off.
-pub(crate) async fn connect_tcp(
+pub async fn connect_tcp(
     addr: SocketAddr,
     connect_timeout: Duration,
 ) -> Result<TcpStream, BackendError> {
@@ -63,7 +63,7 @@ pub(crate) async fn connect_tcp(
 }
 
 /// One backend's connections.
-pub(crate) struct BackendPool {
+pub struct BackendPool {
     addr: SocketAddr,
     connect_timeout: Duration,
     idle_timeout: Duration,
@@ -87,11 +87,7 @@ impl Pooled {
 
 impl BackendPool {
     /// A pool for `addr`; a task closes connections idle past `idle_timeout` until the pool is dropped.
-    pub(crate) fn new(
-        addr: SocketAddr,
-        connect_timeout: Duration,
-        idle_timeout: Duration,
-    ) -> Arc<Self> {
+    pub fn new(addr: SocketAddr, connect_timeout: Duration, idle_timeout: Duration) -> Arc<Self> {
         let pool = Arc::new(BackendPool {
             addr,
             connect_timeout,
@@ -103,7 +99,7 @@ impl BackendPool {
     }
 
     /// Sends `req` on a reused connection when one is free, else on a new one.
-    pub(crate) async fn send(
+    pub async fn send(
         &self,
         mut req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, BackendError> {

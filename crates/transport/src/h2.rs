@@ -1,0 +1,3 @@
+//! HTTP/2 driven with the `h2` crate directly.
+
+pub mod client;
