@@ -797,3 +797,25 @@ impl AsyncWrite for MeshStream {
         Pin::new(&mut self.get_mut().tls).poll_shutdown(cx)
     }
 }
+
+impl phoenix_mesh_transport::dial::Dial for MeshConnector {
+    type Io = MeshStream;
+    type Meta = ConnInfo;
+    type Error = UpstreamError;
+
+    async fn dial(
+        &self,
+    ) -> Result<phoenix_mesh_transport::dial::Connected<MeshStream, ConnInfo>, UpstreamError> {
+        let stream = MeshConnector::dial(self).await?;
+        let protocol = if stream.is_h2() {
+            phoenix_mesh_transport::dial::Protocol::Http2
+        } else {
+            phoenix_mesh_transport::dial::Protocol::Http1
+        };
+        Ok(phoenix_mesh_transport::dial::Connected {
+            meta: stream.info(),
+            io: stream,
+            protocol,
+        })
+    }
+}

@@ -9,6 +9,7 @@
 //! - `serve.rs`: the accept loop, shutdown and draining, HTTP server builders and the preface deadline.
 //! - `http1_idle.rs`: HTTP/1.1 server connections that hold no HTTP state while idle.
 //! - `coalescing_socket.rs`: the accepted TCP socket that sniffs for TLS and sends the session ticket with the first answer.
+//! - `dial.rs`: what opens a connection (the `Dial` trait) and the plain TCP dialer.
 //! - `pool.rs`: the HTTP/1.1 client pool.
 //! - `h2/client.rs`: opening HTTP/2 streams and reading their bodies.
 //! - `sweep.rs`: the periodic idle sweep of a pool.
@@ -16,6 +17,7 @@
 
 pub mod body;
 pub mod coalescing_socket;
+pub mod dial;
 pub mod h2;
 pub mod http1_idle;
 pub mod pool;

@@ -1,0 +1,97 @@
+//! A *dialer* opens one new connection to a peer, ready for HTTP: TCP, and TLS where the hop has it.
+//! The pools ([`crate::pool`], [`crate::h2`]) decide when to dial and when a connection may be used
+//! again; a dialer only knows how to reach its peer, and says what the connection was opened with
+//! (its *meta*, which a pool hands to its owner's retirement rule before every reuse).
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+/// The HTTP version a new connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP/1.1.
+    Http1,
+    /// HTTP/2 (chosen through ALPN, or cleartext with prior knowledge).
+    Http2,
+}
+
+/// A connection a dialer opened.
+#[derive(Debug)]
+pub struct Connected<I, M> {
+    /// The byte stream.
+    pub io: I,
+    /// What it was opened with, for the owner's retirement rule.
+    pub meta: M,
+    /// What it speaks.
+    pub protocol: Protocol,
+}
+
+/// Opens connections to one peer (or one of several: which is the dialer's business).
+pub trait Dial: Send + Sync + 'static {
+    /// The connected byte stream.
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// What a connection was opened with.
+    type Meta: Send + Sync + 'static;
+    /// Why no connection could be opened.
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// One new connection.
+    fn dial(
+        &self,
+    ) -> impl Future<Output = Result<Connected<Self::Io, Self::Meta>, Self::Error>> + Send;
+}
+
+/// Plain TCP to one address within a connect timeout, Nagle off: the listener's hop to its backend.
+#[derive(Debug, Clone)]
+pub struct TcpDial {
+    /// Where to connect.
+    pub addr: SocketAddr,
+    /// How long a connect may take.
+    pub connect_timeout: Duration,
+    /// What the connections speak: HTTP/1.1, or HTTP/2 with prior knowledge (h2c).
+    pub protocol: Protocol,
+}
+
+/// A TCP connect that failed or timed out.
+#[derive(Debug, thiserror::Error)]
+#[error("{source}")]
+pub struct ConnectError {
+    /// Why; a timeout is `TimedOut` with the limit named.
+    #[from]
+    pub source: io::Error,
+}
+
+impl Dial for TcpDial {
+    type Io = TcpStream;
+    type Meta = ();
+    type Error = ConnectError;
+
+    async fn dial(&self) -> Result<Connected<TcpStream, ()>, ConnectError> {
+        let stream =
+            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(error)) => return Err(error.into()),
+                Err(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "no TCP connection within {:?} (backend_connect_timeout)",
+                            self.connect_timeout
+                        ),
+                    )
+                    .into())
+                }
+            };
+        let _ = stream.set_nodelay(true);
+        Ok(Connected {
+            io: stream,
+            meta: (),
+            protocol: self.protocol,
+        })
+    }
+}
