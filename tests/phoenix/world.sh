@@ -244,6 +244,7 @@ if [[ $scenario == e2e ]]; then
         mounts=$(jq -r --arg id "$id" '.lxc_configs[$id].mount_points // [] | .[] | "\(.host_path)\t\(.container_path)"' "$P/etc/phoenix_lxc_configs.json")
         while IFS=$'\t' read -r hp _; do [[ -n $hp ]] && mkdir -p "$hp"; done <<<"$mounts"
         mkfifo "$g/ready"
+        # shellcheck disable=SC2016 # the script runs in the new namespace, with its own arguments
         unshare -m --propagation private -- /bin/bash -c '
             set -e
             g=$1 mounts=$2
