@@ -35,11 +35,13 @@ if [[ ${PHOENIX_WORLD_INSIDE:-} != 1 ]]; then
             created+=("$d")
         fi
     done
-    rc=0
-    PHOENIX_WORLD_INSIDE=1 unshare -m -n --propagation private -- "$0" "$@" || rc=$?
-    for d in "${created[@]}"; do rmdir "$d" 2>/dev/null || true; done
-    rmdir /mnt 2>/dev/null || true # only if the test made it and it is empty
-    exit "$rc"
+    # shellcheck disable=SC2317 # called by the EXIT trap
+    remove_created() {
+        for d in "${created[@]}"; do rmdir "$d" 2>/dev/null || true; done
+    }
+    trap remove_created EXIT
+    PHOENIX_WORLD_INSIDE=1 unshare -m -n --propagation private -- "$0" "$@"
+    exit
 fi
 
 # ------------------------------------------------------------------- inside the namespaces
