@@ -1,13 +1,27 @@
 #!/usr/bin/env bash
-# Install phoenix-mesh inside a Proxmox LXC: binary, config (never overwritten), systemd unit.
+# Install phoenix-mesh inside a Proxmox LXC: binary, config, systemd unit, and optionally a freshly
+# issued certificate.
 #
-#   install.sh client [path-to-binary]    # LXC 101, beside nginx
-#   install.sh server [path-to-binary]    # LXC 102, beside Traefik
+#   install.sh client [path-to-binary] [options]    # LXC 101, beside nginx
+#   install.sh server [path-to-binary] [options]    # LXC 102, beside Traefik
 #
-# Run as root inside the container, from a copy of the repository's deploy/ directory (the script
-# finds its files next to itself). Safe to run again: it only changes what differs, keeps the
-# previous binary as /usr/local/bin/phoenix-mesh.prev for roll-back, and restarts the service only
-# when the binary or the unit changed.
+# options:
+#   --replace-config     install the config shipped beside this script even over an existing
+#                        /etc/phoenix-mesh/<side>.toml (keeping the previous one as <side>.toml.prev);
+#                        what the Phoenix integration does, where the config's source of truth is
+#                        PHOENIX_DIR/etc/phoenix-mesh/ (deploy/phoenix/). Without it an existing config
+#                        is never overwritten.
+#   --cert FILE --key FILE
+#                        install this certificate chain and key where the config's `cert` and `key`
+#                        point (root:phoenix-mesh 0640, each replaced by a rename), and reload the
+#                        running service; what the certificate manifest's post_renewal_command does
+#                        through deploy/phoenix/phoenix-mesh-feature.sh.
+#
+# Run as root inside the container, from a directory laid out like the repository's deploy/ (the
+# script finds its files next to itself). Safe to run again: it only changes what differs, keeps the
+# previous binary as /usr/local/bin/phoenix-mesh.prev for roll-back, restarts the service only when
+# the binary, the unit or the config changed, reloads it when only the certificate did, and leaves
+# it stopped (enabled) while its certificate does not exist yet.
 #
 # Without a binary argument the installed /usr/local/bin/phoenix-mesh is kept (re-run after
 # editing only the unit or to repair permissions).
@@ -24,7 +38,7 @@ readonly SERVICE_USER=phoenix-mesh
 readonly SERVICE_GROUP=phoenix-mesh
 
 usage() {
-    echo "usage: $0 client|server [path-to-phoenix-mesh-binary]" >&2
+    echo "usage: $0 client|server [path-to-phoenix-mesh-binary] [--replace-config] [--cert FILE --key FILE]" >&2
     echo "       DESTDIR=/staging/root $0 client|server [binary]   (lay out files only)" >&2
     exit 2
 }
@@ -36,9 +50,29 @@ die() {
     exit 1
 }
 
-[[ $# -ge 1 && $# -le 2 ]] || usage
+[[ $# -ge 1 ]] || usage
 side=$1
-binary_src=${2:-}
+shift
+binary_src=""
+replace_config=false
+new_cert=""
+new_key=""
+while [[ $# -gt 0 ]]; do
+    case $1 in
+    --replace-config) replace_config=true ;;
+    --cert) new_cert=${2:-} && shift ;;
+    --key) new_key=${2:-} && shift ;;
+    -*) usage ;;
+    *)
+        [[ -z $binary_src ]] || usage
+        binary_src=$1
+        ;;
+    esac
+    shift
+done
+if [[ -n $new_cert || -n $new_key ]]; then
+    [[ -n $new_cert && -n $new_key ]] || die "--cert and --key go together"
+fi
 case $side in
 client) lxc_dir=lxc-101-nginx ;;
 server) lxc_dir=lxc-102-traefik ;;
@@ -68,11 +102,16 @@ doc_dir=/usr/local/share/doc/phoenix-mesh
 if [[ -n $binary_src ]]; then
     [[ -f $binary_src ]] || die "binary $binary_src does not exist"
 fi
+if [[ -n $new_cert ]]; then
+    [[ -f $new_cert ]] || die "certificate $new_cert does not exist"
+    [[ -f $new_key ]] || die "key $new_key does not exist"
+fi
 if ! $staging && [[ $(id -u) -ne 0 ]]; then
     die "run as root inside the container (or set DESTDIR=... to stage files only)"
 fi
 
-changed_runtime=false # binary or unit changed: a running service needs a restart
+changed_runtime=false # binary, unit or config changed: a running service needs a restart
+changed_certs=false   # only the certificate changed: a reload is enough
 
 # install_file MODE SRC DEST: copy SRC to DEST atomically (temp name in the same directory, then
 # rename), only if the content or mode differs. Returns 1 when DEST was already right. Always
@@ -117,12 +156,10 @@ fi
 
 # --- 2. directories ----------------------------------------------------------------------------
 make_dir 0750 "$SERVICE_GROUP" "$destdir$config_dir"
-# Where the certificate manifest drops renewed files before post_renewal_command installs them
-# atomically into the live paths. Root only: the sidecar never reads it.
-make_dir 0700 root "$destdir$config_dir/renew"
-if [[ $side == server ]]; then
-    make_dir 0750 "$SERVICE_GROUP" "$destdir$config_dir/ssl"
-fi
+# The sidecar's own certificate and key (installed by --cert/--key, i.e. by the certificate
+# manifest's post_renewal_command). Inside the container, not on a bind mount: files the host
+# writes into a bind-mounted directory belong to an unmapped uid in an unprivileged container.
+make_dir 0750 "$SERVICE_GROUP" "$destdir$config_dir/ssl"
 
 # --- 3. binary ---------------------------------------------------------------------------------
 if [[ -n $binary_src ]]; then
@@ -150,9 +187,15 @@ binary=$destdir$bin_path
 
 # --- 4. config: never overwrite an operator's file ---------------------------------------------
 dest=$destdir$config_path
-if [[ -e $dest ]]; then
+if [[ -e $dest ]] && $replace_config && ! cmp -s -- "$config_src" "$dest"; then
+    cp -p -- "$dest" "$dest.prev"
+    install -m 0640 -- "$config_src" "$dest.new.$$"
+    mv -f -- "$dest.new.$$" "$dest"
+    changed_runtime=true
+    say "replaced $config_path (the previous one is $config_path.prev)"
+elif [[ -e $dest ]]; then
     if cmp -s -- "$config_src" "$dest"; then
-        say "$config_path already matches the example"
+        say "$config_path already matches the shipped config"
     else
         say "$config_path exists and is kept; compare with the shipped example:"
         say "  diff -u $config_path $config_path.example"
@@ -176,6 +219,26 @@ toml_string() { # toml_string KEY FILE -> the value of `KEY = "..."`, empty if a
 cert_file=$(toml_string cert "$dest")
 key_file=$(toml_string key "$dest")
 ca_file=$(toml_string ca "$dest")
+# A new certificate: key first, then certificate, each to a temporary name beside the live file and
+# renamed over it, so the sidecar never reads a half-written file (its poller may see the new key
+# with the old certificate for a moment: one failed reload, then the pair loads).
+if [[ -n $new_cert ]]; then
+    [[ $cert_file == /* && $key_file == /* ]] || die "$config_path has no absolute cert/key paths to install the certificate to"
+    for pair in "$new_key:$key_file" "$new_cert:$cert_file"; do
+        src=${pair%%:*}
+        live=$destdir${pair#*:}
+        if [[ -f $live ]] && cmp -s -- "$src" "$live"; then
+            continue
+        fi
+        mkdir -p -- "$(dirname -- "$live")"
+        tmp=$(dirname -- "$live")/.$(basename -- "$live").new.$$
+        install -m 0640 -- "$src" "$tmp"
+        $staging || chown "root:$SERVICE_GROUP" -- "$tmp"
+        mv -f -- "$tmp" "$live"
+        changed_certs=true
+    done
+    if $changed_certs; then say "installed the certificate as $cert_file and $key_file"; else say "certificate unchanged"; fi
+fi
 for f in "$cert_file" "$key_file"; do
     [[ -n $f && $f == /* ]] || continue
     if [[ -f $destdir$f ]]; then
@@ -247,6 +310,18 @@ if $staging; then
 fi
 
 # --- 7. validate with the binary ---------------------------------------------------------------
+# Until the certificate manifest has installed the certificate there is nothing to start: the unit is
+# enabled and stays stopped; the manifest's post_renewal_command runs this script again with --cert.
+certs_present=true
+for f in "$cert_file" "$key_file"; do
+    [[ -n $f && -f $f ]] || certs_present=false
+done
+if ! $certs_present; then
+    systemctl daemon-reload
+    systemctl enable "$unit_name" >/dev/null
+    say "$unit_name enabled, not started: its certificate is not installed yet (the certificate manifest installs it and starts the service)"
+    exit 0
+fi
 # --check validates config and certificates and then probes the hops live. A failing live probe
 # is expected when the other LXC is not deployed yet, so only exit 78 (config or certificate
 # error: the service could not start anyway) stops the installation.
@@ -276,6 +351,9 @@ if systemctl is-active --quiet "$unit_name"; then
     if $changed_runtime; then
         say "restarting $unit_name (drains requests in flight for up to drain_timeout)"
         systemctl restart "$unit_name"
+    elif $changed_certs; then
+        say "reloading $unit_name (new certificate)"
+        systemctl reload "$unit_name"
     else
         say "$unit_name running and unchanged; for config changes: systemctl reload $unit_name"
     fi

@@ -17,6 +17,7 @@ mod hardening;
 mod limits;
 mod nginx_e2e;
 mod operations;
+mod phoenix;
 mod refusals;
 mod rotation;
 mod roundtrip;
