@@ -12,8 +12,7 @@ use crate::support::http::{get, send_h1, send_h1_streaming, send_h2c, Reply, SER
 use crate::support::mesh::Mesh;
 use crate::support::pki::expected_gateway_xfcc;
 use crate::support::stream::{drain_hashing, gated_body, pattern_sha256, TrailerBody};
-use crate::support::within;
-use crate::support_ops::eventually;
+use crate::support::{eventually, within};
 
 async fn h2c_mesh() -> Mesh {
     Mesh::start_with(|s| {
