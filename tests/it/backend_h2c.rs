@@ -1,5 +1,10 @@
 //! `backend_http2 = true`: the listener carries requests to the backend on one shared HTTP/2
-//! cleartext connection (prior knowledge), as Traefik's entrypoints accept.
+//! cleartext connection (prior knowledge), as Traefik's entrypoints accept. Covered here: requests
+//! sharing the connection with their Host as `:authority`; what still goes over HTTP/1.1 (upgrades,
+//! a Host that is no authority); a failed dial shared by the requests waiting on it; a request given
+//! up on cancelled at the backend; bodies and trailers streaming both ways; a backend without h2c;
+//! a connection closed or going away; and requests the backend turned away unprocessed (sent once
+//! more if idempotent, never twice).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

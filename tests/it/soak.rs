@@ -1,8 +1,8 @@
-//! A bounded soak (issue 6): both sidecars as real processes, thousands of short-lived connections
-//! through the client sidecar mixed with hostile clients hitting the listener directly (no
-//! certificate, another CA, plaintext, garbage, half handshakes) and a keep-alive HTTP/1.1 client
-//! that idles between its requests (so the listener parks and revives its connection), while both
-//! certificates rotate on disk. No good request may fail, and after the load the processes' descriptor counts and RSS must
+//! A bounded soak: both sidecars as real processes, thousands of short-lived connections through the
+//! client sidecar mixed with hostile clients hitting the listener directly (no certificate, another
+//! CA, plaintext, garbage, half handshakes) and a keep-alive HTTP/1.1 client that idles between its
+//! requests (so the listener parks and revives its connection), while both certificates rotate on
+//! disk. No good request may fail, and after the load the processes' descriptor counts and RSS must
 //! be back near their post-warm-up levels.
 //!
 //! Bounded by counts (rounds x requests), with a wall-clock cap so a regression cannot hang CI.
@@ -31,7 +31,7 @@ use crate::support::pki::{TestPki, LISTENER_NAME};
 use crate::support::{closed_port_addr, sha256_hex, tls};
 
 /// Rounds after warm-up; each rotates both certificates once (about half a second each: a soak
-/// of roughly a minute, as the issue asks).
+/// of roughly a minute).
 const ROUNDS: usize = 100;
 /// Good requests per round, each on its own connection to the client sidecar.
 const GOOD_PER_ROUND: usize = 800;
