@@ -19,7 +19,7 @@ use tokio::net::{TcpListener, TcpStream, UnixDatagram};
 use tokio::sync::watch;
 
 use crate::support::backend::Backend;
-use crate::support::binary::Binary;
+use crate::support::binary::{send_signal, Binary};
 use crate::support::files::MeshFiles;
 use crate::support::http::try_get;
 use crate::support::pki::TestPki;
@@ -79,14 +79,8 @@ async fn listener_notifies_ready_reloading_and_stopping() {
     let notified = Notified::new().await;
     let (files, socket) = (&notified.files, &notified.socket);
     let mut child = notified.spawn(&[]);
-    let pid = child.id().unwrap().to_string();
-    let kill = |signal: &str| {
-        let status = std::process::Command::new("kill")
-            .args([format!("-{signal}"), pid.clone()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    };
+    let pid = child.id().unwrap();
+    let kill = |signal: &str| send_signal(pid, signal);
 
     assert_eq!(next_notification(socket).await.trim(), "READY=1");
 

@@ -211,12 +211,7 @@ impl Proc {
 
     /// Sends `signal` (`HUP`, `TERM`, ...) with kill(1).
     pub fn signal(&self, signal: &str) {
-        let status = std::process::Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.pid.to_string())
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill -{signal} {} failed", self.pid);
+        send_signal(self.pid, signal);
     }
 
     /// Whether the process is still running.
@@ -235,6 +230,16 @@ impl Proc {
     pub async fn kill(&mut self) {
         self.child.kill().await.unwrap();
     }
+}
+
+/// Sends `signal` (`HUP`, `TERM`, ...) to process `pid` with kill(1).
+pub fn send_signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal} {pid} failed");
 }
 
 /// The string value of `"key":"..."` in a JSON log line (no escapes needed for what we read).
