@@ -1,5 +1,10 @@
 //! `backend_http2 = true`: the listener carries requests to the backend on one shared HTTP/2
-//! cleartext connection (prior knowledge), as Traefik's entrypoints accept.
+//! cleartext connection (prior knowledge), as Traefik's entrypoints accept. Covered here: requests
+//! sharing the connection with their Host as `:authority`; what still goes over HTTP/1.1 (upgrades,
+//! a Host that is no authority); a failed dial shared by the requests waiting on it; a request given
+//! up on cancelled at the backend; bodies and trailers streaming both ways; a backend without h2c;
+//! a connection closed or going away; and requests the backend turned away unprocessed (sent once
+//! more if idempotent, never twice).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -12,8 +17,7 @@ use crate::support::http::{get, send_h1, send_h1_streaming, send_h2c, Reply, SER
 use crate::support::mesh::Mesh;
 use crate::support::pki::expected_gateway_xfcc;
 use crate::support::stream::{drain_hashing, gated_body, pattern_sha256, TrailerBody};
-use crate::support::within;
-use crate::support_ops::eventually;
+use crate::support::{eventually, within};
 
 async fn h2c_mesh() -> Mesh {
     Mesh::start_with(|s| {

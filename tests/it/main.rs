@@ -1,5 +1,20 @@
 //! Black-box tests of phoenix-mesh over real loopback sockets, with real TLS and a throwaway
-//! step-ca-like PKI (root + intermediate). One test binary, a module per area.
+//! step-ca-like PKI (root + intermediate). One test binary, a module per feature, all built on the
+//! one harness in `support`:
+//!
+//! - `proxying`: requests through both hops intact: methods, targets, headers, bodies, h2c and h2.
+//! - `upgrades`: WebSocket through both hops.
+//! - `backend_h2c`: the listener's shared HTTP/2 cleartext connection to the backend.
+//! - `identity`: who may connect (refused certificates, `allowed_peers`) and XFCC.
+//! - `certificates`: rotation, revocation and expiry while running.
+//! - `upstream_health`: each hop's next hop down, slow or wrong: errors, failover, ejection, pooling.
+//! - `timeouts`: silent, slow and idle clients closed; idle connections parked.
+//! - `limits`: header size, malformed and smuggling requests, connection and descriptor limits.
+//! - `operations`: start-up, `--check`, admin endpoint and metrics, logs, systemd and signals.
+//! - `unix_listen`: the client sidecar on a unix socket.
+//! - `nginx_e2e`: a real nginx in front (skipped without nginx).
+//! - `phoenix`: `deploy/phoenix/integrate.sh` against the homelab's real Phoenix scripts, end to end.
+//! - `soak`: a minute of mixed traffic with rotation, checked for failures and leaks.
 //!
 //! Run with `cargo test --test it`.
 
@@ -8,20 +23,17 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
-mod support_ops;
 
 mod backend_h2c;
-mod expiry;
-mod failures;
-mod hardening;
+mod certificates;
+mod identity;
 mod limits;
 mod nginx_e2e;
 mod operations;
 mod phoenix;
-mod refusals;
-mod rotation;
-mod roundtrip;
+mod proxying;
 mod soak;
-mod startup;
-mod systemd;
+mod timeouts;
 mod unix_listen;
+mod upgrades;
+mod upstream_health;

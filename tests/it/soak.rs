@@ -1,15 +1,14 @@
-//! A bounded soak (issue 6): both sidecars as real processes, thousands of short-lived connections
-//! through the client sidecar mixed with hostile clients hitting the listener directly (no
-//! certificate, another CA, plaintext, garbage, half handshakes) and a keep-alive HTTP/1.1 client
-//! that idles between its requests (so the listener parks and revives its connection), while both
-//! certificates rotate on disk. No good request may fail, and after the load the processes' descriptor counts and RSS must
+//! A bounded soak: both sidecars as real processes, thousands of short-lived connections through the
+//! client sidecar mixed with hostile clients hitting the listener directly (no certificate, another
+//! CA, plaintext, garbage, half handshakes) and a keep-alive HTTP/1.1 client that idles between its
+//! requests (so the listener parks and revives its connection), while both certificates rotate on
+//! disk. No good request may fail, and after the load the processes' descriptor counts and RSS must
 //! be back near their post-warm-up levels.
 //!
 //! Bounded by counts (rounds x requests), with a wall-clock cap so a regression cannot hang CI.
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,17 +21,17 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 use crate::support::backend::{Backend, HELLO};
+use crate::support::binary::Binary;
+use crate::support::files::{install_leaf_by_rename, MeshFiles};
 use crate::support::http::{get, SERVICE_HOST};
-use crate::support::mesh::{toml_str, TomlConfig};
-use crate::support::pki::{write_leaf, TestPki, LISTENER_NAME};
+use crate::support::pki::{TestPki, LISTENER_NAME};
 use crate::support::{closed_port_addr, sha256_hex, tls};
 
-const BIN: &str = env!("CARGO_BIN_EXE_phoenix-mesh");
 /// Rounds after warm-up; each rotates both certificates once (about half a second each: a soak
-/// of roughly a minute, as the issue asks).
+/// of roughly a minute).
 const ROUNDS: usize = 100;
 /// Good requests per round, each on its own connection to the client sidecar.
 const GOOD_PER_ROUND: usize = 800;
@@ -55,16 +54,9 @@ struct Sidecar {
 impl Sidecar {
     fn spawn(side: &str, config: &Path, dir: &Path) -> Sidecar {
         let log = dir.join(format!("{side}.log"));
-        let child = Command::new(BIN)
-            .args([side, "--config"])
-            .arg(config)
+        let child = Binary::new(side, config)
             .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
+            .spawn_with_stderr(std::fs::File::create(&log).unwrap());
         Sidecar { child, log }
     }
 
@@ -242,23 +234,6 @@ async fn parked_client(listener: SocketAddr, pki: &TestPki, tag: &str) -> Result
         .unwrap_or_else(|_| Err(format!("parked client {tag} hung")))
 }
 
-/// Writes a fresh leaf for `stem` (key first, then the chain, each by rename).
-fn rotate(dir: &Path, stem: &str, leaf: &phoenix_mesh_certs::pki::Leaf) {
-    let staging = dir.join("staging");
-    std::fs::create_dir_all(&staging).unwrap();
-    write_leaf(&staging, stem, leaf);
-    std::fs::rename(
-        staging.join(format!("{stem}.key")),
-        dir.join(format!("{stem}.key")),
-    )
-    .unwrap();
-    std::fs::rename(
-        staging.join(format!("{stem}.crt")),
-        dir.join(format!("{stem}.crt")),
-    )
-    .unwrap();
-}
-
 /// Runs one round of load: good requests through the client, hostile clients at the listener.
 async fn round(
     tag: &str,
@@ -315,45 +290,28 @@ async fn round(
 async fn soak_mixed_traffic_with_rotation_keeps_good_requests_and_leaks_nothing() {
     let started = Instant::now();
     let pki = Arc::new(TestPki::new());
-    let dir = tempfile::Builder::new()
-        .prefix("phoenix-mesh-soak-")
-        .tempdir()
-        .unwrap();
-    let d = dir.path();
     let backend = Backend::start().await;
-    write_leaf(d, "listener", &pki.listener_cert());
-    write_leaf(d, "client", &pki.client_cert());
-    std::fs::write(d.join("ca.crt"), pki.root_pem()).unwrap();
+    let mut files = MeshFiles::new(&pki, backend.addr, &pki.listener_cert(), &pki.client_cert());
+    let d = files.dir.path().to_owned();
+    let d = d.as_path();
 
+    // Ports chosen here, since the processes log only warnings (nothing to read an address from).
     let listener_addr = closed_port_addr();
     let client_addr = closed_port_addr();
-    let mut server = TomlConfig::default();
-    server
+    files
+        .server
         .set_str("listen", &listener_addr.to_string())
-        .set_str("backend", &backend.addr.to_string())
-        .set_str("cert", "listener.crt")
-        .set_str("key", "listener.key")
-        .set_str("ca", "ca.crt")
         .set_str("handshake_timeout", "1s")
         .set_str("reload_poll_interval", "200ms");
-    server.write(&d.join("server.toml"));
-    let mut client = TomlConfig::default();
-    client
+    files
+        .client
         .set_str("listen", &client_addr.to_string())
-        .set(
-            "upstreams",
-            format!("[{}]", toml_str(&listener_addr.to_string())),
-        )
-        .set_str("server_name", LISTENER_NAME)
-        .set_str("cert", "client.crt")
-        .set_str("key", "client.key")
-        .set_str("ca", "ca.crt")
+        .set_addrs("upstreams", &[listener_addr])
         .set_str("pool_idle_timeout", "2s")
         .set_str("reload_poll_interval", "200ms");
-    client.write(&d.join("client.toml"));
 
-    let server_proc = Sidecar::spawn("server", &d.join("server.toml"), d);
-    let client_proc = Sidecar::spawn("client", &d.join("client.toml"), d);
+    let server_proc = Sidecar::spawn("server", &files.write_server(), d);
+    let client_proc = Sidecar::spawn("client", &files.write_client(), d);
     wait_for_port(listener_addr, &server_proc).await;
     wait_for_port(client_addr, &client_proc).await;
 
@@ -362,8 +320,8 @@ async fn soak_mixed_traffic_with_rotation_keeps_good_requests_and_leaks_nothing(
 
     // Warm-up: the same mix, including one rotation, so allocator arenas, pools and caches settle.
     for w in 0..2 {
-        rotate(d, "listener", &pki.listener_cert());
-        rotate(d, "client", &pki.client_cert());
+        install_leaf_by_rename(d, "listener", &pki.listener_cert());
+        install_leaf_by_rename(d, "client", &pki.client_cert());
         round(
             &format!("warm{w}"),
             client_addr,
@@ -385,9 +343,9 @@ async fn soak_mixed_traffic_with_rotation_keeps_good_requests_and_leaks_nothing(
             started.elapsed() < WALL_CAP,
             "soak exceeded {WALL_CAP:?} after {r} rounds"
         );
-        rotate(d, "listener", &pki.listener_cert());
+        install_leaf_by_rename(d, "listener", &pki.listener_cert());
         let client_leaf = pki.client_cert();
-        rotate(d, "client", &client_leaf);
+        install_leaf_by_rename(d, "client", &client_leaf);
         last_client_leaf = Some(client_leaf);
         round(
             &format!("r{r}"),

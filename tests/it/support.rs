@@ -1,9 +1,26 @@
-//! What the tests share: the PKI, a recording backend, the in-process mesh, and small HTTP/TLS clients.
+//! The one test harness: what every feature module builds on.
+//!
+//! - [`pki`]: a root + intermediate like step-ca, and every leaf the tests need, named for what it is.
+//! - [`files`]: config files and both sidecars' file directory; certificate replacement as renewal
+//!   tools do it.
+//! - [`mesh`]: the whole hop in-process (backend, mesh listener, client sidecar).
+//! - [`binary`]: the real binary as a child process.
+//! - [`backend`]: a recording backend standing in for Traefik.
+//! - [`http`], [`raw`], [`tls`]: clients at three levels (hyper, raw bytes, TLS), and [`stream`]
+//!   for streamed bodies that prove nothing is buffered.
+//! - [`admin`]: the admin endpoint and its metrics; [`load`]: background traffic that counts
+//!   failures; [`relay`]: a TCP relay that counts the client's mesh connections.
 
+pub mod admin;
 pub mod backend;
+pub mod binary;
+pub mod files;
 pub mod http;
+pub mod load;
 pub mod mesh;
 pub mod pki;
+pub mod raw;
+pub mod relay;
 pub mod stream;
 pub mod tls;
 
@@ -19,6 +36,26 @@ pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
     match tokio::time::timeout(STEP_LIMIT, fut).await {
         Ok(v) => v,
         Err(_) => panic!("{what}: did not finish within {STEP_LIMIT:?}"),
+    }
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, failing the test with `what` after
+/// [`STEP_LIMIT`]. Not a timing assertion: only an upper bound so a regression cannot hang.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + STEP_LIMIT;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not true within {STEP_LIMIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

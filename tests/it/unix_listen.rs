@@ -8,11 +8,12 @@ use phoenix_mesh_certs::error_chain;
 use phoenix_mesh_client::{ClientSettings, ClientSidecar};
 
 use crate::support::backend::{Backend, HELLO};
+use crate::support::binary::Binary;
+use crate::support::files::MeshFiles;
 use crate::support::http::{get, send_h1_unix};
-use crate::support::mesh::{toml_str, Mesh};
-use crate::support::pki::expected_gateway_xfcc;
+use crate::support::mesh::Mesh;
+use crate::support::pki::{expected_gateway_xfcc, TestPki};
 use crate::support::within;
-use crate::support_ops::{OpsPki, Proc, ProcFiles};
 
 /// A mesh whose client listens on `client.sock` in the mesh's directory, after `hook`.
 async fn unix_mesh(hook: impl FnOnce(&Path)) -> (Mesh, PathBuf) {
@@ -124,21 +125,17 @@ async fn a_stale_socket_is_replaced_a_live_one_and_other_files_are_not() {
 /// removes the socket file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_logs_unix_peers_and_removes_its_socket_at_sigterm() {
-    let pki = OpsPki::new();
+    let pki = TestPki::new();
     let backend = Backend::start().await;
-    let mut files = ProcFiles::new(&pki, backend.addr, &pki.listener(), &pki.gateway());
+    let mut files = MeshFiles::new(&pki, backend.addr, &pki.listener_cert(), &pki.client_cert());
     let (_listener, listener_addr) = files.start_listener().await;
     let socket = files.path("client.sock");
     files
         .client
         .set_str("listen", &format!("unix:{}", socket.display()))
         .set("access_log", "true")
-        .set(
-            "upstreams",
-            format!("[{}]", toml_str(&listener_addr.to_string())),
-        );
-    files.client.write(&files.path("client.toml"));
-    let mut client = Proc::spawn("client", &files.path("client.toml"));
+        .set_addrs("upstreams", &[listener_addr]);
+    let mut client = Binary::client(&files.write_client()).json_logs().spawn();
     client
         .wait_for_line(&["client sidecar accepting plain HTTP", "unix:"])
         .await;

@@ -164,6 +164,23 @@ impl Backend {
         seen.into_iter().next().unwrap()
     }
 
+    /// The targets (path and query) of the requests seen so far that start with `prefix`.
+    pub fn targets_with_prefix(&self, prefix: &str) -> Vec<String> {
+        self.seen()
+            .into_iter()
+            .map(|s| s.target)
+            .filter(|t| t.starts_with(prefix))
+            .collect()
+    }
+
+    /// The `X-Forwarded-Client-Cert` of the last request seen; fails the test if there was none.
+    pub fn last_xfcc(&self) -> String {
+        self.seen()
+            .last()
+            .expect("the backend has seen a request")
+            .one("x-forwarded-client-cert")
+    }
+
     /// Where a test uploading through the mesh can watch the backend's progress.
     pub fn upload_progress(&self) -> watch::Receiver<u64> {
         self.shared.upload_progress.subscribe()

@@ -1,4 +1,6 @@
-//! Plain HTTP clients (hyper, one connection per request) as nginx would talk to the client sidecar.
+//! Plain HTTP clients (hyper, one connection per request) as nginx would talk to the client sidecar:
+//! ones that fail the test on any error ([`send_h1`] and friends, answering a [`Reply`]), and
+//! [`try_get`], which returns a failure for a test that counts them.
 
 use std::net::SocketAddr;
 
@@ -8,6 +10,9 @@ use http_body_util::{BodyExt, Empty};
 use hyper::body::{Body, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
+
+use super::backend::HELLO;
+use super::STEP_LIMIT;
 
 /// The Host nginx forwards for the demo service.
 pub const SERVICE_HOST: &str = "whoami.internal.thinkheads.ai";
@@ -52,6 +57,14 @@ impl Reply {
             );
         }
     }
+}
+
+/// Fails the test unless `reply` is the recording backend's default answer, untouched by the mesh.
+pub fn assert_hello(reply: &Reply) {
+    assert_eq!(reply.status, StatusCode::OK, "{reply:#?}");
+    assert_eq!(reply.body, HELLO, "{reply:#?}");
+    assert_eq!(reply.header("x-backend"), Some("echo"), "{reply:#?}");
+    assert_eq!(reply.mesh_error(), None, "{reply:#?}");
 }
 
 /// A GET for `target` with the service Host.
@@ -136,4 +149,63 @@ pub async fn collect(response: Response<Incoming>) -> Reply {
         body: String::from_utf8_lossy(&body).into_owned(),
         trailers,
     }
+}
+
+/// One request's outcome, as the downstream saw it.
+#[derive(Debug)]
+pub struct Got {
+    pub status: u16,
+    pub mesh_error: Option<String>,
+    pub body: String,
+}
+
+/// GET `target` with the service Host over a fresh connection to `addr`; errors as strings.
+pub async fn try_get(addr: SocketAddr, target: &str) -> Result<Got, String> {
+    let attempt = async {
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        tokio::spawn(conn);
+        let response = sender
+            .send_request(get(target))
+            .await
+            .map_err(|e| format!("request: {e}"))?;
+        let status = response.status().as_u16();
+        let mesh_error = response
+            .headers()
+            .get(phoenix_mesh_common::MESH_ERROR_HEADER)
+            .map(|v| v.to_str().unwrap().to_owned());
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("body: {e}"))?
+            .to_bytes();
+        Ok(Got {
+            status,
+            mesh_error,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
+    };
+    match tokio::time::timeout(STEP_LIMIT, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(format!(
+            "GET {target} via {addr}: no answer within {STEP_LIMIT:?}"
+        )),
+    }
+}
+
+/// GETs `/` through `addr` and fails the test unless the backend's 200 came back.
+pub async fn assert_round_trip(addr: SocketAddr, what: &str) {
+    let got = try_get(addr, "/")
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(
+        (got.status, got.body.as_str()),
+        (200, HELLO),
+        "{what}: {got:?}"
+    );
 }

@@ -1,5 +1,6 @@
-//! Certificates for the tests, named for what they are: a root + intermediate like step-ca, and every
-//! kind of leaf the refusal and start-up tests need.
+//! The tests' PKI: a root and an intermediate as step-ca issues them, a second unrelated one, and
+//! every kind of leaf the tests need, each named for what it is. Leaves are issued by the
+//! intermediate and carry it in their chain; CRLs are signed by it too.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -17,7 +18,9 @@ pub const GATEWAY_SPIFFE: &str = "spiffe://phoenix.internal/ns/gateway/sa/nginx"
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
 
-/// Our PKI plus, lazily, a second unrelated one.
+/// Our PKI, which both sidecars trust, and another one nobody trusts. The two have different names:
+/// two PKIs with the same name would look like one CA with the wrong keys (a bad signature, not an
+/// unknown CA).
 pub struct TestPki {
     ours: Pki,
     other: Pki,
@@ -36,10 +39,22 @@ impl TestPki {
         self.ours.root_pem()
     }
 
+    /// Our intermediate, PEM: the issuer of every leaf and CRL, usable as a trust anchor itself.
+    pub fn intermediate_pem(&self) -> &str {
+        self.ours.intermediate_pem()
+    }
+
     /// The other PKI's root, PEM.
     pub fn other_root_pem(&self) -> &str {
         self.other.root_pem()
     }
+
+    /// A PEM CRL from our intermediate revoking `serials` (none: a valid, empty CRL).
+    pub fn crl(&self, serials: &[u64]) -> String {
+        self.ours.crl(serials).unwrap()
+    }
+
+    // -- listener certificates -------------------------------------------------------------------
 
     /// The listener's certificate: serverAuth, DNS mesh.internal.thinkheads.ai and IP 127.0.0.1.
     pub fn listener_cert(&self) -> Leaf {
@@ -51,6 +66,23 @@ impl TestPki {
         self.other.issue(&listener_spec()).unwrap()
     }
 
+    /// A listener certificate that expired an hour ago.
+    pub fn expired_listener_cert(&self) -> Leaf {
+        self.ours.issue(&expired(listener_spec())).unwrap()
+    }
+
+    /// A listener certificate that expires `left` from now (issued an hour ago).
+    pub fn listener_cert_expiring_in(&self, left: Duration) -> Leaf {
+        self.ours
+            .issue(&expiring_in(listener_spec(), left))
+            .unwrap()
+    }
+
+    /// A listener certificate valid only from tomorrow.
+    pub fn not_yet_valid_listener_cert(&self) -> Leaf {
+        self.ours.issue(&not_yet_valid(listener_spec())).unwrap()
+    }
+
     /// A server certificate for `name` (the nginx front end in the e2e test).
     pub fn server_cert_for(&self, name: &str) -> Leaf {
         let mut spec = LeafSpec::new(name, DAY);
@@ -58,37 +90,31 @@ impl TestPki {
         self.ours.issue(&spec).unwrap()
     }
 
+    // -- client certificates ---------------------------------------------------------------------
+
     /// The gateway's client certificate: clientAuth, CN, DNS and SPIFFE URI SANs.
     pub fn client_cert(&self) -> Leaf {
         self.ours.issue(&gateway_spec()).unwrap()
     }
 
-    /// The gateway identity, but issued by another CA's intermediate.
+    /// The gateway identity, but issued by the other PKI's intermediate.
     pub fn client_cert_signed_by_other_ca(&self) -> Leaf {
         self.other.issue(&gateway_spec()).unwrap()
     }
 
     /// The gateway identity, expired an hour ago.
     pub fn expired_client_cert(&self) -> Leaf {
-        let mut spec = gateway_spec();
-        spec.not_before = SystemTime::now() - 2 * DAY;
-        spec.not_after = SystemTime::now() - Duration::from_secs(3600);
-        self.ours.issue(&spec).unwrap()
+        self.ours.issue(&expired(gateway_spec())).unwrap()
     }
 
     /// The gateway identity, expiring `left` from now (issued an hour ago).
     pub fn client_cert_expiring_in(&self, left: Duration) -> Leaf {
-        let mut spec = gateway_spec();
-        spec.not_after = SystemTime::now() + left;
-        self.ours.issue(&spec).unwrap()
+        self.ours.issue(&expiring_in(gateway_spec(), left)).unwrap()
     }
 
     /// The gateway identity, valid only from tomorrow.
     pub fn not_yet_valid_client_cert(&self) -> Leaf {
-        let mut spec = gateway_spec();
-        spec.not_before = SystemTime::now() + DAY;
-        spec.not_after = SystemTime::now() + 2 * DAY;
-        self.ours.issue(&spec).unwrap()
+        self.ours.issue(&not_yet_valid(gateway_spec())).unwrap()
     }
 
     /// The gateway identity with serverAuth as its only extended key usage.
@@ -105,26 +131,16 @@ impl TestPki {
         self.ours.issue(&spec).unwrap()
     }
 
-    /// An expired listener certificate (for start-up checks).
-    pub fn expired_listener_cert(&self) -> Leaf {
-        let mut spec = listener_spec();
-        spec.not_before = SystemTime::now() - 2 * DAY;
-        spec.not_after = SystemTime::now() - Duration::from_secs(3600);
-        self.ours.issue(&spec).unwrap()
+    /// A client certificate for another identity: CN and DNS SAN `name`.
+    pub fn client_cert_named(&self, name: &str) -> Leaf {
+        self.client_cert_with_subject(name, name)
     }
 
-    /// A listener certificate that expires `left` from now (issued an hour ago).
-    pub fn listener_cert_expiring_in(&self, left: Duration) -> Leaf {
-        let mut spec = listener_spec();
-        spec.not_after = SystemTime::now() + left;
-        self.ours.issue(&spec).unwrap()
-    }
-
-    /// A listener certificate valid only from tomorrow (for start-up checks).
-    pub fn not_yet_valid_listener_cert(&self) -> Leaf {
-        let mut spec = listener_spec();
-        spec.not_before = SystemTime::now() + DAY;
-        spec.not_after = SystemTime::now() + 2 * DAY;
+    /// A client certificate with common name `cn` (any characters) and DNS SAN `dns`.
+    pub fn client_cert_with_subject(&self, cn: &str, dns: &str) -> Leaf {
+        let mut spec = LeafSpec::new(cn, DAY);
+        spec.dns = vec![dns.to_owned()];
+        spec.usage = Usage::Client;
         self.ours.issue(&spec).unwrap()
     }
 }
@@ -141,6 +157,23 @@ fn gateway_spec() -> LeafSpec {
     spec.dns = vec![GATEWAY_DNS.to_owned()];
     spec.uris = vec![GATEWAY_SPIFFE.to_owned()];
     spec.usage = Usage::Client;
+    spec
+}
+
+fn expired(mut spec: LeafSpec) -> LeafSpec {
+    spec.not_before = SystemTime::now() - 2 * DAY;
+    spec.not_after = SystemTime::now() - Duration::from_secs(3600);
+    spec
+}
+
+fn expiring_in(mut spec: LeafSpec, left: Duration) -> LeafSpec {
+    spec.not_after = SystemTime::now() + left;
+    spec
+}
+
+fn not_yet_valid(mut spec: LeafSpec) -> LeafSpec {
+    spec.not_before = SystemTime::now() + DAY;
+    spec.not_after = SystemTime::now() + 2 * DAY;
     spec
 }
 

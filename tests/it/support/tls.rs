@@ -1,5 +1,6 @@
 //! A tokio-rustls client for talking to the mesh listener (or nginx) directly, with or without a
-//! client certificate, and for telling which TLS alert a refusal came with.
+//! client certificate: which TLS alert a refusal came with, which certificate the listener presents,
+//! and whether a handshake resumed.
 
 use std::error::Error as StdError;
 use std::io;
@@ -9,13 +10,15 @@ use std::sync::Arc;
 use phoenix_mesh_certs::pki::Leaf;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use rustls::{AlertDescription, ClientConfig, RootCertStore};
+use rustls::{AlertDescription, ClientConfig, HandshakeKind, RootCertStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use super::http::SERVICE_HOST;
+use super::pki::LISTENER_NAME;
+use super::{within, STEP_LIMIT};
 
 /// A client configuration trusting `root_pem`, presenting `leaf` if given, offering `alpn`.
 pub fn client_config(root_pem: &str, leaf: Option<&Leaf>, alpn: &[&[u8]]) -> Arc<ClientConfig> {
@@ -70,9 +73,9 @@ pub async fn connect(
 /// Connects to the mesh listener at `addr` (its name as SNI) and completes the handshake, failing the
 /// test if it does not.
 pub async fn to_listener(addr: SocketAddr, config: Arc<ClientConfig>) -> TlsStream<TcpStream> {
-    super::within(
+    within(
         "TLS handshake with the listener",
-        connect(addr, super::pki::LISTENER_NAME, config),
+        connect(addr, LISTENER_NAME, config),
     )
     .await
     .unwrap_or_else(|e| panic!("TLS handshake with the listener {addr}: {e}"))
@@ -101,7 +104,7 @@ pub fn alert_in(error: &(dyn StdError + 'static)) -> Option<AlertDescription> {
 /// Connects to the listener at `addr` presenting `leaf` (or nothing), sends one HTTP/1.1 request,
 /// and returns the alert the listener refused with. Fails the test if the listener answered instead.
 pub async fn refusal_alert(addr: SocketAddr, config: Arc<ClientConfig>) -> AlertDescription {
-    let mut tls = match connect(addr, super::pki::LISTENER_NAME, config).await {
+    let mut tls = match connect(addr, LISTENER_NAME, config).await {
         Ok(tls) => tls,
         Err(error) => {
             return alert_in(&error)
@@ -125,4 +128,58 @@ pub async fn refusal_alert(addr: SocketAddr, config: Arc<ClientConfig>) -> Alert
             String::from_utf8_lossy(&received)
         ),
     }
+}
+
+/// The listener certificate (DER) a fresh TLS connection to `addr` is shown.
+pub async fn presented_leaf(addr: SocketAddr, config: Arc<ClientConfig>) -> Vec<u8> {
+    let tls = to_listener(addr, config).await;
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+/// Connects with `config` (resuming if it holds a ticket), sends one HTTP/1.1 GET and reads the
+/// answer. Ok((status line, handshake kind)) or the error, as a string.
+pub async fn tls_get(
+    addr: SocketAddr,
+    config: Arc<ClientConfig>,
+) -> Result<(String, HandshakeKind), String> {
+    let attempt = async {
+        let mut tls = connect(addr, LISTENER_NAME, config)
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        let kind = tls.get_ref().1.handshake_kind().unwrap();
+        let request =
+            format!("GET / HTTP/1.1\r\nHost: {SERVICE_HOST}\r\nConnection: close\r\n\r\n");
+        tls.write_all(request.as_bytes())
+            .await
+            .map_err(|e| format!("write ({kind:?}): {e}"))?;
+        let mut answer = Vec::new();
+        let read = tls.read_to_end(&mut answer).await;
+        let text = String::from_utf8_lossy(&answer).into_owned();
+        match read {
+            // A peer that answered and then closed without close_notify still answered.
+            Err(e) if text.is_empty() => Err(format!("read ({kind:?}): {e}")),
+            _ if text.is_empty() => Err(format!("closed without an answer ({kind:?})")),
+            _ => Ok((text.lines().next().unwrap_or("").to_owned(), kind)),
+        }
+    };
+    match tokio::time::timeout(STEP_LIMIT, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err("no answer in time".to_owned()),
+    }
+}
+
+/// Sends a `Connection: close` GET on an established TLS connection and returns the whole raw
+/// answer.
+pub async fn direct_get(mut tls: TlsStream<TcpStream>) -> String {
+    tls.write_all(
+        format!(
+            "GET /allowed-direct HTTP/1.1\r\nHost: {SERVICE_HOST}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    tls.read_to_end(&mut out).await.unwrap();
+    String::from_utf8_lossy(&out).into_owned()
 }

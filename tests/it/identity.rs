@@ -1,21 +1,24 @@
-//! Every client certificate the listener must refuse gets its own test, once straight at the listener
-//! with a tokio-rustls client (asserting the TLS alert) and, where the client sidecar can start with
-//! that certificate at all, once through the sidecar (asserting 502 client-cert-refused). The sidecar
-//! refuses to start with an expired, not-yet-valid or non-clientAuth certificate of its own: that is
-//! covered in `startup`.
+//! Who may connect to the listener, and how the backend learns who did. Every client certificate
+//! the listener must refuse is presented straight to it with a tokio-rustls client (asserting the TLS
+//! alert) and, where the client sidecar can start with that certificate at all, through the sidecar
+//! (asserting 502 client-cert-refused); `allowed_peers` matches exactly; an accepted client gets its
+//! verdict at once (TLS 1.3 and 1.2); and the backend gets the peer's identity in
+//! `X-Forwarded-Client-Cert`, never a forged one. The sidecar refuses to start with an expired,
+//! not-yet-valid or non-clientAuth certificate of its own (`operations::startup`); certificates that
+//! expire while in use are in `certificates::expiry`.
 
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::Empty;
 use phoenix_mesh_certs::pki::Leaf;
 use rustls::AlertDescription;
 
 use crate::support::backend::HELLO;
-use crate::support::http::{get, send_h1};
-use crate::support::mesh::{toml_str, Mesh};
-use crate::support::pki::{expected_gateway_xfcc, GATEWAY_CN, GATEWAY_SPIFFE};
+use crate::support::http::{assert_hello, get, send_h1, SERVICE_HOST};
+use crate::support::mesh::Mesh;
+use crate::support::pki::{expected_gateway_xfcc, TestPki, GATEWAY_CN, GATEWAY_SPIFFE};
+use crate::support::tls::direct_get;
 use crate::support::{tls, within};
-
-/// Lifetime left on the certificates of the tests that watch one expire: long enough for the requests
-/// before its end even on a loaded CI machine.
-const CERT_LIFE: std::time::Duration = std::time::Duration::from_secs(6);
 
 /// Presents `leaf` (or nothing) straight to the default mesh's listener; returns the alert.
 async fn direct_refusal(mesh: &Mesh, leaf: Option<&Leaf>) -> AlertDescription {
@@ -43,133 +46,57 @@ async fn refuses_client_without_certificate() {
     assert_backend_untouched(&mesh);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn refuses_client_from_other_ca() {
-    let mesh = Mesh::start().await;
-    let leaf = mesh.pki.client_cert_signed_by_other_ca();
-    let alert = direct_refusal(&mesh, Some(&leaf)).await;
-    assert_eq!(alert, AlertDescription::UnknownCA);
-    assert_backend_untouched(&mesh);
-}
+/// Issues one kind of certificate from the test PKI.
+type Issue = fn(&TestPki) -> Leaf;
+
+/// Every client certificate the listener refuses in the handshake, and the alert it refuses it with.
+const BAD_CLIENT_CERTS: [(&str, Issue, AlertDescription); 5] = [
+    (
+        "from another CA",
+        TestPki::client_cert_signed_by_other_ca,
+        AlertDescription::UnknownCA,
+    ),
+    (
+        "expired",
+        TestPki::expired_client_cert,
+        AlertDescription::CertificateExpired,
+    ),
+    (
+        "not yet valid",
+        TestPki::not_yet_valid_client_cert,
+        AlertDescription::CertificateExpired,
+    ),
+    (
+        "serverAuth only",
+        TestPki::server_only_client_cert,
+        AlertDescription::UnsupportedCertificate,
+    ),
+    (
+        "no extended key usage",
+        TestPki::client_cert_without_eku,
+        AlertDescription::UnsupportedCertificate,
+    ),
+];
 
 #[tokio::test(flavor = "multi_thread")]
-async fn refuses_expired_client() {
+async fn refuses_each_bad_client_certificate_with_its_alert() {
     let mesh = Mesh::start().await;
-    let leaf = mesh.pki.expired_client_cert();
-    let alert = direct_refusal(&mesh, Some(&leaf)).await;
-    assert_eq!(alert, AlertDescription::CertificateExpired);
-    assert_backend_untouched(&mesh);
-}
-
-/// A gateway certificate that expires [`CERT_LIFE`] from now, and when.
-fn expiring_client(mesh: &Mesh) -> (Leaf, tokio::time::Instant) {
-    let leaf = mesh.pki.client_cert_expiring_in(CERT_LIFE);
-    (leaf, tokio::time::Instant::now() + CERT_LIFE)
-}
-
-/// `times` requests straight to the listener with `config` are served; then waits until
-/// `expired_at` is safely past (rcgen writes whole seconds and webpki accepts the last one).
-async fn served_until(
-    mesh: &Mesh,
-    config: &std::sync::Arc<rustls::ClientConfig>,
-    times: usize,
-    expired_at: tokio::time::Instant,
-) {
-    for _ in 0..times {
-        let tls = tls::to_listener(mesh.listener_addr, config.clone()).await;
-        let reply = within("direct request", direct_get(tls)).await;
-        assert!(
-            reply.starts_with("HTTP/1.1 200 OK\r\n"),
-            "while valid: {reply:?}"
+    for (what, issue, alert) in BAD_CLIENT_CERTS {
+        let leaf = issue(&mesh.pki);
+        assert_eq!(
+            direct_refusal(&mesh, Some(&leaf)).await,
+            alert,
+            "a client certificate {what}"
         );
+        assert_backend_untouched(&mesh);
     }
-    tokio::time::sleep_until(expired_at + std::time::Duration::from_secs(2)).await;
-}
-
-/// The listener remembers chains it has verified (a full handshake from a known peer skips path
-/// building), but never past the end of a certificate in them: the same chain, presented again in a
-/// full handshake after it has expired, is refused like any expired certificate.
-#[tokio::test(flavor = "multi_thread")]
-async fn refuses_a_remembered_chain_once_it_expires() {
-    let mesh = Mesh::start().await;
-    let (leaf, expired_at) = expiring_client(&mesh);
-    let mut config =
-        (*tls::client_config(mesh.pki.root_pem(), Some(&leaf), &[b"http/1.1"])).clone();
-    // Full handshakes only: a resumed one would not present the chain at all.
-    config.resumption = rustls::client::Resumption::disabled();
-    let config = std::sync::Arc::new(config);
-    served_until(&mesh, &config, 2, expired_at).await;
-    let alert = within(
-        "refused handshake",
-        tls::refusal_alert(mesh.listener_addr, config),
-    )
-    .await;
-    assert_eq!(alert, AlertDescription::CertificateExpired);
-}
-
-/// A TLS 1.3 session ticket outlives a step-ca certificate, and a resumed handshake does not verify
-/// the certificate again: the listener must still not serve a session whose certificate has expired.
-#[tokio::test(flavor = "multi_thread")]
-async fn does_not_serve_a_resumed_session_whose_certificate_expired() {
-    let mesh = Mesh::start().await;
-    let (leaf, expired_at) = expiring_client(&mesh);
-    let config = tls::client_config(mesh.pki.root_pem(), Some(&leaf), &[b"http/1.1"]);
-    served_until(&mesh, &config, 1, expired_at).await;
-    let mut tls2 = tls::to_listener(mesh.listener_addr, config).await;
-    assert_eq!(
-        tls2.get_ref().1.handshake_kind(),
-        Some(rustls::HandshakeKind::Resumed),
-        "the test needs a resumed session"
-    );
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let _ = tls2
-        .write_all(b"GET /after-expiry HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await;
-    let mut out = Vec::new();
-    let _ = within("closed", tls2.read_to_end(&mut out)).await;
-    assert!(
-        out.is_empty(),
-        "served after expiry: {:?}",
-        String::from_utf8_lossy(&out)
-    );
-    let seen = mesh.backend.seen();
-    assert_eq!(seen.len(), 1, "{seen:#?}");
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn refuses_not_yet_valid_client() {
-    let mesh = Mesh::start().await;
-    let leaf = mesh.pki.not_yet_valid_client_cert();
-    let alert = direct_refusal(&mesh, Some(&leaf)).await;
-    assert_eq!(alert, AlertDescription::CertificateExpired);
-    assert_backend_untouched(&mesh);
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn refuses_client_with_server_auth_only() {
-    let mesh = Mesh::start().await;
-    let leaf = mesh.pki.server_only_client_cert();
-    let alert = direct_refusal(&mesh, Some(&leaf)).await;
-    assert_eq!(alert, AlertDescription::UnsupportedCertificate);
-    assert_backend_untouched(&mesh);
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn refuses_client_without_extended_key_usage() {
-    let mesh = Mesh::start().await;
-    let leaf = mesh.pki.client_cert_without_eku();
-    let alert = direct_refusal(&mesh, Some(&leaf)).await;
-    assert_eq!(alert, AlertDescription::UnsupportedCertificate);
-    assert_backend_untouched(&mesh);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn refuses_client_not_in_allowed_peers() {
     let mesh = Mesh::start_with(|s| {
-        s.server.set(
-            "allowed_peers",
-            format!("[{}]", toml_str("billing.internal.thinkheads.ai")),
-        );
+        s.server
+            .set_list("allowed_peers", &["billing.internal.thinkheads.ai"]);
     })
     .await;
     // Direct, with the gateway certificate the sidecar also uses.
@@ -193,8 +120,9 @@ async fn refuses_client_not_in_allowed_peers() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sidecar_reports_client_from_other_ca_refused() {
     let mesh = Mesh::start_with(|s| {
-        s.client_leaf = s.pki.client_cert_signed_by_other_ca();
-        s.client_ca_pem = format!("{}{}", s.pki.root_pem(), s.pki.other_root_pem());
+        let leaf = s.pki.client_cert_signed_by_other_ca();
+        s.use_client_cert(leaf);
+        s.client_trusts(&format!("{}{}", s.pki.root_pem(), s.pki.other_root_pem()));
     })
     .await;
     let reply = within("request", send_h1(mesh.client_addr, get("/other-ca"))).await;
@@ -229,28 +157,12 @@ async fn assert_allowed(mesh: &Mesh) {
     assert!(reply.ends_with(HELLO), "direct request: {reply:?}");
 }
 
-async fn direct_get(mut tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    tls.write_all(
-        b"GET /allowed-direct HTTP/1.1\r\nHost: whoami.internal.thinkheads.ai\r\nConnection: close\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    let mut out = Vec::new();
-    tls.read_to_end(&mut out).await.unwrap();
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn allows_peer_by_spiffe_uri_san() {
     let mesh = Mesh::start_with(|s| {
-        s.server.set(
+        s.server.set_list(
             "allowed_peers",
-            format!(
-                "[{}, {}]",
-                toml_str("billing.internal.thinkheads.ai"),
-                toml_str(GATEWAY_SPIFFE)
-            ),
+            &["billing.internal.thinkheads.ai", GATEWAY_SPIFFE],
         );
     })
     .await;
@@ -260,8 +172,7 @@ async fn allows_peer_by_spiffe_uri_san() {
 #[tokio::test(flavor = "multi_thread")]
 async fn allows_peer_by_common_name() {
     let mesh = Mesh::start_with(|s| {
-        s.server
-            .set("allowed_peers", format!("[{}]", toml_str(GATEWAY_CN)));
+        s.server.set_list("allowed_peers", &[GATEWAY_CN]);
     })
     .await;
     assert_allowed(&mesh).await;
@@ -271,19 +182,34 @@ async fn allows_peer_by_common_name() {
 #[tokio::test(flavor = "multi_thread")]
 async fn refuses_near_miss_allowed_peers() {
     let mesh = Mesh::start_with(|s| {
-        s.server.set(
+        s.server.set_list(
             "allowed_peers",
-            format!(
-                "[{}, {}]",
-                toml_str("spiffe://phoenix.internal/ns/gateway"),
-                toml_str(&GATEWAY_CN.to_uppercase())
-            ),
+            &[
+                "spiffe://phoenix.internal/ns/gateway".to_owned(),
+                GATEWAY_CN.to_uppercase(),
+            ],
         );
     })
     .await;
     let alert = direct_refusal(&mesh, Some(&mesh.client_leaf)).await;
     assert_eq!(alert, AlertDescription::AccessDenied);
     assert_backend_untouched(&mesh);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plain_http_on_tls_port_gets_400_tls_required() {
+    let mesh = Mesh::start().await;
+    let req = Request::get("/")
+        .header("host", SERVICE_HOST)
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let reply = within(
+        "plain HTTP to the TLS port",
+        send_h1(mesh.listener_addr, req),
+    )
+    .await;
+    reply.assert_mesh_error(400, "tls-required", &["requires mutual TLS"]);
+    assert!(mesh.backend.seen().is_empty());
 }
 
 /// TLS 1.3: a client finishes its side of the handshake before the listener has judged its
@@ -356,4 +282,87 @@ async fn tls12_client_completes_its_handshake_and_is_served() {
             "request over TLS 1.2: {reply:?}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sets_client_identity_header() {
+    let mesh = Mesh::start().await;
+    let reply = within("request", send_h1(mesh.client_addr, get("/whoami"))).await;
+    assert_hello(&reply);
+    let seen = mesh.backend.only_request();
+    assert_eq!(
+        seen.one("x-forwarded-client-cert"),
+        expected_gateway_xfcc(&mesh.client_leaf)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn strips_spoofed_client_cert_header() {
+    let mesh = Mesh::start().await;
+    let req = Request::get("/admin")
+        .header("host", SERVICE_HOST)
+        .header(
+            "x-forwarded-client-cert",
+            "Hash=deadbeef;Subject=\"CN=admin\";URI=spiffe://phoenix.internal/ns/admin/sa/root",
+        )
+        .header("x-forwarded-client-cert", "By=spiffe://evil")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let reply = within("request", send_h1(mesh.client_addr, req)).await;
+    assert_hello(&reply);
+    let seen = mesh.backend.only_request();
+    assert_eq!(
+        seen.all("x-forwarded-client-cert"),
+        vec![expected_gateway_xfcc(&mesh.client_leaf)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_cert_with_non_ascii_subject_is_forwarded_in_xfcc() {
+    let mesh = Mesh::start_with(|s| {
+        let leaf = s
+            .pki
+            .client_cert_with_subject("m\u{fc}ller-gateway", "muller.internal.thinkheads.ai");
+        s.use_client_cert(leaf);
+    })
+    .await;
+    let reply = within("request", send_h1(mesh.client_addr, get("/umlaut"))).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:#?}");
+    // Non-ASCII travels as UTF-8 (obs-text), so read the raw bytes rather than `to_str`.
+    let seen = mesh.backend.only_request();
+    let xfcc = seen
+        .headers
+        .get("x-forwarded-client-cert")
+        .unwrap()
+        .as_bytes();
+    let xfcc = String::from_utf8(xfcc.to_vec()).unwrap();
+    assert!(
+        xfcc.contains("Subject=\"CN=m\u{fc}ller-gateway\""),
+        "{xfcc}"
+    );
+    assert!(
+        xfcc.ends_with(";DNS=muller.internal.thinkheads.ai"),
+        "{xfcc}"
+    );
+}
+
+/// A control character in a certificate name cannot go into a header as it is: it is escaped the
+/// RFC 4514 way (`\1A`) instead of the connection being dropped after a good handshake.
+#[tokio::test(flavor = "multi_thread")]
+async fn client_cert_with_control_character_in_subject_is_escaped_in_xfcc() {
+    let mesh = Mesh::start_with(|s| {
+        let leaf = s
+            .pki
+            .client_cert_with_subject("gate\u{1a}way", "gateway.internal.thinkheads.ai");
+        s.use_client_cert(leaf);
+    })
+    .await;
+    let reply = within("request", send_h1(mesh.client_addr, get("/control"))).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:#?}");
+    let seen = mesh.backend.only_request();
+    let xfcc = seen.headers["x-forwarded-client-cert"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(xfcc.contains(r#"Subject="CN=gate\\1Away""#), "{xfcc}");
 }

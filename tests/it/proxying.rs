@@ -1,25 +1,21 @@
-//! Requests that should make it through: nginx-side HTTP -> client sidecar -> mTLS -> listener ->
-//! backend, and back.
+//! Requests that should make it through, and arrive as they were sent: nginx-side HTTP -> client
+//! sidecar -> mTLS -> listener -> backend and back, over HTTP/1.1, h2c and HTTP/2 with ALPN, with
+//! methods, targets and forwarding headers intact, hop-by-hop headers removed, and bodies streamed
+//! both ways without buffering. Upgrades are in `upgrades`, the backend's h2c hop in `backend_h2c`.
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode, Version};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
 
 use crate::support::backend::{HELLO, TRAEFIK_404};
-use crate::support::http::{get, send_h1, send_h1_streaming, send_h2c, Reply, SERVICE_HOST};
+use crate::support::http::{assert_hello, get, send_h1, send_h1_streaming, send_h2c, SERVICE_HOST};
 use crate::support::mesh::Mesh;
 use crate::support::pki::expected_gateway_xfcc;
+use crate::support::raw::{exchange, status_of};
 use crate::support::stream::{drain_hashing, gated_body, pattern_sha256};
-use crate::support::{tls, within};
-use crate::support_ops::eventually;
-
-fn assert_hello(reply: &Reply) {
-    assert_eq!(reply.status, StatusCode::OK, "{reply:#?}");
-    assert_eq!(reply.body, HELLO, "{reply:#?}");
-    assert_eq!(reply.header("x-backend"), Some("echo"), "{reply:#?}");
-    assert_eq!(reply.mesh_error(), None, "{reply:#?}");
-}
+use crate::support::{eventually, tls, within};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn round_trip_reaches_backend_and_back() {
@@ -53,39 +49,6 @@ async fn preserves_method_host_path_and_query() {
     assert_eq!(seen.target, target);
     assert_eq!(seen.one("host"), "grafana.internal.thinkheads.ai:8443");
     assert_eq!(seen.version, Version::HTTP_11);
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn sets_client_identity_header() {
-    let mesh = Mesh::start().await;
-    let reply = within("request", send_h1(mesh.client_addr, get("/whoami"))).await;
-    assert_hello(&reply);
-    let seen = mesh.backend.only_request();
-    assert_eq!(
-        seen.one("x-forwarded-client-cert"),
-        expected_gateway_xfcc(&mesh.client_leaf)
-    );
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn strips_spoofed_client_cert_header() {
-    let mesh = Mesh::start().await;
-    let req = Request::get("/admin")
-        .header("host", SERVICE_HOST)
-        .header(
-            "x-forwarded-client-cert",
-            "Hash=deadbeef;Subject=\"CN=admin\";URI=spiffe://phoenix.internal/ns/admin/sa/root",
-        )
-        .header("x-forwarded-client-cert", "By=spiffe://evil")
-        .body(Empty::<Bytes>::new())
-        .unwrap();
-    let reply = within("request", send_h1(mesh.client_addr, req)).await;
-    assert_hello(&reply);
-    let seen = mesh.backend.only_request();
-    assert_eq!(
-        seen.all("x-forwarded-client-cert"),
-        vec![expected_gateway_xfcc(&mesh.client_leaf)]
-    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -127,6 +90,35 @@ async fn keeps_forwarding_headers_and_removes_hop_by_hop() {
     for value in seen.all("connection") {
         assert!(!value.contains("x-drop-me"), "connection: {value}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connection_named_headers_are_stripped_even_with_obs_text_in_connection() {
+    let mesh = Mesh::start().await;
+    let mut tcp = TcpStream::connect(mesh.client_addr).await.unwrap();
+    let mut raw = format!(
+        "GET /conn-obs-text HTTP/1.1\r\nHost: {SERVICE_HOST}\r\nX-Secret: 1\r\nConnection: x-secret, "
+    )
+    .into_bytes();
+    raw.extend_from_slice(b"\xd0\r\n\r\n");
+    let got = exchange(&mut tcp, &raw).await;
+    assert_eq!(
+        status_of(&got),
+        Some(200),
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
+    let seen = mesh
+        .backend
+        .seen()
+        .into_iter()
+        .find(|s| s.target == "/conn-obs-text")
+        .expect("backend saw the request");
+    assert!(
+        !seen.headers.contains_key("x-secret"),
+        "a header named by Connection crossed the hop: {:?}",
+        seen.headers
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,0 +1,193 @@
+//! Start-up through the real binary: a valid setup starts serving, and every config or certificate
+//! mistake exits 78 (EX_CONFIG) before serving anything, with stderr naming the file (or key) and the
+//! cause ([`mistakes`], one case per mistake).
+
+use std::net::SocketAddr;
+
+use crate::support::backend::HELLO;
+use crate::support::binary::Binary;
+use crate::support::files::MeshFiles;
+use crate::support::http::{get, send_h1};
+use crate::support::mesh::Mesh;
+use crate::support::pki::{write_leaf, TestPki};
+use crate::support::within;
+
+const EX_CONFIG: i32 = 78;
+
+/// The control for every mistake below: the same setup, unbroken, starts and serves.
+#[tokio::test(flavor = "multi_thread")]
+async fn valid_configs_start_serving() {
+    let files = MeshFiles::unconnected(&TestPki::new());
+    for (side, config) in [
+        ("server", files.write_server()),
+        ("client", files.write_client()),
+    ] {
+        let mut proc = Binary::new(side, &config).spawn();
+        proc.wait_for_line(&["accepting"]).await;
+        assert!(proc.running(), "{side} exited:\n{}", proc.log().join("\n"));
+        proc.kill().await;
+    }
+}
+
+/// A mistake an operator can make in a sidecar's files.
+struct Mistake {
+    what: &'static str,
+    side: &'static str,
+    /// Makes the mistake in a valid [`MeshFiles::unconnected`] setup.
+    make: fn(&TestPki, &mut MeshFiles),
+    /// What stderr must mention; `{dir}` stands for the files' directory.
+    says: &'static [&'static str],
+}
+
+/// Every start-up mistake, and what the refusal must name.
+fn mistakes() -> Vec<Mistake> {
+    vec![
+        Mistake {
+            what: "a missing certificate file",
+            side: "server",
+            make: |_, f| {
+                f.server.set_str("cert", "missing.crt");
+            },
+            says: &["{dir}/missing.crt", "No such file or directory"],
+        },
+        Mistake {
+            what: "garbage instead of PEM",
+            side: "server",
+            make: |_, f| {
+                std::fs::write(f.path("listener.crt"), "this is not a certificate\n").unwrap()
+            },
+            says: &["{dir}/listener.crt", "no PEM CERTIFICATE block"],
+        },
+        Mistake {
+            what: "a key not matching the certificate",
+            side: "server",
+            make: |pki, f| {
+                std::fs::write(f.path("listener.key"), pki.listener_cert().key_pem).unwrap()
+            },
+            says: &["{dir}/listener.key", "{dir}/listener.crt", "does not match"],
+        },
+        Mistake {
+            what: "an expired certificate",
+            side: "server",
+            make: |pki, f| {
+                write_leaf(f.dir.path(), "listener", &pki.expired_listener_cert());
+            },
+            says: &["{dir}/listener.crt", "expired"],
+        },
+        Mistake {
+            what: "a certificate not yet valid",
+            side: "server",
+            make: |pki, f| {
+                write_leaf(f.dir.path(), "listener", &pki.not_yet_valid_listener_cert());
+            },
+            says: &["{dir}/listener.crt", "not valid before"],
+        },
+        Mistake {
+            what: "a chain not verifying against `ca`",
+            side: "server",
+            make: |pki, f| std::fs::write(f.path("listener-ca.crt"), pki.other_root_pem()).unwrap(),
+            says: &[
+                "{dir}/listener.crt",
+                "{dir}/listener-ca.crt",
+                "does not verify",
+                "UnknownIssuer",
+            ],
+        },
+        Mistake {
+            what: "a client certificate without clientAuth",
+            side: "client",
+            make: |pki, f| {
+                write_leaf(f.dir.path(), "client", &pki.server_only_client_cert());
+            },
+            says: &["{dir}/client.crt", "no clientAuth extended key usage"],
+        },
+        Mistake {
+            what: "an expired client certificate",
+            side: "client",
+            make: |pki, f| {
+                write_leaf(f.dir.path(), "client", &pki.expired_client_cert());
+            },
+            says: &["{dir}/client.crt", "expired"],
+        },
+        Mistake {
+            what: "an unknown config key",
+            side: "server",
+            make: |_, f| {
+                f.server.set_str("backend_timout", "5s");
+            },
+            says: &["{dir}/server.toml", "unknown field", "backend_timout"],
+        },
+        Mistake {
+            what: "a host name where an address belongs",
+            side: "server",
+            make: |_, f| {
+                f.server.set_str("listen", "mesh.internal:8443");
+            },
+            says: &[
+                "{dir}/server.toml",
+                "listen",
+                "mesh.internal:8443",
+                "not an ip:port address",
+            ],
+        },
+        Mistake {
+            what: "a client listening beyond loopback",
+            side: "client",
+            make: |_, f| {
+                f.client.set_str("listen", "0.0.0.0:0");
+            },
+            says: &[
+                "{dir}/client.toml",
+                "0.0.0.0:0",
+                "loopback",
+                "allow_public_listen",
+            ],
+        },
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_startup_mistake_exits_78_naming_the_cause() {
+    let pki = TestPki::new();
+    for mistake in mistakes() {
+        let what = mistake.what;
+        let mut files = MeshFiles::unconnected(&pki);
+        (mistake.make)(&pki, &mut files);
+        let config = match mistake.side {
+            "server" => files.write_server(),
+            _ => files.write_client(),
+        };
+        let (code, _, stderr) = Binary::new(mistake.side, &config).output().await;
+        assert_eq!(code, Some(EX_CONFIG), "{what}: stderr:\n{stderr}");
+        let dir = files.dir.path().display().to_string();
+        for needle in mistake.says {
+            let needle = needle.replace("{dir}", &dir);
+            assert!(
+                stderr.contains(&needle),
+                "{what}: stderr should mention {needle:?}:\n{stderr}"
+            );
+        }
+    }
+}
+
+/// With `allow_public_listen = true` the wildcard address is accepted; traffic is still sent to
+/// 127.0.0.1 only.
+#[tokio::test(flavor = "multi_thread")]
+async fn client_accepts_public_listen_when_allowed() {
+    let mesh = Mesh::start_with(|s| {
+        s.client
+            .set_str("listen", "0.0.0.0:0")
+            .set("allow_public_listen", "true");
+    })
+    .await;
+    assert!(
+        mesh.client_addr.ip().is_unspecified(),
+        "{}",
+        mesh.client_addr
+    );
+    let loopback = SocketAddr::from(([127, 0, 0, 1], mesh.client_addr.port()));
+    let reply = within("request", send_h1(loopback, get("/public"))).await;
+    assert_eq!(reply.status, 200, "{reply:#?}");
+    assert_eq!(reply.body, HELLO);
+    assert_eq!(reply.mesh_error(), None);
+}
