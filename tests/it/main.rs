@@ -12,7 +12,7 @@
 //! - `limits`: header size, malformed and smuggling requests, connection and descriptor limits.
 //! - `operations`: start-up, `--check`, admin endpoint and metrics, logs, systemd and signals.
 //! - `unix_listen`: the client sidecar on a unix socket.
-//! - `nginx_e2e`: a real nginx in front (skipped without nginx).
+//! - `nginx_e2e`: a real nginx in front (skipped without nginx; a failure under CI).
 //! - `phoenix`: `deploy/phoenix/integrate.sh` against the homelab's real Phoenix scripts, end to end.
 //! - `soak`: a minute of mixed traffic with rotation, checked for failures and leaks.
 //!

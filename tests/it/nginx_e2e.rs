@@ -1,6 +1,6 @@
 //! End to end with a real nginx terminating TLS in front of the client sidecar:
 //! HTTPS client -> nginx -> client sidecar -> mTLS -> mesh listener -> backend.
-//! Skipped (with a note on stderr) when nginx is not installed.
+//! Skipped (with a note on stderr) when nginx is not installed; under CI that is a failure.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -20,12 +20,18 @@ use crate::support::pki::{expected_gateway_xfcc, write_leaf};
 use crate::support::{tls, within};
 
 /// nginx on PATH, or where Debian puts it (not on a non-root PATH).
+/// The nginx binary; without one the test is skipped, or fails under CI
+/// ([`crate::support::skip_or_fail_without`]).
 fn find_nginx() -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
+    let found = std::env::split_paths(&path)
         .map(|dir| dir.join("nginx"))
         .chain([PathBuf::from("/usr/sbin/nginx")])
-        .find(|p| p.is_file())
+        .find(|p| p.is_file());
+    if found.is_none() {
+        crate::support::skip_or_fail_without("nginx", "apt-get install -y nginx");
+    }
+    found
 }
 
 /// A foreground nginx with everything (pid, logs, temp files) in `dir`; killed when dropped.
@@ -147,7 +153,6 @@ http {{
 #[tokio::test(flavor = "multi_thread")]
 async fn nginx_to_client_to_listener_to_backend() {
     let Some(binary) = find_nginx() else {
-        eprintln!("skipped: nginx not found on PATH (apt-get install -y nginx)");
         return;
     };
     let mesh = Mesh::start().await;
@@ -159,7 +164,6 @@ async fn nginx_to_client_to_listener_to_backend() {
 #[tokio::test(flavor = "multi_thread")]
 async fn nginx_to_client_over_a_unix_socket() {
     let Some(binary) = find_nginx() else {
-        eprintln!("skipped: nginx not found on PATH (apt-get install -y nginx)");
         return;
     };
     let mut socket = PathBuf::new();
@@ -220,7 +224,6 @@ async fn through_nginx(binary: &Path, mesh: &Mesh, sidecar: &str) {
 #[tokio::test(flavor = "multi_thread")]
 async fn listener_to_an_nginx_h2c_backend() {
     let Some(binary) = find_nginx() else {
-        eprintln!("skipped: nginx not found on PATH (apt-get install -y nginx)");
         return;
     };
     let backend_dir = tempfile::tempdir().unwrap();
@@ -273,7 +276,6 @@ async fn listener_to_an_nginx_h2c_backend() {
 #[tokio::test(flavor = "multi_thread")]
 async fn grpc_through_nginx_grpc_pass_and_an_h2c_backend() {
     let Some(binary) = find_nginx() else {
-        eprintln!("skipped: nginx not found on PATH (apt-get install -y nginx)");
         return;
     };
     let mesh = Mesh::start_with(|s| {

@@ -27,6 +27,18 @@ pub mod tls;
 use std::future::Future;
 use std::time::Duration;
 
+/// A test that needs a tool this machine lacks: under CI (`CI=true`, which `.ci/run` sets) that is a
+/// failure, since CI installs every tool the tests use; elsewhere the test says so loudly on stderr
+/// and returns. `cargo test` hides a passing test's output, so CI must not rely on skipping.
+pub fn skip_or_fail_without(what: &str, install: &str) {
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    assert!(
+        !ci,
+        "{what} is missing under CI ({install}); .ci/run should have installed it"
+    );
+    eprintln!("SKIPPED: {what} is missing ({install})");
+}
+
 /// Upper bound for any one step of a test, so a regression hangs no longer than this. Not a timing
 /// assertion: everything here finishes in well under a second when it works.
 pub const STEP_LIMIT: Duration = Duration::from_secs(20);
