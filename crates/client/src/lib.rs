@@ -6,13 +6,18 @@
 mod check;
 mod config;
 mod connector;
+mod dial_listener;
 mod forward;
 mod link;
+mod live_conns;
+mod mesh_stream;
+mod retirement;
 mod sidecar;
+mod upstream_error;
 
 pub use check::{check, CheckRequest};
 pub use config::ClientSettings;
-pub use connector::{UpstreamError, UpstreamErrorKind};
+pub use upstream_error::{UpstreamError, UpstreamErrorKind};
 /// SIGHUP: re-reads the config file and applies what can change live.
 pub type SettingsReload = phoenix_mesh_common::sidecar::SettingsReload<ClientSettings>;
 pub use sidecar::{ClientError, ClientSidecar};

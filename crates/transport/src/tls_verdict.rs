@@ -75,6 +75,7 @@ impl PeerAlert {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -234,7 +235,7 @@ mod tests {
             None
         );
         // The text of an alert is not an alert.
-        let text = io::Error::new(io::ErrorKind::Other, "received fatal alert: UnknownCA");
+        let text = io::Error::other("received fatal alert: UnknownCA");
         assert_eq!(alert_received(&text), None);
     }
 }
