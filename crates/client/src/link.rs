@@ -118,7 +118,13 @@ impl H2Link {
                 debug!(%error, "mesh connection closing; sending on a fresh one");
                 self.forget(id);
                 match Box::pin(self.connect()).await? {
-                    Some((fresh_id, fresh)) => (fresh_id, fresh.ready().await.map_err(link_error)?),
+                    Some((fresh_id, fresh)) => (
+                        fresh_id,
+                        fresh
+                            .ready()
+                            .await
+                            .map_err(|error| self.stream_error(fresh_id, error))?,
+                    ),
                     None => return Ok(Sent::NotH2(req)),
                 }
             }
