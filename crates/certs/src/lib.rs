@@ -27,7 +27,8 @@ pub use reload::{
     error_chain, fingerprint, LiveClientTls, LiveServerTls, LiveTls, ReloadStats, Reloader,
 };
 pub use tls::{
-    client_config, failure_reason, server_config, ClientTlsOptions, ServerTlsOptions, TlsVersion,
+    client_config, failure_reason, refuses_our_certificate, server_config, ClientTlsOptions,
+    ServerTlsOptions, TlsVersion,
 };
 
 pub use rustls;

@@ -266,6 +266,23 @@ impl ClientCertVerifier for PeerPolicy {
     }
 }
 
+/// Whether a TLS alert from the peer refuses the certificate we presented (or our presenting none):
+/// the one table of such alerts, which the client's error codes and the metrics' reasons both read.
+pub fn refuses_our_certificate(alert: rustls::AlertDescription) -> bool {
+    use rustls::AlertDescription as A;
+    matches!(
+        alert,
+        A::BadCertificate
+            | A::UnsupportedCertificate
+            | A::CertificateRevoked
+            | A::CertificateExpired
+            | A::CertificateUnknown
+            | A::UnknownCA
+            | A::AccessDenied
+            | A::CertificateRequired
+    )
+}
+
 /// A short, stable reason for a failed handshake, for metrics labels.
 pub fn failure_reason(error: &rustls::Error) -> &'static str {
     use rustls::{AlertDescription as A, Error as E};
@@ -288,18 +305,70 @@ pub fn failure_reason(error: &rustls::Error) -> &'static str {
             }
         }
         E::AlertReceived(A::CertificateRequired) => "peer-wants-certificate",
-        E::AlertReceived(
-            A::UnknownCA
-            | A::BadCertificate
-            | A::CertificateExpired
-            | A::CertificateRevoked
-            | A::AccessDenied
-            | A::CertificateUnknown
-            | A::UnsupportedCertificate,
-        ) => "peer-refused-certificate",
+        E::AlertReceived(alert) if refuses_our_certificate(*alert) => "peer-refused-certificate",
         E::AlertReceived(_) => "alert",
         E::InvalidMessage(_) => "not-tls",
         E::PeerIncompatible(_) | E::NoApplicationProtocol => "incompatible",
         _ => "protocol",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::AlertDescription as A;
+
+    /// Every alert rustls knows by name, each with whether it refuses our certificate.
+    const ALERTS: &[(A, bool)] = &[
+        (A::CloseNotify, false),
+        (A::UnexpectedMessage, false),
+        (A::BadRecordMac, false),
+        (A::DecryptionFailed, false),
+        (A::RecordOverflow, false),
+        (A::DecompressionFailure, false),
+        (A::HandshakeFailure, false),
+        (A::NoCertificate, false),
+        (A::BadCertificate, true),
+        (A::UnsupportedCertificate, true),
+        (A::CertificateRevoked, true),
+        (A::CertificateExpired, true),
+        (A::CertificateUnknown, true),
+        (A::IllegalParameter, false),
+        (A::UnknownCA, true),
+        (A::AccessDenied, true),
+        (A::DecodeError, false),
+        (A::DecryptError, false),
+        (A::ExportRestriction, false),
+        (A::ProtocolVersion, false),
+        (A::InsufficientSecurity, false),
+        (A::InternalError, false),
+        (A::InappropriateFallback, false),
+        (A::UserCanceled, false),
+        (A::NoRenegotiation, false),
+        (A::MissingExtension, false),
+        (A::UnsupportedExtension, false),
+        (A::CertificateUnobtainable, false),
+        (A::UnrecognisedName, false),
+        (A::BadCertificateStatusResponse, false),
+        (A::BadCertificateHashValue, false),
+        (A::UnknownPSKIdentity, false),
+        (A::CertificateRequired, true),
+        (A::NoApplicationProtocol, false),
+        (A::EncryptedClientHelloRequired, false),
+    ];
+
+    #[test]
+    fn alert_table() {
+        for &(alert, refuses) in ALERTS {
+            assert_eq!(refuses_our_certificate(alert), refuses, "{alert:?}");
+            let reason = failure_reason(&rustls::Error::AlertReceived(alert));
+            let expected = match alert {
+                A::CertificateRequired => "peer-wants-certificate",
+                _ if refuses => "peer-refused-certificate",
+                _ => "alert",
+            };
+            assert_eq!(reason, expected, "{alert:?}");
+        }
+        assert!(!refuses_our_certificate(A::Unknown(0xff)));
     }
 }

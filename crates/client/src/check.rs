@@ -12,14 +12,13 @@ use phoenix_mesh_certs::{client_config, error_chain, human, Material, PeerIdenti
 use phoenix_mesh_common::check::Report;
 use phoenix_mesh_common::sidecar::SideSettings;
 use phoenix_mesh_common::MESH_ERROR_HEADER;
+use phoenix_mesh_transport::tls_verdict::await_verdict;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_rustls::TlsConnector;
 
-use crate::connector::{
-    await_verdict, classify_handshake, client_cert_alert, client_cert_refused, UpstreamErrorKind,
-};
+use crate::upstream_error::{client_cert_alert, UpstreamError, UpstreamErrorKind};
 use crate::ClientSettings;
 
 /// The request `--check` sends through the mesh.
@@ -149,8 +148,8 @@ async fn check_upstream(
     let tls = match timeout(settings.shared.handshake_timeout, handshake).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(error)) => {
-            let classified = classify_handshake(&error, upstream, server_name);
-            let hint = match classified.kind {
+            let classified = UpstreamError::handshake(error, upstream, server_name);
+            let hint = match classified.kind() {
                 UpstreamErrorKind::NotTls => "point upstreams at the mesh listener's TLS port (8443), not at Traefik's plain-HTTP port",
                 UpstreamErrorKind::CertificateInvalid => "the listener's certificate must be issued by the CA in ca and carry server_name as a SAN",
                 UpstreamErrorKind::ClientCertRefused => "the listener does not accept our certificate: check its ca and allowed_peers",
@@ -158,7 +157,7 @@ async fn check_upstream(
             };
             report.fail(
                 format!("upstream {upstream}: mutual TLS"),
-                classified.message,
+                classified.to_string(),
                 hint,
             );
             return;
@@ -235,8 +234,8 @@ async fn check_upstream(
                     .downcast_ref::<std::io::Error>()
                     .and_then(client_cert_alert)
                 {
-                    let refused = client_cert_refused(upstream, &alert);
-                    report.fail(what, refused.message, "the listener's ca and allowed_peers must accept our certificate; its log names the reason");
+                    let refused = UpstreamError::client_cert_refused(upstream, alert);
+                    report.fail(what, refused.to_string(), "the listener's ca and allowed_peers must accept our certificate; its log names the reason");
                     return;
                 }
                 current = e.source();

@@ -21,10 +21,10 @@ use phoenix_mesh_transport::body::ResponseBody;
 use phoenix_mesh_transport::tunnel::splice;
 use tracing::info;
 
-use crate::connector::{
-    client_cert_alert, client_cert_refused, ConnInfo, MeshConnector, UpstreamError,
-};
+use crate::connector::MeshConnector;
 use crate::link::{H2Link, LinkError, Sent};
+use crate::live_conns::ConnInfo;
+use crate::upstream_error::{client_cert_alert, UpstreamError};
 
 /// The pool key: every request shares the same pool whatever its Host; the connector picks the
 /// listener. Host itself travels untouched as a header.
@@ -202,7 +202,7 @@ impl Upstream {
         let (Some(capture), Some(info)) = (capture, response.extensions().get::<ConnInfo>()) else {
             return;
         };
-        let Some(retirement) = self.connector.retirement(*info, self.retire_margin) else {
+        let Some(retirement) = self.connector.retirement(info, self.retire_margin) else {
             return;
         };
         if let Some(connected) = capture.connection_metadata().as_ref() {
@@ -217,20 +217,20 @@ impl Upstream {
         while let Some(e) = current {
             if let Some(upstream) = e.downcast_ref::<UpstreamError>() {
                 return mesh_error(
-                    upstream.kind.status(),
-                    upstream.kind.code(),
-                    upstream.message.clone(),
+                    upstream.kind().status(),
+                    upstream.kind().code(),
+                    upstream.to_string(),
                 );
             }
             // In TLS 1.3 the listener checks our certificate after our side of the handshake is done,
             // so its refusal arrives as an alert on the first read of the request.
             if let Some(alert) = e.downcast_ref::<io::Error>().and_then(client_cert_alert) {
-                let refused = client_cert_refused(&self.upstreams, &alert);
+                let refused = UpstreamError::client_cert_refused(&self.upstreams, alert);
                 info!(upstreams = %self.upstreams, ?alert, "mesh listener refused our client certificate");
                 return mesh_error(
                     StatusCode::BAD_GATEWAY,
-                    refused.kind.code(),
-                    refused.message,
+                    refused.kind().code(),
+                    refused.to_string(),
                 );
             }
             root = e.to_string();

@@ -26,7 +26,9 @@ use phoenix_mesh_transport::sweep::sweep_idle;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
-use crate::connector::{ConnInfo, MeshConnector, MeshStream};
+use crate::connector::MeshConnector;
+use crate::live_conns::ConnInfo;
+use crate::mesh_stream::MeshStream;
 
 /// Why a request found no answer on the link.
 pub(crate) type LinkError = Box<dyn std::error::Error + Send + Sync>;
@@ -109,14 +111,20 @@ impl H2Link {
                 None => return Ok(Sent::NotH2(req)),
             },
         };
-        let sender = match sender.ready().await {
-            Ok(sender) => sender,
+        let (id, sender) = match sender.ready().await {
+            Ok(sender) => (id, sender),
             // Nothing was sent: the connection had a GOAWAY or is gone.
             Err(error) => {
                 debug!(%error, "mesh connection closing; sending on a fresh one");
                 self.forget(id);
                 match Box::pin(self.connect()).await? {
-                    Some((_, fresh)) => fresh.ready().await.map_err(link_error)?,
+                    Some((fresh_id, fresh)) => (
+                        fresh_id,
+                        fresh
+                            .ready()
+                            .await
+                            .map_err(|error| self.stream_error(fresh_id, error))?,
+                    ),
                     None => return Ok(Sent::NotH2(req)),
                 }
             }
@@ -124,7 +132,27 @@ impl H2Link {
         h2body::open_stream(sender, req, "the mesh listener")
             .await
             .map(Sent::Response)
-            .map_err(link_error)
+            .map_err(|error| self.stream_error(id, error))
+    }
+
+    /// An error of a request on connection `id`, with the listener's refusal of our certificate
+    /// restored as the rustls error it was when the connection read it (h2 keeps only an I/O error's
+    /// kind and message).
+    fn stream_error(&self, id: u64, error: h2::Error) -> LinkError {
+        let current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        let refused = current
+            .conn
+            .as_ref()
+            .filter(|conn| conn.id == id)
+            .and_then(|conn| conn.info.refused_alert());
+        match refused {
+            Some(alert) => std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                rustls::Error::AlertReceived(alert),
+            )
+            .into(),
+            None => link_error(error),
+        }
     }
 
     /// The current connection's number and a clone of its sender, if it is still worth using.
@@ -133,7 +161,7 @@ impl H2Link {
         let conn = current.conn.as_mut()?;
         let usable =
             !conn.closed.load(Ordering::Relaxed) && now - conn.last_used <= self.idle_timeout;
-        match self.connector.retirement(conn.info, self.retire_margin) {
+        match self.connector.retirement(&conn.info, self.retire_margin) {
             None if usable => {
                 conn.last_used = now;
                 return Some((conn.id, conn.sender.clone()));
@@ -172,7 +200,7 @@ impl H2Link {
             current.h1_until = Some(Instant::now() + H1_FALLBACK);
             return Ok(None);
         }
-        let info = stream.info();
+        let info = stream.info().clone();
         let (sender, closed) = handshake(stream).await?;
         let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
         current.dialed += 1;

@@ -10,11 +10,14 @@
 //! - `http1_idle.rs`: HTTP/1.1 server connections that hold no HTTP state while idle.
 //! - `coalescing_socket.rs`: the accepted TCP socket that sniffs for TLS and sends the session ticket with the first answer.
 //! - `dial.rs`: what opens a connection (the `Dial` trait) and the plain TCP dialer.
+//! - `balance.rs`: round-robin over several upstreams, ejecting the ones that keep failing.
+//! - `tls_verdict.rs`: a TLS server's verdict on our client certificate (its first flight, or a later alert).
 //! - `pool.rs`: the HTTP/1.1 client pool.
 //! - `h2/client.rs`: opening HTTP/2 streams and reading their bodies.
 //! - `sweep.rs`: the periodic idle sweep of a pool.
 //! - `tunnel.rs`: joining the two halves of an upgraded connection.
 
+pub mod balance;
 pub mod body;
 pub mod coalescing_socket;
 pub mod dial;
@@ -23,4 +26,5 @@ pub mod http1_idle;
 pub mod pool;
 pub mod serve;
 pub mod sweep;
+pub mod tls_verdict;
 pub mod tunnel;
