@@ -51,7 +51,7 @@ pub async fn check(settings: &ClientSettings, request: &CheckRequest) -> Report 
     for (what, detail) in material.describe(SystemTime::now()) {
         report.ok(what, detail);
     }
-    if material.leaf.remaining(SystemTime::now()) < material.leaf.lifetime() / 3 {
+    if material.leaf.renewal_due(SystemTime::now()) {
         report.warn(
             "our certificate",
             "less than a third of its lifetime left",
@@ -186,7 +186,8 @@ async fn check_upstream(
         .map(|c| PeerIdentity::from_der(c))
     {
         Some(Ok(peer)) => {
-            let left = peer.remaining(SystemTime::now());
+            let now = SystemTime::now();
+            let left = peer.remaining(now);
             report.ok(
                 format!("upstream {upstream}: mutual TLS"),
                 format!(
@@ -198,7 +199,7 @@ async fn check_upstream(
                     human(left.as_secs())
                 ),
             );
-            if left < peer.lifetime() / 3 {
+            if peer.renewal_due(now) {
                 report.warn(
                     format!("upstream {upstream}: listener certificate"),
                     "less than a third of its lifetime left",

@@ -162,7 +162,7 @@ impl SharedSettings {
             .min_tls_version
             .as_deref()
             .map_or(Ok(TlsVersion::default()), str::parse)
-            .map_err(|m| invalid(path, "min_tls_version", m))?;
+            .map_err(|e| invalid(path, "min_tls_version", e.to_string()))?;
         let max_header_bytes = f.max_header_bytes.unwrap_or(64 * 1024);
         if max_header_bytes < 8192 {
             return Err(invalid(

@@ -38,7 +38,7 @@ pub async fn check(settings: &ServerSettings, host: &str, path: &str) -> Report 
             for (what, detail) in material.describe(SystemTime::now()) {
                 report.ok(what, detail);
             }
-            if material.leaf.remaining(SystemTime::now()) < material.leaf.lifetime() / 3 {
+            if material.leaf.renewal_due(SystemTime::now()) {
                 report.warn(
                     "our certificate",
                     "less than a third of its lifetime left",
