@@ -9,8 +9,8 @@ use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use phoenix_mesh_certs::{client_config, error_chain, human, Material, PeerIdentity, Role};
-use phoenix_mesh_common::check::Report;
-use phoenix_mesh_common::sidecar::SideSettings;
+use phoenix_mesh_common::check::{CheckRequest, Report};
+use phoenix_mesh_common::settings::SideSettings;
 use phoenix_mesh_common::MESH_ERROR_HEADER;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
@@ -21,15 +21,6 @@ use crate::connector::{
     await_verdict, classify_handshake, client_cert_alert, client_cert_refused, UpstreamErrorKind,
 };
 use crate::ClientSettings;
-
-/// The request `--check` sends through the mesh.
-#[derive(Debug, Clone)]
-pub struct CheckRequest {
-    /// Host header (`--host`).
-    pub host: String,
-    /// Path and query (`--path`).
-    pub path: String,
-}
 
 /// Runs every check and returns the report.
 pub async fn check(settings: &ClientSettings, request: &CheckRequest) -> Report {

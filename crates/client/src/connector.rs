@@ -15,7 +15,9 @@ use http::{StatusCode, Uri};
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
 use phoenix_mesh_certs::{failure_reason, human, LiveClientTls, LiveTls, PeerIdentity};
-use phoenix_mesh_common::metrics::{GaugeGuard, Metrics, UpstreamLabels, UpstreamName};
+use phoenix_mesh_common::metrics::{
+    DialResult, GaugeGuard, HandshakeKind, HandshakeReason, Metrics, UpstreamLabels, UpstreamName,
+};
 use rustls::pki_types::ServerName;
 use rustls::AlertDescription;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -198,12 +200,12 @@ impl Dialer {
             let upstream = &self.upstreams[i];
             match self.dial_one(upstream, http1_only).await {
                 Ok(stream) => {
-                    self.count_dial(upstream, "ok");
+                    self.count_dial(upstream, DialResult::Ok);
                     self.record(i, true);
                     return Ok(stream);
                 }
                 Err(error) => {
-                    self.count_dial(upstream, error.kind.code());
+                    self.count_dial(upstream, DialResult::Failed(error.kind.code()));
                     info!(upstream = %upstream, code = error.kind.code(), %error, "mesh listener connection failed");
                     self.record(i, false);
                     failures.push(error);
@@ -311,14 +313,15 @@ impl Dialer {
         let tls = match handshake {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
-                let reason = rustls_error(&e).map_or("io", failure_reason);
-                self.metrics
-                    .handshake("failed", reason, "unknown", started.elapsed());
+                let reason = rustls_error(&e).map_or(HandshakeReason::Io, |e| {
+                    HandshakeReason::Tls(failure_reason(e))
+                });
+                self.metrics.handshake_failed(reason, started.elapsed());
                 return Err(classify_handshake(&e, upstream, &self.server_name));
             }
             Err(_) => {
                 self.metrics
-                    .handshake("failed", "timeout", "unknown", started.elapsed());
+                    .handshake_failed(HandshakeReason::Timeout, started.elapsed());
                 return Err(UpstreamError::new(
                     UpstreamErrorKind::Handshake,
                     format!(
@@ -335,20 +338,21 @@ impl Dialer {
         let mut tls = tls;
         if tls.get_ref().1.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3) {
             if let Err(e) = await_verdict(&mut tls, self.handshake_timeout).await {
-                let reason = rustls_error(&e).map_or("io", failure_reason);
-                self.metrics
-                    .handshake("failed", reason, "unknown", started.elapsed());
+                let reason = rustls_error(&e).map_or(HandshakeReason::Io, |e| {
+                    HandshakeReason::Tls(failure_reason(e))
+                });
+                self.metrics.handshake_failed(reason, started.elapsed());
                 return Err(classify_handshake(&e, upstream, &self.server_name));
             }
         }
         let conn = tls.get_ref().1;
         let resumed = matches!(conn.handshake_kind(), Some(rustls::HandshakeKind::Resumed));
-        self.metrics.handshake(
-            "ok",
-            "none",
-            if resumed { "resumed" } else { "full" },
-            started.elapsed(),
-        );
+        let kind = if resumed {
+            HandshakeKind::Resumed
+        } else {
+            HandshakeKind::Full
+        };
+        self.metrics.handshake_ok(kind, started.elapsed());
         let h2 = conn.alpn_protocol() == Some(b"h2");
         let peer = conn
             .peer_certificates()
@@ -417,7 +421,7 @@ impl MeshConnector {
 }
 
 impl Dialer {
-    fn count_dial(&self, upstream: &str, result: &'static str) {
+    fn count_dial(&self, upstream: &str, result: DialResult) {
         self.metrics
             .upstream_dials
             .get_or_create(&UpstreamLabels {
