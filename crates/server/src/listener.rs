@@ -144,7 +144,7 @@ async fn handle(
     // The session ticket rustls wrote last waits for the first answer only when one follows at once:
     // the client sent its request with its Finished, or HTTP/2, whose server preface goes out straight
     // away. Otherwise it goes as soon as hyper waits for a request: the client may be waiting for it
-    // as the sign that its certificate was accepted (see socket.rs).
+    // as the sign that its certificate was accepted (see `coalescing_socket`).
     let (socket, conn) = tls.get_mut();
     let answer_follows = conn.alpn_protocol() == Some(b"h2")
         || conn
