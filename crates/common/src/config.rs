@@ -104,7 +104,9 @@ mod tests {
         for bad in ["ten", "", "5x", "-5s", "s"] {
             let error = parse_duration(bad).err().map(|e| e.to_string());
             assert!(
-                error.as_deref().is_some_and(|e| e.starts_with("invalid duration")),
+                error
+                    .as_deref()
+                    .is_some_and(|e| e.starts_with("invalid duration")),
                 "{bad:?}: {error:?}"
             );
         }

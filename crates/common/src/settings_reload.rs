@@ -80,3 +80,92 @@ fn changed_keys<S: SideSettings>(old: &S, new: &S) -> Vec<&'static str> {
         .map(|((key, _), _)| key)
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::{Path, PathBuf};
+    use std::time::Duration;
+
+    use phoenix_mesh_certs::{LiveServerTls, ServerTlsOptions, TlsFiles, TlsVersion};
+    use phoenix_mesh_transport::serve::HttpOptions;
+
+    use crate::settings::SharedSettings;
+
+    /// A side with one key of its own that changes only at restart.
+    #[derive(Clone)]
+    struct Side {
+        shared: SharedSettings,
+        backend: u16,
+    }
+
+    impl SideSettings for Side {
+        type Tls = LiveServerTls;
+
+        fn load(path: &Path) -> Result<Self, ConfigError> {
+            Err(ConfigError::Parse {
+                path: path.to_owned(),
+                message: "not read in this test".into(),
+            })
+        }
+
+        fn path(&self) -> &Path {
+            Path::new("/etc/side.toml")
+        }
+
+        fn shared(&self) -> &SharedSettings {
+            &self.shared
+        }
+
+        fn tls_options(&self) -> ServerTlsOptions {
+            ServerTlsOptions::default()
+        }
+
+        fn restart_only(&self) -> Vec<(&'static str, String)> {
+            vec![("backend", self.backend.to_string())]
+        }
+
+        fn apply_live(&mut self, new: &Self) {
+            self.shared.tls = new.shared.tls.clone();
+        }
+    }
+
+    fn side() -> Side {
+        Side {
+            shared: SharedSettings {
+                tls: TlsFiles {
+                    cert: PathBuf::from("/c"),
+                    key: PathBuf::from("/k"),
+                    ca: PathBuf::from("/ca"),
+                    crls: Vec::new(),
+                },
+                admin_listen: None,
+                min_tls_version: TlsVersion::Tls13,
+                handshake_timeout: Duration::from_secs(10),
+                http: HttpOptions::default(),
+                max_connections: 10,
+                drain_timeout: Duration::from_secs(30),
+                reload_poll_interval: Duration::from_secs(10),
+                access_log: false,
+                worker_threads: 1,
+            },
+            backend: 80,
+        }
+    }
+
+    #[test]
+    fn restart_only_changes_are_named_and_live_ones_are_not() {
+        let old = side();
+        let mut new = side();
+        assert!(changed_keys(&old, &new).is_empty());
+        new.shared.tls.cert = PathBuf::from("/renewed");
+        assert!(changed_keys(&old, &new).is_empty(), "TLS files apply live");
+        new.backend = 81;
+        new.shared.max_connections = 20;
+        new.shared.drain_timeout = Duration::from_secs(5);
+        assert_eq!(
+            changed_keys(&old, &new),
+            ["backend", "max_connections", "drain_timeout"]
+        );
+    }
+}
