@@ -4,8 +4,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use phoenix_mesh_client::{ClientSettings, ClientSidecar};
-use phoenix_mesh_server::{MeshListener, ServerSettings};
+use phoenix_mesh_client::{ClientSettings, ClientSide};
+use phoenix_mesh_common::check::{CheckRequest, Report};
+use phoenix_mesh_common::settings::SideSettings;
+use phoenix_mesh_common::sidecar::{Side, Sidecar, StartError};
+use phoenix_mesh_server::{ListenerSide, ServerSettings};
 use phoenix_mesh_transport::serve::{Shutdown, ShutdownWatch};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
@@ -51,13 +54,11 @@ impl Prepared {
     /// Runs to the end.
     pub async fn run(self) -> Result<(), Failure> {
         match self {
-            Prepared::Client(settings) => client(settings).await,
-            Prepared::Server(settings) => server(settings).await,
-            Prepared::CheckClient(config, check) => {
-                check_client(&config, check.config_only, &check.host, &check.path).await
-            }
+            Prepared::Client(settings) => sidecar::<ClientSide>(settings).await,
+            Prepared::Server(settings) => sidecar::<ListenerSide>(settings).await,
+            Prepared::CheckClient(config, check) => check_side::<ClientSide>(&config, check).await,
             Prepared::CheckServer(config, check) => {
-                check_server(&config, check.config_only, &check.host, &check.path).await
+                check_side::<ListenerSide>(&config, check).await
             }
             Prepared::Demo { once } => crate::demo::run(once).await.map_err(Failure::Runtime),
         }
@@ -89,45 +90,25 @@ pub enum Failure {
     CheckFailed,
 }
 
-async fn check_client(
-    config: &Path,
-    config_only: bool,
-    host: &str,
-    path: &str,
-) -> Result<(), Failure> {
-    let settings = ClientSettings::load(config).map_err(|e| Failure::Config(e.into()))?;
-    if config_only {
+/// `--check` for side `S`: the config alone with `--config-only`, else every hop live.
+async fn check_side<S: Side>(config: &Path, check: crate::CheckArgs) -> Result<(), Failure> {
+    let settings = S::Settings::load(config).map_err(|e| Failure::Config(e.into()))?;
+    if check.config_only {
         println!(
-            "[ OK ] config {}: valid client configuration",
-            config.display()
+            "[ OK ] config {}: valid {} configuration",
+            config.display(),
+            S::COMMAND
         );
         return Ok(());
     }
-    let request = phoenix_mesh_client::CheckRequest {
-        host: host.to_owned(),
-        path: path.to_owned(),
+    let request = CheckRequest {
+        host: check.host,
+        path: check.path,
     };
-    report(phoenix_mesh_client::check(&settings, &request).await)
+    report(S::check(&settings, &request).await)
 }
 
-async fn check_server(
-    config: &Path,
-    config_only: bool,
-    host: &str,
-    path: &str,
-) -> Result<(), Failure> {
-    let settings = ServerSettings::load(config).map_err(|e| Failure::Config(e.into()))?;
-    if config_only {
-        println!(
-            "[ OK ] config {}: valid server configuration",
-            config.display()
-        );
-        return Ok(());
-    }
-    report(phoenix_mesh_server::check(&settings, host, path).await)
-}
-
-fn report(report: phoenix_mesh_common::check::Report) -> Result<(), Failure> {
+fn report(report: Report) -> Result<(), Failure> {
     print!("{}", report.render());
     if report.passed() {
         Ok(())
@@ -136,36 +117,22 @@ fn report(report: phoenix_mesh_common::check::Report) -> Result<(), Failure> {
     }
 }
 
-async fn client(settings: ClientSettings) -> Result<(), Failure> {
-    let drain = settings.shared.drain_timeout;
-    let sidecar = ClientSidecar::bind(settings).await.map_err(|e| match e {
-        phoenix_mesh_client::ClientError::Bind { .. } => Failure::Runtime(e.into()),
+/// Runs side `S` until a signal: binds (a config or certificate problem is a [`Failure::Config`], a
+/// socket that cannot be bound a [`Failure::Runtime`]), then serves, reloading on SIGHUP.
+async fn sidecar<S: Side>(settings: S::Settings) -> Result<(), Failure> {
+    let drain = settings.shared().drain_timeout;
+    let sidecar = Sidecar::<S>::bind(settings).await.map_err(|e| match e {
+        StartError::Bind { .. } => Failure::Runtime(e.into()),
         other => Failure::Config(other.into()),
     })?;
     let reload = sidecar.settings_reload();
     serve_until_signal(
         drain,
         move || {
+            // The reload logs its own failure, and a failed reload changes nothing.
             let _ = reload.reload();
         },
         |watch| sidecar.serve(watch),
-    )
-    .await
-}
-
-async fn server(settings: ServerSettings) -> Result<(), Failure> {
-    let drain = settings.shared.drain_timeout;
-    let listener = MeshListener::bind(settings).await.map_err(|e| match e {
-        phoenix_mesh_server::ServerError::Bind { .. } => Failure::Runtime(e.into()),
-        other => Failure::Config(other.into()),
-    })?;
-    let reload = listener.settings_reload();
-    serve_until_signal(
-        drain,
-        move || {
-            let _ = reload.reload();
-        },
-        |watch| listener.serve(watch),
     )
     .await
 }

@@ -1,8 +1,8 @@
 //! A small map from exact bytes (a certificate, a chain) to what was worked out from them, for the
 //! handful of peers a mesh listener sees: bounded, and simply started over when full.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
 
 /// Entries kept at most; past that the map starts over (a mesh has a handful of peers, so a full map
 /// means churn, and recomputing is always correct).
@@ -21,16 +21,12 @@ impl<V> Default for ByteCache<V> {
 impl<V: Clone> ByteCache<V> {
     /// The value remembered for exactly `key`.
     pub fn get(&self, key: &[u8]) -> Option<V> {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(key)
-            .cloned()
+        self.0.lock().get(key).cloned()
     }
 
     /// Remembers `value` for `key`, starting over first when the map is full.
     pub fn insert(&self, key: Box<[u8]>, value: V) {
-        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut map = self.0.lock();
         if map.len() >= CAPACITY && !map.contains_key(&key) {
             map.clear();
         }
@@ -39,7 +35,7 @@ impl<V: Clone> ByteCache<V> {
 
     /// How many entries are held.
     pub fn len(&self) -> usize {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).len()
+        self.0.lock().len()
     }
 
     /// Whether nothing is held.

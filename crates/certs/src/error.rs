@@ -1,3 +1,6 @@
+//! What can go wrong with a side's TLS files ([`CertError`], with a hint for the operator), and
+//! [`error_chain`], which prints any error with its causes on one line.
+
 use std::io;
 use std::path::PathBuf;
 
@@ -100,5 +103,36 @@ impl CertError {
             CertError::BadCrl { .. } => "the CRL must be a PEM or DER X.509 CRL from the Phoenix CA",
             CertError::Tls(_) => "see the error; this is a TLS configuration problem",
         }
+    }
+}
+
+/// An error and its sources, `outer: inner: root`, for one log field or message line. It lives in
+/// the lowest crate every sidecar crate depends on, since this crate's reloader logs with it too.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut current = error.source();
+    while let Some(e) = current {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        current = e.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_chain_names_every_cause_in_order() {
+        let error = CertError::Read {
+            what: "CA file",
+            path: PathBuf::from("/etc/ca.crt"),
+            source: io::Error::new(io::ErrorKind::NotFound, "no such file"),
+        };
+        assert_eq!(
+            error_chain(&error),
+            "reading CA file /etc/ca.crt: no such file"
+        );
     }
 }

@@ -131,6 +131,13 @@ impl PeerIdentity {
             .duration_since(self.not_before)
             .unwrap_or_default()
     }
+
+    /// Whether the certificate is due for renewal at `now`: less than a third of its lifetime is left.
+    /// step-ca's renewal timer renews at two thirds of the lifetime, so a certificate past that point
+    /// means renewal is not running; every expiry warning and check in the mesh uses this one rule.
+    pub fn renewal_due(&self, now: SystemTime) -> bool {
+        self.remaining(now) < self.lifetime() / 3
+    }
 }
 
 /// Values that contain XFCC's separators are quoted, as Envoy does.
@@ -243,5 +250,35 @@ pub(crate) fn fmt_time(t: SystemTime) -> String {
             )
         }
         Err(_) => format!("@{secs}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid(from: u64, to: u64) -> PeerIdentity {
+        PeerIdentity {
+            subject: String::new(),
+            common_name: None,
+            dns: Vec::new(),
+            uris: Vec::new(),
+            ips: Vec::new(),
+            sha256: String::new(),
+            not_before: UNIX_EPOCH + Duration::from_secs(from),
+            not_after: UNIX_EPOCH + Duration::from_secs(to),
+            client_auth: false,
+            server_auth: false,
+        }
+    }
+
+    #[test]
+    fn renewal_is_due_once_less_than_a_third_of_the_lifetime_is_left() {
+        let cert = valid(0, 300);
+        let at = |secs| UNIX_EPOCH + Duration::from_secs(secs);
+        assert!(!cert.renewal_due(at(0)));
+        assert!(!cert.renewal_due(at(200)), "exactly a third left");
+        assert!(cert.renewal_due(at(201)));
+        assert!(cert.renewal_due(at(400)), "expired");
     }
 }

@@ -1,9 +1,22 @@
 //! Certificates and TLS for phoenix-mesh: loading PEM files into rustls types, checking them the way an
 //! operator expects at start-up (readable, matching key, in date, chaining to the CA), building the
-//! client and server `rustls` configurations, and reading a peer's identity out of its certificate.
+//! client and server `rustls` configurations and swapping them live on reload, and reading a peer's
+//! identity out of its certificate.
 //!
-//! It does not open sockets or speak HTTP; the sidecars own that. The crypto provider is chosen in
-//! [`provider`] and nowhere else.
+//! It does not open sockets or speak HTTP; the sidecars and `phoenix-mesh-transport` own that. The
+//! crypto provider is chosen in [`provider`] and nowhere else.
+//!
+//! Crate map:
+//! - `error.rs`: [`CertError`] with a hint per variant, and [`error_chain`] for printing any error.
+//! - `load.rs`: PEM (and DER CRL) files into rustls types, every error naming the file.
+//! - `material.rs`: a side's files loaded and checked together ([`Material`]), and its `--check` lines.
+//! - `identity.rs`: who a certificate names ([`PeerIdentity`]), its XFCC value and the renewal-due rule.
+//! - `tls.rs`: the rustls client and server configurations, the listener's peer policy, handshake failure reasons.
+//! - `verified_chains.rs`: client chains the listener has already verified under its current policy.
+//! - `cache.rs`: a small bounded map keyed by exact bytes (certificates, chains).
+//! - `reload.rs`: live TLS configurations swapped atomically, and the reloader that rebuilds them.
+//! - `provider.rs`: the one crypto provider, and SHA-256 helpers.
+//! - `pki.rs` (feature `pki-gen`): a throwaway step-ca-like PKI for the demo, tests and benches.
 
 mod cache;
 mod error;
@@ -13,22 +26,19 @@ mod material;
 pub mod provider;
 mod reload;
 mod tls;
-mod verified;
+mod verified_chains;
 
 #[cfg(feature = "pki-gen")]
 pub mod pki;
 
 pub use cache::ByteCache;
-pub use error::CertError;
+pub use error::{error_chain, CertError};
 pub use identity::{IdentityError, PeerIdentity};
-pub use load::{load_cert_chain, load_crls, load_private_key, load_roots};
 pub use material::{human, Material, Role, TlsFiles};
-pub use reload::{
-    error_chain, fingerprint, LiveClientTls, LiveServerTls, LiveTls, ReloadStats, Reloader,
-};
+pub use reload::{LiveClientTls, LiveServerTls, LiveTls, ReloadStats, Reloader};
 pub use tls::{
-    client_config, failure_reason, refuses_our_certificate, server_config, ClientTlsOptions,
-    ServerTlsOptions, TlsVersion,
+    client_config, failure_reason, refuses_our_certificate, ClientTlsOptions, ServerTlsOptions,
+    TlsVersion, UnknownTlsVersion,
 };
 
 pub use rustls;

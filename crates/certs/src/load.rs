@@ -41,12 +41,12 @@ pub(crate) fn certs_from(
 }
 
 /// A certificate chain: the leaf first, then the intermediates (as step-ca writes it).
-pub fn load_cert_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError> {
+pub(crate) fn load_cert_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError> {
     certs_from("certificate", path)
 }
 
 /// A private key: PKCS#8, SEC1 EC or PKCS#1 RSA, in PEM.
-pub fn load_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, CertError> {
+pub(crate) fn load_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, CertError> {
     let bytes = read("private key", path)?;
     PrivateKeyDer::from_pem_slice(&bytes).map_err(|source| match source {
         pem::Error::NoItemsFound => CertError::NoPem {
@@ -63,10 +63,6 @@ pub fn load_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, CertError
 }
 
 /// The trust anchors in a CA bundle. Every certificate in the file must be usable as one.
-pub fn load_roots(path: &Path) -> Result<RootCertStore, CertError> {
-    roots_from(path, certs_from("CA file", path)?)
-}
-
 pub(crate) fn roots_from(
     path: &Path,
     certs: impl IntoIterator<Item = CertificateDer<'static>>,
@@ -82,7 +78,7 @@ pub(crate) fn roots_from(
 }
 
 /// Certificate revocation lists, each file PEM (`X509 CRL`) or raw DER.
-pub fn load_crls(
+pub(crate) fn load_crls(
     paths: &[impl AsRef<Path>],
 ) -> Result<Vec<CertificateRevocationListDer<'static>>, CertError> {
     let mut crls = Vec::new();

@@ -62,7 +62,7 @@ impl Material {
     }
 
     /// [`Material::load`] with an explicit "now".
-    pub fn load_at(files: &TlsFiles, role: Role, now: SystemTime) -> Result<Self, CertError> {
+    fn load_at(files: &TlsFiles, role: Role, now: SystemTime) -> Result<Self, CertError> {
         let chain = load::load_cert_chain(&files.cert)?;
         let key = load::load_private_key(&files.key)?;
         let ca_certs = load::certs_from("CA file", &files.ca)?;

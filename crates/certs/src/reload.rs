@@ -2,19 +2,20 @@
 //! reloader that rebuilds it from the files on SIGHUP or when their contents change. A reload that
 //! fails leaves the previous material in service; the process never exits because of one.
 
-use std::error::Error as StdError;
 use std::fs;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
+use parking_lot::Mutex;
 use rustls::{ClientConfig, ServerConfig};
 use tracing::{info, warn};
 
 use crate::tls::{build_client_config, build_server_config, ServerResumption};
 use crate::{
-    CertError, ClientTlsOptions, Material, PeerIdentity, Role, ServerTlsOptions, TlsFiles,
+    error_chain, CertError, ClientTlsOptions, Material, PeerIdentity, Role, ServerTlsOptions,
+    TlsFiles,
 };
 
 /// A TLS configuration that can be replaced while connections use the old one.
@@ -23,6 +24,10 @@ pub trait LiveTls: Send + Sync + 'static {
     type Options: Clone + Send + Sync + std::fmt::Debug + 'static;
     /// Which end of the link this is.
     const ROLE: Role;
+    /// The first configuration, from checked material.
+    fn build(material: &Material, options: &Self::Options) -> Result<Self, CertError>
+    where
+        Self: Sized;
     /// Builds a configuration from checked material and installs it for new handshakes.
     fn install(&self, material: &Material, options: &Self::Options) -> Result<(), CertError>;
     /// Our current leaf.
@@ -67,8 +72,12 @@ impl LiveTls for LiveServerTls {
     type Options = ServerTlsOptions;
     const ROLE: Role = Role::Server;
 
+    fn build(material: &Material, options: &ServerTlsOptions) -> Result<Self, CertError> {
+        LiveServerTls::new(material, options)
+    }
+
     fn install(&self, material: &Material, options: &ServerTlsOptions) -> Result<(), CertError> {
-        let mut resumption = lock(&self.resumption);
+        let mut resumption = self.resumption.lock();
         let policy = server_policy(material, options);
         let fresh;
         let kept = if policy == resumption.0 {
@@ -142,8 +151,12 @@ impl LiveTls for LiveClientTls {
     type Options = ClientTlsOptions;
     const ROLE: Role = Role::Client;
 
+    fn build(material: &Material, options: &ClientTlsOptions) -> Result<Self, CertError> {
+        LiveClientTls::new(material, options)
+    }
+
     fn install(&self, material: &Material, options: &ClientTlsOptions) -> Result<(), CertError> {
-        let mut trust = lock(&self.trust);
+        let mut trust = self.trust.lock();
         let policy = format!("{}|{:?}", material.trust_fingerprint, options);
         let keep = (policy == *trust).then(|| self.config.load().resumption.clone());
         let config = build_client_config(material, options, keep)?;
@@ -208,7 +221,7 @@ impl<T: LiveTls> Reloader<T> {
     /// Reloads from `files` with `options` now (SIGHUP). On failure the previous material stays in
     /// service and `files` are watched so that their next change is tried again.
     pub fn reload(&self, files: TlsFiles, options: T::Options, why: &str) -> Result<(), CertError> {
-        let mut watch = lock(&self.watch);
+        let mut watch = self.watch.lock();
         watch.seen = fingerprint(&files);
         watch.files = files;
         watch.options = options;
@@ -218,7 +231,7 @@ impl<T: LiveTls> Reloader<T> {
     /// Reloads if any watched file's contents changed since the last attempt (rename, in-place
     /// rewrite and symlink swaps alike, since it reads through links). `None` when nothing changed.
     pub fn poll(&self) -> Option<Result<(), CertError>> {
-        let mut watch = lock(&self.watch);
+        let mut watch = self.watch.lock();
         self.warn_if_expiring(&mut watch);
         let now = fingerprint(&watch.files);
         if now == watch.seen {
@@ -277,10 +290,11 @@ impl<T: LiveTls> Reloader<T> {
 
     fn warn_if_expiring(&self, watch: &mut Watch<T::Options>) {
         let leaf = self.live.leaf();
-        let left = leaf.remaining(SystemTime::now());
-        if left >= leaf.lifetime() / 3 {
+        let now = SystemTime::now();
+        if !leaf.renewal_due(now) {
             return;
         }
+        let left = leaf.remaining(now);
         if watch
             .last_expiry_warning
             .is_some_and(|t| t.elapsed() < Duration::from_secs(3600))
@@ -298,7 +312,7 @@ impl<T: LiveTls> Reloader<T> {
 
 /// SHA-256 over every watched file's path and contents, read through symlinks. An unreadable file
 /// contributes its error, so a file that comes back counts as a change.
-pub fn fingerprint(files: &TlsFiles) -> String {
+fn fingerprint(files: &TlsFiles) -> String {
     let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     for path in [&files.cert, &files.key, &files.ca]
         .into_iter()
@@ -314,20 +328,4 @@ pub fn fingerprint(files: &TlsFiles) -> String {
         }
     }
     crate::provider::hex(ctx.finish().as_ref())
-}
-
-/// An error and its sources, `outer: inner: root`, for one log field.
-pub fn error_chain(error: &(dyn StdError + 'static)) -> String {
-    let mut out = error.to_string();
-    let mut current = error.source();
-    while let Some(e) = current {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        current = e.source();
-    }
-    out
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

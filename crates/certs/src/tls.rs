@@ -13,7 +13,7 @@ use rustls::{
 };
 use tracing::info;
 
-use crate::verified::{chain_key, VerifiedChains, Window};
+use crate::verified_chains::{chain_key, VerifiedChains, Window};
 use crate::{provider, CertError, Material, PeerIdentity};
 
 /// ALPN protocols both ends offer: HTTP/2 first so the link multiplexes when it can.
@@ -29,15 +29,20 @@ pub enum TlsVersion {
     Tls13,
 }
 
+/// A `min_tls_version` that is neither `"1.2"` nor `"1.3"`.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not \"1.2\" or \"1.3\"")]
+pub struct UnknownTlsVersion(String);
+
 impl std::str::FromStr for TlsVersion {
-    type Err = String;
+    type Err = UnknownTlsVersion;
 
     /// `"1.2"` or `"1.3"`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "1.3" => Ok(TlsVersion::Tls13),
             "1.2" => Ok(TlsVersion::Tls12),
-            other => Err(format!("{other:?} is not \"1.2\" or \"1.3\"")),
+            other => Err(UnknownTlsVersion(other.to_owned())),
         }
     }
 }
@@ -70,17 +75,6 @@ pub struct ClientTlsOptions {
     pub min_version: TlsVersion,
     /// Offer HTTP/2 through ALPN (else HTTP/1.1 only).
     pub http2: bool,
-}
-
-/// The listener's configuration: client certificate required, verified against `ca` and CRLs with the
-/// intermediates the client sends, then held to `allowed_peers` and the clientAuth usage. Each call
-/// makes a fresh session cache and ticket key, so sessions from an older policy do not resume.
-pub fn server_config(
-    material: &Material,
-    options: &ServerTlsOptions,
-) -> Result<Arc<ServerConfig>, CertError> {
-    let resumption = ServerResumption::new()?;
-    build_server_config(material, options, &resumption)
 }
 
 /// The session cache and ticket key of a listener; kept across a reload that leaves the trust policy
@@ -177,7 +171,7 @@ pub(crate) fn build_client_config(
 
 /// rustls' own client verifier first, then our policy: the clientAuth usage must be present (webpki
 /// accepts a certificate with no extended key usage at all) and the identity must be allowed. A chain
-/// that passed all of it is remembered for as long as its certificates are valid (see `verified`).
+/// that passed all of it is remembered for as long as its certificates are valid (see `verified_chains`).
 #[derive(Debug)]
 struct PeerPolicy {
     inner: Arc<dyn ClientCertVerifier>,

@@ -9,8 +9,8 @@ use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use phoenix_mesh_certs::{client_config, error_chain, human, Material, PeerIdentity, Role};
-use phoenix_mesh_common::check::Report;
-use phoenix_mesh_common::sidecar::SideSettings;
+use phoenix_mesh_common::check::{CheckRequest, Report};
+use phoenix_mesh_common::settings::SideSettings;
 use phoenix_mesh_common::MESH_ERROR_HEADER;
 use phoenix_mesh_transport::tls_verdict::await_verdict;
 use rustls::pki_types::ServerName;
@@ -20,15 +20,6 @@ use tokio_rustls::TlsConnector;
 
 use crate::upstream_error::{client_cert_alert, UpstreamError, UpstreamErrorKind};
 use crate::ClientSettings;
-
-/// The request `--check` sends through the mesh.
-#[derive(Debug, Clone)]
-pub struct CheckRequest {
-    /// Host header (`--host`).
-    pub host: String,
-    /// Path and query (`--path`).
-    pub path: String,
-}
 
 /// Runs every check and returns the report.
 pub async fn check(settings: &ClientSettings, request: &CheckRequest) -> Report {
@@ -50,7 +41,7 @@ pub async fn check(settings: &ClientSettings, request: &CheckRequest) -> Report 
     for (what, detail) in material.describe(SystemTime::now()) {
         report.ok(what, detail);
     }
-    if material.leaf.remaining(SystemTime::now()) < material.leaf.lifetime() / 3 {
+    if material.leaf.renewal_due(SystemTime::now()) {
         report.warn(
             "our certificate",
             "less than a third of its lifetime left",
@@ -185,7 +176,8 @@ async fn check_upstream(
         .map(|c| PeerIdentity::from_der(c))
     {
         Some(Ok(peer)) => {
-            let left = peer.remaining(SystemTime::now());
+            let now = SystemTime::now();
+            let left = peer.remaining(now);
             report.ok(
                 format!("upstream {upstream}: mutual TLS"),
                 format!(
@@ -197,7 +189,7 @@ async fn check_upstream(
                     human(left.as_secs())
                 ),
             );
-            if left < peer.lifetime() / 3 {
+            if peer.renewal_due(now) {
                 report.warn(
                     format!("upstream {upstream}: listener certificate"),
                     "less than a third of its lifetime left",

@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use phoenix_mesh_certs::{ClientTlsOptions, LiveClientTls};
 use phoenix_mesh_common::config::{ConfigDuration, ConfigError};
-use phoenix_mesh_common::listen::ListenAddr;
-use phoenix_mesh_common::settings::{invalid, or_secs, read_config, SharedSettings};
-use phoenix_mesh_common::sidecar::SideSettings;
+use phoenix_mesh_common::settings::{invalid, or_secs, read_config, SharedSettings, SideSettings};
 use serde::Deserialize;
+
+use crate::listen::ListenAddr;
 
 /// The client's own keys, as written (the shared ones are in [`SharedSettings`]).
 #[derive(Debug, Deserialize)]

@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime};
 use http::Uri;
 use hyper_util::rt::TokioIo;
 use phoenix_mesh_certs::{LiveClientTls, LiveTls};
-use phoenix_mesh_common::metrics::{Metrics, UpstreamLabels, UpstreamName};
+use phoenix_mesh_common::metrics::{DialResult, Metrics, UpstreamLabels, UpstreamName};
 use phoenix_mesh_transport::balance::Balancer;
 use phoenix_mesh_transport::dial::{Connected, Dial, Protocol};
 use rustls::pki_types::ServerName;
@@ -118,13 +118,13 @@ impl Dialer {
             let upstream = &self.upstreams[i];
             match self.listener.dial(upstream, http1_only).await {
                 Ok(stream) => {
-                    self.count_dial(upstream, "ok");
+                    self.count_dial(upstream, DialResult::Ok);
                     self.succeeded(i);
                     return Ok(stream);
                 }
                 Err(error) => {
                     let code = error.kind().code();
-                    self.count_dial(upstream, code);
+                    self.count_dial(upstream, DialResult::Failed(code));
                     info!(upstream = %upstream, code, %error, "mesh listener connection failed");
                     self.failed(i);
                     failures.push(error);
@@ -163,7 +163,7 @@ impl Dialer {
             .set(i64::from(healthy));
     }
 
-    fn count_dial(&self, upstream: &str, result: &'static str) {
+    fn count_dial(&self, upstream: &str, result: DialResult) {
         self.listener
             .metrics
             .upstream_dials

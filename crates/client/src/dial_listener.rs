@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::Mutex;
 use phoenix_mesh_certs::{failure_reason, LiveClientTls, PeerIdentity};
-use phoenix_mesh_common::metrics::{GaugeGuard, Metrics};
+use phoenix_mesh_common::metrics::{GaugeGuard, HandshakeKind, HandshakeReason, Metrics};
 use phoenix_mesh_transport::tls_verdict::{await_verdict, rustls_error, PeerAlert};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
@@ -132,7 +132,7 @@ impl ListenerDial {
             Ok(Err(e)) => return Err(self.failed(e, upstream, started)),
             Err(_) => {
                 self.metrics
-                    .handshake("failed", "timeout", "unknown", started.elapsed());
+                    .handshake_failed(HandshakeReason::Timeout, started.elapsed());
                 return Err(UpstreamError::HandshakeTimeout {
                     upstream: upstream.to_owned(),
                     limit: self.handshake_timeout,
@@ -149,12 +149,12 @@ impl ListenerDial {
         }
         let conn = tls.get_ref().1;
         let resumed = matches!(conn.handshake_kind(), Some(rustls::HandshakeKind::Resumed));
-        self.metrics.handshake(
-            "ok",
-            "none",
-            if resumed { "resumed" } else { "full" },
-            started.elapsed(),
-        );
+        let kind = if resumed {
+            HandshakeKind::Resumed
+        } else {
+            HandshakeKind::Full
+        };
+        self.metrics.handshake_ok(kind, started.elapsed());
         let h2 = conn.alpn_protocol() == Some(b"h2");
         let peer = conn
             .peer_certificates()
@@ -184,9 +184,10 @@ impl ListenerDial {
 
     /// Counts a failed handshake (or verdict) and says what it means.
     fn failed(&self, e: std::io::Error, upstream: &str, started: Instant) -> UpstreamError {
-        let reason = rustls_error(&e).map_or("io", failure_reason);
-        self.metrics
-            .handshake("failed", reason, "unknown", started.elapsed());
+        let reason = rustls_error(&e).map_or(HandshakeReason::Io, |e| {
+            HandshakeReason::Tls(failure_reason(e))
+        });
+        self.metrics.handshake_failed(reason, started.elapsed());
         UpstreamError::handshake(e, upstream, &self.server_name)
     }
 
@@ -199,7 +200,7 @@ impl ListenerDial {
             .unwrap_or_default()
             .as_secs();
         self.listener_not_after.store(unix, Ordering::Relaxed);
-        if peer.remaining(SystemTime::now()) < peer.lifetime() / 3 {
+        if peer.renewal_due(SystemTime::now()) {
             let mut warned = self.warned_for.lock();
             if *warned != peer.sha256 {
                 warned.clone_from(&peer.sha256);

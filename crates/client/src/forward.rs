@@ -16,6 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use phoenix_mesh_common::headers::{
     remove_hop_by_hop, remove_hop_by_hop_request, restore_upgrade, retarget, upgrade_protocol,
 };
+use phoenix_mesh_common::metrics::MadeBy;
 use phoenix_mesh_common::{mesh_error, ProxyBody, MESH_ERROR_HEADER};
 use phoenix_mesh_transport::body::ResponseBody;
 use phoenix_mesh_transport::tunnel::splice;
@@ -94,7 +95,7 @@ impl Upstream {
     pub(crate) async fn forward(
         &self,
         mut req: Request<Incoming>,
-    ) -> (Response<ResponseBody>, &'static str) {
+    ) -> (Response<ResponseBody>, MadeBy) {
         let upgrade =
             upgrade_protocol(req.headers()).filter(|_| req.version() == http::Version::HTTP_11);
         let downstream = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
@@ -125,7 +126,7 @@ impl Upstream {
                         format!("phoenix-mesh client: invalid request target: {e}"),
                     )
                     .map(Either::Left),
-                    "sidecar",
+                    MadeBy::Sidecar,
                 )
             }
         };
@@ -137,18 +138,18 @@ impl Upstream {
                     (downstream, response.status())
                 {
                     splice(downstream, hyper::upgrade::on(&mut response));
-                    return (response, "backend");
+                    return (response, MadeBy::Backend);
                 }
                 let made_by = if response.headers().contains_key(MESH_ERROR_HEADER) {
-                    "listener"
+                    MadeBy::Listener
                 } else {
-                    "backend"
+                    MadeBy::Backend
                 };
                 let (mut parts, body) = response.into_parts();
                 remove_hop_by_hop(&mut parts.headers);
                 (Response::from_parts(parts, body), made_by)
             }
-            Ok(Err(error)) => (self.failure(&*error).map(Either::Left), "sidecar"),
+            Ok(Err(error)) => (self.failure(&*error).map(Either::Left), MadeBy::Sidecar),
             Err(_) => {
                 info!(upstreams = %self.upstreams, "mesh listener too slow");
                 (mesh_error(
@@ -158,7 +159,7 @@ impl Upstream {
                         "phoenix-mesh client: mesh listener ({}) did not answer within {:?} (upstream_timeout)",
                         self.upstreams, self.timeout
                     ),
-                ).map(Either::Left), "sidecar")
+                ).map(Either::Left), MadeBy::Sidecar)
             }
         }
     }

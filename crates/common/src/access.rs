@@ -11,6 +11,8 @@ use http::{Method, StatusCode};
 use hyper::body::{Body, Frame, SizeHint};
 use tracing::info;
 
+use crate::metrics::MadeBy;
+
 /// What one access-log line says about a request.
 #[derive(Debug)]
 pub struct AccessRecord {
@@ -24,8 +26,8 @@ pub struct AccessRecord {
     pub path: String,
     /// Response status.
     pub status: StatusCode,
-    /// Who made the status (`sidecar`, `listener`, `backend`).
-    pub made_by: &'static str,
+    /// Who made the status.
+    pub made_by: MadeBy,
     /// The verified peer identity (listener) or the downstream address (client).
     pub peer: Arc<str>,
     /// Where the request went.
@@ -66,7 +68,7 @@ impl AccessStart {
     pub fn finish(
         self,
         status: StatusCode,
-        made_by: &'static str,
+        made_by: MadeBy,
         peer: Arc<str>,
         upstream: Arc<str>,
     ) -> Box<AccessRecord> {
@@ -140,7 +142,7 @@ impl<B> Drop for Logged<B> {
                 host = %r.host,
                 path = %r.path,
                 status = r.status.as_u16(),
-                made_by = r.made_by,
+                made_by = r.made_by.as_str(),
                 duration_ms = r.start.elapsed().as_secs_f64() * 1000.0,
                 bytes = self.bytes,
                 peer = %r.peer,

@@ -13,15 +13,37 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use phoenix_mesh_certs::error_chain;
 use tokio::net::TcpListener;
 use tracing::{debug, info};
 
 use phoenix_mesh_transport::serve::{accept_loop, ShutdownWatch};
 
+/// Why `/readyz` answers 503; the text follows `not ready: `.
+#[derive(Debug, thiserror::Error)]
+pub enum NotReady {
+    /// The accept loop is not running (not yet, or no more).
+    #[error("the {side} is not accepting connections")]
+    NotServing {
+        /// The side, as it names itself (`client sidecar`, `mesh listener`).
+        side: &'static str,
+    },
+    /// Our own certificate has run out.
+    #[error("our certificate ({subject}) has expired")]
+    CertificateExpired {
+        /// Its subject.
+        subject: String,
+    },
+    /// The hop the side depends on does not answer (the client: no mesh listener completes mutual
+    /// TLS); the text is the whole error chain.
+    #[error("{}", error_chain(.0.as_ref()))]
+    Peer(Box<dyn std::error::Error + Send + Sync>),
+}
+
 /// What the admin endpoint asks of a sidecar.
 pub trait AdminState: Send + Sync + 'static {
-    /// `Ok(detail)` when ready to carry traffic, else `Err(why)`.
-    fn ready(&self) -> Pin<Box<dyn Future<Output = Result<String, String>> + Send + '_>>;
+    /// `Ok(detail)` when ready to carry traffic, else why not.
+    fn ready(&self) -> Pin<Box<dyn Future<Output = Result<String, NotReady>> + Send + '_>>;
     /// The Prometheus text exposition.
     fn metrics(&self) -> String;
 }

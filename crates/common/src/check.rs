@@ -2,6 +2,15 @@
 
 use std::fmt::Write as _;
 
+/// The request `--check` sends through the mesh (the client) or to the backend (the listener).
+#[derive(Debug, Clone)]
+pub struct CheckRequest {
+    /// Host header (`--host`).
+    pub host: String,
+    /// Path and query (`--path`).
+    pub path: String,
+}
+
 /// A step's verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {

@@ -1,11 +1,11 @@
-//! Loading a TOML config file: unknown keys are errors, relative paths are relative to the file, and
-//! durations are written the way an operator writes them (`"30s"`, `"500ms"`, `"2m"`).
+//! What every config file has in common: its errors, relative paths resolved against the file, and
+//! durations written the way an operator writes them (`"30s"`, `"500ms"`, `"2m"`, or a bare number of
+//! seconds).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 
 /// A config file that could not be used.
@@ -27,18 +27,6 @@ pub enum ConfigError {
     },
 }
 
-/// Reads and parses `path` as TOML into `T` (which should deny unknown fields).
-pub fn read_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    toml::from_str(&text).map_err(|e| ConfigError::Parse {
-        path: path.to_owned(),
-        message: e.to_string().trim_end().replace('\n', " "),
-    })
-}
-
 /// `p` as given when absolute, else relative to the directory holding the config file.
 pub fn resolve(config_path: &Path, p: &Path) -> PathBuf {
     if p.is_absolute() {
@@ -48,7 +36,8 @@ pub fn resolve(config_path: &Path, p: &Path) -> PathBuf {
     }
 }
 
-/// A duration in config: `"250ms"`, `"10s"`, `"5m"`, `"1h"`, or a bare number of seconds.
+/// A duration in config: `"250ms"`, `"10s"`, `"5m"`, `"1h"` (anything humantime reads, such as
+/// `"1h 30m"`), or a number of seconds, bare (`30`) or quoted (`"30"`).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct ConfigDuration(pub Duration);
 
@@ -75,28 +64,27 @@ impl<'de> Deserialize<'de> for ConfigDuration {
     }
 }
 
-/// Parses `"250ms"`, `"10s"`, `"5m"`, `"1h"` or `"30"` (seconds).
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+/// A duration that could not be read.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("invalid duration {text:?}: {reason}; expected e.g. \"500ms\", \"10s\", \"5m\"")]
+pub struct DurationError {
+    text: String,
+    reason: humantime::DurationError,
+}
+
+/// Parses `"250ms"`, `"10s"`, `"5m"`, `"1h"` (through humantime) or `"30"` (seconds: a number
+/// without a unit has always meant seconds in these files).
+pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (num, unit) = text.split_at(split);
-    let n: u64 = num.parse().map_err(|_| {
-        format!("invalid duration {text:?}: expected e.g. \"500ms\", \"10s\", \"5m\"")
-    })?;
-    let ms = match unit.trim() {
-        "ms" => n,
-        "" | "s" => n.saturating_mul(1000),
-        "m" => n.saturating_mul(60_000),
-        "h" => n.saturating_mul(3_600_000),
-        other => {
-            return Err(format!(
-                "invalid duration {text:?}: unknown unit {other:?} (ms, s, m, h)"
-            ))
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        if let Ok(secs) = text.parse() {
+            return Ok(Duration::from_secs(secs));
         }
-    };
-    Ok(Duration::from_millis(ms))
+    }
+    humantime::parse_duration(text).map_err(|reason| DurationError {
+        text: text.to_owned(),
+        reason,
+    })
 }
 
 #[cfg(test)]
@@ -108,9 +96,40 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
         assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
-        assert!(parse_duration("ten").is_err());
-        assert!(parse_duration("5d").is_err());
+        assert_eq!(parse_duration(" 30 "), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("10 s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("1m 30s"), Ok(Duration::from_secs(90)));
+        for bad in ["ten", "", "5x", "-5s", "s"] {
+            let error = parse_duration(bad).err().map(|e| e.to_string());
+            assert!(
+                error
+                    .as_deref()
+                    .is_some_and(|e| e.starts_with("invalid duration")),
+                "{bad:?}: {error:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn bare_numbers_are_seconds_and_text_goes_through_humantime() {
+        #[derive(Deserialize)]
+        struct Keys {
+            bare: ConfigDuration,
+            text: ConfigDuration,
+            quoted: ConfigDuration,
+        }
+        let keys: Keys = toml::from_str("bare = 30\ntext = \"500ms\"\nquoted = \"45\"\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(keys.bare.0, Duration::from_secs(30));
+        assert_eq!(keys.text.0, Duration::from_millis(500));
+        assert_eq!(keys.quoted.0, Duration::from_secs(45));
+        let error = toml::from_str::<Keys>("bare = 1\ntext = \"soon\"\nquoted = 1\n")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(error.contains("invalid duration \"soon\""), "{error}");
     }
 
     #[test]

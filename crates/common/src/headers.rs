@@ -20,7 +20,7 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 ];
 
 /// `X-Forwarded-For`.
-pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// Removes hop-by-hop headers, including every header the `Connection` header names, plus the
 /// non-standard `Keep-Alive` and `Proxy-Connection`.

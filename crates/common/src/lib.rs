@@ -1,17 +1,35 @@
-//! What both phoenix-mesh sidecars share: reading the TOML config, the HTTP header rules of a proxy
-//! hop, the error responses the sidecars make themselves, and the accept-and-serve loop with graceful
-//! shutdown, the admin endpoint and metrics, `--check` reports, and reloading a side's settings. TLS
-//! itself is `phoenix-mesh-certs`; neither side's forwarding logic is here.
+//! What both phoenix-mesh sidecars share: the sidecar skeleton both run on (TLS material, binding,
+//! admin endpoint, readiness, metrics, SIGHUP reloads, serving until shutdown), reading the TOML
+//! config, the HTTP header rules of a proxy hop, the error responses the sidecars make themselves,
+//! the access log and `--check` reports.
+//!
+//! It does not hold either side's policy (what a request becomes on its hop, which errors it answers
+//! with): that is `phoenix-mesh-client` and `phoenix-mesh-server`. Connection machinery (accepting,
+//! pooling, dialling) is `phoenix-mesh-transport`; TLS itself is `phoenix-mesh-certs`.
+//!
+//! Crate map:
+//! - `sidecar.rs`: the skeleton: the [`sidecar::Side`] trait a side implements and the generic [`sidecar::Sidecar`].
+//! - `settings.rs`: the config keys both sides share, and what the skeleton asks of a side's settings.
+//! - `settings_reload.rs`: SIGHUP: re-reading the config file and applying what can change live.
+//! - `config.rs`: reading a TOML file, resolving paths against it, durations as operators write them.
+//! - `own_certificate.rs`: our certificate in the start-up log, readiness and metrics.
+//! - `admin.rs`: the admin endpoint (`/healthz`, `/readyz`, `/metrics`) and why a side is not ready.
+//! - `metrics.rs`: every Prometheus metric, with label values as enums.
+//! - `access.rs`: the access log, one line per request once its body is done.
+//! - `headers.rs`: the header rules of one proxy hop (hop-by-hop, `X-Forwarded-*`).
+//! - `response.rs`: the error responses a sidecar makes itself, tagged `phoenix-mesh-error`.
+//! - `check.rs`: the `--check` report.
 
 pub mod access;
 pub mod admin;
 pub mod check;
 pub mod config;
 pub mod headers;
-pub mod listen;
 pub mod metrics;
+pub mod own_certificate;
 pub mod response;
 pub mod settings;
+pub mod settings_reload;
 pub mod sidecar;
 
 pub use response::{mesh_error, ProxyBody, MESH_ERROR_HEADER};

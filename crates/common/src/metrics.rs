@@ -1,49 +1,228 @@
 //! The Prometheus metrics both sidecars export on `/metrics`, every name prefixed `phoenix_mesh_`.
 
+use std::fmt::{self, Write as _};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+/// A label's closed set of values, each with the exact text dashboards and tests read. The
+/// `EncodeLabelValue` derive renders a variant's Rust name, which cannot be `unknown-ca` or `ok`, so
+/// the text is written beside each variant instead.
+macro_rules! label_values {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident => $text:literal,)* }) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+        pub enum $name {
+            $($(#[$vdoc])* $variant,)*
+        }
+
+        impl $name {
+            /// The label value as rendered.
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)*
+                }
+            }
+        }
+
+        impl EncodeLabelValue for $name {
+            fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> fmt::Result {
+                encoder.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+label_values! {
+    /// Whether something worked: a handshake, a reload.
+    Outcome {
+        /// It worked.
+        Ok => "ok",
+        /// It failed.
+        Failed => "failed",
+    }
+}
+
+label_values! {
+    /// How a successful handshake went (`unknown` for failures).
+    HandshakeKind {
+        /// A full handshake, certificates verified.
+        Full => "full",
+        /// A resumed session.
+        Resumed => "resumed",
+        /// A failed handshake.
+        Unknown => "unknown",
+    }
+}
+
+label_values! {
+    /// Who made a response's status.
+    MadeBy {
+        /// The backend (Traefik), through the mesh.
+        Backend => "backend",
+        /// The mesh listener, seen from the client (its response carries `phoenix-mesh-error`).
+        Listener => "listener",
+        /// This process.
+        Sidecar => "sidecar",
+    }
+}
+
+impl MadeBy {
+    /// Every value, in the order of their counters' cache.
+    const ALL: [MadeBy; 3] = [MadeBy::Backend, MadeBy::Listener, MadeBy::Sidecar];
+}
+
+label_values! {
+    /// Which certificate a not-after time is for.
+    CertKind {
+        /// Ours.
+        Own => "own",
+        /// The peer's (the mesh listener's, on the client).
+        Peer => "peer",
+    }
+}
+
+label_values! {
+    /// A response status's class.
+    StatusClass {
+        /// 1xx.
+        Informational => "1xx",
+        /// 2xx.
+        Success => "2xx",
+        /// 3xx.
+        Redirection => "3xx",
+        /// 4xx.
+        ClientError => "4xx",
+        /// 5xx (and anything out of range).
+        ServerError => "5xx",
+    }
+}
+
+impl StatusClass {
+    /// Every value, in the order of their counters' cache.
+    const ALL: [StatusClass; 5] = [
+        StatusClass::Informational,
+        StatusClass::Success,
+        StatusClass::Redirection,
+        StatusClass::ClientError,
+        StatusClass::ServerError,
+    ];
+
+    /// The class of `status`.
+    pub fn of(status: http::StatusCode) -> Self {
+        match status.as_u16() {
+            100..=199 => StatusClass::Informational,
+            200..=299 => StatusClass::Success,
+            300..=399 => StatusClass::Redirection,
+            400..=499 => StatusClass::ClientError,
+            _ => StatusClass::ServerError,
+        }
+    }
+}
+
+/// Why a TLS handshake failed, or `none`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum HandshakeReason {
+    /// It did not fail.
+    None,
+    /// It did not finish within `handshake_timeout`.
+    Timeout,
+    /// The connection failed below TLS.
+    Io,
+    /// Plain HTTP arrived on the mutual-TLS port.
+    PlaintextHttp,
+    /// The first bytes were neither TLS nor HTTP.
+    NotTls,
+    /// The client finished without a certificate.
+    NoCertificate,
+    /// The client certificate cannot be read as the identity the listener forwards.
+    BadCertificate,
+    /// The client certificate expired after its session began (a resumed session).
+    Expired,
+    /// What rustls' error says, as [`phoenix_mesh_certs::failure_reason`] names it.
+    Tls(&'static str),
+}
+
+impl HandshakeReason {
+    /// The label value as rendered.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            HandshakeReason::None => "none",
+            HandshakeReason::Timeout => "timeout",
+            HandshakeReason::Io => "io",
+            HandshakeReason::PlaintextHttp => "plaintext-http",
+            HandshakeReason::NotTls => "not-tls",
+            HandshakeReason::NoCertificate => "no-certificate",
+            HandshakeReason::BadCertificate => "bad-certificate",
+            HandshakeReason::Expired => "expired",
+            HandshakeReason::Tls(reason) => reason,
+        }
+    }
+}
+
+impl EncodeLabelValue for HandshakeReason {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> fmt::Result {
+        encoder.write_str(self.as_str())
+    }
+}
+
+/// How dialling an upstream ended.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum DialResult {
+    /// Connected, TLS established.
+    Ok,
+    /// Failed; the `phoenix-mesh-error` code the failure answers with (`upstream-unreachable`, ...).
+    Failed(&'static str),
+}
+
+impl EncodeLabelValue for DialResult {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> fmt::Result {
+        encoder.write_str(match self {
+            DialResult::Ok => "ok",
+            DialResult::Failed(code) => code,
+        })
+    }
+}
+
 /// A TLS handshake's outcome.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HandshakeLabels {
     /// `ok` or `failed`.
-    pub result: &'static str,
+    pub result: Outcome,
     /// Why it failed (`unknown-ca`, `expired`, `not-allowed`, ...), `none` when it succeeded.
-    pub reason: &'static str,
+    pub reason: HandshakeReason,
     /// `full` or `resumed` (`unknown` for failures).
-    pub kind: &'static str,
+    pub kind: HandshakeKind,
 }
 
 /// A finished HTTP request.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     /// `2xx`, `3xx`, `4xx`, `5xx` or `1xx`.
-    pub status_class: &'static str,
-    /// Who made the status: `sidecar` (this process), `listener` (the mesh listener, seen from the
-    /// client) or `backend`.
-    pub made_by: &'static str,
+    pub status_class: StatusClass,
+    /// Who made the status.
+    pub made_by: MadeBy,
 }
 
 /// Which certificate a not-after time is for.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CertLabels {
     /// `own` or `peer` (the mesh listener's, on the client).
-    pub cert: &'static str,
+    pub cert: CertKind,
 }
 
 /// A result label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     /// `ok` or `failed`.
-    pub result: &'static str,
+    pub result: Outcome,
 }
 
 /// Outcome of dialling an upstream.
@@ -52,7 +231,7 @@ pub struct UpstreamLabels {
     /// The upstream, as configured.
     pub upstream: String,
     /// `ok` or the error code (`upstream-unreachable`, ...).
-    pub result: &'static str,
+    pub result: DialResult,
 }
 
 /// One upstream.
@@ -86,16 +265,10 @@ pub struct Metrics {
     pub cert_not_after: Family<CertLabels, Gauge>,
     /// Certificate and config reloads by result.
     pub reloads: Family<ResultLabels, Counter>,
-    /// `requests`' counters by [`STATUS_CLASSES`] and [`MADE_BY`] index, each taken from the family
-    /// the first time it is used: counting a request is then an atomic add, not a locked hash lookup.
-    request_counters: [[OnceLock<Counter>; MADE_BY.len()]; STATUS_CLASSES.len()],
+    /// `requests`' counters by [`StatusClass`] and [`MadeBy`], each taken from the family the first
+    /// time it is used: counting a request is then an atomic add, not a locked hash lookup.
+    request_counters: [[OnceLock<Counter>; MadeBy::ALL.len()]; StatusClass::ALL.len()],
 }
-
-/// The `status_class` label values, by status code / 100 - 1.
-const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
-
-/// The `made_by` label values the sidecars use.
-const MADE_BY: [&str; 3] = ["backend", "listener", "sidecar"];
 
 impl Metrics {
     /// All metrics, registered.
@@ -177,12 +350,21 @@ impl Metrics {
         }
     }
 
-    /// Counts one handshake.
-    pub fn handshake(
+    /// Counts one successful handshake.
+    pub fn handshake_ok(&self, kind: HandshakeKind, took: Duration) {
+        self.handshake(Outcome::Ok, HandshakeReason::None, kind, took);
+    }
+
+    /// Counts one failed handshake.
+    pub fn handshake_failed(&self, reason: HandshakeReason, took: Duration) {
+        self.handshake(Outcome::Failed, reason, HandshakeKind::Unknown, took);
+    }
+
+    fn handshake(
         &self,
-        result: &'static str,
-        reason: &'static str,
-        kind: &'static str,
+        result: Outcome,
+        reason: HandshakeReason,
+        kind: HandshakeKind,
         took: Duration,
     ) {
         self.handshakes
@@ -196,30 +378,24 @@ impl Metrics {
     }
 
     /// Counts one request.
-    pub fn request(&self, status: http::StatusCode, made_by: &'static str, took: Duration) {
-        let class = match status.as_u16() {
-            100..=199 => 0,
-            200..=299 => 1,
-            300..=399 => 2,
-            400..=499 => 3,
-            _ => 4,
-        };
-        let labels = |made_by| RequestLabels {
-            status_class: STATUS_CLASSES[class],
-            made_by,
-        };
-        match MADE_BY.iter().position(|m| *m == made_by) {
-            Some(who) => self.request_counters[class][who]
-                .get_or_init(|| self.requests.get_or_create(&labels(MADE_BY[who])).clone())
-                .inc(),
-            None => self.requests.get_or_create(&labels(made_by)).inc(),
-        };
+    pub fn request(&self, status: http::StatusCode, made_by: MadeBy, took: Duration) {
+        let status_class = StatusClass::of(status);
+        self.request_counters[status_class as usize][made_by as usize]
+            .get_or_init(|| {
+                self.requests
+                    .get_or_create(&RequestLabels {
+                        status_class,
+                        made_by,
+                    })
+                    .clone()
+            })
+            .inc();
         self.request_seconds.observe(took.as_secs_f64());
     }
 
     /// Brings a counter kept elsewhere (an atomic) up to `total`.
     pub fn sync_reloads(&self, succeeded: &AtomicU64, failed: &AtomicU64) {
-        for (result, total) in [("ok", succeeded), ("failed", failed)] {
+        for (result, total) in [(Outcome::Ok, succeeded), (Outcome::Failed, failed)] {
             let counter = self.reloads.get_or_create(&ResultLabels { result });
             let total = total.load(Ordering::Relaxed);
             let have = counter.get();
@@ -230,7 +406,7 @@ impl Metrics {
     }
 
     /// Sets a certificate's not-after time.
-    pub fn set_not_after(&self, cert: &'static str, unix_seconds: u64) {
+    pub fn set_not_after(&self, cert: CertKind, unix_seconds: u64) {
         self.cert_not_after
             .get_or_create(&CertLabels { cert })
             .set(i64::try_from(unix_seconds).unwrap_or(i64::MAX));
@@ -286,16 +462,16 @@ mod tests {
     fn counts_requests_by_class_and_maker_through_the_cached_counters() {
         let m = Metrics::new();
         let took = Duration::from_millis(1);
-        m.request(http::StatusCode::OK, "backend", took);
-        m.request(http::StatusCode::NO_CONTENT, "backend", took);
-        m.request(http::StatusCode::BAD_GATEWAY, "sidecar", took);
-        m.request(http::StatusCode::BAD_GATEWAY, "listener", took);
-        m.request(http::StatusCode::NOT_FOUND, "elsewhere", took);
+        m.request(http::StatusCode::OK, MadeBy::Backend, took);
+        m.request(http::StatusCode::NO_CONTENT, MadeBy::Backend, took);
+        m.request(http::StatusCode::BAD_GATEWAY, MadeBy::Sidecar, took);
+        m.request(http::StatusCode::BAD_GATEWAY, MadeBy::Listener, took);
+        m.request(http::StatusCode::CONTINUE, MadeBy::Listener, took);
         for (labels, want) in [
             (r#"status_class="2xx",made_by="backend""#, 2),
             (r#"status_class="5xx",made_by="sidecar""#, 1),
             (r#"status_class="5xx",made_by="listener""#, 1),
-            (r#"status_class="4xx",made_by="elsewhere""#, 1),
+            (r#"status_class="1xx",made_by="listener""#, 1),
         ] {
             assert_eq!(count(&m, labels), Some(want), "{labels}");
         }
@@ -304,11 +480,52 @@ mod tests {
         assert_eq!(
             m.requests
                 .get_or_create(&RequestLabels {
-                    status_class: "2xx",
-                    made_by: "backend"
+                    status_class: StatusClass::Success,
+                    made_by: MadeBy::Backend
                 })
                 .get(),
             2
         );
+    }
+
+    #[test]
+    fn the_cache_order_matches_the_discriminants() {
+        for (i, made_by) in MadeBy::ALL.into_iter().enumerate() {
+            assert_eq!(made_by as usize, i);
+        }
+        for (i, class) in StatusClass::ALL.into_iter().enumerate() {
+            assert_eq!(class as usize, i);
+        }
+    }
+
+    #[test]
+    fn label_values_render_as_dashboards_read_them() {
+        let m = Metrics::new();
+        m.handshake_ok(HandshakeKind::Resumed, Duration::ZERO);
+        m.handshake_failed(HandshakeReason::Tls("unknown-ca"), Duration::ZERO);
+        m.handshake_failed(HandshakeReason::PlaintextHttp, Duration::ZERO);
+        m.set_not_after(CertKind::Peer, 7);
+        m.upstream_dials
+            .get_or_create(&UpstreamLabels {
+                upstream: "10.0.0.12:8443".into(),
+                result: DialResult::Failed("upstream-unreachable"),
+            })
+            .inc();
+        let ok = AtomicU64::new(2);
+        m.sync_reloads(&ok, &AtomicU64::new(0));
+        let text = m.encode();
+        for line in [
+            r#"phoenix_mesh_tls_handshakes_total{result="ok",reason="none",kind="resumed"} 1"#,
+            r#"phoenix_mesh_tls_handshakes_total{result="failed",reason="unknown-ca",kind="unknown"} 1"#,
+            r#"phoenix_mesh_tls_handshakes_total{result="failed",reason="plaintext-http",kind="unknown"} 1"#,
+            r#"phoenix_mesh_certificate_not_after_seconds{cert="peer"} 7"#,
+            r#"phoenix_mesh_upstream_dials_total{upstream="10.0.0.12:8443",result="upstream-unreachable"} 1"#,
+            r#"phoenix_mesh_reloads_total{result="ok"} 2"#,
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from\n{text}"
+            );
+        }
     }
 }

@@ -1,16 +1,35 @@
-//! The config keys both sides share (TLS files, admin endpoint, limits, timeouts) and the split of a
-//! config file into those and a side's own keys. Each part denies unknown keys, so a typo is an error.
+//! The config keys both sides share (TLS files, admin endpoint, limits, timeouts), the split of a
+//! config file into those and a side's own keys, and what the skeleton asks of a side's settings
+//! ([`SideSettings`]). Each part denies unknown keys, so a typo is an error.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use phoenix_mesh_certs::{TlsFiles, TlsVersion};
+use phoenix_mesh_certs::{LiveTls, TlsFiles, TlsVersion};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::config::{resolve, ConfigDuration, ConfigError};
 use phoenix_mesh_transport::serve::HttpOptions;
+
+/// One side's validated settings, as far as the skeleton and reloading need to know them.
+pub trait SideSettings: Clone + Send + Sync + 'static {
+    /// The live TLS configuration this side runs.
+    type Tls: LiveTls;
+    /// Reads and validates a config file.
+    fn load(path: &Path) -> Result<Self, ConfigError>;
+    /// Where the settings came from.
+    fn path(&self) -> &Path;
+    /// The keys both sides share.
+    fn shared(&self) -> &SharedSettings;
+    /// What, besides the files, shapes the TLS configuration.
+    fn tls_options(&self) -> <Self::Tls as LiveTls>::Options;
+    /// This side's keys that change only at restart, with their values.
+    fn restart_only(&self) -> Vec<(&'static str, String)>;
+    /// Takes over from `new` what applies without a restart (TLS files, trust policy).
+    fn apply_live(&mut self, new: &Self);
+}
 
 /// The shared keys, as written.
 #[derive(Debug, Deserialize)]
@@ -162,7 +181,7 @@ impl SharedSettings {
             .min_tls_version
             .as_deref()
             .map_or(Ok(TlsVersion::default()), str::parse)
-            .map_err(|m| invalid(path, "min_tls_version", m))?;
+            .map_err(|e| invalid(path, "min_tls_version", e.to_string()))?;
         let max_header_bytes = f.max_header_bytes.unwrap_or(64 * 1024);
         if max_header_bytes < 8192 {
             return Err(invalid(

@@ -1,29 +1,43 @@
-//! What the two sidecars do alike around their own traffic: SIGHUP reloads of the config file,
-//! the background tasks (file watching, admin endpoint), certificate logging and the metrics that
-//! come from the TLS material.
+//! The sidecar skeleton: what the client sidecar and the mesh listener do alike, written once. A
+//! *side* is one of the two; it brings its policy (what a request becomes on its hop, which errors it
+//! answers with, how it handles a new connection) through [`Side`], and [`Sidecar`] does the rest:
+//! loading and watching the TLS material, binding the listener and the admin endpoint, readiness and
+//! metrics, SIGHUP reloads of the settings, counting and logging requests, and serving until shutdown.
 
+use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::SystemTime;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
 
-use phoenix_mesh_certs::{error_chain, LiveTls, Material, Reloader};
-use tokio::net::TcpListener;
-use tracing::{info, warn};
-
-use crate::admin::{serve_admin, AdminState};
-use crate::config::ConfigError;
-use crate::metrics::Metrics;
-use crate::settings::SharedSettings;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use phoenix_mesh_certs::{CertError, LiveTls, Material, Reloader};
 use phoenix_mesh_transport::serve::ShutdownWatch;
+use tokio::net::TcpListener;
+use tracing::{field, info_span, Span};
+
+use crate::access::{AccessStart, Logged};
+use crate::admin::{serve_admin, AdminState, NotReady};
+use crate::check::{CheckRequest, Report};
+use crate::config::ConfigError;
+use crate::metrics::{MadeBy, Metrics};
+use crate::own_certificate::{log_certificate, own_certificate_ready, refresh_tls_metrics};
+use crate::settings::SideSettings;
+use crate::settings_reload::SettingsReload;
 
 /// Why a sidecar could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// The settings do not hold together.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The TLS files cannot be used.
     #[error(transparent)]
-    Cert(#[from] phoenix_mesh_certs::CertError),
+    Cert(#[from] CertError),
+    /// A socket could not be bound (a runtime problem, not a config mistake).
     #[error("binding {what} to {addr}")]
     Bind {
         /// Which listener (`the mesh listener`, `the admin endpoint`, ...).
@@ -31,7 +45,7 @@ pub enum StartError {
         /// `ip:port` or `unix:/path`.
         addr: String,
         #[source]
-        source: std::io::Error,
+        source: io::Error,
     },
 }
 
@@ -40,169 +54,252 @@ impl StartError {
     pub fn bind(
         what: &'static str,
         addr: impl std::fmt::Display,
-    ) -> impl FnOnce(std::io::Error) -> StartError {
+    ) -> impl FnOnce(io::Error) -> Self {
         let addr = addr.to_string();
         move |source| StartError::Bind { what, addr, source }
     }
 }
 
-/// One side's validated settings, as far as reloading needs to know them.
-pub trait SideSettings: Clone + Send + Sync + 'static {
-    /// The live TLS configuration this side runs.
-    type Tls: LiveTls;
-    /// Reads and validates a config file.
-    fn load(path: &Path) -> Result<Self, ConfigError>;
-    /// Where the settings came from.
-    fn path(&self) -> &Path;
-    /// The keys both sides share.
-    fn shared(&self) -> &SharedSettings;
-    /// What, besides the files, shapes the TLS configuration.
-    fn tls_options(&self) -> <Self::Tls as LiveTls>::Options;
-    /// This side's keys that change only at restart, with their values.
-    fn restart_only(&self) -> Vec<(&'static str, String)>;
-    /// Takes over from `new` what applies without a restart (TLS files, trust policy).
-    fn apply_live(&mut self, new: &Self);
-}
+/// The live TLS configuration of side `S`.
+pub type TlsOf<S> = <<S as Side>::Settings as SideSettings>::Tls;
 
-/// SIGHUP: re-reads the config file and applies what can change live; says which other changes
-/// wait for a restart. On any error the running configuration stays.
-pub struct SettingsReload<S: SideSettings> {
-    current: Mutex<S>,
-    reloader: Arc<Reloader<S::Tls>>,
-}
+/// One side's policy, plugged into the skeleton.
+pub trait Side: Sized + Send + Sync + 'static {
+    /// How the side names itself in logs and readiness (`client sidecar`, `mesh listener`).
+    const NAME: &'static str;
+    /// Its listening socket in bind errors (`the client listener`).
+    const LISTENER: &'static str;
+    /// Its name on the command line and in `--check --config-only` (`client`, `server`).
+    const COMMAND: &'static str;
+    /// Its validated settings.
+    type Settings: SideSettings;
+    /// The socket it accepts connections on.
+    type Listener: Send + Sync + 'static;
 
-impl<S: SideSettings> SettingsReload<S> {
-    /// For a side started with `settings`.
-    pub fn new(settings: S, reloader: Arc<Reloader<S::Tls>>) -> Self {
-        SettingsReload {
-            current: Mutex::new(settings),
-            reloader,
-        }
+    /// Builds the side's policy from its settings, its live TLS and the metrics it shares.
+    fn new(
+        settings: &Self::Settings,
+        tls: &Arc<TlsOf<Self>>,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Self, StartError>;
+
+    /// Binds the socket it accepts on.
+    fn bind(settings: &Self::Settings) -> impl Future<Output = io::Result<Self::Listener>> + Send;
+
+    /// The address bound (the real port when the config said 0); an error when it has none.
+    fn local_addr(listener: &Self::Listener) -> io::Result<SocketAddr>;
+
+    /// `listen` as configured, for messages.
+    fn listen(settings: &Self::Settings) -> String;
+
+    /// Where requests go, as the access log names it.
+    fn upstream_label(settings: &Self::Settings) -> Arc<str>;
+
+    /// Logs that it now serves on `listen` (operators and tests look for this line).
+    fn announce(settings: &Self::Settings, listen: &str);
+
+    /// Accepts on `listener` until shutdown; each connection goes to [`spawn_connection`].
+    fn accept(
+        state: Arc<State<Self>>,
+        listener: Self::Listener,
+        shutdown: ShutdownWatch,
+    ) -> impl Future<Output = ()> + Send;
+
+    /// What the side adds to readiness: `Ok(Some(clause))` for the `/readyz` text, or why it is not.
+    fn ready(
+        state: &State<Self>,
+    ) -> impl Future<Output = Result<Option<&'static str>, NotReady>> + Send;
+
+    /// Brings the side's own gauges up to date before a scrape.
+    fn refresh_metrics(state: &State<Self>) {
+        let _ = state;
     }
 
-    /// Re-reads the config file and applies it.
-    pub fn reload(&self) -> Result<(), String> {
-        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-        let new = match S::load(current.path()) {
-            Ok(new) => new,
-            Err(error) => {
-                self.reloader
-                    .stats
-                    .failed
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let error = error_chain(&error);
-                warn!(%error, "config reload failed; keeping the running configuration");
-                return Err(error);
-            }
-        };
-        let ignored = changed_keys(&*current, &new);
-        if !ignored.is_empty() {
-            warn!(keys = ?ignored, "these settings change only at restart; ignored until then");
-        }
-        // Remember what was asked for even if it fails, so the next change of the files is tried.
-        current.apply_live(&new);
-        self.reloader
-            .reload(
-                current.shared().tls.clone(),
-                current.tls_options(),
-                "SIGHUP",
+    /// `--check`: walks every hop live and reports what works.
+    fn check(
+        settings: &Self::Settings,
+        request: &CheckRequest,
+    ) -> impl Future<Output = Report> + Send;
+}
+
+/// What a running side holds: its settings, live TLS, metrics and policy.
+pub struct State<S: Side> {
+    /// The settings it started with.
+    pub settings: S::Settings,
+    /// The handle that reloads the TLS material.
+    pub reloader: Arc<Reloader<TlsOf<S>>>,
+    /// Every metric of the process.
+    pub metrics: Arc<Metrics>,
+    /// The side's policy.
+    pub side: S,
+    serving: AtomicBool,
+    upstream_label: Arc<str>,
+}
+
+impl<S: Side> State<S> {
+    /// Counts, times and (with `access_log`) logs one request around what `forward` makes of it.
+    /// `peer` names the downstream in the access log.
+    pub async fn answer<B, F, Fut>(
+        &self,
+        req: Request<Incoming>,
+        peer: &Arc<str>,
+        forward: F,
+    ) -> Response<Logged<B>>
+    where
+        F: FnOnce(Request<Incoming>) -> Fut,
+        Fut: Future<Output = (Response<B>, MadeBy)>,
+    {
+        let start = Instant::now();
+        let access = self
+            .settings
+            .shared()
+            .access_log
+            .then(|| AccessStart::new(&req, start));
+        let (response, made_by) = forward(req).await;
+        self.metrics
+            .request(response.status(), made_by, start.elapsed());
+        let record = access.map(|a| {
+            a.finish(
+                response.status(),
+                made_by,
+                peer.clone(),
+                self.upstream_label.clone(),
             )
-            .map_err(|e| error_chain(&e))
+        });
+        response.map(|body| Logged::new(body, record))
     }
 }
 
-fn changed_keys<S: SideSettings>(old: &S, new: &S) -> Vec<&'static str> {
-    let before = old
-        .restart_only()
-        .into_iter()
-        .chain(old.shared().restart_only());
-    let after = new
-        .restart_only()
-        .into_iter()
-        .chain(new.shared().restart_only());
-    before
-        .zip(after)
-        .filter(|((_, a), (_, b))| a != b)
-        .map(|((key, _), _)| key)
-        .collect()
+/// The span every accepted connection runs in: `conn`, naming the peer's address, with `peer.id`
+/// recorded once known.
+pub fn conn_span(peer: &impl std::fmt::Display) -> Span {
+    info_span!("conn", peer.addr = %peer, peer.id = field::Empty)
 }
 
-/// Binds the admin endpoint, if configured.
-pub async fn bind_admin(addr: Option<SocketAddr>) -> Result<Option<TcpListener>, StartError> {
-    match addr {
-        Some(addr) => TcpListener::bind(addr)
+/// A bound side, ready to serve.
+pub struct Sidecar<S: Side> {
+    listener: S::Listener,
+    admin: Option<TcpListener>,
+    state: Arc<State<S>>,
+}
+
+impl<S: Side> std::fmt::Debug for Sidecar<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sidecar")
+            .field("side", &S::NAME)
+            .field("listen", &S::listen(&self.state.settings))
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Side> Sidecar<S> {
+    /// Loads and checks the TLS material, builds the side, then binds. Nothing is served until
+    /// [`Sidecar::serve`].
+    pub async fn bind(settings: S::Settings) -> Result<Self, StartError> {
+        let shared = settings.shared();
+        let material = Material::load(&shared.tls, TlsOf::<S>::ROLE)?;
+        let options = settings.tls_options();
+        let live = Arc::new(TlsOf::<S>::build(&material, &options)?);
+        let reloader = Arc::new(Reloader::new(live.clone(), shared.tls.clone(), options));
+        log_certificate(&material, S::NAME);
+        let metrics = Arc::new(Metrics::new());
+        let side = S::new(&settings, &live, &metrics)?;
+        let listener = S::bind(&settings)
             .await
-            .map(Some)
-            .map_err(StartError::bind("the admin endpoint", addr)),
-        None => Ok(None),
-    }
-}
-
-/// Starts what runs beside the traffic until shutdown: watching the TLS files, and the admin
-/// endpoint when it is bound.
-pub fn spawn_background<T: LiveTls>(
-    reloader: &Arc<Reloader<T>>,
-    shared: &SharedSettings,
-    admin: Option<(TcpListener, Arc<dyn AdminState>)>,
-    shutdown: &ShutdownWatch,
-) {
-    let mut stop = shutdown.clone();
-    tokio::spawn(
-        reloader.clone().watch_files(
-            shared.reload_poll_interval,
-            async move { stop.wait().await },
-        ),
-    );
-    if let Some((listener, state)) = admin {
-        tokio::spawn(serve_admin(
+            .map_err(StartError::bind(S::LISTENER, S::listen(&settings)))?;
+        let admin = match shared.admin_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(StartError::bind("the admin endpoint", addr))?,
+            ),
+            None => None,
+        };
+        Ok(Sidecar {
             listener,
-            state,
-            shared.http.header_read_timeout,
-            shutdown.clone(),
-        ));
+            admin,
+            state: Arc::new(State {
+                upstream_label: S::upstream_label(&settings),
+                settings,
+                reloader,
+                metrics,
+                side,
+                serving: AtomicBool::new(false),
+            }),
+        })
     }
-}
 
-/// Logs our certificate at start, warning when less than a third of its lifetime is left.
-pub fn log_certificate(material: &Material, role: &str) {
-    let leaf = &material.leaf;
-    let left = leaf.remaining(SystemTime::now());
-    info!(
-        role,
-        cert = %material.files.cert.display(),
-        subject = %leaf.subject,
-        dns = ?leaf.dns,
-        expires_in_s = left.as_secs(),
-        "certificate loaded"
-    );
-    if left < leaf.lifetime() / 3 {
-        warn!(
-            role,
-            cert = %material.files.cert.display(),
-            expires_in_s = left.as_secs(),
-            "certificate has less than a third of its lifetime left; is renewal running?"
+    /// The address actually bound (useful with port 0); an error when there is none (a unix socket).
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        S::local_addr(&self.listener)
+    }
+
+    /// The admin endpoint's address, when configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|a| a.local_addr().ok())
+    }
+
+    /// The handle that reloads the TLS material (SIGHUP, file changes).
+    pub fn reloader(&self) -> Arc<Reloader<TlsOf<S>>> {
+        self.state.reloader.clone()
+    }
+
+    /// The SIGHUP handler: re-reads the config file and applies what can change live.
+    pub fn settings_reload(&self) -> SettingsReload<S::Settings> {
+        SettingsReload::new(self.state.settings.clone(), self.state.reloader.clone())
+    }
+
+    /// Serves until shutdown begins, with the file watcher and the admin endpoint beside it;
+    /// connections already open carry on and hold `shutdown` until done.
+    pub async fn serve(self, shutdown: ShutdownWatch) {
+        let state = self.state;
+        let listen = S::local_addr(&self.listener)
+            .map_or_else(|_| S::listen(&state.settings), |addr| addr.to_string());
+        S::announce(&state.settings, &listen);
+        let shared = state.settings.shared();
+        let mut stop = shutdown.clone();
+        tokio::spawn(
+            state
+                .reloader
+                .clone()
+                .watch_files(
+                    shared.reload_poll_interval,
+                    async move { stop.wait().await },
+                ),
         );
+        if let Some(listener) = self.admin {
+            tokio::spawn(serve_admin(
+                listener,
+                state.clone(),
+                shared.http.header_read_timeout,
+                shutdown.clone(),
+            ));
+        }
+        state.serving.store(true, Ordering::Relaxed);
+        S::accept(state.clone(), self.listener, shutdown).await;
+        state.serving.store(false, Ordering::Relaxed);
     }
 }
 
-/// Brings the metrics that come from the TLS material up to date: our certificate's not-after and
-/// the reload counters.
-pub fn refresh_tls_metrics<T: LiveTls>(metrics: &Metrics, reloader: &Reloader<T>) {
-    let not_after = reloader
-        .live()
-        .leaf()
-        .not_after
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default();
-    metrics.set_not_after("own", not_after.as_secs());
-    metrics.sync_reloads(&reloader.stats.succeeded, &reloader.stats.failed);
-}
+impl<S: Side> AdminState for State<S> {
+    fn ready(&self) -> Pin<Box<dyn Future<Output = Result<String, NotReady>> + Send + '_>> {
+        Box::pin(async move {
+            if !self.serving.load(Ordering::Relaxed) {
+                return Err(NotReady::NotServing { side: S::NAME });
+            }
+            let left = own_certificate_ready(&self.reloader)?;
+            let clause = S::ready(self).await?;
+            Ok(format!(
+                "listening on {}; {}our certificate is valid for {left} s",
+                S::listen(&self.settings),
+                clause.map_or(String::new(), |c| format!("{c}; ")),
+            ))
+        })
+    }
 
-/// Readiness as far as the TLS material goes: our certificate must not have expired.
-pub fn own_certificate_ready<T: LiveTls>(reloader: &Reloader<T>) -> Result<u64, String> {
-    let leaf = reloader.live().leaf();
-    match leaf.remaining(SystemTime::now()).as_secs() {
-        0 => Err(format!("our certificate ({}) has expired", leaf.subject)),
-        left => Ok(left),
+    fn metrics(&self) -> String {
+        refresh_tls_metrics(&self.metrics, &self.reloader);
+        S::refresh_metrics(self);
+        self.metrics.encode()
     }
 }

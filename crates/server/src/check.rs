@@ -9,15 +9,16 @@ use http::Request;
 use http_body_util::{Either, Empty, Full};
 use hyper_util::rt::TokioIo;
 use phoenix_mesh_certs::{error_chain, Material, Role};
-use phoenix_mesh_common::check::Report;
+use phoenix_mesh_common::check::{CheckRequest, Report};
 use phoenix_mesh_transport::h2::client as h2body;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 use crate::ServerSettings;
 
-/// Runs every check; `host` and `path` shape the request sent to the backend.
-pub async fn check(settings: &ServerSettings, host: &str, path: &str) -> Report {
+/// Runs every check; `request` is what is sent to the backend.
+pub async fn check(settings: &ServerSettings, request: &CheckRequest) -> Report {
+    let (host, path) = (request.host.as_str(), request.path.as_str());
     let mut report = Report::default();
     report.ok(
         format!("config {}", settings.path.display()),
@@ -38,7 +39,7 @@ pub async fn check(settings: &ServerSettings, host: &str, path: &str) -> Report 
             for (what, detail) in material.describe(SystemTime::now()) {
                 report.ok(what, detail);
             }
-            if material.leaf.remaining(SystemTime::now()) < material.leaf.lifetime() / 3 {
+            if material.leaf.renewal_due(SystemTime::now()) {
                 report.warn(
                     "our certificate",
                     "less than a third of its lifetime left",

@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use phoenix_mesh_certs::{LiveServerTls, ServerTlsOptions};
 use phoenix_mesh_common::config::{ConfigDuration, ConfigError};
-use phoenix_mesh_common::settings::{invalid, or_secs, read_config, socket_addr, SharedSettings};
-use phoenix_mesh_common::sidecar::SideSettings;
+use phoenix_mesh_common::settings::{
+    invalid, or_secs, read_config, socket_addr, SharedSettings, SideSettings,
+};
 use serde::Deserialize;
 
 /// The listener's own keys, as written (the shared ones are in [`SharedSettings`]); every key is

@@ -17,6 +17,7 @@ use phoenix_mesh_common::headers::{
     upgrade_protocol,
 };
 use phoenix_mesh_common::mesh_error;
+use phoenix_mesh_common::metrics::MadeBy;
 use phoenix_mesh_transport::body::ResponseBody;
 use phoenix_mesh_transport::tunnel::splice;
 use tracing::info;
@@ -113,7 +114,7 @@ impl Backend {
         &self,
         mut req: Request<Incoming>,
         peer: &Peer,
-    ) -> (Response<ResponseBody>, &'static str) {
+    ) -> (Response<ResponseBody>, MadeBy) {
         let upgrade = upgrade_protocol(req.headers()).filter(|_| req.version() == Version::HTTP_11);
         let downstream = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
@@ -190,11 +191,11 @@ impl Backend {
                     (downstream, response.status())
                 {
                     splice(downstream, hyper::upgrade::on(&mut response));
-                    return (response, "backend");
+                    return (response, MadeBy::Backend);
                 }
                 let (mut parts, body) = response.into_parts();
                 remove_hop_by_hop(&mut parts.headers);
-                return (Response::from_parts(parts, body), "backend");
+                return (Response::from_parts(parts, body), MadeBy::Backend);
             }
             Ok(Err(error)) => {
                 let cause = root_cause(&error);
@@ -240,7 +241,7 @@ impl Backend {
                 )
             }
         };
-        (failed.map(Either::Left), "sidecar")
+        (failed.map(Either::Left), MadeBy::Sidecar)
     }
 }
 

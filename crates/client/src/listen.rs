@@ -1,4 +1,4 @@
-//! Where a sidecar's plain-HTTP side listens: a TCP address, or a unix socket (`unix:/path`).
+//! Where the client sidecar's plain-HTTP side listens: a TCP address, or a unix socket (`unix:/path`).
 //!
 //! A unix socket is for the client sidecar beside nginx (`proxy_pass http://unix:...`): only
 //! processes the file's mode and group let in can reach the gateway's identity, which a loopback
@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::config::ConfigError;
-use crate::settings::{invalid, socket_addr};
+use phoenix_mesh_common::config::ConfigError;
+use phoenix_mesh_common::settings::{invalid, socket_addr};
 use phoenix_mesh_transport::serve::Accept;
 
 /// A configured `listen`.

@@ -1,0 +1,114 @@
+//! The shutdown signal: who decides the process stops holds [`Shutdown`], every accept loop and
+//! connection holds a [`ShutdownWatch`]; draining is waiting for the watches to go.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use tokio::sync::watch;
+
+/// The sending half of the shutdown signal; owned by whoever decides the process stops.
+#[derive(Debug)]
+pub struct Shutdown(watch::Sender<bool>);
+
+/// The receiving half, cloned into every accept loop and connection so draining can wait for them.
+#[derive(Debug, Clone)]
+pub struct ShutdownWatch(watch::Receiver<bool>);
+
+impl Shutdown {
+    /// A new signal and its first watcher.
+    pub fn new() -> (Shutdown, ShutdownWatch) {
+        let (tx, rx) = watch::channel(false);
+        (Shutdown(tx), ShutdownWatch(rx))
+    }
+
+    /// Tells every accept loop to stop and every connection to finish its requests and close.
+    pub fn begin(&self) {
+        self.0.send_replace(true);
+    }
+
+    /// Resolves once every watcher (accept loops and connections) is gone.
+    pub async fn drained(&self) {
+        self.0.closed().await;
+    }
+
+    /// How many watchers are alive: accept loops plus open connections.
+    pub fn watchers(&self) -> usize {
+        self.0.receiver_count()
+    }
+}
+
+impl ShutdownWatch {
+    /// Resolves when shutdown has begun.
+    pub async fn wait(&mut self) {
+        let _ = self.0.wait_for(|stopping| *stopping).await;
+    }
+}
+
+/// Drives a connection to its end; when shutdown begins first, asks it to finish (`graceful`: hyper's
+/// `graceful_shutdown`, which lets in-flight requests complete) and waits for that.
+pub async fn drive<C: Future>(
+    mut conn: Pin<&mut C>,
+    graceful: impl FnOnce(Pin<&mut C>),
+    shutdown: &mut ShutdownWatch,
+) -> C::Output {
+    tokio::select! {
+        result = conn.as_mut() => result,
+        () = shutdown.wait() => {
+            graceful(conn.as_mut());
+            conn.await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn draining_waits_for_every_watch() {
+        let (shutdown, watch) = Shutdown::new();
+        let conn = watch.clone();
+        assert_eq!(shutdown.watchers(), 2);
+        drop(watch);
+        shutdown.begin();
+        let drained = tokio::time::timeout(Duration::from_secs(1), shutdown.drained()).await;
+        assert!(drained.is_err(), "a connection still holds its watch");
+        drop(conn);
+        let drained = tokio::time::timeout(Duration::from_secs(1), shutdown.drained()).await;
+        assert!(drained.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drive_asks_a_connection_to_finish_once_shutdown_begins() {
+        let (shutdown, mut watch) = Shutdown::new();
+        // A "connection" that runs until asked to finish, then takes a second to do so.
+        let (finish, finishing) = tokio::sync::oneshot::channel::<()>();
+        let mut finish = Some(finish);
+        let conn = async move {
+            let _ = finishing.await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            "finished"
+        };
+        tokio::pin!(conn);
+        let stop = async {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            shutdown.begin();
+        };
+        let started = tokio::time::Instant::now();
+        let (ended, ()) = tokio::join!(
+            drive(
+                conn,
+                |_| {
+                    if let Some(finish) = finish.take() {
+                        let _ = finish.send(());
+                    }
+                },
+                &mut watch
+            ),
+            stop
+        );
+        assert_eq!(ended, "finished");
+        assert_eq!(started.elapsed(), Duration::from_secs(11));
+    }
+}
