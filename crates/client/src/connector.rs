@@ -387,11 +387,6 @@ impl MeshConnector {
         self.0.dial(false).await.map(drop)
     }
 
-    /// What the open connections were opened with.
-    pub(crate) fn live(&self) -> &LiveConns {
-        &self.0.live
-    }
-
     /// Our current TLS generation; connections from an older one are stale.
     pub(crate) fn generation(&self) -> u64 {
         self.0.tls.generation()
@@ -640,16 +635,6 @@ impl LiveConns {
             .store(first(&open.0), Ordering::Relaxed);
         self.oldest_generation
             .store(first(&open.1), Ordering::Relaxed);
-    }
-
-    /// The earliest listener-certificate not-after among open connections (`u64::MAX`: none).
-    pub(crate) fn earliest_expiry(&self) -> u64 {
-        self.earliest_expiry.load(Ordering::Relaxed)
-    }
-
-    /// The oldest TLS generation among open connections (`u64::MAX`: none).
-    pub(crate) fn oldest_generation(&self) -> u64 {
-        self.oldest_generation.load(Ordering::Relaxed)
     }
 }
 
