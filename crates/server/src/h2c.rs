@@ -51,3 +51,42 @@ impl Policy<()> for H2cPolicy {
         Duration::ZERO
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use bytes::Bytes;
+    use http::Method;
+    use http_body_util::{Either, Full};
+
+    use super::*;
+
+    fn request(method: Method, body: &'static [u8]) -> Request<ProxyBody> {
+        Request::builder()
+            .method(method)
+            .uri("http://svc/")
+            .body(Either::Right(Full::new(Bytes::from_static(body))))
+            .unwrap()
+    }
+
+    #[test]
+    fn only_idempotent_requests_without_a_body_are_replayed() {
+        for (method, body, replayed) in [
+            (Method::GET, &b""[..], true),
+            (Method::HEAD, &b""[..], true),
+            (Method::PUT, &b""[..], true),
+            (Method::DELETE, &b""[..], true),
+            (Method::GET, &b"body"[..], false),
+            (Method::PUT, &b"body"[..], false),
+            (Method::POST, &b""[..], false),
+            (Method::PATCH, &b""[..], false),
+        ] {
+            assert_eq!(
+                H2cPolicy.replayable(&request(method.clone(), body)),
+                replayed,
+                "{method} with {} bytes",
+                body.len()
+            );
+        }
+    }
+}

@@ -204,4 +204,219 @@ impl<D: Dial, R: Retire<D::Meta>> Pool<D, R> {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use bytes::Bytes;
+    use http::header::{CONNECTION, UPGRADE};
+    use http_body_util::{BodyExt, Either, Full};
+    use hyper::service::service_fn;
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+    use crate::dial::{ConnectError, Connected, Protocol, TcpDial};
+
+    /// A loopback HTTP/1.1 peer answering "ok" (or `101` to a request that asks to upgrade),
+    /// counting the connections it accepts; with `keep_alive` false it closes each connection after
+    /// one response.
+    async fn peer(keep_alive: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .keep_alive(keep_alive)
+                        .serve_connection(
+                            TokioIo::new(stream),
+                            service_fn(|req: Request<Incoming>| async move {
+                                let mut response = Response::new(Full::new(Bytes::from_static(b"ok")));
+                                if req.headers().contains_key(UPGRADE) {
+                                    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                                    let headers = response.headers_mut();
+                                    headers.insert(CONNECTION, "upgrade".parse().unwrap());
+                                    headers.insert(UPGRADE, "test".parse().unwrap());
+                                }
+                                Ok::<_, std::convert::Infallible>(response)
+                            }),
+                        )
+                        .with_upgrades(),
+                );
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn tcp(addr: SocketAddr) -> TcpDial {
+        TcpDial {
+            addr,
+            connect_timeout: Duration::from_secs(5),
+            protocol: Protocol::Http1,
+        }
+    }
+
+    /// A pool to a fresh [`peer`], and the peer's connection count.
+    async fn pool_to_peer(keep_alive: bool, idle: Duration) -> (Arc<Pool<TcpDial>>, Arc<AtomicUsize>) {
+        let (addr, accepted) = peer(keep_alive).await;
+        (Pool::new(tcp(addr), NeverRetire, idle, "the test peer"), accepted)
+    }
+
+    fn get() -> Request<ProxyBody> {
+        Request::get("/")
+            .header("host", "svc")
+            .body(Either::Right(Full::new(Bytes::new())))
+            .unwrap()
+    }
+
+    async fn exchange<D: Dial, R: Retire<D::Meta>>(pool: &Pool<D, R>) -> String {
+        let response = pool.send(get()).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn sequential_requests_share_one_connection() {
+        let (pool, accepted) = pool_to_peer(true, Duration::from_secs(60)).await;
+        for _ in 0..10 {
+            assert_eq!(exchange(&pool).await, "ok");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(pool.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_get_their_own_connections_then_reuse_them() {
+        let (pool, accepted) = pool_to_peer(true, Duration::from_secs(60)).await;
+        for _ in 0..3 {
+            let (a, b, c, d) = tokio::join!(
+                exchange(&pool),
+                exchange(&pool),
+                exchange(&pool),
+                exchange(&pool)
+            );
+            assert!([a, b, c, d].iter().all(|r| r == "ok"));
+        }
+        let opened = accepted.load(Ordering::SeqCst);
+        assert!(
+            (1..=4).contains(&opened),
+            "{opened} connections for 3 rounds of 4 concurrent requests"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_peer_closed_is_not_used_again() {
+        let (pool, accepted) = pool_to_peer(false, Duration::from_secs(60)).await;
+        for _ in 0..3 {
+            assert_eq!(exchange(&pool).await, "ok");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_idle_past_the_timeout_is_not_reused_and_is_swept() {
+        let idle = Duration::from_secs(10);
+        let (pool, accepted) = pool_to_peer(true, idle).await;
+        assert_eq!(exchange(&pool).await, "ok");
+        // Used again within the timeout: the same connection.
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        assert_eq!(exchange(&pool).await, "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        // Without traffic, the sweep (every half timeout) closes it within one and a half.
+        tokio::time::sleep(idle * 3 / 2 + Duration::from_millis(1)).await;
+        assert_eq!(pool.len(), 0, "an idle connection was kept");
+        assert_eq!(exchange(&pool).await, "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_a_dial_error() {
+        let addr = {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            listener.local_addr().unwrap()
+        };
+        let pool = Pool::new(tcp(addr), NeverRetire, Duration::from_secs(60), "the test peer");
+        let error = pool.send(get()).await.unwrap_err();
+        assert!(matches!(error, Error::Dial(ConnectError { .. })), "{error:?}");
+    }
+
+    /// TCP to a peer, numbering the connections from 1 (the meta).
+    struct Numbered(TcpDial, AtomicUsize);
+
+    impl Dial for Numbered {
+        type Io = TcpStream;
+        type Meta = usize;
+        type Error = ConnectError;
+
+        async fn dial(&self) -> Result<Connected<TcpStream, usize>, ConnectError> {
+            let connected = self.0.dial().await?;
+            Ok(Connected {
+                io: connected.io,
+                meta: self.1.fetch_add(1, Ordering::SeqCst) + 1,
+                protocol: connected.protocol,
+            })
+        }
+    }
+
+    /// Retires connection 1 and counts what it was asked.
+    struct RetireFirst(AtomicUsize);
+
+    impl Retire<usize> for RetireFirst {
+        fn retire(&self, meta: &usize) -> bool {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            *meta == 1
+        }
+    }
+
+    #[tokio::test]
+    async fn a_retired_connection_is_not_handed_out_again() {
+        let (addr, accepted) = peer(true).await;
+        let pool = Pool::new(
+            Numbered(tcp(addr), AtomicUsize::new(0)),
+            RetireFirst(AtomicUsize::new(0)),
+            Duration::from_secs(60),
+            "the test peer",
+        );
+        for _ in 0..3 {
+            assert_eq!(exchange(&pool).await, "ok");
+            // The exchange is over once hyper has read the end of the response.
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(pool.len(), 1);
+        // Asked at the second and third checkouts only: a fresh connection is not judged.
+        assert_eq!(pool.retire.0.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn an_unpooled_pool_keeps_no_connection() {
+        let (addr, accepted) = peer(true).await;
+        let pool = Pool::unpooled(tcp(addr), NeverRetire, "the test peer");
+        for _ in 0..3 {
+            assert_eq!(exchange(&pool).await, "ok");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+        assert_eq!(pool.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_upgraded_connection_is_not_kept() {
+        let (pool, accepted) = pool_to_peer(true, Duration::from_secs(60)).await;
+        let upgrade = Request::get("/")
+            .header("host", "svc")
+            .header(CONNECTION, "upgrade")
+            .header(UPGRADE, "test")
+            .body(Either::Right(Full::new(Bytes::new())))
+            .unwrap();
+        let response = pool.send(upgrade).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+        assert_eq!(pool.len(), 0, "an upgraded connection went back into the pool");
+        assert_eq!(exchange(&pool).await, "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
 }

@@ -452,4 +452,382 @@ fn head(req: &Request<ProxyBody>) -> Request<()> {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use std::convert::Infallible;
+    use std::io;
+    use std::net::SocketAddr;
+    use std::sync::atomic::AtomicUsize;
+
+    use http::{Method, StatusCode};
+    use http_body_util::BodyExt;
+    use hyper::service::service_fn;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+    use crate::dial::Connected;
+
+    /// Dials `addr`, numbering its connections from 1 (the meta); with `fail_after` every dial
+    /// waits that long and fails instead.
+    struct TestDial {
+        addr: SocketAddr,
+        dials: Arc<AtomicUsize>,
+        protocol: Protocol,
+        fail_after: Option<Duration>,
+    }
+
+    impl Dial for TestDial {
+        type Io = TcpStream;
+        type Meta = usize;
+        type Error = io::Error;
+
+        async fn dial(&self) -> Result<Connected<TcpStream, usize>, io::Error> {
+            let n = self.dials.fetch_add(1, Ordering::SeqCst) + 1;
+            if let Some(wait) = self.fail_after {
+                tokio::time::sleep(wait).await;
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "no answer"));
+            }
+            let io = TcpStream::connect(self.addr).await?;
+            Ok(Connected {
+                io,
+                meta: n,
+                protocol: self.protocol,
+            })
+        }
+    }
+
+    /// Retires the connections whose number is in `retired`; replays what `replay` allows.
+    #[derive(Default)]
+    struct TestPolicy {
+        retired: Vec<usize>,
+        replay: bool,
+        asked_to_retire: AtomicUsize,
+    }
+
+    impl Retire<usize> for TestPolicy {
+        fn retire(&self, meta: &usize) -> bool {
+            self.asked_to_retire.fetch_add(1, Ordering::SeqCst);
+            self.retired.contains(meta)
+        }
+    }
+
+    impl Policy<usize> for TestPolicy {
+        fn replayable(&self, req: &Request<ProxyBody>) -> bool {
+            self.replay && req.method().is_idempotent()
+        }
+
+        fn declined_http2(&self) -> Duration {
+            Duration::from_secs(60)
+        }
+    }
+
+    /// A loopback HTTP/2 (prior knowledge) peer answering each request with its path, counting the
+    /// connections it accepts.
+    async fn hyper_peer() -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(
+                            TokioIo::new(stream),
+                            service_fn(|req: Request<hyper::body::Incoming>| async move {
+                                let path = Bytes::copy_from_slice(req.uri().path().as_bytes());
+                                Ok::<_, Infallible>(Response::new(Full::new(path)))
+                            }),
+                        ),
+                );
+            }
+        });
+        (addr, accepted)
+    }
+
+    /// How an `h2`-crate peer treats the streams of each connection it accepts.
+    #[derive(Clone, Copy)]
+    enum Peer {
+        /// Refuses the first `n` streams of every connection (`REFUSED_STREAM`), answers the rest.
+        RefuseFirst(usize),
+        /// Sends GOAWAY while answering the first stream, and closes once it is done.
+        GoAwayAfterFirst,
+    }
+
+    /// A loopback HTTP/2 peer built on the `h2` crate's server; counts connections and streams.
+    async fn h2_peer(peer: Peer) -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let streams = Arc::new(AtomicUsize::new(0));
+        let (conns, seen) = (accepted.clone(), streams.clone());
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                conns.fetch_add(1, Ordering::SeqCst);
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let mut conn = h2::server::handshake(tcp).await.unwrap();
+                    let mut n = 0;
+                    while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                        n += 1;
+                        seen.fetch_add(1, Ordering::SeqCst);
+                        if let Peer::RefuseFirst(refused) = peer {
+                            if n <= refused {
+                                respond.send_reset(h2::Reason::REFUSED_STREAM);
+                                continue;
+                            }
+                        }
+                        let mut body = respond.send_response(Response::new(()), false).unwrap();
+                        if matches!(peer, Peer::GoAwayAfterFirst) {
+                            // The GOAWAY goes out before the body ends: a client that has read the
+                            // whole response has seen it.
+                            conn.graceful_shutdown();
+                            tokio::spawn(async move {
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                                body.send_data(Bytes::from_static(b"ok"), true).unwrap();
+                            });
+                        } else {
+                            body.send_data(Bytes::from_static(b"ok"), true).unwrap();
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted, streams)
+    }
+
+    fn shared(
+        addr: SocketAddr,
+        policy: TestPolicy,
+        idle: Duration,
+    ) -> (Arc<SharedConnection<TestDial, TestPolicy>>, Arc<AtomicUsize>) {
+        let dials = Arc::new(AtomicUsize::new(0));
+        let dial = TestDial {
+            addr,
+            dials: dials.clone(),
+            protocol: Protocol::Http2,
+            fail_after: None,
+        };
+        (SharedConnection::new(dial, policy, idle, "the test peer"), dials)
+    }
+
+    fn get(path: &str) -> Request<ProxyBody> {
+        Request::get(format!("http://svc{path}"))
+            .body(Either::Right(Full::default()))
+            .unwrap()
+    }
+
+    /// Sends `req` and reads the answer's status and body.
+    async fn exchange(
+        shared: &SharedConnection<TestDial, TestPolicy>,
+        req: Request<ProxyBody>,
+    ) -> (StatusCode, String) {
+        let Sent::Response(response) = shared.send(req).await.unwrap() else {
+            panic!("handed back");
+        };
+        let status = response.status();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn sequential_requests_share_one_connection() {
+        let (addr, accepted) = hyper_peer().await;
+        let (shared, dials) = shared(addr, TestPolicy::default(), Duration::from_secs(60));
+        for i in 0..5 {
+            let path = format!("/seq/{i}");
+            assert_eq!(exchange(&shared, get(&path)).await, (StatusCode::OK, path));
+        }
+        assert_eq!(dials.load(Ordering::SeqCst), 1);
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_requests_dials_once() {
+        let (addr, accepted) = hyper_peer().await;
+        let (shared, dials) = shared(addr, TestPolicy::default(), Duration::from_secs(60));
+        let burst = (0..16).map(|i| {
+            let shared = shared.clone();
+            tokio::spawn(async move { exchange(&shared, get(&format!("/burst/{i}"))).await })
+        });
+        for (i, answer) in burst.enumerate() {
+            assert_eq!(
+                answer.await.unwrap(),
+                (StatusCode::OK, format!("/burst/{i}"))
+            );
+        }
+        assert_eq!(dials.load(Ordering::SeqCst), 1);
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_dial_answers_the_requests_that_waited_for_it() {
+        let dials = Arc::new(AtomicUsize::new(0));
+        let dial = TestDial {
+            addr: "127.0.0.1:9".parse().unwrap(),
+            dials: dials.clone(),
+            protocol: Protocol::Http2,
+            fail_after: Some(Duration::from_secs(5)),
+        };
+        let shared = SharedConnection::new(
+            dial,
+            TestPolicy::default(),
+            Duration::from_secs(60),
+            "the test peer",
+        );
+        let burst: Vec<_> = (0..8)
+            .map(|_| {
+                let shared = shared.clone();
+                tokio::spawn(async move { shared.send(get("/")).await })
+            })
+            .collect();
+        for request in burst {
+            let error = request.await.unwrap().err().unwrap();
+            assert!(matches!(error, Error::Dial(_)), "{error:?}");
+            assert_eq!(error.to_string(), "no answer");
+        }
+        assert_eq!(
+            dials.load(Ordering::SeqCst),
+            1,
+            "each waiting request dialled again"
+        );
+        // A request that comes later dials afresh.
+        assert!(matches!(shared.send(get("/")).await, Err(Error::Dial(_))));
+        assert_eq!(dials.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unused_connection_is_closed_after_the_idle_timeout() {
+        let (addr, accepted) = hyper_peer().await;
+        let idle = Duration::from_secs(10);
+        let (shared, dials) = shared(addr, TestPolicy::default(), idle);
+        assert_eq!(exchange(&shared, get("/")).await.0, StatusCode::OK);
+        assert!(shared.is_open());
+        // Used within the timeout: kept.
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        assert!(shared.is_open(), "a connection in use was closed");
+        assert_eq!(exchange(&shared, get("/")).await.0, StatusCode::OK);
+        // The sweep runs every half timeout: gone within one and a half.
+        tokio::time::sleep(idle * 3 / 2 + Duration::from_millis(1)).await;
+        assert!(!shared.is_open(), "an idle connection was kept");
+        assert_eq!(exchange(&shared, get("/")).await.0, StatusCode::OK);
+        assert_eq!(dials.load(Ordering::SeqCst), 2);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn after_a_goaway_the_next_request_gets_a_fresh_connection() {
+        let (addr, accepted, streams) = h2_peer(Peer::GoAwayAfterFirst).await;
+        let (shared, dials) = shared(addr, TestPolicy::default(), Duration::from_secs(60));
+        for _ in 0..3 {
+            assert_eq!(
+                exchange(&shared, get("/")).await,
+                (StatusCode::OK, "ok".to_owned())
+            );
+        }
+        assert_eq!(dials.load(Ordering::SeqCst), 3);
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+        assert_eq!(streams.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_retired_connection_takes_no_new_requests() {
+        let (addr, accepted) = hyper_peer().await;
+        let policy = TestPolicy {
+            retired: vec![1],
+            ..TestPolicy::default()
+        };
+        let (shared, dials) = shared(addr, policy, Duration::from_secs(60));
+        for _ in 0..3 {
+            assert_eq!(exchange(&shared, get("/")).await.0, StatusCode::OK);
+        }
+        // The first connection is retired at the second request's checkout; the second one stays.
+        assert_eq!(dials.load(Ordering::SeqCst), 2);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(shared.policy().asked_to_retire.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_refused_stream_goes_once_more_where_the_policy_allows() {
+        let (addr, _, streams) = h2_peer(Peer::RefuseFirst(1)).await;
+        let policy = TestPolicy {
+            replay: true,
+            ..TestPolicy::default()
+        };
+        let (shared, _) = shared(addr, policy, Duration::from_secs(60));
+        assert_eq!(
+            exchange(&shared, get("/")).await,
+            (StatusCode::OK, "ok".to_owned())
+        );
+        assert_eq!(streams.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_refused_stream_is_an_error_where_the_policy_does_not_replay() {
+        let (addr, _, streams) = h2_peer(Peer::RefuseFirst(1)).await;
+        let (shared, _) = shared(addr, TestPolicy::default(), Duration::from_secs(60));
+        let error = shared.send(get("/")).await.err().unwrap();
+        assert!(
+            matches!(error, Error::TurnedAway { replayed: false, ref source, .. }
+                if source.reason() == Some(h2::Reason::REFUSED_STREAM)),
+            "{error:?}"
+        );
+        assert_eq!(error.meta(), Some(&1));
+        assert_eq!(streams.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_request_refused_twice_is_not_sent_a_third_time() {
+        let (addr, _, streams) = h2_peer(Peer::RefuseFirst(2)).await;
+        let policy = TestPolicy {
+            replay: true,
+            ..TestPolicy::default()
+        };
+        let (shared, _) = shared(addr, policy, Duration::from_secs(60));
+        let put = Request::builder()
+            .method(Method::PUT)
+            .uri("http://svc/")
+            .body(Either::Right(Full::default()))
+            .unwrap();
+        let error = shared.send(put).await.err().unwrap();
+        assert!(
+            matches!(error, Error::TurnedAway { replayed: true, .. }),
+            "{error:?}"
+        );
+        assert_eq!(streams.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_declines_http2_gets_the_requests_handed_back_for_a_while() {
+        let (addr, _) = hyper_peer().await;
+        let dials = Arc::new(AtomicUsize::new(0));
+        let dial = TestDial {
+            addr,
+            dials: dials.clone(),
+            protocol: Protocol::Http1,
+            fail_after: None,
+        };
+        let shared = SharedConnection::new(
+            dial,
+            TestPolicy::default(),
+            Duration::from_secs(600),
+            "the test peer",
+        );
+        for path in ["/a", "/b"] {
+            match shared.send(get(path)).await.unwrap() {
+                Sent::NotHttp2(req) => assert_eq!(req.uri().path(), path),
+                Sent::Response(_) => panic!("an HTTP/1.1 connection was used for HTTP/2"),
+            }
+        }
+        assert_eq!(dials.load(Ordering::SeqCst), 1, "dialled while handing back");
+        // After the policy's 60 s, the peer is asked again.
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        assert!(matches!(
+            shared.send(get("/c")).await.unwrap(),
+            Sent::NotHttp2(_)
+        ));
+        assert_eq!(dials.load(Ordering::SeqCst), 2);
+    }
 }
