@@ -237,7 +237,9 @@ impl Backend {
                 let sent = sent.map(|sent| match sent {
                     Ok(Sent::Response(response)) => Ok(response.map(Either::Right)),
                     // The TCP dialer speaks h2c with prior knowledge: never handed back.
-                    Ok(Sent::NotHttp2(_)) => Err(BackendError::H2(h2::Reason::HTTP_1_1_REQUIRED.into())),
+                    Ok(Sent::NotHttp2(_)) => {
+                        Err(BackendError::H2(h2::Reason::HTTP_1_1_REQUIRED.into()))
+                    }
                     Err(error) => Err(BackendError::from_h2c(error, method.clone())),
                 });
                 (true, sent)

@@ -425,7 +425,11 @@ mod tests {
         let mut buf = [0u8; 1024];
         while !got.ends_with(b"\r\n\r\nok") {
             let n = client.read(&mut buf).await.unwrap();
-            assert!(n > 0, "closed mid-response: {:?}", String::from_utf8_lossy(&got));
+            assert!(
+                n > 0,
+                "closed mid-response: {:?}",
+                String::from_utf8_lossy(&got)
+            );
             got.extend_from_slice(&buf[..n]);
         }
         String::from_utf8(got).unwrap()
@@ -446,7 +450,11 @@ mod tests {
             let response = read_response(&mut client).await;
             assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
             until_parked().await;
-            assert_eq!(served.load(Ordering::SeqCst), round, "parked and resumed once per request");
+            assert_eq!(
+                served.load(Ordering::SeqCst),
+                round,
+                "parked and resumed once per request"
+            );
         }
     }
 
@@ -470,7 +478,11 @@ mod tests {
         read_response(&mut client).await;
         let parked_at = tokio::time::Instant::now();
         let mut buf = [0u8; 16];
-        assert_eq!(client.read(&mut buf).await.unwrap(), 0, "expected the close");
+        assert_eq!(
+            client.read(&mut buf).await.unwrap(),
+            0,
+            "expected the close"
+        );
         assert!(
             parked_at.elapsed() >= idle,
             "closed after {:?}",

@@ -234,7 +234,8 @@ mod tests {
                         .serve_connection(
                             TokioIo::new(stream),
                             service_fn(|req: Request<Incoming>| async move {
-                                let mut response = Response::new(Full::new(Bytes::from_static(b"ok")));
+                                let mut response =
+                                    Response::new(Full::new(Bytes::from_static(b"ok")));
                                 if req.headers().contains_key(UPGRADE) {
                                     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
                                     let headers = response.headers_mut();
@@ -260,9 +261,15 @@ mod tests {
     }
 
     /// A pool to a fresh [`peer`], and the peer's connection count.
-    async fn pool_to_peer(keep_alive: bool, idle: Duration) -> (Arc<Pool<TcpDial>>, Arc<AtomicUsize>) {
+    async fn pool_to_peer(
+        keep_alive: bool,
+        idle: Duration,
+    ) -> (Arc<Pool<TcpDial>>, Arc<AtomicUsize>) {
         let (addr, accepted) = peer(keep_alive).await;
-        (Pool::new(tcp(addr), NeverRetire, idle, "the test peer"), accepted)
+        (
+            Pool::new(tcp(addr), NeverRetire, idle, "the test peer"),
+            accepted,
+        )
     }
 
     fn get() -> Request<ProxyBody> {
@@ -340,9 +347,17 @@ mod tests {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             listener.local_addr().unwrap()
         };
-        let pool = Pool::new(tcp(addr), NeverRetire, Duration::from_secs(60), "the test peer");
+        let pool = Pool::new(
+            tcp(addr),
+            NeverRetire,
+            Duration::from_secs(60),
+            "the test peer",
+        );
         let error = pool.send(get()).await.unwrap_err();
-        assert!(matches!(error, Error::Dial(ConnectError { .. })), "{error:?}");
+        assert!(
+            matches!(error, Error::Dial(ConnectError { .. })),
+            "{error:?}"
+        );
     }
 
     /// TCP to a peer, numbering the connections from 1 (the meta).
@@ -415,7 +430,11 @@ mod tests {
             .unwrap();
         let response = pool.send(upgrade).await.unwrap();
         assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
-        assert_eq!(pool.len(), 0, "an upgraded connection went back into the pool");
+        assert_eq!(
+            pool.len(),
+            0,
+            "an upgraded connection went back into the pool"
+        );
         assert_eq!(exchange(&pool).await, "ok");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }

@@ -270,10 +270,7 @@ mod tests {
             }
         });
         let tcp = TcpStream::connect(addr).await.unwrap();
-        let (sender, driver) = client_builder()
-            .handshake::<_, Bytes>(tcp)
-            .await
-            .unwrap();
+        let (sender, driver) = client_builder().handshake::<_, Bytes>(tcp).await.unwrap();
         tokio::spawn(driver);
         sender.ready().await.unwrap()
     }
@@ -325,7 +322,9 @@ mod tests {
         // sending it (RFC 9113 section 8.1).
         let sender = connect(|_req, mut respond| async move {
             let mut stream = respond.send_response(Response::new(()), false).unwrap();
-            stream.send_data(Bytes::from_static(b"early"), true).unwrap();
+            stream
+                .send_data(Bytes::from_static(b"early"), true)
+                .unwrap();
             // Once the response is out (a reset at once would discard it unsent).
             tokio::time::sleep(Duration::from_millis(50)).await;
             respond.send_reset(h2::Reason::NO_ERROR);
@@ -418,14 +417,24 @@ mod tests {
                 .await
                 .unwrap();
             let got = response.into_body().collect().await.unwrap().to_bytes();
-            assert_eq!(got, Bytes::from(expected), "{method} with {} bytes", body.len());
+            assert_eq!(
+                got,
+                Bytes::from(expected),
+                "{method} with {} bytes",
+                body.len()
+            );
         }
     }
 
     #[tokio::test]
     async fn a_content_length_the_request_carries_is_kept() {
         let sender = connect(|req, mut respond| async move {
-            let lengths: Vec<_> = req.headers().get_all(CONTENT_LENGTH).iter().cloned().collect();
+            let lengths: Vec<_> = req
+                .headers()
+                .get_all(CONTENT_LENGTH)
+                .iter()
+                .cloned()
+                .collect();
             let mut stream = respond.send_response(Response::new(()), false).unwrap();
             stream
                 .send_data(Bytes::from(format!("{lengths:?}")), true)

@@ -147,7 +147,9 @@ impl<E: fmt::Debug, M> fmt::Debug for Error<E, M> {
         match self {
             Error::Dial(error) => f.debug_tuple("Dial").field(error).finish(),
             Error::Handshake(error) => f.debug_tuple("Handshake").field(error).finish(),
-            Error::Stream { source, .. } => f.debug_struct("Stream").field("source", source).finish(),
+            Error::Stream { source, .. } => {
+                f.debug_struct("Stream").field("source", source).finish()
+            }
             Error::TurnedAway {
                 source, replayed, ..
             } => f
@@ -321,8 +323,7 @@ impl<D: Dial, P: Policy<D::Meta>> SharedConnection<D, P> {
             return Checkout::Declined;
         }
         if let Some(current) = state.current.as_mut() {
-            let usable =
-                !current.conn.is_closed() && now - current.last_used <= self.idle_timeout;
+            let usable = !current.conn.is_closed() && now - current.last_used <= self.idle_timeout;
             if usable && !self.policy.retire(&current.conn.meta) {
                 current.last_used = now;
                 return Checkout::Ready(current.sender.clone(), current.conn.clone());
@@ -602,7 +603,10 @@ mod tests {
         addr: SocketAddr,
         policy: TestPolicy,
         idle: Duration,
-    ) -> (Arc<SharedConnection<TestDial, TestPolicy>>, Arc<AtomicUsize>) {
+    ) -> (
+        Arc<SharedConnection<TestDial, TestPolicy>>,
+        Arc<AtomicUsize>,
+    ) {
         let dials = Arc::new(AtomicUsize::new(0));
         let dial = TestDial {
             addr,
@@ -610,7 +614,10 @@ mod tests {
             protocol: Protocol::Http2,
             fail_after: None,
         };
-        (SharedConnection::new(dial, policy, idle, "the test peer"), dials)
+        (
+            SharedConnection::new(dial, policy, idle, "the test peer"),
+            dials,
+        )
     }
 
     fn get(path: &str) -> Request<ProxyBody> {
@@ -821,7 +828,11 @@ mod tests {
                 Sent::Response(_) => panic!("an HTTP/1.1 connection was used for HTTP/2"),
             }
         }
-        assert_eq!(dials.load(Ordering::SeqCst), 1, "dialled while handing back");
+        assert_eq!(
+            dials.load(Ordering::SeqCst),
+            1,
+            "dialled while handing back"
+        );
         // After the policy's 60 s, the peer is asked again.
         tokio::time::sleep(Duration::from_secs(61)).await;
         assert!(matches!(
