@@ -6,15 +6,11 @@
 //!
 //! One listener's dial is [`crate::dial_listener`]; what a failure says, [`crate::upstream_error`].
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+
 use std::time::{Duration, SystemTime};
 
-use http::Uri;
-use hyper_util::rt::TokioIo;
 use phoenix_mesh_certs::{LiveClientTls, LiveTls};
 use phoenix_mesh_common::metrics::{DialResult, Metrics, UpstreamLabels, UpstreamName};
 use phoenix_mesh_transport::balance::Balancer;
@@ -22,8 +18,8 @@ use phoenix_mesh_transport::dial::{Connected, Dial, Protocol};
 use rustls::pki_types::ServerName;
 use tracing::{info, warn};
 
+use crate::conn_info::ConnInfo;
 use crate::dial_listener::ListenerDial;
-use crate::live_conns::{ConnInfo, LiveConns};
 use crate::mesh_stream::MeshStream;
 use crate::retirement::Retirement;
 use crate::upstream_error::UpstreamError;
@@ -72,11 +68,6 @@ impl MeshConnector {
     /// Dials a mesh listener (TCP, mutual TLS) and hangs up: the readiness probe.
     pub(crate) async fn probe(&self) -> Result<(), UpstreamError> {
         self.0.dial(false).await.map(drop)
-    }
-
-    /// What the open connections were opened with.
-    pub(crate) fn live(&self) -> &LiveConns {
-        &self.0.listener.live
     }
 
     /// Our current TLS generation; connections from an older one are stale.
@@ -172,22 +163,6 @@ impl Dialer {
                 result,
             })
             .inc();
-    }
-}
-
-impl tower_service::Service<Uri> for MeshConnector {
-    type Response = TokioIo<MeshStream>;
-    type Error = UpstreamError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _uri: Uri) -> Self::Future {
-        let dialer = self.0.clone();
-        let http1_only = self.1;
-        Box::pin(async move { dialer.dial(http1_only).await.map(TokioIo::new) })
     }
 }
 

@@ -18,7 +18,7 @@ use tokio::time::timeout;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info, warn};
 
-use crate::live_conns::{ConnInfo, LiveConns};
+use crate::conn_info::ConnInfo;
 use crate::mesh_stream::MeshStream;
 use crate::upstream_error::UpstreamError;
 
@@ -33,7 +33,6 @@ pub(crate) struct ListenerDial {
     pub listener_not_after: AtomicU64,
     /// The fingerprint of the listener certificate last warned about, so each is warned about once.
     warned_for: Mutex<String>,
-    pub live: Arc<LiveConns>,
 }
 
 /// What one connection attempt came to.
@@ -59,7 +58,6 @@ impl ListenerDial {
             metrics,
             listener_not_after: AtomicU64::new(0),
             warned_for: Mutex::new(String::new()),
-            live: Arc::default(),
         }
     }
 
@@ -175,10 +173,9 @@ impl ListenerDial {
             generation,
             alert: PeerAlert::default(),
         };
-        let live = self.live.add(&info);
         let open = GaugeGuard::new(&self.metrics.upstream_connections);
         Ok(Dialed::Ready(Box::new(MeshStream::new(
-            tls, info, h2, live, open,
+            tls, info, h2, open,
         ))))
     }
 

@@ -3,56 +3,57 @@
 use std::error::Error as StdError;
 use std::io;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use http::header::{HeaderValue, HOST};
 use http::uri::{Authority, Scheme};
-use http::{Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::Either;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::{capture_connection, CaptureConnection};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use phoenix_mesh_common::headers::{
     remove_hop_by_hop, remove_hop_by_hop_request, restore_upgrade, retarget, upgrade_protocol,
 };
 use phoenix_mesh_common::metrics::MadeBy;
 use phoenix_mesh_common::{mesh_error, ProxyBody, MESH_ERROR_HEADER};
 use phoenix_mesh_transport::body::ResponseBody;
+use phoenix_mesh_transport::dial::NeverRetire;
+use phoenix_mesh_transport::h2::shared::{self, SharedConnection};
+use phoenix_mesh_transport::pool::{self, Pool};
 use phoenix_mesh_transport::tunnel::splice;
 use tracing::info;
 
+use crate::conn_info::ConnInfo;
 use crate::connector::MeshConnector;
-use crate::link::{H2Link, LinkError, Sent};
-use crate::live_conns::ConnInfo;
+use crate::link::{MeshLink, MeshPolicy};
 use crate::upstream_error::{client_cert_alert, UpstreamError};
 
-/// The pool key: every request shares the same pool whatever its Host; the connector picks the
-/// listener. Host itself travels untouched as a header.
+/// The `:authority` of requests on the mesh link: the listener is the connector's choice, not the
+/// request's, and Host itself travels untouched as a header.
 const POOL_AUTHORITY: &str = "phoenix-mesh";
 
-/// A pooled connection is retired when it is used this long (plus the pool's idle timeout, the
-/// longest it can sit unused) before its listener certificate expires.
+/// A connection is retired when it is used this long (plus the pool's idle timeout, the longest it
+/// can sit unused) before its listener certificate expires.
 const RETIRE_MARGIN: Duration = Duration::from_secs(30);
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs()
+/// Why a request found no answer from the mesh listener.
+#[derive(Debug, thiserror::Error)]
+enum SendError {
+    /// On the HTTP/2 mesh link.
+    #[error("{0}")]
+    Link(#[source] shared::Error<UpstreamError, ConnInfo>),
+    /// Through an HTTP/1.1 pool.
+    #[error("{0}")]
+    Pool(#[source] pool::Error<UpstreamError>),
 }
 
 pub(crate) struct Upstream {
     /// The shared HTTP/2 connection plain requests ride (`upstream_http2`, the default).
-    h2: Option<Arc<H2Link>>,
+    h2: Option<Arc<MeshLink>>,
     /// Pooled HTTP/1.1 connections: `upstream_http2 = false`, or a listener that declined HTTP/2.
-    client: Client<MeshConnector, ProxyBody>,
-    /// HTTP/1.1-only connections for requests that upgrade (WebSocket): an upgrade cannot ride an
-    /// HTTP/2 stream, and an upgraded connection never returns to a pool.
-    upgrades: Client<MeshConnector, ProxyBody>,
-    connector: MeshConnector,
-    /// Retire connections whose listener certificate expires within this.
-    retire_margin: Duration,
+    pool: Arc<Pool<MeshConnector, MeshPolicy>>,
+    /// A connection each for requests that upgrade (WebSocket): an upgrade cannot ride an HTTP/2
+    /// stream, and an upgraded connection never returns to a pool.
+    upgrades: Pool<MeshConnector, NeverRetire>,
     /// For messages: the configured listeners.
     upstreams: String,
     timeout: Duration,
@@ -66,25 +67,23 @@ impl Upstream {
         timeout: Duration,
         http2: bool,
     ) -> Self {
-        let connector_for_expiry = connector.clone();
-        let h2 =
-            http2.then(|| H2Link::new(connector.clone(), pool_idle, pool_idle + RETIRE_MARGIN));
-        let upgrades = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(0)
-            .set_host(false)
-            .build(connector.http1_only());
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(pool_idle)
-            .timer(TokioTimer::new())
-            .set_host(false)
-            .build(connector);
+        let policy = MeshPolicy::new(connector.clone(), pool_idle + RETIRE_MARGIN);
+        let h2 = http2.then(|| {
+            SharedConnection::new(
+                connector.clone(),
+                policy.clone(),
+                pool_idle,
+                "the mesh listener",
+            )
+        });
+        // Both HTTP/1.1 pools offer only `http/1.1` through ALPN: they speak nothing else.
+        let http1 = connector.http1_only();
+        let upgrades = Pool::unpooled(http1.clone(), NeverRetire, "the mesh listener");
+        let pool = Pool::new(http1, policy, pool_idle, "the mesh listener");
         Upstream {
             h2,
-            client,
+            pool,
             upgrades,
-            connector: connector_for_expiry,
-            retire_margin: pool_idle + RETIRE_MARGIN,
             upstreams: upstreams.join(", "),
             timeout,
         }
@@ -149,7 +148,7 @@ impl Upstream {
                 remove_hop_by_hop(&mut parts.headers);
                 (Response::from_parts(parts, body), made_by)
             }
-            Ok(Err(error)) => (self.failure(&*error).map(Either::Left), MadeBy::Sidecar),
+            Ok(Err(error)) => (self.failure(&error).map(Either::Left), MadeBy::Sidecar),
             Err(_) => {
                 info!(upstreams = %self.upstreams, "mesh listener too slow");
                 (mesh_error(
@@ -170,49 +169,43 @@ impl Upstream {
         &self,
         request: Request<ProxyBody>,
         upgrade: bool,
-    ) -> Result<Response<ResponseBody>, LinkError> {
+    ) -> Result<Response<ResponseBody>, SendError> {
         if upgrade {
-            let response = self.upgrades.request(request).await?;
+            let response = self
+                .upgrades
+                .send(http1_target(request))
+                .await
+                .map_err(SendError::Pool)?;
             return Ok(response.map(|body| Either::Left(Either::Left(body))));
         }
-        let mut request = match &self.h2 {
-            Some(link) => match link.send(request).await? {
-                Sent::Response(response) => return Ok(response.map(Either::Right)),
-                Sent::NotH2(request) => request,
-            },
-            None => request,
+        let request = match &self.h2 {
+            // CONNECT asks for a tunnel, which an HTTP/2 stream to the listener does not give.
+            Some(link) if request.method() != Method::CONNECT => {
+                match link.send(request).await.map_err(SendError::Link)? {
+                    shared::Sent::Response(response) => return Ok(response.map(Either::Right)),
+                    shared::Sent::NotHttp2(request) => request,
+                }
+            }
+            _ => request,
         };
-        let capture = self.retiring().then(|| capture_connection(&mut request));
-        let response = self.client.request(request).await?;
-        self.retire_if_stale(&response, capture.as_ref());
+        let response = self
+            .pool
+            .send(http1_target(request))
+            .await
+            .map_err(SendError::Pool)?;
         Ok(response.map(|body| Either::Left(Either::Left(body))))
     }
 
-    /// Whether requests should capture their connection: only while some open connection is stale
-    /// (its listener certificate within the retire margin of expiry, or opened before our own
-    /// certificate or trust was reloaded).
-    fn retiring(&self) -> bool {
-        let live = self.connector.live();
-        unix_now() + self.retire_margin.as_secs() >= live.earliest_expiry()
-            || live.oldest_generation() < self.connector.generation()
-    }
-
-    /// Takes the connection that carried `response` out of the pool if it is stale; requests in
-    /// flight on it finish, new ones get a fresh connection.
-    fn retire_if_stale<B>(&self, response: &Response<B>, capture: Option<&CaptureConnection>) {
-        let (Some(capture), Some(info)) = (capture, response.extensions().get::<ConnInfo>()) else {
-            return;
-        };
-        let Some(retirement) = self.connector.retirement(info, self.retire_margin) else {
-            return;
-        };
-        if let Some(connected) = capture.connection_metadata().as_ref() {
-            connected.poison();
-            retirement.log();
+    fn failure(&self, error: &SendError) -> Response<ProxyBody> {
+        // In TLS 1.3 the listener checks our certificate after our side of the handshake is done, so
+        // its refusal arrives as an alert on a later read. On the mesh link h2 keeps only an I/O
+        // error's kind and message, so the connection itself keeps the alert it read.
+        if let SendError::Link(link) = error {
+            if let Some(alert) = link.meta().and_then(ConnInfo::refused_alert) {
+                return self.refused(alert);
+            }
         }
-    }
-
-    fn failure(&self, error: &(dyn StdError + 'static)) -> Response<ProxyBody> {
+        let error: &(dyn StdError + 'static) = error;
         let mut current: Option<&(dyn StdError + 'static)> = Some(error);
         let mut root = error.to_string();
         while let Some(e) = current {
@@ -224,15 +217,14 @@ impl Upstream {
                 );
             }
             // In TLS 1.3 the listener checks our certificate after our side of the handshake is done,
-            // so its refusal arrives as an alert on the first read of the request.
-            if let Some(alert) = e.downcast_ref::<io::Error>().and_then(client_cert_alert) {
-                let refused = UpstreamError::client_cert_refused(&self.upstreams, alert);
-                info!(upstreams = %self.upstreams, ?alert, "mesh listener refused our client certificate");
-                return mesh_error(
-                    StatusCode::BAD_GATEWAY,
-                    refused.kind().code(),
-                    refused.to_string(),
-                );
+            // so its refusal arrives as an alert on the first read of the request (inside h2's error
+            // on the mesh link, inside hyper's over HTTP/1.1).
+            let io = e
+                .downcast_ref::<h2::Error>()
+                .and_then(h2::Error::get_io)
+                .or_else(|| e.downcast_ref::<io::Error>());
+            if let Some(alert) = io.and_then(client_cert_alert) {
+                return self.refused(alert);
             }
             root = e.to_string();
             current = e.source();
@@ -247,4 +239,38 @@ impl Upstream {
             ),
         )
     }
+
+    /// The answer when the listener refused our client certificate with `alert`.
+    fn refused(&self, alert: rustls::AlertDescription) -> Response<ProxyBody> {
+        let refused = UpstreamError::client_cert_refused(&self.upstreams, alert);
+        info!(upstreams = %self.upstreams, ?alert, "mesh listener refused our client certificate");
+        mesh_error(
+            StatusCode::BAD_GATEWAY,
+            refused.kind().code(),
+            refused.to_string(),
+        )
+    }
+}
+
+/// `request` with the target an HTTP/1.1 request line carries to the listener, as hyper's pooled
+/// client sends it: origin form (`/path?query`), or authority form for CONNECT.
+fn http1_target(mut request: Request<ProxyBody>) -> Request<ProxyBody> {
+    let uri = request.uri();
+    let target = if request.method() == Method::CONNECT {
+        uri.authority().map(|authority| {
+            let mut parts = http::uri::Parts::default();
+            parts.authority = Some(authority.clone());
+            Uri::from_parts(parts)
+        })
+    } else {
+        uri.path_and_query().map(|path| {
+            let mut parts = http::uri::Parts::default();
+            parts.path_and_query = Some(path.clone());
+            Uri::from_parts(parts)
+        })
+    };
+    if let Some(Ok(target)) = target {
+        *request.uri_mut() = target;
+    }
+    request
 }

@@ -15,7 +15,7 @@
 //! - `connector.rs`: the mesh connector: picks a listener (round-robin, ejection), dials it, counts the dial.
 //! - `dial_listener.rs`: one mutual-TLS connection to one listener: TCP, handshake, verdict, full-handshake retry.
 //! - `upstream_error.rs`: why a dial failed, as a type, with the operator's message, code and status.
-//! - `live_conns.rs`: what each open connection was opened with (`ConnInfo`), and the earliest and oldest of them.
+//! - `conn_info.rs`: what a mesh connection was opened with (`ConnInfo`), and the alert its listener refused us with.
 //! - `retirement.rs`: the rule that retires a stale connection.
 //! - `mesh_stream.rs`: an established connection as the pools hold it; keeps a fatal alert it reads.
 //! - `link.rs`: the shared HTTP/2 connection to a mesh listener.
@@ -23,12 +23,12 @@
 
 mod check;
 mod config;
+mod conn_info;
 mod connector;
 mod dial_listener;
 mod forward;
 mod link;
 mod listen;
-mod live_conns;
 mod mesh_stream;
 mod retirement;
 mod sidecar;

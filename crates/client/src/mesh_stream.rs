@@ -1,43 +1,38 @@
 //! A *mesh stream* is one established mutual-TLS connection to a mesh listener, as the pools hold
 //! it: the TLS stream, whether ALPN chose HTTP/2, and what it was opened with ([`ConnInfo`]). While it
-//! is open it counts in the open-connections gauge and in the [`LiveConns`](crate::live_conns::LiveConns);
-//! a fatal alert it reads is kept in its `ConnInfo`, where a failure that went through h2 finds it.
+//! is open it counts in the open-connections gauge; a fatal alert it reads is kept in its `ConnInfo`, where a failure that went through h2 finds it.
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use hyper_util::client::legacy::connect::{Connected, Connection};
 use phoenix_mesh_common::metrics::GaugeGuard;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
-use crate::live_conns::{ConnGuard, ConnInfo};
+use crate::conn_info::ConnInfo;
 
 /// An established mTLS link, told to the pool as HTTP/2 when ALPN chose it.
 pub struct MeshStream {
     tls: TlsStream<TcpStream>,
     info: ConnInfo,
     h2: bool,
-    _live: ConnGuard,
     _open: GaugeGuard,
 }
 
 impl MeshStream {
-    /// A stream over `tls`, counted by `live` and `open` until dropped.
+    /// A stream over `tls`, counted by `open` until dropped.
     pub(crate) fn new(
         tls: TlsStream<TcpStream>,
         info: ConnInfo,
         h2: bool,
-        live: ConnGuard,
         open: GaugeGuard,
     ) -> Self {
         MeshStream {
             tls,
             info,
             h2,
-            _live: live,
             _open: open,
         }
     }
@@ -50,17 +45,6 @@ impl MeshStream {
     /// What the connection was opened with.
     pub(crate) fn info(&self) -> &ConnInfo {
         &self.info
-    }
-}
-
-impl Connection for MeshStream {
-    fn connected(&self) -> Connected {
-        let connected = Connected::new().extra(self.info.clone());
-        if self.h2 {
-            connected.negotiated_h2()
-        } else {
-            connected
-        }
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use tracing::info;
 
-use crate::live_conns::ConnInfo;
+use crate::conn_info::ConnInfo;
 
 /// Why a connection is retired.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -240,7 +240,7 @@ impl UpstreamError {
 }
 
 /// The alert refusing our certificate that an I/O error from a mesh connection carries, if any. An
-/// error that went through h2 has lost it; the connection's [`crate::live_conns::ConnInfo`] keeps it.
+/// error that went through h2 has lost it; the connection's [`crate::conn_info::ConnInfo`] keeps it.
 pub(crate) fn client_cert_alert(e: &io::Error) -> Option<AlertDescription> {
     alert_received(e).filter(|alert| refuses_our_certificate(*alert))
 }

@@ -22,8 +22,63 @@ use phoenix_mesh_transport::body::ResponseBody;
 use phoenix_mesh_transport::tunnel::splice;
 use tracing::info;
 
-use crate::h2c::H2cBackend;
-use phoenix_mesh_transport::pool::{BackendError, BackendPool};
+use phoenix_mesh_transport::dial::{ConnectError, Protocol, TcpDial};
+use phoenix_mesh_transport::h2::shared::{self, Sent};
+use phoenix_mesh_transport::pool::{self, Pool};
+
+use crate::h2c::{h2c_backend, H2cBackend};
+
+/// Why the backend did not answer.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum BackendError {
+    /// No connection could be opened (refused, unreachable, timed out).
+    #[error("{0}")]
+    Connect(#[source] Arc<ConnectError>),
+    /// The connection failed while the request was sent or the response read.
+    #[error("{0}")]
+    Request(#[source] hyper::Error),
+    /// The h2c connection failed, or the backend reset the request's stream.
+    #[error("{0}")]
+    H2(#[source] h2::Error),
+    /// The backend turned the request away unprocessed (h2c), and it is not one to send twice.
+    #[error("the backend turned the request away without processing it ({1}: its GOAWAY crossed the request, or it refused the stream); a {0} request is not sent again, only idempotent ones without a body are")]
+    TurnedAway(http::Method, h2::Error),
+    /// The backend turned an idempotent request away unprocessed, and again when it went once more.
+    #[error("the backend turned the request away without processing it, twice ({1}); the {0} request went once more and was turned away again: is the backend shutting down, or over its limit of concurrent streams?")]
+    TurnedAwayAgain(http::Method, h2::Error),
+}
+
+impl BackendError {
+    /// What the HTTP/1.1 pool's error means for the request.
+    fn from_pool(error: pool::Error<ConnectError>) -> Self {
+        match error {
+            pool::Error::Dial(error) => BackendError::Connect(Arc::new(error)),
+            pool::Error::Handshake(error) | pool::Error::Request(error) => {
+                BackendError::Request(error)
+            }
+        }
+    }
+
+    /// What the h2c connection's error means for a `method` request.
+    fn from_h2c(error: shared::Error<ConnectError, ()>, method: http::Method) -> Self {
+        match error {
+            shared::Error::Dial(error) => BackendError::Connect(error),
+            shared::Error::Handshake(error) | shared::Error::Stream { source: error, .. } => {
+                BackendError::H2(error)
+            }
+            shared::Error::TurnedAway {
+                source,
+                replayed: false,
+                ..
+            } => BackendError::TurnedAway(method, source),
+            shared::Error::TurnedAway {
+                source,
+                replayed: true,
+                ..
+            } => BackendError::TurnedAwayAgain(method, source),
+        }
+    }
+}
 
 /// The `:authority` the client sidecar puts on HTTP/2 requests (its pool key, not a host).
 const MESH_POOL_AUTHORITY: &str = "phoenix-mesh";
@@ -79,7 +134,7 @@ const BACKEND_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// The client to Traefik: pooled HTTP/1.1 connections, and with `backend_http2` one shared h2c
 /// connection that every request but upgrades takes.
 pub(crate) struct Backend {
-    pool: Arc<BackendPool>,
+    pool: Arc<Pool<TcpDial>>,
     h2c: Option<Arc<H2cBackend>>,
     addr: SocketAddr,
     /// The backend's address as a Host value, for requests that arrive without one.
@@ -94,8 +149,18 @@ impl Backend {
         response_timeout: Duration,
         http2: bool,
     ) -> Self {
-        let pool = BackendPool::new(addr, connect_timeout, BACKEND_IDLE_TIMEOUT);
-        let h2c = http2.then(|| H2cBackend::new(addr, connect_timeout, BACKEND_IDLE_TIMEOUT));
+        let dial = TcpDial {
+            addr,
+            connect_timeout,
+            protocol: Protocol::Http1,
+        };
+        let h2c = http2.then(|| h2c_backend(dial.clone(), BACKEND_IDLE_TIMEOUT));
+        let pool = Pool::new(
+            dial,
+            phoenix_mesh_transport::dial::NeverRetire,
+            BACKEND_IDLE_TIMEOUT,
+            "the backend",
+        );
         let authority = Authority::try_from(addr.to_string())
             .unwrap_or_else(|_| Authority::from_static("127.0.0.1"));
         Backend {
@@ -170,7 +235,15 @@ impl Backend {
                 parts.version = Version::HTTP_2;
                 let request = Request::from_parts(parts, Either::Left(body));
                 let sent = tokio::time::timeout(self.response_timeout, h2c.send(request)).await;
-                (true, sent.map(|r| r.map(|r| r.map(Either::Right))))
+                let sent = sent.map(|sent| match sent {
+                    Ok(Sent::Response(response)) => Ok(response.map(Either::Right)),
+                    // The TCP dialer speaks h2c with prior knowledge: never handed back.
+                    Ok(Sent::NotHttp2(_)) => {
+                        Err(BackendError::H2(h2::Reason::HTTP_1_1_REQUIRED.into()))
+                    }
+                    Err(error) => Err(BackendError::from_h2c(error, method.clone())),
+                });
+                (true, sent)
             }
             None => {
                 // Origin form, as HTTP/1.1 sends it to an origin server (RFC 9112 section 3.2.1).
@@ -181,7 +254,10 @@ impl Backend {
                     tokio::time::timeout(self.response_timeout, self.pool.send(request)).await;
                 (
                     false,
-                    sent.map(|r| r.map(|r| r.map(|b| Either::Left(Either::Left(b))))),
+                    sent.map(|r| {
+                        r.map(|r| r.map(|b| Either::Left(Either::Left(b))))
+                            .map_err(BackendError::from_pool)
+                    }),
                 )
             }
         };

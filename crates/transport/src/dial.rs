@@ -46,6 +46,25 @@ pub trait Dial: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Connected<Self::Io, Self::Meta>, Self::Error>> + Send;
 }
 
+/// The owner's rule for when a connection must take no new requests, judged from what it was opened
+/// with. A pool asks it each time it would hand a connection to a request (it is on the hot path: keep
+/// it to a clock read and an atomic load); a connection it retires finishes the requests it carries.
+/// It may log its verdict: it is asked once per connection it retires.
+pub trait Retire<M>: Send + Sync + 'static {
+    /// Whether a connection opened with `meta` must take no new requests.
+    fn retire(&self, meta: &M) -> bool;
+}
+
+/// Connections are never retired for what they were opened with (only idle or closed ones go).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NeverRetire;
+
+impl<M> Retire<M> for NeverRetire {
+    fn retire(&self, _meta: &M) -> bool {
+        false
+    }
+}
+
 /// Plain TCP to one address within a connect timeout, Nagle off: the listener's hop to its backend.
 #[derive(Debug, Clone)]
 pub struct TcpDial {

@@ -1,4 +1,6 @@
-//! HTTP/1.1 keep-alive connections that cost almost nothing while idle.
+//! A *parked* connection is an HTTP/1.1 keep-alive connection served here that holds no HTTP state
+//! while idle: between requests hyper's connection is ended and only the byte stream is kept, until
+//! the peer sends again and a fresh hyper connection takes over.
 //!
 //! hyper's HTTP/1 server keeps an 8-16 KiB read buffer and an 8 KiB write buffer for every connection
 //! for as long as it lives, idle or not, and its connection future is several KiB more. A listener with
@@ -24,7 +26,7 @@ use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -33,6 +35,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::server::conn::http1;
 use hyper::service::Service;
 use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::debug;
@@ -117,6 +120,7 @@ where
             unflushed: false,
             delivered: false,
             parked: false,
+            read_waiting: false,
         };
         let service = Tracked {
             inner: service.clone(),
@@ -130,7 +134,7 @@ where
         );
         drive(conn.as_mut(), |c| c.graceful_shutdown(), &mut shutdown).await?;
         drop(conn); // hands the stream back, if hyper finished because we parked it
-        io = returned.lock().unwrap_or_else(|e| e.into_inner()).take();
+        io = returned.lock().take();
         parked = true;
     }
 }
@@ -152,6 +156,8 @@ struct ParkIo<I> {
     delivered: bool,
     /// The end of the stream shown to hyper was ours, not the peer's.
     parked: bool,
+    /// hyper's last read found nothing to read while the connection was busy.
+    read_waiting: bool,
 }
 
 impl<I> ParkIo<I> {
@@ -178,7 +184,7 @@ impl<I> Drop for ParkIo<I> {
     fn drop(&mut self) {
         if self.parked {
             if let Some(io) = self.io.take() {
-                *self.returned.lock().unwrap_or_else(|e| e.into_inner()) = Some(io);
+                *self.returned.lock() = Some(io);
             }
         }
     }
@@ -200,6 +206,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for ParkIo<I> {
         };
         match read {
             Poll::Ready(Ok(())) => {
+                self.read_waiting = false;
                 if buf.filled().len() > before {
                     self.delivered = true;
                 }
@@ -208,6 +215,10 @@ impl<I: AsyncRead + Unpin> AsyncRead for ParkIo<I> {
             Poll::Pending if self.idle() => {
                 self.parked = true;
                 Poll::Ready(Ok(()))
+            }
+            Poll::Pending => {
+                self.read_waiting = true;
+                Poll::Pending
             }
             other => other,
         }
@@ -249,9 +260,19 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for ParkIo<I> {
             Err(e) => return Poll::Ready(Err(e)),
         };
         if let Poll::Ready(Ok(())) = flushed {
-            self.unflushed = false;
-            if self.activity.in_flight.load(Ordering::Acquire) == 0 {
+            // Only a flush of something written (a response) ends what was delivered: hyper also
+            // flushes with nothing to write, and a request head it has only part of is not over.
+            let wrote = std::mem::take(&mut self.unflushed);
+            if wrote && self.activity.in_flight.load(Ordering::Acquire) == 0 {
                 self.delivered = false;
+            }
+            // hyper read ahead while the request was in flight, found nothing and now waits for the
+            // socket, which stays quiet until the peer's next request: nothing would ask for the
+            // read that parks the connection. hyper polls reads and writes from one task, so waking
+            // it here has it read again, and that read parks.
+            if wrote && self.read_waiting && self.idle() {
+                self.read_waiting = false;
+                cx.waker().wake_by_ref();
             }
         }
         flushed
@@ -340,5 +361,144 @@ impl<B: Body + Unpin> Body for TrackedBody<B> {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::convert::Infallible;
+    use std::future::{ready, Ready};
+
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::serve::Shutdown;
+
+    /// Answers "ok" to everything; counts its clones, one per hyper connection the stream is served
+    /// by (a parked connection that resumes is served by a new one).
+    struct Counting(Arc<AtomicUsize>);
+
+    impl Clone for Counting {
+        fn clone(&self) -> Self {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Counting(self.0.clone())
+        }
+    }
+
+    impl Service<Request<Incoming>> for Counting {
+        type Response = Response<Full<Bytes>>;
+        type Error = Infallible;
+        type Future = Ready<Result<Response<Full<Bytes>>, Infallible>>;
+
+        fn call(&self, _req: Request<Incoming>) -> Self::Future {
+            ready(Ok(Response::new(Full::new(Bytes::from_static(b"ok")))))
+        }
+    }
+
+    /// A connected client, the count of hyper connections that served it, and the shutdown signal
+    /// of the one connection it talks to.
+    async fn serve_one(idle_timeout: Duration) -> (TcpStream, Arc<AtomicUsize>, Shutdown) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let served = Arc::new(AtomicUsize::new(0));
+        let (shutdown, watch) = Shutdown::new();
+        let service = Counting(served.clone());
+        tokio::spawn(async move {
+            let builder = http1::Builder::new();
+            serve_http1_parking(&builder, server, service, idle_timeout, watch)
+                .await
+                .unwrap();
+        });
+        (client, served, shutdown)
+    }
+
+    /// Reads one "ok" response off `client`.
+    async fn read_response(client: &mut TcpStream) -> String {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.ends_with(b"\r\n\r\nok") {
+            let n = client.read(&mut buf).await.unwrap();
+            assert!(
+                n > 0,
+                "closed mid-response: {:?}",
+                String::from_utf8_lossy(&got)
+            );
+            got.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8(got).unwrap()
+    }
+
+    const GET: &[u8] = b"GET / HTTP/1.1\r\nhost: svc\r\n\r\n";
+
+    /// Waits until the connection has been handed back to parking (no hyper connection serves it).
+    async fn until_parked() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    #[tokio::test]
+    async fn a_keep_alive_connection_parks_between_requests_and_resumes() {
+        let (mut client, served, _shutdown) = serve_one(Duration::from_secs(60)).await;
+        for round in 1..=3 {
+            client.write_all(GET).await.unwrap();
+            let response = read_response(&mut client).await;
+            assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+            until_parked().await;
+            assert_eq!(
+                served.load(Ordering::SeqCst),
+                round,
+                "parked and resumed once per request"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_head_split_over_segments_is_not_cut() {
+        let (mut client, served, _shutdown) = serve_one(Duration::from_secs(60)).await;
+        let (first, rest) = GET.split_at(20);
+        client.write_all(first).await.unwrap();
+        until_parked().await;
+        client.write_all(rest).await.unwrap();
+        let response = read_response(&mut client).await;
+        assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+        assert_eq!(served.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_parked_connection_closes_after_the_idle_timeout() {
+        let idle = Duration::from_secs(60);
+        let (mut client, _served, _shutdown) = serve_one(idle).await;
+        client.write_all(GET).await.unwrap();
+        read_response(&mut client).await;
+        let parked_at = tokio::time::Instant::now();
+        let mut buf = [0u8; 16];
+        assert_eq!(
+            client.read(&mut buf).await.unwrap(),
+            0,
+            "expected the close"
+        );
+        assert!(
+            parked_at.elapsed() >= idle,
+            "closed after {:?}",
+            parked_at.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn shutdown_closes_a_parked_connection_at_once() {
+        let (mut client, _served, shutdown) = serve_one(Duration::from_secs(60)).await;
+        client.write_all(GET).await.unwrap();
+        read_response(&mut client).await;
+        until_parked().await;
+        shutdown.begin();
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf)).await;
+        assert_eq!(read.unwrap().unwrap(), 0, "expected the close");
     }
 }

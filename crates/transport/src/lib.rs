@@ -6,14 +6,20 @@
 //!
 //! Crate map:
 //! - `body.rs`: the body types that cross a sidecar.
-//! - `serve.rs`: the accept loop, shutdown and draining, HTTP server builders and the preface deadline.
-//! - `http1_idle.rs`: HTTP/1.1 server connections that hold no HTTP state while idle.
+//! - `serve.rs`: serving accepted connections, re-exporting its parts:
+//!   - `serve/accept.rs`: the accept loop and its connection slots (`max_connections`).
+//!   - `serve/shutdown.rs`: the shutdown signal, draining, and driving a connection to a graceful end.
+//!   - `serve/http_server.rs`: HTTP/1.1 and HTTP/2 server builders with the sidecars' limits, and `serve_http`.
+//!   - `serve/preface_deadline.rs`: the deadline for a new connection to show its HTTP version.
+//! - `http1_idle.rs`: parked connections: HTTP/1.1 server connections that hold no HTTP state while idle.
 //! - `coalescing_socket.rs`: the accepted TCP socket that sniffs for TLS and sends the session ticket with the first answer.
-//! - `dial.rs`: what opens a connection (the `Dial` trait) and the plain TCP dialer.
+//! - `dial.rs`: what opens a connection (the `Dial` trait), the owner's retirement rule (`Retire`), the plain TCP dialer.
+//! - `pool.rs`: the HTTP/1.1 client pool and its reuse rules.
+//! - `h2.rs`: HTTP/2 driven with the `h2` crate, protocol apart from policy:
+//!   - `h2/client.rs`: opening a request's stream, its response body, piping its request body.
+//!   - `h2/shared.rs`: the one shared HTTP/2 connection to a peer and its dial, reuse and replay rules.
 //! - `balance.rs`: round-robin over several upstreams, ejecting the ones that keep failing.
 //! - `tls_verdict.rs`: a TLS server's verdict on our client certificate (its first flight, or a later alert).
-//! - `pool.rs`: the HTTP/1.1 client pool.
-//! - `h2/client.rs`: opening HTTP/2 streams and reading their bodies.
 //! - `sweep.rs`: the periodic idle sweep of a pool.
 //! - `tunnel.rs`: joining the two halves of an upgraded connection.
 

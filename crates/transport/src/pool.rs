@@ -1,139 +1,144 @@
-//! Keep-alive HTTP/1.1 connections to the backend (Traefik), reused for request after request.
+//! An *HTTP/1.1 pool* keeps the keep-alive connections to one peer and hands each request one that
+//! is free: the listener's hop to Traefik, and the client sidecar's mesh connections when HTTP/2 is
+//! off or declined (and, never keeping any, its connections for requests that upgrade).
 //!
-//! In place of hyper-util's legacy client, which per request checks a connection out of a keyed pool,
-//! moves several large futures around and spawns a task that waits for the connection to become
-//! reusable before putting it back. Here a connection goes back into the list as soon as its request
-//! is sent; a checkout takes the most recently used one whose previous exchange has finished
-//! (`SendRequest::is_ready`, an atomic load), so there is nothing to wait for and nothing to spawn.
-//! Connections idle for longer than `idle_timeout` are closed, and a request that a pooled connection
-//! turned down before sending any of it (the backend closed it meanwhile) is sent on another one.
+//! The rules:
+//! - NEVER reuse a connection whose previous exchange has not finished (`SendRequest::is_ready`, an
+//!   atomic load); a connection goes back into the list as soon as its request is sent, busy, so
+//!   there is nothing to wait for and nothing to spawn.
+//! - ALWAYS take the most recently used free connection, so the others go idle and are closed.
+//! - ALWAYS drop a closed connection when met, and one free and unused for longer than the idle
+//!   timeout (a periodic sweep does the same without traffic); NEVER cut a busy one off.
+//! - NEVER hand out a connection the owner's rule retires ([`Retire`], asked when the connection
+//!   would be handed out); the requests it carries finish on it.
+//! - NEVER keep an upgraded connection (`101 Switching Protocols`): it belongs to the tunnel.
+//! - ALWAYS send a request a pooled connection turned down before sending any of it (the peer closed
+//!   it as we picked it) on another one; a request that failed on a fresh connection is an error.
+//! - ALWAYS speak HTTP/1.1: the dialer must make HTTP/1.1 connections (the client's offers only
+//!   `http/1.1` through ALPN for this pool).
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
-use crate::body::ProxyBody;
-use crate::sweep::sweep_idle;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use parking_lot::Mutex;
 use tokio::time::Instant;
 use tracing::debug;
 
-/// Why the backend did not answer.
+use crate::body::ProxyBody;
+use crate::dial::{Dial, NeverRetire, Retire};
+use crate::sweep::sweep_idle;
+
+/// Why a request through the pool found no answer.
 #[derive(Debug, thiserror::Error)]
-pub enum BackendError {
-    /// No connection could be opened (refused, unreachable, timed out).
+pub enum Error<E: std::error::Error + 'static> {
+    /// No connection could be opened.
     #[error("{0}")]
-    Connect(std::io::Error),
+    Dial(#[source] E),
+    /// The HTTP/1.1 handshake on a fresh connection failed.
+    #[error("{0}")]
+    Handshake(#[source] hyper::Error),
     /// The connection failed while the request was sent or the response read.
     #[error("{0}")]
-    Request(#[from] hyper::Error),
-    /// The h2c connection failed, or the backend reset the request's stream.
-    #[error("{0}")]
-    H2(#[from] h2::Error),
-    /// The backend turned the request away unprocessed (h2c), and it is not one to send twice.
-    #[error("the backend turned the request away without processing it ({1}: its GOAWAY crossed the request, or it refused the stream); a {0} request is not sent again, only idempotent ones without a body are")]
-    TurnedAway(http::Method, h2::Error),
-    /// The backend turned an idempotent request away unprocessed, and again when it went once more.
-    #[error("the backend turned the request away without processing it, twice ({1}); the {0} request went once more and was turned away again: is the backend shutting down, or over its limit of concurrent streams?")]
-    TurnedAwayAgain(http::Method, h2::Error),
+    Request(#[source] hyper::Error),
 }
 
-/// A TCP connection to the backend within `connect_timeout`, with Nagle off.
-pub async fn connect_tcp(
-    addr: SocketAddr,
-    connect_timeout: Duration,
-) -> Result<TcpStream, BackendError> {
-    let stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(error)) => return Err(BackendError::Connect(error)),
-        Err(_) => {
-            return Err(BackendError::Connect(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("no TCP connection within {connect_timeout:?} (backend_connect_timeout)"),
-            )))
-        }
-    };
-    let _ = stream.set_nodelay(true);
-    Ok(stream)
-}
-
-/// One backend's connections.
-pub struct BackendPool {
-    addr: SocketAddr,
-    connect_timeout: Duration,
+/// The keep-alive HTTP/1.1 connections to one peer (see the module doc for the rules).
+pub struct Pool<D: Dial, R = NeverRetire> {
+    dialer: D,
+    retire: R,
     idle_timeout: Duration,
-    /// Least recently used first. Busy connections stay in the list (they become ready when their
+    /// False: every connection serves one request (requests that upgrade).
+    keep: bool,
+    /// Names the peer in logs.
+    peer: &'static str,
+    /// Least recently used first. Busy connections stay in the list (they become free when their
     /// exchange ends); closed ones are dropped when met.
-    conns: Mutex<VecDeque<Pooled>>,
+    conns: Mutex<VecDeque<Pooled<D::Meta>>>,
 }
 
-struct Pooled {
+struct Pooled<M> {
     sender: http1::SendRequest<ProxyBody>,
+    meta: M,
     /// When its last request was sent.
     last_used: Instant,
 }
 
-impl Pooled {
+impl<M> Pooled<M> {
     /// Closed, or free and unused for longer than `idle_timeout` (a busy one is never cut off).
     fn spent(&self, now: Instant, idle_timeout: Duration) -> bool {
         self.sender.is_closed() || (self.sender.is_ready() && now - self.last_used > idle_timeout)
     }
 }
 
-impl BackendPool {
-    /// A pool for `addr`; a task closes connections idle past `idle_timeout` until the pool is dropped.
-    pub fn new(addr: SocketAddr, connect_timeout: Duration, idle_timeout: Duration) -> Arc<Self> {
-        let pool = Arc::new(BackendPool {
-            addr,
-            connect_timeout,
+impl<D: Dial, R: Retire<D::Meta>> Pool<D, R> {
+    /// A pool through `dialer`; a task closes connections idle past `idle_timeout` until the pool is
+    /// dropped.
+    pub fn new(dialer: D, retire: R, idle_timeout: Duration, peer: &'static str) -> Arc<Self> {
+        let pool = Arc::new(Pool {
+            dialer,
+            retire,
             idle_timeout,
+            keep: true,
+            peer,
             conns: Mutex::new(VecDeque::new()),
         });
-        sweep_idle(&pool, idle_timeout, BackendPool::purge);
+        sweep_idle(&pool, idle_timeout, Self::purge);
         pool
     }
 
-    /// Sends `req` on a reused connection when one is free, else on a new one.
+    /// A pool that keeps no connection: each request gets a new one, which closes after it.
+    pub fn unpooled(dialer: D, retire: R, peer: &'static str) -> Self {
+        Pool {
+            dialer,
+            retire,
+            idle_timeout: Duration::ZERO,
+            keep: false,
+            peer,
+            conns: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// Sends `req` (origin form, Host set) on a free connection when there is one, else on a new one.
     pub async fn send(
         &self,
         mut req: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, BackendError> {
-        while let Some(mut sender) = self.checkout() {
+    ) -> Result<Response<Incoming>, Error<D::Error>> {
+        while let Some((mut sender, meta)) = self.checkout() {
             match sender.try_send_request(req).await {
                 Ok(response) => {
-                    self.put_back(sender, response.status());
+                    self.put_back(sender, meta, response.status());
                     return Ok(response);
                 }
                 Err(mut error) => match error.take_message() {
-                    // Not sent at all: the backend closed this connection as we picked it.
                     Some(unsent) => {
-                        debug!(backend = %self.addr, error = %error.error(), "pooled connection closed; trying another");
+                        debug!(peer = self.peer, error = %error.error(), "pooled connection closed; trying another");
                         req = unsent;
                     }
-                    None => return Err(error.into_error().into()),
+                    None => return Err(Error::Request(error.into_error())),
                 },
             }
         }
         // Boxed: connecting is rare and its future large; every request's future would otherwise
         // carry room for it, copied on each move.
-        let mut sender = Box::pin(self.connect()).await?;
+        let (mut sender, meta) = Box::pin(self.connect()).await?;
         match sender.try_send_request(req).await {
             Ok(response) => {
-                self.put_back(sender, response.status());
+                self.put_back(sender, meta, response.status());
                 Ok(response)
             }
-            Err(error) => Err(error.into_error().into()),
+            Err(error) => Err(Error::Request(error.into_error())),
         }
     }
 
-    /// The most recently used connection that is free, dropping closed and long-idle ones met on the way.
-    fn checkout(&self) -> Option<http1::SendRequest<ProxyBody>> {
-        let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
+    /// The most recently used free connection, dropping closed, long-idle and retired ones met on
+    /// the way.
+    fn checkout(&self) -> Option<(http1::SendRequest<ProxyBody>, D::Meta)> {
+        let mut conns = self.conns.lock();
         let now = Instant::now();
         let mut i = conns.len();
         while i > 0 {
@@ -142,69 +147,79 @@ impl BackendPool {
             if conn.spent(now, self.idle_timeout) {
                 conns.remove(i);
             } else if conn.sender.is_ready() {
-                return conns.remove(i).map(|c| c.sender);
+                let conn = conns.remove(i)?;
+                if !self.retire.retire(&conn.meta) {
+                    return Some((conn.sender, conn.meta));
+                }
             }
         }
         None
     }
 
-    /// Back into the list right after sending, still busy with this exchange; an upgraded connection
-    /// belongs to the tunnel now.
-    fn put_back(&self, sender: http1::SendRequest<ProxyBody>, status: StatusCode) {
-        if status == StatusCode::SWITCHING_PROTOCOLS || sender.is_closed() {
+    /// Back into the list right after sending, still busy with this exchange.
+    fn put_back(&self, sender: http1::SendRequest<ProxyBody>, meta: D::Meta, status: StatusCode) {
+        if !self.keep || status == StatusCode::SWITCHING_PROTOCOLS || sender.is_closed() {
             return;
         }
-        let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
-        conns.push_back(Pooled {
+        self.conns.lock().push_back(Pooled {
             sender,
+            meta,
             last_used: Instant::now(),
         });
     }
 
-    async fn connect(&self) -> Result<http1::SendRequest<ProxyBody>, BackendError> {
-        let stream = connect_tcp(self.addr, self.connect_timeout).await?;
-        let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
-        let addr = self.addr;
+    async fn connect(&self) -> Result<(http1::SendRequest<ProxyBody>, D::Meta), Error<D::Error>> {
+        let connected = self.dialer.dial().await.map_err(Error::Dial)?;
+        let (sender, conn) = http1::handshake(TokioIo::new(connected.io))
+            .await
+            .map_err(Error::Handshake)?;
+        let peer = self.peer;
         tokio::spawn(async move {
             if let Err(error) = conn.with_upgrades().await {
-                debug!(backend = %addr, %error, "backend connection ended with an error");
+                debug!(peer, %error, "HTTP/1.1 connection ended with an error");
             }
         });
-        Ok(sender)
+        Ok((sender, connected.meta))
     }
 
     /// Closes connections that have been idle for longer than the idle timeout.
     fn purge(&self) {
         let now = Instant::now();
-        let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
-        conns.retain(|c| !c.spent(now, self.idle_timeout));
-    }
-
-    /// Connections in the list (busy or free), for tests.
-    #[cfg(test)]
-    fn len(&self) -> usize {
         self.conns
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
+            .retain(|c| !c.spent(now, self.idle_timeout));
+    }
+
+    /// Connections in the list (busy or free).
+    pub fn len(&self) -> usize {
+        self.conns.lock().len()
+    }
+
+    /// Whether the list is empty.
+    pub fn is_empty(&self) -> bool {
+        self.conns.lock().is_empty()
     }
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use std::net::SocketAddr;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use bytes::Bytes;
+    use http::header::{CONNECTION, UPGRADE};
     use http_body_util::{BodyExt, Either, Full};
     use hyper::service::service_fn;
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
 
     use super::*;
+    use crate::dial::{ConnectError, Connected, Protocol, TcpDial};
 
-    /// A loopback HTTP/1.1 backend answering "ok", counting the connections it accepts; with
-    /// `keep_alive` false it closes each connection after one response.
-    async fn backend(keep_alive: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+    /// A loopback HTTP/1.1 peer answering "ok" (or `101` to a request that asks to upgrade),
+    /// counting the connections it accepts; with `keep_alive` false it closes each connection after
+    /// one response.
+    async fn peer(keep_alive: bool) -> (SocketAddr, Arc<AtomicUsize>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -218,54 +233,64 @@ mod tests {
                         .keep_alive(keep_alive)
                         .serve_connection(
                             TokioIo::new(stream),
-                            service_fn(|_req| async {
-                                Ok::<_, std::convert::Infallible>(Response::new(Full::new(
-                                    Bytes::from_static(b"ok"),
-                                )))
+                            service_fn(|req: Request<Incoming>| async move {
+                                let mut response =
+                                    Response::new(Full::new(Bytes::from_static(b"ok")));
+                                if req.headers().contains_key(UPGRADE) {
+                                    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                                    let headers = response.headers_mut();
+                                    headers.insert(CONNECTION, "upgrade".parse().unwrap());
+                                    headers.insert(UPGRADE, "test".parse().unwrap());
+                                }
+                                Ok::<_, std::convert::Infallible>(response)
                             }),
-                        ),
+                        )
+                        .with_upgrades(),
                 );
             }
         });
         (addr, accepted)
     }
 
-    /// A pool (connect timeout 5 s) to a fresh [`backend`], and the backend's connection count.
-    async fn pool_to_backend(
+    fn tcp(addr: SocketAddr) -> TcpDial {
+        TcpDial {
+            addr,
+            connect_timeout: Duration::from_secs(5),
+            protocol: Protocol::Http1,
+        }
+    }
+
+    /// A pool to a fresh [`peer`], and the peer's connection count.
+    async fn pool_to_peer(
         keep_alive: bool,
         idle: Duration,
-    ) -> (Arc<BackendPool>, Arc<AtomicUsize>) {
-        let (addr, accepted) = backend(keep_alive).await;
+    ) -> (Arc<Pool<TcpDial>>, Arc<AtomicUsize>) {
+        let (addr, accepted) = peer(keep_alive).await;
         (
-            BackendPool::new(addr, Duration::from_secs(5), idle),
+            Pool::new(tcp(addr), NeverRetire, idle, "the test peer"),
             accepted,
         )
     }
 
-    async fn get(pool: &BackendPool) -> String {
-        let req = Request::get("/")
+    fn get() -> Request<ProxyBody> {
+        Request::get("/")
             .header("host", "svc")
             .body(Either::Right(Full::new(Bytes::new())))
-            .unwrap();
-        let response = pool.send(req).await.unwrap();
+            .unwrap()
+    }
+
+    async fn exchange<D: Dial, R: Retire<D::Meta>>(pool: &Pool<D, R>) -> String {
+        let response = pool.send(get()).await.unwrap();
         assert_eq!(response.status(), StatusCode::OK);
-        String::from_utf8(
-            response
-                .into_body()
-                .collect()
-                .await
-                .unwrap()
-                .to_bytes()
-                .to_vec(),
-        )
-        .unwrap()
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(body.to_vec()).unwrap()
     }
 
     #[tokio::test]
     async fn sequential_requests_share_one_connection() {
-        let (pool, accepted) = pool_to_backend(true, Duration::from_secs(60)).await;
+        let (pool, accepted) = pool_to_peer(true, Duration::from_secs(60)).await;
         for _ in 0..10 {
-            assert_eq!(get(&pool).await, "ok");
+            assert_eq!(exchange(&pool).await, "ok");
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
         assert_eq!(pool.len(), 1);
@@ -273,10 +298,15 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_requests_get_their_own_connections_then_reuse_them() {
-        let (pool, accepted) = pool_to_backend(true, Duration::from_secs(60)).await;
+        let (pool, accepted) = pool_to_peer(true, Duration::from_secs(60)).await;
         for _ in 0..3 {
-            let replies = four_at_once(&pool).await;
-            assert!(replies.iter().all(|r| r == "ok"), "{replies:?}");
+            let (a, b, c, d) = tokio::join!(
+                exchange(&pool),
+                exchange(&pool),
+                exchange(&pool),
+                exchange(&pool)
+            );
+            assert!([a, b, c, d].iter().all(|r| r == "ok"));
         }
         let opened = accepted.load(Ordering::SeqCst);
         assert!(
@@ -285,48 +315,127 @@ mod tests {
         );
     }
 
-    async fn four_at_once(pool: &BackendPool) -> [String; 4] {
-        let (a, b, c, d) = tokio::join!(get(pool), get(pool), get(pool), get(pool));
-        [a, b, c, d]
-    }
-
     #[tokio::test]
-    async fn a_connection_the_backend_closed_is_not_used_again() {
-        let (pool, accepted) = pool_to_backend(false, Duration::from_secs(60)).await;
+    async fn a_connection_the_peer_closed_is_not_used_again() {
+        let (pool, accepted) = pool_to_peer(false, Duration::from_secs(60)).await;
         for _ in 0..3 {
-            assert_eq!(get(&pool).await, "ok");
+            assert_eq!(exchange(&pool).await, "ok");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
     }
 
-    #[tokio::test]
-    async fn connections_idle_past_the_timeout_are_closed() {
-        let (pool, accepted) = pool_to_backend(true, Duration::from_millis(100)).await;
-        assert_eq!(get(&pool).await, "ok");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        assert_eq!(get(&pool).await, "ok");
-        assert_eq!(
-            accepted.load(Ordering::SeqCst),
-            2,
-            "an idle connection was reused past the timeout"
-        );
-        // And without traffic, the reaper closes them.
-        tokio::time::sleep(Duration::from_millis(1300)).await;
-        assert_eq!(pool.len(), 0);
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_idle_past_the_timeout_is_not_reused_and_is_swept() {
+        let idle = Duration::from_secs(10);
+        let (pool, accepted) = pool_to_peer(true, idle).await;
+        assert_eq!(exchange(&pool).await, "ok");
+        // Used again within the timeout: the same connection.
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        assert_eq!(exchange(&pool).await, "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        // Without traffic, the sweep (every half timeout) closes it within one and a half.
+        tokio::time::sleep(idle * 3 / 2 + Duration::from_millis(1)).await;
+        assert_eq!(pool.len(), 0, "an idle connection was kept");
+        assert_eq!(exchange(&pool).await, "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
-    async fn a_refused_connection_is_a_connect_error() {
+    async fn a_refused_connection_is_a_dial_error() {
         let addr = {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             listener.local_addr().unwrap()
         };
-        let pool = BackendPool::new(addr, Duration::from_secs(5), Duration::from_secs(60));
-        let req = Request::get("/")
+        let pool = Pool::new(
+            tcp(addr),
+            NeverRetire,
+            Duration::from_secs(60),
+            "the test peer",
+        );
+        let error = pool.send(get()).await.unwrap_err();
+        assert!(
+            matches!(error, Error::Dial(ConnectError { .. })),
+            "{error:?}"
+        );
+    }
+
+    /// TCP to a peer, numbering the connections from 1 (the meta).
+    struct Numbered(TcpDial, AtomicUsize);
+
+    impl Dial for Numbered {
+        type Io = TcpStream;
+        type Meta = usize;
+        type Error = ConnectError;
+
+        async fn dial(&self) -> Result<Connected<TcpStream, usize>, ConnectError> {
+            let connected = self.0.dial().await?;
+            Ok(Connected {
+                io: connected.io,
+                meta: self.1.fetch_add(1, Ordering::SeqCst) + 1,
+                protocol: connected.protocol,
+            })
+        }
+    }
+
+    /// Retires connection 1 and counts what it was asked.
+    struct RetireFirst(AtomicUsize);
+
+    impl Retire<usize> for RetireFirst {
+        fn retire(&self, meta: &usize) -> bool {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            *meta == 1
+        }
+    }
+
+    #[tokio::test]
+    async fn a_retired_connection_is_not_handed_out_again() {
+        let (addr, accepted) = peer(true).await;
+        let pool = Pool::new(
+            Numbered(tcp(addr), AtomicUsize::new(0)),
+            RetireFirst(AtomicUsize::new(0)),
+            Duration::from_secs(60),
+            "the test peer",
+        );
+        for _ in 0..3 {
+            assert_eq!(exchange(&pool).await, "ok");
+            // The exchange is over once hyper has read the end of the response.
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(pool.len(), 1);
+        // Asked at the second and third checkouts only: a fresh connection is not judged.
+        assert_eq!(pool.retire.0.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn an_unpooled_pool_keeps_no_connection() {
+        let (addr, accepted) = peer(true).await;
+        let pool = Pool::unpooled(tcp(addr), NeverRetire, "the test peer");
+        for _ in 0..3 {
+            assert_eq!(exchange(&pool).await, "ok");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+        assert_eq!(pool.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_upgraded_connection_is_not_kept() {
+        let (pool, accepted) = pool_to_peer(true, Duration::from_secs(60)).await;
+        let upgrade = Request::get("/")
+            .header("host", "svc")
+            .header(CONNECTION, "upgrade")
+            .header(UPGRADE, "test")
             .body(Either::Right(Full::new(Bytes::new())))
             .unwrap();
-        let error = pool.send(req).await.unwrap_err();
-        assert!(matches!(error, BackendError::Connect(_)), "{error:?}");
+        let response = pool.send(upgrade).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+        assert_eq!(
+            pool.len(),
+            0,
+            "an upgraded connection went back into the pool"
+        );
+        assert_eq!(exchange(&pool).await, "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 }

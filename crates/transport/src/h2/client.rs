@@ -238,3 +238,214 @@ async fn pipe_body(
         debug!("request body frame neither data nor trailers; skipped");
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::future::Future;
+    use std::time::Duration;
+
+    use h2::server::SendResponse;
+    use http::HeaderValue;
+    use http_body_util::{BodyExt, Either, Full};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::sync::oneshot;
+
+    use super::*;
+
+    /// A sender on a fresh loopback connection to an `h2`-crate peer that hands each stream to
+    /// `handle`.
+    async fn connect<F, Fut>(handle: F) -> SendRequest<Bytes>
+    where
+        F: Fn(Request<RecvStream>, SendResponse<Bytes>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut conn = h2::server::handshake(tcp).await.unwrap();
+            while let Some(Ok((req, respond))) = conn.accept().await {
+                tokio::spawn(handle(req, respond));
+            }
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (sender, driver) = client_builder().handshake::<_, Bytes>(tcp).await.unwrap();
+        tokio::spawn(driver);
+        sender.ready().await.unwrap()
+    }
+
+    fn request(method: Method, body: &'static [u8]) -> Request<ProxyBody> {
+        Request::builder()
+            .method(method)
+            .uri("http://svc/")
+            .body(Either::Right(Full::new(Bytes::from_static(body))))
+            .unwrap()
+    }
+
+    /// Reads a whole request body, handing the window back as it goes.
+    async fn read_all(mut body: RecvStream) -> Vec<u8> {
+        let mut all = Vec::new();
+        while let Some(data) = body.data().await {
+            let data = data.unwrap();
+            body.flow_control().release_capacity(data.len()).unwrap();
+            all.extend_from_slice(&data);
+        }
+        all
+    }
+
+    #[tokio::test]
+    async fn a_response_body_and_its_trailers_arrive_as_frames() {
+        let sender = connect(|req, mut respond| async move {
+            let echoed = read_all(req.into_body()).await;
+            let mut stream = respond.send_response(Response::new(()), false).unwrap();
+            stream.send_data(Bytes::from(echoed), false).unwrap();
+            let mut trailers = HeaderMap::new();
+            trailers.insert("grpc-status", HeaderValue::from_static("0"));
+            stream.send_trailers(trailers).unwrap();
+        })
+        .await;
+        let response = open_stream(sender, request(Method::POST, b"echo me"), "the peer")
+            .await
+            .unwrap();
+        let collected = response.into_body().collect().await.unwrap();
+        assert_eq!(
+            collected.trailers().and_then(|t| t.get("grpc-status")),
+            Some(&HeaderValue::from_static("0"))
+        );
+        assert_eq!(collected.to_bytes(), Bytes::from_static(b"echo me"));
+    }
+
+    #[tokio::test]
+    async fn a_reset_with_no_error_after_a_complete_response_ends_the_body_cleanly() {
+        // The peer answers without reading the request body, then tells the client to stop
+        // sending it (RFC 9113 section 8.1).
+        let sender = connect(|_req, mut respond| async move {
+            let mut stream = respond.send_response(Response::new(()), false).unwrap();
+            stream
+                .send_data(Bytes::from_static(b"early"), true)
+                .unwrap();
+            // Once the response is out (a reset at once would discard it unsent).
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            respond.send_reset(h2::Reason::NO_ERROR);
+        })
+        .await;
+        let big: &'static [u8] = Box::leak(vec![7u8; 4 * 1024 * 1024].into_boxed_slice());
+        let response = open_stream(sender, request(Method::POST, big), "the peer")
+            .await
+            .unwrap();
+        // The body is read after the reset has arrived.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, Bytes::from_static(b"early"));
+    }
+
+    #[tokio::test]
+    async fn a_request_body_larger_than_the_window_is_streamed_whole() {
+        let sender = connect(|req, mut respond| async move {
+            let got = read_all(req.into_body()).await;
+            let mut stream = respond.send_response(Response::new(()), false).unwrap();
+            let summary = format!("{} {}", got.len(), got.iter().all(|&b| b == 7));
+            stream.send_data(Bytes::from(summary), true).unwrap();
+        })
+        .await;
+        // Larger than the peer's stream and connection windows (64 KiB by default) many times over.
+        let big: &'static [u8] = Box::leak(vec![7u8; 3 * 1024 * 1024].into_boxed_slice());
+        let response = open_stream(sender, request(Method::PUT, big), "the peer")
+            .await
+            .unwrap();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, Bytes::from(format!("{} true", 3 * 1024 * 1024)));
+    }
+
+    #[tokio::test]
+    async fn dropping_the_response_future_cancels_the_stream() {
+        let (reset_tx, reset_rx) = oneshot::channel();
+        let reset_tx = parking_lot::Mutex::new(Some(reset_tx));
+        let (seen_tx, seen_rx) = oneshot::channel();
+        let seen_tx = parking_lot::Mutex::new(Some(seen_tx));
+        let handlers = std::sync::Arc::new((reset_tx, seen_tx));
+        let sender = connect(move |_req, mut respond| {
+            let handlers = handlers.clone();
+            async move {
+                if let Some(seen) = handlers.1.lock().take() {
+                    let _ = seen.send(());
+                }
+                // Never answers; waits for the client to give up.
+                let reason = poll_fn(|cx| respond.poll_reset(cx)).await.unwrap();
+                if let Some(tx) = handlers.0.lock().take() {
+                    let _ = tx.send(reason);
+                }
+            }
+        })
+        .await;
+        let waiting = tokio::spawn(open_stream(
+            sender,
+            request(Method::POST, b"partial"),
+            "the peer",
+        ));
+        seen_rx.await.unwrap();
+        waiting.abort();
+        let reason = tokio::time::timeout(Duration::from_secs(5), reset_rx)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(reason, h2::Reason::CANCEL);
+    }
+
+    #[tokio::test]
+    async fn content_length_is_added_as_hyper_adds_it() {
+        let sender = connect(|req, mut respond| async move {
+            let length = req
+                .headers()
+                .get(CONTENT_LENGTH)
+                .map_or("none".to_owned(), |v| v.to_str().unwrap().to_owned());
+            let mut stream = respond.send_response(Response::new(()), false).unwrap();
+            stream.send_data(Bytes::from(length), true).unwrap();
+        })
+        .await;
+        for (method, body, expected) in [
+            (Method::POST, &b"hello"[..], "5"),
+            (Method::POST, &b""[..], "0"),
+            (Method::PUT, &b""[..], "0"),
+            (Method::GET, &b""[..], "none"),
+            (Method::DELETE, &b""[..], "none"),
+            (Method::GET, &b"odd"[..], "3"),
+        ] {
+            let sender = sender.clone().ready().await.unwrap();
+            let response = open_stream(sender, request(method.clone(), body), "the peer")
+                .await
+                .unwrap();
+            let got = response.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(
+                got,
+                Bytes::from(expected),
+                "{method} with {} bytes",
+                body.len()
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_content_length_the_request_carries_is_kept() {
+        let sender = connect(|req, mut respond| async move {
+            let lengths: Vec<_> = req
+                .headers()
+                .get_all(CONTENT_LENGTH)
+                .iter()
+                .cloned()
+                .collect();
+            let mut stream = respond.send_response(Response::new(()), false).unwrap();
+            stream
+                .send_data(Bytes::from(format!("{lengths:?}")), true)
+                .unwrap();
+        })
+        .await;
+        let mut req = request(Method::POST, b"hello");
+        req.headers_mut()
+            .insert(CONTENT_LENGTH, HeaderValue::from_static("5"));
+        let response = open_stream(sender, req, "the peer").await.unwrap();
+        let got = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(got, Bytes::from_static(b"[\"5\"]"));
+    }
+}
