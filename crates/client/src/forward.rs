@@ -24,7 +24,7 @@ use tracing::info;
 
 use crate::conn_info::ConnInfo;
 use crate::connector::MeshConnector;
-use crate::link::{MeshLink, MeshPolicy};
+use crate::mesh_policy::{MeshLink, MeshPolicy};
 use crate::upstream_error::{client_cert_alert, UpstreamError};
 
 /// The `:authority` of requests on the mesh link: the listener is the connector's choice, not the

@@ -18,7 +18,7 @@
 //! - `conn_info.rs`: what a mesh connection was opened with (`ConnInfo`), and the alert its listener refused us with.
 //! - `retirement.rs`: the rule that retires a stale connection.
 //! - `mesh_stream.rs`: an established connection as the pools hold it; keeps a fatal alert it reads.
-//! - `link.rs`: the shared HTTP/2 connection to a mesh listener.
+//! - `mesh_policy.rs`: the client's rules for its mesh connections (retirement, replay, HTTP/1.1 fallback) and the mesh link type.
 //! - `check.rs`: `phoenix-mesh client --check`: every hop to every upstream, live.
 
 mod check;
@@ -27,8 +27,8 @@ mod conn_info;
 mod connector;
 mod dial_listener;
 mod forward;
-mod link;
 mod listen;
+mod mesh_policy;
 mod mesh_stream;
 mod retirement;
 mod sidecar;
