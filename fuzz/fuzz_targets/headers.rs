@@ -9,17 +9,35 @@ use std::net::IpAddr;
 use arbitrary::Arbitrary;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;
-use phoenix_mesh_common::headers::{append_forwarded_for, remove_hop_by_hop};
+use phoenix_mesh_common::headers::{append_forwarded_for, forwarded_for_value, remove_hop_by_hop};
 
 /// Names the fuzzer can pick by index, so the interesting ones come up often.
 const KNOWN: [&str; 14] = [
-    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
-    "proxy-authenticate", "proxy-authorization", "x-forwarded-for", "host", "x-secret",
-    "content-length", "x-forwarded-client-cert",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "x-forwarded-for",
+    "host",
+    "x-secret",
+    "content-length",
+    "x-forwarded-client-cert",
 ];
 const HOP_BY_HOP: [&str; 9] = [
-    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
-    "proxy-authenticate", "proxy-authorization",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authenticate",
+    "proxy-authorization",
 ];
 
 #[derive(Debug, Arbitrary)]
@@ -64,7 +82,10 @@ fuzz_target!(|input: Input| {
         assert!(!headers.contains_key(h), "{h} survived: {headers:?}");
     }
     for n in &named {
-        assert!(!headers.contains_key(n), "{n} (named by Connection) survived: {original:?}");
+        assert!(
+            !headers.contains_key(n),
+            "{n} (named by Connection) survived: {original:?}"
+        );
     }
     for name in original.keys() {
         if HOP_BY_HOP.contains(&name.as_str()) || named.contains(name) {
@@ -74,14 +95,17 @@ fuzz_target!(|input: Input| {
         let after: Vec<_> = headers.get_all(name).iter().collect();
         assert_eq!(before, after, "end-to-end header {name} changed");
     }
-    assert!(headers.keys().all(|k| original.contains_key(k)), "a header appeared");
+    assert!(
+        headers.keys().all(|k| original.contains_key(k)),
+        "a header appeared"
+    );
 
     let prior: Vec<String> = headers
         .get_all("x-forwarded-for")
         .iter()
         .filter_map(|v| v.to_str().ok().map(str::to_owned))
         .collect();
-    append_forwarded_for(&mut headers, input.peer);
+    append_forwarded_for(&mut headers, &forwarded_for_value(input.peer));
     let xff: Vec<_> = headers.get_all("x-forwarded-for").iter().collect();
     assert_eq!(xff.len(), 1, "{xff:?}");
     let xff = xff[0].to_str().expect("X-Forwarded-For is visible ASCII");
@@ -89,9 +113,17 @@ fuzz_target!(|input: Input| {
     assert!(xff.ends_with(&peer), "{xff:?} does not end with {peer}");
     // Compare as lists: empty elements carry no address, so folding may drop them.
     let list = |s: &str| -> Vec<String> {
-        s.split(',').map(str::trim).filter(|e| !e.is_empty()).map(str::to_owned).collect()
+        s.split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .map(str::to_owned)
+            .collect()
     };
     let mut expected: Vec<String> = prior.iter().flat_map(|p| list(p)).collect();
     expected.push(peer);
-    assert_eq!(list(xff), expected, "prior values lost or reordered in {xff:?}");
+    assert_eq!(
+        list(xff),
+        expected,
+        "prior values lost or reordered in {xff:?}"
+    );
 });

@@ -55,7 +55,9 @@ fuzz_target!(|names: Names| {
         }
     }
     for ip in names.ips.iter().take(2) {
-        params.subject_alt_names.push(SanType::IpAddress((*ip).into()));
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress((*ip).into()));
     }
     let Ok(cert) = params.self_signed(key()) else {
         return;

@@ -4,7 +4,6 @@
 
 use phoenix_mesh_certs::PeerIdentity;
 
-
 fn header_safe(s: &str) -> bool {
     s.bytes().all(|b| (0x20..0x7f).contains(&b))
 }
@@ -28,24 +27,55 @@ pub fn check_identity(id: &PeerIdentity) {
 
     let fields = parse_element(&value).unwrap_or_else(|e| panic!("{e}: {value:?} for {id:?}"));
     let mut fields = fields.into_iter();
-    assert_eq!(fields.next(), Some(("Hash".into(), id.sha256.clone())), "{value:?}");
-    assert_eq!(fields.next(), Some(("Subject".into(), id.subject.clone())), "{value:?}");
+    assert_eq!(
+        fields.next(),
+        Some(("Hash".into(), id.sha256.clone())),
+        "{value:?}"
+    );
+    assert_eq!(
+        fields.next(),
+        Some(("Subject".into(), id.subject.clone())),
+        "{value:?}"
+    );
     let rest: Vec<(String, String)> = fields.collect();
-    let dns: Vec<String> = rest.iter().filter(|(k, _)| k == "DNS").map(|(_, v)| v.clone()).collect();
-    let uris: Vec<String> = rest.iter().filter(|(k, _)| k == "URI").map(|(_, v)| v.clone()).collect();
-    assert_eq!(dns.len() + uris.len(), rest.len(), "unexpected keys in {value:?}");
+    let dns: Vec<String> = rest
+        .iter()
+        .filter(|(k, _)| k == "DNS")
+        .map(|(_, v)| v.clone())
+        .collect();
+    let uris: Vec<String> = rest
+        .iter()
+        .filter(|(k, _)| k == "URI")
+        .map(|(_, v)| v.clone())
+        .collect();
+    assert_eq!(
+        dns.len() + uris.len(),
+        rest.len(),
+        "unexpected keys in {value:?}"
+    );
     assert_eq!(dns, id.dns, "{value:?}");
     assert_eq!(uris, id.uris, "{value:?}");
 
     // allowed_peers: every DNS SAN, URI SAN and the CN match; nothing matches an empty list; a name
     // differing only in case or by a trailing dot does not match (exact comparison by contract).
     assert!(!id.matches_any(&[]));
-    let names: Vec<&String> = id.dns.iter().chain(&id.uris).chain(&id.common_name).collect();
+    let names: Vec<&String> = id
+        .dns
+        .iter()
+        .chain(&id.uris)
+        .chain(&id.common_name)
+        .collect();
     for name in &names {
-        assert!(id.matches_any(&[(*name).clone()]), "{name:?} should match {id:?}");
+        assert!(
+            id.matches_any(&[(*name).clone()]),
+            "{name:?} should match {id:?}"
+        );
         for variant in [name.to_uppercase(), format!("{name}."), format!(" {name}")] {
             if !names.iter().any(|n| **n == variant) {
-                assert!(!id.matches_any(&[variant.clone()]), "{variant:?} matched {id:?}");
+                assert!(
+                    !id.matches_any(&[variant.clone()]),
+                    "{variant:?} matched {id:?}"
+                );
             }
         }
     }
@@ -94,7 +124,9 @@ fn parse_element(s: &str) -> Result<Vec<(String, String)>, String> {
             loop {
                 match chars.next() {
                     Some(';') => break,
-                    Some(c @ (',' | '"' | '=')) => return Err(format!("unquoted {c:?} in a value")),
+                    Some(c @ (',' | '"' | '=')) => {
+                        return Err(format!("unquoted {c:?} in a value"))
+                    }
                     Some(c) => val.push(c),
                     None => {
                         out.push((key, val));
