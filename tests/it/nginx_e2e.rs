@@ -271,7 +271,7 @@ async fn listener_to_an_nginx_h2c_backend() {
     }
 }
 
-/// gRPC the way README describes it: nginx's `grpc_pass` speaks h2c to the client sidecar, the listener
+/// gRPC the way docs/design.md describes it: nginx's `grpc_pass` speaks h2c to the client sidecar, the listener
 /// h2c to the backend (`backend_http2`), and the call's status comes back in trailers through nginx.
 #[tokio::test(flavor = "multi_thread")]
 async fn grpc_through_nginx_grpc_pass_and_an_h2c_backend() {

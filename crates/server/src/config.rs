@@ -12,7 +12,7 @@ use phoenix_mesh_common::settings::{
 use serde::Deserialize;
 
 /// The listener's own keys, as written (the shared ones are in [`SharedSettings`]); every key is
-/// documented in the README.
+/// documented in docs/configuration.md.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerFile {
