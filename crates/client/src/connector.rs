@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use phoenix_mesh_certs::{LiveClientTls, LiveTls};
+use phoenix_mesh_common::log_limit::{Cause, LogLimit, Repeat};
 use phoenix_mesh_common::metrics::{DialResult, Metrics, UpstreamLabels, UpstreamName};
 use phoenix_mesh_transport::balance::Balancer;
 use phoenix_mesh_transport::dial::{Connected, Dial, Protocol};
@@ -30,9 +31,11 @@ pub(crate) struct MeshConnector(Arc<Dialer>, bool);
 
 /// The listeners, their health, and how to dial one.
 struct Dialer {
-    upstreams: Vec<String>,
+    upstreams: Vec<Arc<str>>,
     balancer: Balancer,
     listener: ListenerDial,
+    /// Failed dials, each listener and kind logged once per interval however many requests dial it.
+    log: LogLimit,
 }
 
 impl MeshConnector {
@@ -47,7 +50,7 @@ impl MeshConnector {
         MeshConnector(
             Arc::new(Dialer {
                 balancer: Balancer::new(upstreams.len()),
-                upstreams,
+                upstreams: upstreams.into_iter().map(Arc::from).collect(),
                 listener: ListenerDial::new(
                     server_name,
                     tls,
@@ -55,6 +58,7 @@ impl MeshConnector {
                     handshake_timeout,
                     metrics,
                 ),
+                log: LogLimit::new(),
             }),
             false,
         )
@@ -116,7 +120,14 @@ impl Dialer {
                 Err(error) => {
                     let code = error.kind().code();
                     self.count_dial(upstream, DialResult::Failed(code));
-                    info!(upstream = %upstream, code, %error, "mesh listener connection failed");
+                    let repeat = Repeat {
+                        message: "mesh listener connection failed",
+                        hop: upstream.clone(),
+                        cause: Cause::Code(code),
+                    };
+                    if self.log.admit(&repeat) {
+                        info!(upstream = %upstream, code, %error, "{}", repeat.message);
+                    }
                     self.failed(i);
                     failures.push(error);
                 }

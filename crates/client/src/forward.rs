@@ -13,6 +13,7 @@ use hyper::body::Incoming;
 use phoenix_mesh_common::headers::{
     remove_hop_by_hop, remove_hop_by_hop_request, restore_upgrade, retarget, upgrade_protocol,
 };
+use phoenix_mesh_common::log_limit::{Cause, LogLimit, Repeat};
 use phoenix_mesh_common::metrics::MadeBy;
 use phoenix_mesh_common::{mesh_error, ProxyBody, MESH_ERROR_HEADER};
 use phoenix_mesh_transport::body::ResponseBody;
@@ -46,6 +47,23 @@ enum SendError {
     Pool(#[source] pool::Error<UpstreamError>),
 }
 
+impl SendError {
+    /// The kind of failure, for telling repeated ones apart in the log (never the message, which
+    /// carries the request's details).
+    fn cause_kind(&self) -> Cause {
+        Cause::Code(match self {
+            SendError::Link(shared::Error::Dial(_)) | SendError::Pool(pool::Error::Dial(_)) => {
+                "dial"
+            }
+            SendError::Link(shared::Error::Handshake(_)) => "h2-handshake",
+            SendError::Link(shared::Error::Stream { .. }) => "h2-stream",
+            SendError::Link(shared::Error::TurnedAway { .. }) => "turned-away",
+            SendError::Pool(pool::Error::Handshake(_)) => "http1-handshake",
+            SendError::Pool(pool::Error::Request(_)) => "http1-request",
+        })
+    }
+}
+
 pub(crate) struct Upstream {
     /// The shared HTTP/2 connection plain requests ride (`upstream_http2`, the default).
     h2: Option<Arc<MeshLink>>,
@@ -55,8 +73,10 @@ pub(crate) struct Upstream {
     /// stream, and an upgraded connection never returns to a pool.
     upgrades: Pool<MeshConnector, NeverRetire>,
     /// For messages: the configured listeners.
-    upstreams: String,
+    upstreams: Arc<str>,
     timeout: Duration,
+    /// Failed requests, each kind logged once per interval however many requests it fails.
+    log: LogLimit,
 }
 
 impl Upstream {
@@ -84,9 +104,19 @@ impl Upstream {
             h2,
             pool,
             upgrades,
-            upstreams: upstreams.join(", "),
+            upstreams: upstreams.join(", ").into(),
             timeout,
+            log: LogLimit::new(),
         }
+    }
+
+    /// Whether to log this failure now (see [`LogLimit`]); the metrics count every one regardless.
+    fn admit(&self, message: &'static str, cause: Cause) -> bool {
+        self.log.admit(&Repeat {
+            message,
+            hop: self.upstreams.clone(),
+            cause,
+        })
     }
 
     /// Forwards `req` and returns the listener's response, or an error response naming the hop, with
@@ -150,7 +180,10 @@ impl Upstream {
             }
             Ok(Err(error)) => (self.failure(&error).map(Either::Left), MadeBy::Sidecar),
             Err(_) => {
-                info!(upstreams = %self.upstreams, "mesh listener too slow");
+                let message = "mesh listener too slow";
+                if self.admit(message, Cause::Code("upstream-timeout")) {
+                    info!(upstreams = %self.upstreams, "{message}");
+                }
                 (mesh_error(
                     StatusCode::GATEWAY_TIMEOUT,
                     "upstream-timeout",
@@ -205,6 +238,7 @@ impl Upstream {
                 return self.refused(alert);
             }
         }
+        let cause = error.cause_kind();
         let error: &(dyn StdError + 'static) = error;
         let mut current: Option<&(dyn StdError + 'static)> = Some(error);
         let mut root = error.to_string();
@@ -229,7 +263,10 @@ impl Upstream {
             root = e.to_string();
             current = e.source();
         }
-        info!(upstreams = %self.upstreams, cause = %root, "request to the mesh listener failed");
+        let message = "request to the mesh listener failed";
+        if self.admit(message, cause) {
+            info!(upstreams = %self.upstreams, cause = %root, "{message}");
+        }
         mesh_error(
             StatusCode::BAD_GATEWAY,
             "upstream-error",
@@ -243,7 +280,13 @@ impl Upstream {
     /// The answer when the listener refused our client certificate with `alert`.
     fn refused(&self, alert: rustls::AlertDescription) -> Response<ProxyBody> {
         let refused = UpstreamError::client_cert_refused(&self.upstreams, alert);
-        info!(upstreams = %self.upstreams, ?alert, "mesh listener refused our client certificate");
+        let message = "mesh listener refused our client certificate";
+        if self.admit(
+            message,
+            Cause::Code(alert.as_str().unwrap_or("unknown-alert")),
+        ) {
+            info!(upstreams = %self.upstreams, ?alert, "{message}");
+        }
         mesh_error(
             StatusCode::BAD_GATEWAY,
             refused.kind().code(),

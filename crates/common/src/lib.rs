@@ -16,6 +16,7 @@
 //! - `admin.rs`: the admin endpoint (`/healthz`, `/readyz`, `/metrics`) and why a side is not ready.
 //! - `metrics.rs`: every Prometheus metric, with label values as enums.
 //! - `access.rs`: the access log, one line per request once its body is done.
+//! - `log_limit.rs`: repeated failures (same cause, same hop) logged once, then summarised per interval.
 //! - `headers.rs`: the header rules of one proxy hop (hop-by-hop, `X-Forwarded-*`).
 //! - `response.rs`: the error responses a sidecar makes itself, tagged `phoenix-mesh-error`.
 //! - `check.rs`: the `--check` report.
@@ -25,6 +26,7 @@ pub mod admin;
 pub mod check;
 pub mod config;
 pub mod headers;
+pub mod log_limit;
 pub mod metrics;
 pub mod own_certificate;
 pub mod response;

@@ -16,6 +16,7 @@ use phoenix_mesh_common::headers::{
     append_forwarded_for, remove_hop_by_hop, remove_hop_by_hop_request, restore_upgrade,
     upgrade_protocol,
 };
+use phoenix_mesh_common::log_limit::{Cause, LogLimit, Repeat};
 use phoenix_mesh_common::mesh_error;
 use phoenix_mesh_common::metrics::MadeBy;
 use phoenix_mesh_transport::body::ResponseBody;
@@ -76,6 +77,18 @@ impl BackendError {
                 replayed: true,
                 ..
             } => BackendError::TurnedAwayAgain(method, source),
+        }
+    }
+
+    /// The kind of failure, for telling repeated ones apart in the log (never the message, which
+    /// carries the request's details).
+    fn cause_kind(&self) -> Cause {
+        match self {
+            BackendError::Connect(error) => Cause::Io(error.source.kind()),
+            BackendError::Request(_) => Cause::Code("http1"),
+            BackendError::H2(_) => Cause::Code("h2c"),
+            BackendError::TurnedAway(..) => Cause::Code("turned-away"),
+            BackendError::TurnedAwayAgain(..) => Cause::Code("turned-away-again"),
         }
     }
 }
@@ -140,6 +153,10 @@ pub(crate) struct Backend {
     /// The backend's address as a Host value, for requests that arrive without one.
     host: HeaderValue,
     response_timeout: Duration,
+    /// The backend's failures, each kind logged once per interval however many requests it fails.
+    log: LogLimit,
+    /// The backend's address, as the log limit's hop.
+    hop: Arc<str>,
 }
 
 impl Backend {
@@ -170,7 +187,18 @@ impl Backend {
                 .unwrap_or(HeaderValue::from_static("localhost")),
             addr,
             response_timeout,
+            log: LogLimit::new(),
+            hop: addr.to_string().into(),
         }
+    }
+
+    /// Whether to log this failure now (see [`LogLimit`]); the metrics count every one regardless.
+    fn admit(&self, message: &'static str, cause: Cause) -> bool {
+        self.log.admit(&Repeat {
+            message,
+            hop: self.hop.clone(),
+            cause,
+        })
     }
 
     /// Forwards `req` and returns the backend's response, or an error response naming this hop, with
@@ -276,14 +304,20 @@ impl Backend {
             Ok(Err(error)) => {
                 let cause = root_cause(&error);
                 if matches!(error, BackendError::Connect(_)) {
-                    info!(backend = %self.addr, %cause, "backend unreachable");
+                    let message = "backend unreachable";
+                    if self.admit(message, error.cause_kind()) {
+                        info!(backend = %self.addr, %cause, "{message}");
+                    }
                     mesh_error(
                         StatusCode::BAD_GATEWAY,
                         "backend-unreachable",
                         format!("phoenix-mesh listener: backend {} unreachable: {cause} (is Traefik listening there?)", self.addr),
                     )
                 } else {
-                    info!(backend = %self.addr, %method, %cause, over_h2c, "backend request failed");
+                    let message = "backend request failed";
+                    if self.admit(message, error.cause_kind()) {
+                        info!(backend = %self.addr, %method, %cause, over_h2c, "{message}");
+                    }
                     // A backend that does not speak h2c answers the preface with an HTTP/1.1 error or
                     // closes, which reads as a framing error: say which protocol was tried.
                     let turned_away = matches!(
@@ -306,7 +340,10 @@ impl Backend {
                 }
             }
             Err(_) => {
-                info!(backend = %self.addr, %method, timeout_ms = self.response_timeout.as_millis() as u64, "backend too slow");
+                let message = "backend too slow";
+                if self.admit(message, Cause::Code("backend-timeout")) {
+                    info!(backend = %self.addr, %method, timeout_ms = self.response_timeout.as_millis() as u64, "{message}");
+                }
                 mesh_error(
                     StatusCode::GATEWAY_TIMEOUT,
                     "backend-timeout",

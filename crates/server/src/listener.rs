@@ -14,6 +14,7 @@ use phoenix_mesh_certs::{failure_reason, LiveServerTls};
 use phoenix_mesh_common::admin::NotReady;
 use phoenix_mesh_common::check::{CheckRequest, Report};
 use phoenix_mesh_common::headers::forwarded_for_value;
+use phoenix_mesh_common::log_limit::{Cause, LogLimit, Repeat};
 use phoenix_mesh_common::metrics::{GaugeGuard, HandshakeKind, HandshakeReason, Metrics};
 use phoenix_mesh_common::sidecar::{conn_span, Side, Sidecar, StartError, State};
 use phoenix_mesh_transport::http1_idle::serve_http1_parking;
@@ -43,6 +44,22 @@ pub struct ListenerSide {
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
     peer_ids: PeerIds,
+    /// Failed handshakes, each reason logged once per interval: anyone who can reach the port can
+    /// fail one, as often as they like.
+    refusals: LogLimit,
+    /// The configured listen address, as the refusals' hop.
+    listen: Arc<str>,
+}
+
+impl ListenerSide {
+    /// Whether to log this failed handshake now (see [`LogLimit`]); the metrics count every one.
+    fn admit(&self, message: &'static str, reason: HandshakeReason) -> bool {
+        self.refusals.admit(&Repeat {
+            message,
+            hop: self.listen.clone(),
+            cause: Cause::Code(reason.as_str()),
+        })
+    }
 }
 
 impl Side for ListenerSide {
@@ -67,6 +84,8 @@ impl Side for ListenerSide {
             http1: http1_builder(&settings.shared.http),
             http2: http2_builder(&settings.shared.http),
             peer_ids: PeerIds::default(),
+            refusals: LogLimit::new(),
+            listen: settings.listen.to_string().into(),
         })
     }
 
@@ -256,14 +275,17 @@ async fn accept(
     {
         Ok(Ok(tls)) => Some(tls),
         Ok(Err((error, socket))) => {
-            refused(socket, error, listen, failed).await;
+            refused(&state.side, socket, error, listen, failed).await;
             None
         }
         Err(_) => {
-            info!(
-                timeout_ms = handshake_timeout.as_millis() as u64,
-                "no TLS handshake finished within handshake_timeout; closing"
-            );
+            let message = "no TLS handshake finished within handshake_timeout; closing";
+            if state.side.admit(message, HandshakeReason::Timeout) {
+                info!(
+                    timeout_ms = handshake_timeout.as_millis() as u64,
+                    "{message}"
+                );
+            }
             failed(HandshakeReason::Timeout);
             None
         }
@@ -273,6 +295,7 @@ async fn accept(
 /// A connection whose handshake failed: answers plain HTTP with `400 tls-required`, closes anything
 /// else that is not TLS, and sends a failed TLS handshake's alert before closing.
 async fn refused(
+    side: &ListenerSide,
     mut socket: MeshSocket,
     error: io::Error,
     listen: SocketAddr,
@@ -282,17 +305,23 @@ async fn refused(
         First::Closed => {}
         First::Unread => debug!(%error, "reading the first bytes failed"),
         First::NotTls(bytes) if looks_like_http(&bytes) => {
-            info!("plain HTTP on the mutual-TLS port; answering 400 tls-required");
+            let message = "plain HTTP on the mutual-TLS port; answering 400 tls-required";
+            if side.admit(message, HandshakeReason::PlaintextHttp) {
+                info!("{message}");
+            }
             failed(HandshakeReason::PlaintextHttp);
             if let Err(error) = refuse_plain_http(socket.into_tcp(), bytes, listen).await {
                 debug!(%error, "writing the tls-required answer failed");
             }
         }
         First::NotTls(bytes) => {
-            info!(
-                first_byte = bytes.first().copied().unwrap_or_default(),
-                "connection does not start with a TLS handshake; closing"
-            );
+            let message = "connection does not start with a TLS handshake; closing";
+            if side.admit(message, HandshakeReason::NotTls) {
+                info!(
+                    first_byte = bytes.first().copied().unwrap_or_default(),
+                    "{message}"
+                );
+            }
             failed(HandshakeReason::NotTls);
         }
         First::Tls => {
@@ -302,7 +331,10 @@ async fn refused(
                 .map_or(HandshakeReason::Io, |e| {
                     HandshakeReason::Tls(failure_reason(e))
                 });
-            info!(%error, reason = reason.as_str(), "TLS handshake failed");
+            let message = "TLS handshake failed";
+            if side.admit(message, reason) {
+                info!(%error, reason = reason.as_str(), "{message}");
+            }
             failed(reason);
             // With rustls' alert, so the peer learns why (a client certificate refused, say).
             let _ = timeout(std::time::Duration::from_secs(1), socket.shutdown()).await;

@@ -1,14 +1,20 @@
 //! What the binary logs and how: one JSON access-log line per request on both sides, plain text
-//! (no terminal colours) on a pipe, and on the journal's stream a syslog priority on every line.
+//! (no terminal colours) on a pipe, on the journal's stream a syslog priority on every line, and
+//! failures that repeat (a backend down under load, a listener down, strangers on the TLS port)
+//! logged once and then summarised per interval, while the metrics count every one.
 
+use std::net::SocketAddr;
 use std::path::Path;
 
+use crate::support::admin::{admin_get, metric};
 use crate::support::backend::{Backend, HELLO};
 use crate::support::binary::{Binary, Proc};
 use crate::support::files::MeshFiles;
-use crate::support::http::{try_get, SERVICE_HOST};
+use crate::support::http::{try_get, Got, SERVICE_HOST};
 use crate::support::pki::{write_leaf, TestPki, GATEWAY_SPIFFE};
-use crate::support::within;
+use crate::support::raw::{exchange, status_of};
+use crate::support::tls::{client_config, refusal_alert};
+use crate::support::{closed_port_addr, eventually, within};
 
 /// The single access-log line (JSON) whose path is `path`, from the process's stderr.
 async fn access_line(proc: &Proc, path: &str) -> String {
@@ -196,5 +202,219 @@ async fn on_the_journal_each_line_carries_its_priority() {
             "{args:?}: priority prefixes on a stream that is not the journal:\n{}",
             elsewhere.join("\n")
         );
+    }
+}
+
+/// Requests in a flood: without the limit, each would write its own line.
+const FLOOD: usize = 400;
+
+/// At most this many lines about one repeated failure while a flood lasts: the first, and one
+/// summary per interval (the flood takes seconds). Far below [`FLOOD`].
+const BOUNDED: usize = 5;
+
+/// Sends [`FLOOD`] GETs through `addr`, eight at a time, and returns every answer.
+async fn flood(addr: SocketAddr) -> Vec<Got> {
+    let workers: Vec<_> = (0..8)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut answers = Vec::new();
+                for _ in 0..FLOOD / 8 {
+                    answers.push(try_get(addr, "/flood").await.unwrap());
+                }
+                answers
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for worker in workers {
+        answers.extend(within("a flood worker", worker).await.unwrap());
+    }
+    assert_eq!(answers.len(), FLOOD);
+    answers
+}
+
+/// The log lines carrying `message`: the first occurrences as written, and the summaries.
+fn lines_about(proc: &Proc, message: &str) -> Vec<String> {
+    let needle = format!("\"message\":\"{message}");
+    proc.log()
+        .into_iter()
+        .filter(|l| l.contains(&needle))
+        .collect()
+}
+
+/// Fails the test unless `proc` wrote at least one line about `message` (waiting for the first to
+/// come through its stderr pipe) and at most [`BOUNDED`].
+async fn assert_bounded(proc: &Proc, message: &str, what: &str) -> Vec<String> {
+    proc.wait_for_line(&[&format!("\"message\":\"{message}")])
+        .await;
+    let lines = lines_about(proc, message);
+    assert!(
+        lines.len() <= BOUNDED,
+        "{} lines about {what}, first ones:\n{}",
+        lines.len(),
+        lines[..lines.len().min(10)].join("\n")
+    );
+    lines
+}
+
+/// How many occurrences `lines` account for: one per line written as it happened, and a summary's
+/// `suppressed` count.
+fn accounted(lines: &[String]) -> u64 {
+    lines
+        .iter()
+        .map(|l| match l.split_once("\"suppressed\":") {
+            Some((_, rest)) => rest
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap(),
+            None => 1,
+        })
+        .sum()
+}
+
+/// Waits until the counter `name` with `labels` on the admin endpoint at `admin` reads `want`: the
+/// metric counts every occurrence, logged or not. (A process may count a request just after its
+/// answer went out, so this polls; it fails if the count settles anywhere else.)
+async fn assert_counted(admin: SocketAddr, name: &str, labels: &[(&str, &str)], want: usize) {
+    let what = format!("{name} {labels:?} reaching {want}");
+    eventually(&what, || {
+        let what = what.clone();
+        async move {
+            let (status, text) = admin_get(admin, "/metrics").await;
+            assert_eq!(status, 200);
+            let have = metric(&text, name, labels).unwrap_or_default();
+            assert!(have <= want as f64, "{what}: {have}");
+            (have == want as f64).then_some(())
+        }
+    })
+    .await;
+}
+
+/// The backend down while requests keep coming: every request is answered `backend-unreachable`
+/// and counted, but the listener writes its first failure, then one summary per interval that
+/// accounts for all the others, not one line per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_outage_under_load_is_logged_once_per_interval() {
+    let pki = TestPki::new();
+    let backend = closed_port_addr();
+    let mut files = MeshFiles::new(&pki, backend, &pki.listener_cert(), &pki.client_cert());
+    files.server.set_str("admin_listen", "127.0.0.1:0");
+    let (listener, listener_addr) = files.start_listener().await;
+    let admin = listener
+        .addr_from_log("admin endpoint serving", "admin")
+        .await;
+    let (_client, client_addr) = files.start_client(listener_addr).await;
+
+    for got in flood(client_addr).await {
+        assert_eq!(
+            (got.status, got.mesh_error.as_deref()),
+            (502, Some("backend-unreachable")),
+            "{got:?}"
+        );
+    }
+    assert_counted(
+        admin,
+        "phoenix_mesh_http_requests_total",
+        &[("status_class", "5xx"), ("made_by", "sidecar")],
+        FLOOD,
+    )
+    .await;
+
+    let lines = assert_bounded(&listener, "backend unreachable", "one outage").await;
+    assert!(
+        lines[0].contains("Connection refused") && !lines[0].contains("suppressed"),
+        "the first failure is logged as it happened: {}",
+        lines[0]
+    );
+    // The last summary is written when its interval ends; then every failure is accounted for.
+    let lines = eventually("the summary accounting for every failure", || {
+        let lines = lines_about(&listener, "backend unreachable");
+        async move { (accounted(&lines) >= FLOOD as u64).then_some(lines) }
+    })
+    .await;
+    assert_eq!(accounted(&lines), FLOOD as u64, "{lines:#?}");
+    let summary = lines.last().unwrap();
+    for field in [
+        format!("\"hop\":\"{backend}\""),
+        "\"cause\":\"connection refused\"".to_owned(),
+    ] {
+        assert!(summary.contains(&field), "{field} missing: {summary}");
+    }
+}
+
+/// The mesh listener down while requests keep coming: the client answers every one
+/// `upstream-unreachable` and counts it, and logs the failed dials a bounded number of times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesh_listener_outage_under_load_is_logged_once_per_interval() {
+    let mut files = MeshFiles::unconnected(&TestPki::new());
+    files.client.set_str("admin_listen", "127.0.0.1:0");
+    let (client, client_addr) = files.start_client(closed_port_addr()).await;
+    let admin = client
+        .addr_from_log("admin endpoint serving", "admin")
+        .await;
+
+    for got in flood(client_addr).await {
+        assert_eq!(
+            (got.status, got.mesh_error.as_deref()),
+            (503, Some("upstream-unreachable")),
+            "{got:?}"
+        );
+    }
+    assert_counted(
+        admin,
+        "phoenix_mesh_http_requests_total",
+        &[("status_class", "5xx"), ("made_by", "sidecar")],
+        FLOOD,
+    )
+    .await;
+    assert_bounded(&client, "mesh listener connection failed", "one outage").await;
+}
+
+/// Anyone who reaches the listener's port can fail a handshake as often as they like: plain HTTP,
+/// or TLS without a client certificate. Each is refused and counted, and each reason is logged a
+/// bounded number of times however many connections try.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_handshakes_from_strangers_are_logged_once_per_interval() {
+    let pki = TestPki::new();
+    let mut files = MeshFiles::unconnected(&pki);
+    files.server.set_str("admin_listen", "127.0.0.1:0");
+    let (listener, listener_addr) = files.start_listener().await;
+    let admin = listener
+        .addr_from_log("admin endpoint serving", "admin")
+        .await;
+
+    let plain = format!("GET / HTTP/1.1\r\nHost: {SERVICE_HOST}\r\n\r\n");
+    let anonymous = client_config(pki.root_pem(), None, &[]);
+    let strangers: Vec<_> = (0..8)
+        .map(|_| {
+            let (plain, anonymous) = (plain.clone(), anonymous.clone());
+            tokio::spawn(async move {
+                for _ in 0..FLOOD / 8 / 2 {
+                    let mut tcp = tokio::net::TcpStream::connect(listener_addr).await.unwrap();
+                    let answer = exchange(&mut tcp, plain.as_bytes()).await;
+                    assert_eq!(status_of(&answer), Some(400));
+                    refusal_alert(listener_addr, anonymous.clone()).await;
+                }
+            })
+        })
+        .collect();
+    for stranger in strangers {
+        within("a stranger", stranger).await.unwrap();
+    }
+
+    for (reason, message) in [
+        ("plaintext-http", "plain HTTP on the mutual-TLS port"),
+        ("no-certificate", "TLS handshake failed"),
+    ] {
+        assert_counted(
+            admin,
+            "phoenix_mesh_tls_handshakes_total",
+            &[("result", "failed"), ("reason", reason)],
+            FLOOD / 2,
+        )
+        .await;
+        assert_bounded(&listener, message, reason).await;
     }
 }
