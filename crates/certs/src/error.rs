@@ -4,7 +4,7 @@
 use std::io;
 use std::path::PathBuf;
 
-use rustls::pki_types::pem;
+use crate::malformed::{PemProblem, X509Kind, X509Problem};
 
 /// Why a certificate, key, CA or CRL file could not be used. Every variant names the file.
 #[derive(Debug, thiserror::Error)]
@@ -22,18 +22,20 @@ pub enum CertError {
         path: PathBuf,
         expected: &'static str,
     },
-    #[error("{what} {}: malformed PEM", path.display())]
+    #[error("{what} {}: {problem}", path.display())]
     Pem {
         what: &'static str,
         path: PathBuf,
-        #[source]
-        source: pem::Error,
+        problem: PemProblem,
     },
-    #[error("{what} {}: not a usable X.509 certificate: {reason}", path.display())]
-    BadCertificate {
+    /// A PEM block (or DER CRL file) whose data is not a well-formed X.509 certificate or CRL.
+    #[error("{what} {}: {}{problem}", path.display(), block_of(*block))]
+    Malformed {
         what: &'static str,
         path: PathBuf,
-        reason: String,
+        /// Which block of the file, counting from 1, when the file holds more than one.
+        block: Option<usize>,
+        problem: X509Problem,
     },
     #[error("CA file {}: {source}", path.display())]
     BadCa {
@@ -70,12 +72,6 @@ pub enum CertError {
     },
     #[error("certificate {} has no {usage} extended key usage, which its role needs", path.display())]
     WrongUsage { path: PathBuf, usage: &'static str },
-    #[error("CRL {}: {source}", path.display())]
-    BadCrl {
-        path: PathBuf,
-        #[source]
-        source: rustls::Error,
-    },
     #[error("building the TLS configuration")]
     Tls(#[source] rustls::Error),
 }
@@ -88,7 +84,10 @@ impl CertError {
             CertError::NoPem { .. } | CertError::Pem { .. } => {
                 "the file should hold PEM blocks as step-ca writes them (-----BEGIN CERTIFICATE----- ...)"
             }
-            CertError::BadCertificate { .. } => "re-issue the certificate with step-ca",
+            CertError::Malformed { problem, .. } => match problem.kind {
+                X509Kind::Certificate => "re-issue the certificate with step-ca, or copy the whole file again",
+                X509Kind::Crl => "the CRL must be a PEM or DER X.509 CRL from the Phoenix CA: fetch it again",
+            },
             CertError::BadCa { .. } => "ca must hold the Phoenix root CA certificate (phoenix_root_ca.crt)",
             CertError::BadKey { .. } => "the key must be PKCS#8, SEC1 EC or PKCS#1 RSA PEM",
             CertError::KeyMismatch { .. } => {
@@ -100,10 +99,14 @@ impl CertError {
                 "the certificate must be issued by the CA in ca, with the intermediate appended after the leaf"
             }
             CertError::WrongUsage { .. } => "issue it with the right extended key usage (step-ca's default template has both)",
-            CertError::BadCrl { .. } => "the CRL must be a PEM or DER X.509 CRL from the Phoenix CA",
             CertError::Tls(_) => "see the error; this is a TLS configuration problem",
         }
     }
+}
+
+/// `"PEM block 2: "` for a file with several blocks, nothing for a file with one.
+fn block_of(block: Option<usize>) -> String {
+    block.map_or(String::new(), |n| format!("PEM block {n}: "))
 }
 
 /// An error and its sources, `outer: inner: root`, for one log field or message line. It lives in

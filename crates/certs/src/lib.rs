@@ -9,6 +9,7 @@
 //! Crate map:
 //! - `error.rs`: [`CertError`] with a hint per variant, and [`error_chain`] for printing any error.
 //! - `load.rs`: PEM (and DER CRL) files into rustls types, every error naming the file.
+//! - `malformed.rs`: what is wrong with PEM text or X.509 DER, in words ([`PemProblem`], [`X509Problem`]).
 //! - `material.rs`: a side's files loaded and checked together ([`Material`]), and its `--check` lines.
 //! - `identity.rs`: who a certificate names ([`PeerIdentity`]), its XFCC value and the renewal-due rule.
 //! - `tls.rs`: the rustls client and server configurations, the listener's peer policy, handshake failure reasons.
@@ -22,6 +23,7 @@ mod cache;
 mod error;
 mod identity;
 mod load;
+mod malformed;
 mod material;
 pub mod provider;
 mod reload;
@@ -34,6 +36,7 @@ pub mod pki;
 pub use cache::ByteCache;
 pub use error::{error_chain, CertError};
 pub use identity::{IdentityError, PeerIdentity};
+pub use malformed::{PemProblem, X509Fault, X509Kind, X509Problem};
 pub use material::{human, Material, Role, TlsFiles};
 pub use reload::{LiveClientTls, LiveServerTls, LiveTls, ReloadStats, Reloader};
 pub use tls::{

@@ -8,6 +8,7 @@ use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::RootCertStore;
 
+use crate::malformed::{PemProblem, X509Kind, X509Problem};
 use crate::CertError;
 
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, CertError> {
@@ -25,10 +26,10 @@ pub(crate) fn certs_from(
     let bytes = read(what, path)?;
     let certs = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| CertError::Pem {
+        .map_err(|error| CertError::Pem {
             what,
             path: path.to_owned(),
-            source,
+            problem: PemProblem::from(&error),
         })?;
     if certs.is_empty() {
         return Err(CertError::NoPem {
@@ -54,10 +55,10 @@ pub(crate) fn load_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, Ce
             path: path.to_owned(),
             expected: "PRIVATE KEY (PKCS#8), EC PRIVATE KEY or RSA PRIVATE KEY",
         },
-        source => CertError::Pem {
+        error => CertError::Pem {
             what: "private key",
             path: path.to_owned(),
-            source,
+            problem: PemProblem::from(&error),
         },
     })
 }
@@ -65,16 +66,41 @@ pub(crate) fn load_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, Ce
 /// The trust anchors in a CA bundle. Every certificate in the file must be usable as one.
 pub(crate) fn roots_from(
     path: &Path,
-    certs: impl IntoIterator<Item = CertificateDer<'static>>,
+    certs: &[CertificateDer<'static>],
 ) -> Result<RootCertStore, CertError> {
     let mut roots = RootCertStore::empty();
     for cert in certs {
-        roots.add(cert).map_err(|source| CertError::BadCa {
-            path: path.to_owned(),
-            source,
+        roots.add(cert.clone()).map_err(|source| {
+            // A certificate that is not well-formed X.509 is the better explanation of the two.
+            malformed_certificate("CA file", path, certs).unwrap_or(CertError::BadCa {
+                path: path.to_owned(),
+                source,
+            })
         })?;
     }
     Ok(roots)
+}
+
+/// The first of `certs` (read from `path`) that is not a well-formed X.509 certificate, as the
+/// error that says so. Used to explain a refusal by webpki, whose own reasons are terse.
+pub(crate) fn malformed_certificate(
+    what: &'static str,
+    path: &Path,
+    certs: &[CertificateDer<'_>],
+) -> Option<CertError> {
+    certs.iter().enumerate().find_map(|(i, der)| {
+        X509Problem::of_certificate(der).map(|problem| CertError::Malformed {
+            what,
+            path: path.to_owned(),
+            block: block(i, certs.len()),
+            problem,
+        })
+    })
+}
+
+/// Block `index` (from 0) of `total`, counted from 1, named only when there is more than one.
+fn block(index: usize, total: usize) -> Option<usize> {
+    (total > 1).then_some(index + 1)
 }
 
 /// Certificate revocation lists, each file PEM (`X509 CRL`) or raw DER.
@@ -90,10 +116,10 @@ pub(crate) fn load_crls(
             crls.push(CertificateRevocationListDer::from(bytes));
         } else {
             for crl in CertificateRevocationListDer::pem_slice_iter(&bytes) {
-                crls.push(crl.map_err(|source| CertError::Pem {
+                crls.push(crl.map_err(|error| CertError::Pem {
                     what: "CRL",
                     path: path.to_owned(),
-                    source,
+                    problem: PemProblem::from(&error),
                 })?);
             }
         }
@@ -105,10 +131,13 @@ pub(crate) fn load_crls(
             });
         }
         // Parse now so a broken CRL is reported with its file, not at the first handshake.
-        for crl in &crls[before..] {
-            x509_parser::parse_x509_crl(crl.as_ref()).map_err(|e| CertError::BadCrl {
+        let total = crls.len() - before;
+        for (i, crl) in crls[before..].iter().enumerate() {
+            x509_parser::parse_x509_crl(crl.as_ref()).map_err(|e| CertError::Malformed {
+                what: "CRL",
                 path: path.to_owned(),
-                source: rustls::Error::General(format!("not a valid X.509 CRL: {e}")),
+                block: block(i, total),
+                problem: X509Problem::explain(X509Kind::Crl, crl.as_ref(), &e),
             })?;
         }
     }
