@@ -72,7 +72,7 @@ pub(crate) fn roots_from(
     for cert in certs {
         roots.add(cert.clone()).map_err(|source| {
             // A certificate that is not well-formed X.509 is the better explanation of the two.
-            malformed_certificate("CA file", path, certs).unwrap_or(CertError::BadCa {
+            malformed_certificate("CA file", path, certs).unwrap_or_else(|| CertError::BadCa {
                 path: path.to_owned(),
                 source,
             })

@@ -229,6 +229,7 @@ fn x509_fault(error: &X509Error) -> X509Fault {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use rustls::pki_types::pem::PemObject;

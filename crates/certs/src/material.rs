@@ -115,14 +115,14 @@ impl Material {
                 .unwrap_or_default(),
         );
         // An intermediate that is not well-formed X.509 is the better explanation of a refusal.
-        let chain_err = |source| {
-            load::malformed_certificate("certificate", &files.cert, &chain).unwrap_or(
+        let chain_err = |source: rustls::Error| {
+            load::malformed_certificate("certificate", &files.cert, &chain).unwrap_or_else(|| {
                 CertError::Chain {
                     cert: files.cert.clone(),
                     ca: files.ca.clone(),
                     source,
-                },
-            )
+                }
+            })
         };
         match role {
             Role::Server => {

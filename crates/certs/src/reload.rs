@@ -200,7 +200,7 @@ struct Watch<O> {
 /// unrelated to the poll interval. Two seconds covers it many times over, and since the watcher
 /// reads the files once more when the window closes, a renewal that really wrote one file only is
 /// still reported about two seconds after it was seen, whatever the poll interval.
-pub const MISMATCH_SETTLE: Duration = Duration::from_secs(2);
+const MISMATCH_SETTLE: Duration = Duration::from_secs(2);
 
 /// The settle rule for a certificate and key that do not match, seen by the file watcher: within
 /// [`MISMATCH_SETTLE`] of the first sighting the pair is taken to be a renewal half-way through its
@@ -296,8 +296,8 @@ impl<T: LiveTls> Reloader<T> {
 
     /// Reloads if any watched file's contents changed since the last attempt (rename, in-place
     /// rewrite and symlink swaps alike, since it reads through links). `None` when nothing changed,
-    /// and while a certificate and key that do not match are given [`MISMATCH_SETTLE`] to become a
-    /// pair (see [`Settling`]).
+    /// and while a certificate and key that do not match are given two seconds from the first
+    /// sighting to become a pair (a renewal between its two renames).
     pub fn poll(&self) -> Option<Result<(), CertError>> {
         let mut watch = self.watch.lock();
         self.warn_if_expiring(&mut watch);
