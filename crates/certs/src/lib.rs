@@ -27,6 +27,8 @@ mod malformed;
 mod material;
 pub mod provider;
 mod reload;
+#[cfg(test)]
+mod test_pem;
 mod tls;
 mod verified_chains;
 

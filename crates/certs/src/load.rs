@@ -143,3 +143,115 @@ pub(crate) fn load_crls(
     }
     Ok(crls)
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::error_chain;
+    use crate::test_pem::{CERT_PEM, CRL_PEM};
+
+    /// `data` written as `name` in a fresh directory, which lives as long as the returned guard.
+    fn file(name: &str, data: impl AsRef<[u8]>) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(name);
+        fs::write(&path, data).unwrap();
+        (dir, path)
+    }
+
+    /// The first PEM block of `pem` with only its first `lines` lines of base64: well-formed PEM
+    /// (64 characters of base64 are 48 whole bytes) around data that is cut short.
+    fn cut_block(pem: &str, lines: usize) -> String {
+        let mut text = pem.lines();
+        let begin = text.next().unwrap();
+        let body: Vec<&str> = text.take(lines).collect();
+        let end = begin.replace("BEGIN", "END");
+        format!("{begin}\n{}\n{end}\n", body.join("\n"))
+    }
+
+    /// The line an operator reads for `error` names `path`, says `says`, and shows no internals.
+    fn assert_in_words(error: &CertError, path: &Path, says: &str) {
+        let line = error_chain(error);
+        assert!(
+            line.contains(&path.display().to_string()) && line.contains(says),
+            "should name the file and say {says:?}: {line}"
+        );
+        for internal in [
+            "[67, 69",
+            "NomError",
+            "Parsing Error",
+            "Eof",
+            "InvalidCharacter",
+            "missing section end",
+            "base64 decode error",
+        ] {
+            assert!(!line.contains(internal), "{internal:?} in {line}");
+        }
+    }
+
+    #[test]
+    fn a_certificate_file_cut_short_ends_inside_its_block() {
+        let (_dir, path) = file("cert.pem", &CERT_PEM[..CERT_PEM.len() / 2]);
+        let error = load_cert_chain(&path).unwrap_err();
+        assert_in_words(&error, &path, ": the file ends inside a CERTIFICATE block");
+    }
+
+    #[test]
+    fn a_certificate_file_with_broken_base64_says_so() {
+        let (_dir, path) = file("cert.pem", CERT_PEM.replacen("MIIB", "MI!B", 1));
+        let error = load_cert_chain(&path).unwrap_err();
+        assert_in_words(&error, &path, ": the text inside a PEM block is not valid base64");
+    }
+
+    #[test]
+    fn a_private_key_cut_short_ends_inside_its_block() {
+        let key = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEH\n";
+        let (_dir, path) = file("key.pem", key);
+        let error = load_private_key(&path).unwrap_err();
+        assert_in_words(&error, &path, ": the file ends inside a PRIVATE KEY block");
+    }
+
+    #[test]
+    fn a_ca_file_holding_half_a_certificate_says_it_is_not_complete() {
+        let (_dir, path) = file("ca.pem", cut_block(CERT_PEM, 3));
+        let certs = certs_from("CA file", &path).unwrap();
+        let error = roots_from(&path, &certs).unwrap_err();
+        assert!(matches!(error, CertError::Malformed { .. }), "{error:?}");
+        assert_in_words(
+            &error,
+            &path,
+            ": not a complete X.509 certificate: its data ends before the certificate does",
+        );
+        assert!(error_chain(&error).starts_with("CA file "), "{error}");
+
+        let (_dir, whole) = file("ca.pem", CERT_PEM);
+        let certs = certs_from("CA file", &whole).unwrap();
+        assert_eq!(roots_from(&whole, &certs).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn the_block_is_named_when_the_file_holds_several() {
+        let (_dir, path) = file("ca.pem", format!("{CERT_PEM}{}", cut_block(CERT_PEM, 3)));
+        let certs = certs_from("CA file", &path).unwrap();
+        let error = roots_from(&path, &certs).unwrap_err();
+        assert_in_words(&error, &path, ": PEM block 2: not a complete X.509 certificate");
+    }
+
+    #[test]
+    fn a_crl_cut_short_says_it_is_not_complete() {
+        let der = CertificateRevocationListDer::from_pem_slice(CRL_PEM.as_bytes()).unwrap();
+        let (_dir, path) = file("crl.der", &der[..der.len() - 10]);
+        let error = load_crls(&[&path]).unwrap_err();
+        assert_in_words(&error, &path, "CRL");
+        assert_in_words(&error, &path, ": not a complete X.509 CRL");
+
+        let (_dir, path) = file("crl.pem", cut_block(CRL_PEM, 2));
+        let error = load_crls(&[&path]).unwrap_err();
+        assert_in_words(&error, &path, ": not a complete X.509 CRL");
+
+        let (_dir, whole) = file("crl.pem", CRL_PEM);
+        assert_eq!(load_crls(&[&whole]).unwrap().len(), 1);
+    }
+}

@@ -235,19 +235,7 @@ mod tests {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-    /// A real certificate (a self-signed P-256 CA made by openssl), so every cut below is of real DER.
-    const CERT_PEM: &str = "-----BEGIN CERTIFICATE-----
-MIIBjDCCATGgAwIBAgIUIJBDJcfxi5sqzElzPzB07nT+QVkwCgYIKoZIzj0EAwIw
-GjEYMBYGA1UEAwwPUGhvZW5peCBUZXN0IENBMCAXDTI2MTIwNjE0NTgxOVoYDzIx
-MjYxMTEyMTQ1ODE5WjAaMRgwFgYDVQQDDA9QaG9lbml4IFRlc3QgQ0EwWTATBgcq
-hkjOPQIBBggqhkjOPQMBBwNCAASlEo0AcA6Y3nmVxHxBl/e2vfl+nZq8OHBnKqMP
-yx9BNoqssum1ImfCm/6glo2ytRqxROfUuWSB78vEXn52uJOoo1MwUTAdBgNVHQ4E
-FgQUzM0lvB+1tLToEj5q6Ktyt65yXYYwHwYDVR0jBBgwFoAUzM0lvB+1tLToEj5q
-6Ktyt65yXYYwDwYDVR0TAQH/BAUwAwEB/zAKBggqhkjOPQQDAgNJADBGAiEAkMQ9
-ucWHFOq6VDDVHM7PU6X6Q70ZI9WcIj+S/iXRaJwCIQDtBpBOymz5X89dTd0GpQWQ
-qxODTkfppWQfGIsQnceHiA==
------END CERTIFICATE-----
-";
+    use crate::test_pem::CERT_PEM;
 
     fn pem_problem(text: &str) -> PemProblem {
         let error = CertificateDer::pem_slice_iter(text.as_bytes())
