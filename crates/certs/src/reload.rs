@@ -432,9 +432,10 @@ fn fingerprint(files: &TlsFiles) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use tokio::time::{advance, Instant};
+    use tokio::time::{advance, sleep, Instant};
 
     #[tokio::test(start_paused = true)]
     async fn a_mismatch_is_retried_within_the_settle_time_and_fails_after_it() {
@@ -473,5 +474,83 @@ mod tests {
         assert_eq!(settling.mismatch(Instant::now()), Mismatch::Retry);
         advance(Duration::from_millis(1)).await;
         assert_eq!(settling.mismatch(Instant::now()), Mismatch::Fail);
+    }
+
+    /// The watcher itself, on a paused clock with an hour between polls: a certificate whose key
+    /// never comes is called a failure when its settle window closes, not an hour later at the
+    /// next poll; a key that comes within the window makes a plain success.
+    #[cfg(feature = "pki-gen")]
+    #[tokio::test(start_paused = true)]
+    async fn the_watcher_reads_a_mismatch_again_when_its_window_closes() {
+        use crate::pki::{LeafSpec, Pki};
+        use crate::{LiveServerTls, ServerTlsOptions};
+        const POLL: Duration = Duration::from_secs(3600);
+
+        let pki = Pki::new("settle test").unwrap();
+        let issue = || {
+            pki.issue(&LeafSpec::new("listener.test", Duration::from_secs(86_400)))
+                .unwrap()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let files = TlsFiles {
+            cert: dir.path().join("cert.pem"),
+            key: dir.path().join("key.pem"),
+            ca: dir.path().join("ca.pem"),
+            crls: Vec::new(),
+        };
+        let rename_over = |path: &std::path::Path, data: &str| {
+            let new = path.with_extension("new");
+            fs::write(&new, data).unwrap();
+            fs::rename(&new, path).unwrap();
+        };
+        let first = issue();
+        rename_over(&files.cert, &first.chain_pem);
+        rename_over(&files.key, &first.key_pem);
+        rename_over(&files.ca, pki.root_pem());
+        let options = ServerTlsOptions::default();
+        let material = Material::load(&files, Role::Server).unwrap();
+        let live = Arc::new(LiveServerTls::new(&material, &options).unwrap());
+        let reloader = Arc::new(Reloader::new(live, files.clone(), options));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let watcher = tokio::spawn(reloader.clone().watch_files(POLL, async move {
+            let _ = stopped.await;
+        }));
+        let counts = || {
+            let stats = &reloader.stats;
+            (
+                stats.succeeded.load(Ordering::Relaxed),
+                stats.failed.load(Ordering::Relaxed),
+            )
+        };
+        let serving = || reloader.live().leaf().sha256.clone();
+        let sha256 = |der: &[u8]| crate::provider::sha256_hex(der);
+
+        // Polls fall at POLL, 2 POLL, 3 POLL from here.
+        let second = issue();
+        rename_over(&files.cert, &second.chain_pem);
+        sleep(POLL + MISMATCH_SETTLE / 2).await;
+        assert_eq!(counts(), (0, 0), "seen at the first poll, and still settling");
+        sleep(MISMATCH_SETTLE).await;
+        assert_eq!(counts(), (0, 1), "a failure once the window closed");
+        assert_eq!(serving(), sha256(&first.der), "the last good pair stays");
+
+        rename_over(&files.key, &second.key_pem);
+        sleep(POLL).await;
+        assert_eq!(counts(), (1, 1), "its key, read at the second poll");
+        assert_eq!(serving(), sha256(&second.der));
+
+        // Now 2 POLL + 3 s: the next renewal's certificate, read alone at the third poll, then
+        // its key inside the window.
+        let third = issue();
+        rename_over(&files.cert, &third.chain_pem);
+        sleep(POLL - Duration::from_secs(2)).await;
+        assert_eq!(counts(), (1, 1), "settling");
+        rename_over(&files.key, &third.key_pem);
+        sleep(MISMATCH_SETTLE).await;
+        assert_eq!(counts(), (2, 1), "a renewal between its renames is no failure");
+        assert_eq!(serving(), sha256(&third.der));
+
+        stop.send(()).unwrap();
+        watcher.await.unwrap();
     }
 }

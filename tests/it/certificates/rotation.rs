@@ -398,7 +398,7 @@ async fn botched_renewal_and_sighup_leave_the_binary_running_on_the_old_certific
 const BETWEEN_RENAMES: Duration = Duration::from_millis(400);
 
 /// Renewals done the way Phoenix's post-renewal command does them, two renames with a poll between,
-/// on both sides under load with a fast poll: no failed reload counted, no warning, no failed
+/// on both sides under load with a fast poll: no failed reload counted or warned about, no failed
 /// request, and every renewal in service.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_rename_renewals_under_a_fast_poll_count_no_failed_reload() {
@@ -458,11 +458,19 @@ async fn two_rename_renewals_under_a_fast_poll_count_no_failed_reload() {
             reloads("ok").unwrap_or(0.0) >= 4.0,
             "{side}: every renewal reloaded:\n{text}"
         );
+        // Only the reloader's warnings: the process may warn about its environment (file limits).
         let warnings: Vec<String> = proc
             .log()
             .into_iter()
-            .filter(|l| l.contains("\"level\":\"WARN\""))
+            .filter(|l| {
+                l.contains("\"level\":\"WARN\"")
+                    && (l.contains("reload") || l.contains("does not match"))
+            })
             .collect();
-        assert!(warnings.is_empty(), "{side}: no warning:\n{}", warnings.join("\n"));
+        assert!(
+            warnings.is_empty(),
+            "{side}: no reload warning:\n{}",
+            warnings.join("\n")
+        );
     }
 }
