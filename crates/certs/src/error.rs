@@ -63,12 +63,12 @@ pub enum CertError {
         not_before: String,
         now: String,
     },
-    #[error("certificate {} does not verify against the CA in {}: {source}", cert.display(), ca.display())]
+    #[error("certificate {} does not verify against the CA in {}: {}", cert.display(), ca.display(), refusal(reason))]
     Chain {
         cert: PathBuf,
         ca: PathBuf,
-        #[source]
-        source: rustls::Error,
+        /// webpki's reason, as rustls reports it.
+        reason: rustls::Error,
     },
     #[error("certificate {} has no {usage} extended key usage, which its role needs", path.display())]
     WrongUsage { path: PathBuf, usage: &'static str },
@@ -104,6 +104,52 @@ impl CertError {
     }
 }
 
+/// Why webpki refused our own chain, in words, ending with rustls' name for the reason so that
+/// it can be looked up. A reason with no words here keeps rustls' own message.
+fn refusal(error: &rustls::Error) -> String {
+    use rustls::CertificateError as C;
+    let rustls::Error::InvalidCertificate(reason) = error else {
+        return error.to_string();
+    };
+    #[allow(deprecated)] // rustls still reports the bare UnsupportedSignatureAlgorithm.
+    let (words, name) = match reason {
+        C::UnknownIssuer => (
+            "no certificate in that file issued it, directly or through the intermediate after the leaf",
+            "UnknownIssuer",
+        ),
+        C::BadSignature => ("a signature in the chain does not verify", "BadSignature"),
+        C::Expired | C::ExpiredContext { .. } => (
+            "a certificate in the chain (the intermediate?) has expired",
+            "Expired",
+        ),
+        C::NotValidYet | C::NotValidYetContext { .. } => (
+            "a certificate in the chain (the intermediate?) is not valid yet",
+            "NotValidYet",
+        ),
+        C::Revoked => ("a certificate in the chain is revoked", "Revoked"),
+        C::BadEncoding => (
+            "a certificate in the chain is not well-formed X.509",
+            "BadEncoding",
+        ),
+        C::UnhandledCriticalExtension => (
+            "a certificate in the chain has a critical extension that cannot be checked",
+            "UnhandledCriticalExtension",
+        ),
+        C::UnsupportedSignatureAlgorithm
+        | C::UnsupportedSignatureAlgorithmContext { .. }
+        | C::UnsupportedSignatureAlgorithmForPublicKeyContext { .. } => (
+            "a certificate in the chain is signed with an algorithm this build does not support",
+            "UnsupportedSignatureAlgorithm",
+        ),
+        C::InvalidPurpose | C::InvalidPurposeContext { .. } => (
+            "its extended key usage does not allow the role it is used in",
+            "InvalidPurpose",
+        ),
+        _ => return error.to_string(),
+    };
+    format!("{words} ({name})")
+}
+
 /// `"PEM block 2: "` for a file with several blocks, nothing for a file with one.
 fn block_of(block: Option<usize>) -> String {
     block.map_or(String::new(), |n| format!("PEM block {n}: "))
@@ -125,6 +171,38 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_chain_is_said_in_words_with_rustls_name_for_it() {
+        let error = CertError::Chain {
+            cert: PathBuf::from("/etc/leaf.crt"),
+            ca: PathBuf::from("/etc/ca.crt"),
+            reason: rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnsupportedSignatureAlgorithmContext {
+                    signature_algorithm_id: vec![6, 8, 42, 134],
+                    supported_algorithms: Vec::new(),
+                },
+            ),
+        };
+        assert_eq!(
+            error_chain(&error),
+            "certificate /etc/leaf.crt does not verify against the CA in /etc/ca.crt: a certificate \
+             in the chain is signed with an algorithm this build does not support \
+             (UnsupportedSignatureAlgorithm)"
+        );
+        let unknown = CertError::Chain {
+            cert: PathBuf::from("/etc/leaf.crt"),
+            ca: PathBuf::from("/etc/ca.crt"),
+            reason: rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        };
+        assert!(
+            error_chain(&unknown).ends_with(
+                ": no certificate in that file issued it, directly or through the intermediate \
+                 after the leaf (UnknownIssuer)"
+            ),
+            "{unknown}"
+        );
+    }
 
     #[test]
     fn the_chain_names_every_cause_in_order() {

@@ -115,12 +115,12 @@ impl Material {
                 .unwrap_or_default(),
         );
         // An intermediate that is not well-formed X.509 is the better explanation of a refusal.
-        let chain_err = |source: rustls::Error| {
+        let chain_err = |reason: rustls::Error| {
             load::malformed_certificate("certificate", &files.cert, &chain).unwrap_or_else(|| {
                 CertError::Chain {
                     cert: files.cert.clone(),
                     ca: files.ca.clone(),
-                    source,
+                    reason,
                 }
             })
         };
