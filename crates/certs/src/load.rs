@@ -174,10 +174,13 @@ mod tests {
     /// The line an operator reads for `error` names `path`, says `says`, and shows no internals.
     fn assert_in_words(error: &CertError, path: &Path, says: &str) {
         let line = error_chain(error);
+        let path = path.display().to_string();
         assert!(
-            line.contains(&path.display().to_string()) && line.contains(says),
+            line.contains(&path) && line.contains(says),
             "should name the file and say {says:?}: {line}"
         );
+        // The temporary directory's random name is no internal, whatever letters it has.
+        let words = line.replace(&path, "");
         for internal in [
             "[67, 69",
             "NomError",
@@ -187,7 +190,7 @@ mod tests {
             "missing section end",
             "base64 decode error",
         ] {
-            assert!(!line.contains(internal), "{internal:?} in {line}");
+            assert!(!words.contains(internal), "{internal:?} in {line}");
         }
     }
 

@@ -234,6 +234,8 @@ async fn a_truncated_certificate_is_refused_in_words() {
         for (flags, exit) in [(&[][..], EX_CONFIG), (&["--check"][..], 1)] {
             let (code, stdout, stderr) = Binary::server(&config).flags(flags).output().await;
             let out = format!("{stdout}\n--- stderr:\n{stderr}");
+            // The temporary directory's random name is no internal, whatever letters it has.
+            let words = out.replace(&files.dir.path().display().to_string(), "");
             assert_eq!(code, Some(exit), "{what} {flags:?}:\n{out}");
             assert!(
                 out.contains(&sentence),
@@ -241,7 +243,7 @@ async fn a_truncated_certificate_is_refused_in_words() {
             );
             for internal in ["[67, 69", "NomError", "Parsing Error", "Eof", "missing section end"] {
                 assert!(
-                    !out.contains(internal),
+                    !words.contains(internal),
                     "{what} {flags:?}: {internal:?} is a parser's internals:\n{out}"
                 );
             }
