@@ -18,6 +18,7 @@
 //! - `reload.rs`: live TLS configurations swapped atomically, and the reloader that rebuilds them.
 //! - `provider.rs`: the one crypto provider, and SHA-256 helpers.
 //! - `pki.rs` (feature `pki-gen`): a throwaway step-ca-like PKI for the demo, tests and benches.
+//! - `test_pem.rs` (unit tests only): real PEM made by openssl, for the tests to cut and damage.
 
 mod cache;
 mod error;
