@@ -15,7 +15,8 @@
 //! - `tls.rs`: the rustls client and server configurations, the listener's peer policy, handshake failure reasons.
 //! - `verified_chains.rs`: client chains the listener has already verified under its current policy.
 //! - `cache.rs`: a small bounded map keyed by exact bytes (certificates, chains).
-//! - `reload.rs`: live TLS configurations swapped atomically, and the reloader that rebuilds them.
+//! - `reload.rs`: live TLS configurations swapped atomically, and the reloader that rebuilds them
+//!   (giving a renewal caught between its two renames a moment to finish).
 //! - `provider.rs`: the one crypto provider, and SHA-256 helpers.
 //! - `pki.rs` (feature `pki-gen`): a throwaway step-ca-like PKI for the demo, tests and benches.
 //! - `test_pem.rs` (unit tests only): real PEM made by openssl, for the tests to cut and damage.

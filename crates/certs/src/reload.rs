@@ -1,6 +1,8 @@
 //! TLS material that changes while the process runs: a live configuration swapped atomically, and a
 //! reloader that rebuilds it from the files on SIGHUP or when their contents change. A reload that
-//! fails leaves the previous material in service; the process never exits because of one.
+//! fails leaves the previous material in service; the process never exits because of one. A
+//! certificate and key that do not match, as the file watcher reads them between a renewal's two
+//! renames, get a short settle time to become a pair before they count as a failure.
 
 use std::fs;
 use std::sync::atomic::{AtomicU64, Ordering};
