@@ -22,8 +22,9 @@ pub enum PemProblem {
     },
     /// A line starting with `-----BEGIN ` is not a well-formed BEGIN line.
     BadBeginLine {
-        /// The line, shortened; a BEGIN line holds no key material.
-        line: String,
+        /// The label between `-----BEGIN ` and `-----`, when the line has one. Nothing else of
+        /// the line is kept: in a key file, text after the label may be key material.
+        label: Option<String>,
     },
     /// The text between a BEGIN and an END line is not base64.
     BadBase64,
@@ -33,8 +34,8 @@ pub enum PemProblem {
     Other,
 }
 
-/// The longest BEGIN line quoted back; a longer one is cut with an ellipsis.
-const QUOTED_LINE: usize = 64;
+/// The longest label quoted back; anything longer is not a label.
+const LONGEST_LABEL: usize = 64;
 
 impl From<&pem::Error> for PemProblem {
     fn from(error: &pem::Error) -> Self {
@@ -42,15 +43,16 @@ impl From<&pem::Error> for PemProblem {
             pem::Error::MissingSectionEnd { end_marker } => PemProblem::EndsInsideBlock {
                 label: String::from_utf8_lossy(end_marker).into_owned(),
             },
-            pem::Error::IllegalSectionStart { line } => {
-                let line = String::from_utf8_lossy(line);
-                let line = line.trim_end();
-                let mut quoted: String = line.chars().take(QUOTED_LINE).collect();
-                if quoted.len() < line.len() {
-                    quoted.push('…');
-                }
-                PemProblem::BadBeginLine { line: quoted }
-            }
+            pem::Error::IllegalSectionStart { line } => PemProblem::BadBeginLine {
+                label: line
+                    .strip_prefix(b"-----BEGIN ")
+                    .and_then(|rest| {
+                        let end = rest.windows(5).position(|w| w == b"-----")?;
+                        Some(&rest[..end])
+                    })
+                    .filter(|label| label.len() <= LONGEST_LABEL)
+                    .map(|label| String::from_utf8_lossy(label).into_owned()),
+            },
             pem::Error::Base64Decode(_) => PemProblem::BadBase64,
             pem::Error::SectionTooLarge => PemProblem::TooLarge,
             _ => PemProblem::Other,
@@ -66,9 +68,13 @@ impl fmt::Display for PemProblem {
                 "the file ends inside a {label} block, before its -----END {label}----- line \
                  (cut short, or still being written?)"
             ),
-            PemProblem::BadBeginLine { line } => write!(
+            PemProblem::BadBeginLine { label: Some(label) } => write!(
                 f,
-                "the line {line:?} starts a PEM block but is not a complete -----BEGIN <LABEL>----- line"
+                "the BEGIN line of a {label} block is malformed: it must read -----BEGIN {label}----- \
+                 on a line of its own"
+            ),
+            PemProblem::BadBeginLine { label: None } => f.write_str(
+                "a line starting with -----BEGIN is not a complete -----BEGIN <LABEL>----- line",
             ),
             PemProblem::BadBase64 => f.write_str(
                 "the text inside a PEM block is not valid base64 (damaged or edited by hand?)",
@@ -286,19 +292,31 @@ mod tests {
     }
 
     #[test]
-    fn a_broken_begin_line_is_quoted() {
-        let broken = CERT_PEM.replacen("-----BEGIN CERTIFICATE-----", "-----BEGIN CERTIFICATE---", 1);
-        let problem = pem_problem(&broken);
+    fn a_broken_begin_line_is_named_without_its_contents() {
+        let short = CERT_PEM.replacen("-----BEGIN CERTIFICATE-----", "-----BEGIN CERTIFICATE---", 1);
+        let problem = pem_problem(&short);
+        assert_eq!(problem, PemProblem::BadBeginLine { label: None });
+        assert!(
+            problem.to_string().contains("not a complete -----BEGIN <LABEL>----- line"),
+            "{problem}"
+        );
+
+        // The data glued to the BEGIN line, as when a file loses its line breaks: the label is
+        // named, the data (key material, in a key file) is not repeated.
+        let glued = CERT_PEM.replacen("-----\n", "-----", 1);
+        let problem = pem_problem(&glued);
         assert_eq!(
             problem,
             PemProblem::BadBeginLine {
-                line: "-----BEGIN CERTIFICATE---".into()
+                label: Some("CERTIFICATE".into())
             }
         );
+        let said = problem.to_string();
         assert!(
-            problem.to_string().contains("\"-----BEGIN CERTIFICATE---\" starts a PEM block"),
-            "{problem}"
+            said.contains("the BEGIN line of a CERTIFICATE block is malformed"),
+            "{said}"
         );
+        assert!(!said.contains("MIIB"), "{said}");
     }
 
     #[test]
