@@ -205,7 +205,11 @@ mod tests {
     fn a_certificate_file_with_broken_base64_says_so() {
         let (_dir, path) = file("cert.pem", CERT_PEM.replacen("MIIB", "MI!B", 1));
         let error = load_cert_chain(&path).unwrap_err();
-        assert_in_words(&error, &path, ": the text inside a PEM block is not valid base64");
+        assert_in_words(
+            &error,
+            &path,
+            ": the text inside a PEM block is not valid base64",
+        );
     }
 
     #[test]
@@ -239,7 +243,11 @@ mod tests {
         let (_dir, path) = file("ca.pem", format!("{CERT_PEM}{}", cut_block(CERT_PEM, 3)));
         let certs = certs_from("CA file", &path).unwrap();
         let error = roots_from(&path, &certs).unwrap_err();
-        assert_in_words(&error, &path, ": PEM block 2: not a complete X.509 certificate");
+        assert_in_words(
+            &error,
+            &path,
+            ": PEM block 2: not a complete X.509 certificate",
+        );
     }
 
     #[test]

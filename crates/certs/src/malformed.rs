@@ -168,7 +168,10 @@ impl fmt::Display for X509Problem {
                 write!(f, "not a well-formed X.509 {kind}: its {part} is malformed")
             }
             X509Fault::Duplicate(entry) => {
-                write!(f, "not a well-formed X.509 {kind}: it lists the same {entry} twice")
+                write!(
+                    f,
+                    "not a well-formed X.509 {kind}: it lists the same {entry} twice"
+                )
             }
             X509Fault::Structure => write!(
                 f,
@@ -288,16 +291,25 @@ mod tests {
         let broken = CERT_PEM.replacen("MIIBjDCC", "MIIB!DCC", 1);
         let problem = pem_problem(&broken);
         assert_eq!(problem, PemProblem::BadBase64);
-        assert!(problem.to_string().contains("not valid base64"), "{problem}");
+        assert!(
+            problem.to_string().contains("not valid base64"),
+            "{problem}"
+        );
     }
 
     #[test]
     fn a_broken_begin_line_is_named_without_its_contents() {
-        let short = CERT_PEM.replacen("-----BEGIN CERTIFICATE-----", "-----BEGIN CERTIFICATE---", 1);
+        let short = CERT_PEM.replacen(
+            "-----BEGIN CERTIFICATE-----",
+            "-----BEGIN CERTIFICATE---",
+            1,
+        );
         let problem = pem_problem(&short);
         assert_eq!(problem, PemProblem::BadBeginLine { label: None });
         assert!(
-            problem.to_string().contains("not a complete -----BEGIN <LABEL>----- line"),
+            problem
+                .to_string()
+                .contains("not a complete -----BEGIN <LABEL>----- line"),
             "{problem}"
         );
 
@@ -338,8 +350,14 @@ mod tests {
             let problem = x509_problem(&der[..cut]);
             assert_eq!(problem.fault, X509Fault::CutShort, "cut at {cut}");
             let said = problem.to_string();
-            assert!(said.starts_with("not a complete X.509 certificate"), "{said}");
-            assert!(!said.contains("NomError") && !said.contains("Eof"), "{said}");
+            assert!(
+                said.starts_with("not a complete X.509 certificate"),
+                "{said}"
+            );
+            assert!(
+                !said.contains("NomError") && !said.contains("Eof"),
+                "{said}"
+            );
         }
     }
 
@@ -353,7 +371,9 @@ mod tests {
             matches!(problem.fault, X509Fault::Structure | X509Fault::Part(_)),
             "{problem:?}"
         );
-        assert!(problem.to_string().starts_with("not a well-formed X.509 certificate"));
+        assert!(problem
+            .to_string()
+            .starts_with("not a well-formed X.509 certificate"));
     }
 
     #[test]
@@ -363,6 +383,9 @@ mod tests {
         der[7] = der[7].wrapping_add(1);
         let said = x509_problem(&der).to_string();
         assert!(said.starts_with("not a"), "{said}");
-        assert!(!said.contains("NomError") && !said.contains("Parsing Error"), "{said}");
+        assert!(
+            !said.contains("NomError") && !said.contains("Parsing Error"),
+            "{said}"
+        );
     }
 }

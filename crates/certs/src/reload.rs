@@ -531,7 +531,11 @@ mod tests {
         let second = issue();
         rename_over(&files.cert, &second.chain_pem);
         sleep(POLL + MISMATCH_SETTLE / 2).await;
-        assert_eq!(counts(), (0, 0), "seen at the first poll, and still settling");
+        assert_eq!(
+            counts(),
+            (0, 0),
+            "seen at the first poll, and still settling"
+        );
         sleep(MISMATCH_SETTLE).await;
         assert_eq!(counts(), (0, 1), "a failure once the window closed");
         assert_eq!(serving(), sha256(&first.der), "the last good pair stays");
@@ -549,7 +553,11 @@ mod tests {
         assert_eq!(counts(), (1, 1), "settling");
         rename_over(&files.key, &third.key_pem);
         sleep(MISMATCH_SETTLE).await;
-        assert_eq!(counts(), (2, 1), "a renewal between its renames is no failure");
+        assert_eq!(
+            counts(),
+            (2, 1),
+            "a renewal between its renames is no failure"
+        );
         assert_eq!(serving(), sha256(&third.der));
 
         stop.send(()).unwrap();

@@ -416,7 +416,9 @@ async fn two_rename_renewals_under_a_fast_poll_count_no_failed_reload() {
         .addr_from_log("admin endpoint serving", "admin")
         .await;
     let (client, client_addr) = files.start_client(listener_addr).await;
-    let client_admin = client.addr_from_log("admin endpoint serving", "admin").await;
+    let client_admin = client
+        .addr_from_log("admin endpoint serving", "admin")
+        .await;
     let probe = client_config(pki.root_pem(), Some(&first_client), &[]);
     assert_round_trip(client_addr, "before the renewals").await;
 
@@ -427,7 +429,13 @@ async fn two_rename_renewals_under_a_fast_poll_count_no_failed_reload() {
         // Phoenix's command moves the certificate first; install.sh moves the key first.
         let key_first = round % 2 == 1;
         tokio::join!(
-            install_leaf_by_two_renames(dir, "listener", &listener_leaf, key_first, BETWEEN_RENAMES),
+            install_leaf_by_two_renames(
+                dir,
+                "listener",
+                &listener_leaf,
+                key_first,
+                BETWEEN_RENAMES
+            ),
             install_leaf_by_two_renames(dir, "client", &client_leaf, key_first, BETWEEN_RENAMES),
         );
         eventually(

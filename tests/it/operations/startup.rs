@@ -198,10 +198,7 @@ fn first_block_cut_to(pem: &str, lines: usize) -> String {
     let mut block = pem.lines().take_while(|l| !l.starts_with("-----END"));
     let begin = block.next().unwrap();
     let body: Vec<&str> = block.take(lines).collect();
-    format!(
-        "{begin}\n{}\n-----END CERTIFICATE-----\n",
-        body.join("\n")
-    )
+    format!("{begin}\n{}\n-----END CERTIFICATE-----\n", body.join("\n"))
 }
 
 /// A certificate file cut short (a half-written file, or a whole PEM block holding half a
@@ -241,7 +238,13 @@ async fn a_truncated_certificate_is_refused_in_words() {
                 out.contains(&sentence),
                 "{what} {flags:?}: should say {sentence:?}:\n{out}"
             );
-            for internal in ["[67, 69", "NomError", "Parsing Error", "Eof", "missing section end"] {
+            for internal in [
+                "[67, 69",
+                "NomError",
+                "Parsing Error",
+                "Eof",
+                "missing section end",
+            ] {
                 assert!(
                     !words.contains(internal),
                     "{what} {flags:?}: {internal:?} is a parser's internals:\n{out}"

@@ -176,7 +176,10 @@ pub async fn install_leaf_by_two_renames(
     key_first: bool,
     between: std::time::Duration,
 ) {
-    let (crt, key) = (dir.join(format!("{stem}.crt")), dir.join(format!("{stem}.key")));
+    let (crt, key) = (
+        dir.join(format!("{stem}.crt")),
+        dir.join(format!("{stem}.key")),
+    );
     let mut moves = [(crt, &leaf.chain_pem), (key, &leaf.key_pem)];
     if key_first {
         moves.reverse();
