@@ -4,7 +4,7 @@
 use std::io;
 use std::path::PathBuf;
 
-use rustls::pki_types::pem;
+use crate::malformed::{PemProblem, X509Kind, X509Problem};
 
 /// Why a certificate, key, CA or CRL file could not be used. Every variant names the file.
 #[derive(Debug, thiserror::Error)]
@@ -22,18 +22,20 @@ pub enum CertError {
         path: PathBuf,
         expected: &'static str,
     },
-    #[error("{what} {}: malformed PEM", path.display())]
+    #[error("{what} {}: {problem}", path.display())]
     Pem {
         what: &'static str,
         path: PathBuf,
-        #[source]
-        source: pem::Error,
+        problem: PemProblem,
     },
-    #[error("{what} {}: not a usable X.509 certificate: {reason}", path.display())]
-    BadCertificate {
+    /// A PEM block (or DER CRL file) whose data is not a well-formed X.509 certificate or CRL.
+    #[error("{what} {}: {}{problem}", path.display(), block_of(*block))]
+    Malformed {
         what: &'static str,
         path: PathBuf,
-        reason: String,
+        /// Which block of the file, counting from 1, when the file holds more than one.
+        block: Option<usize>,
+        problem: X509Problem,
     },
     #[error("CA file {}: {source}", path.display())]
     BadCa {
@@ -61,21 +63,15 @@ pub enum CertError {
         not_before: String,
         now: String,
     },
-    #[error("certificate {} does not verify against the CA in {}: {source}", cert.display(), ca.display())]
+    #[error("certificate {} does not verify against the CA in {}: {}", cert.display(), ca.display(), refusal(reason))]
     Chain {
         cert: PathBuf,
         ca: PathBuf,
-        #[source]
-        source: rustls::Error,
+        /// webpki's reason, as rustls reports it.
+        reason: rustls::Error,
     },
     #[error("certificate {} has no {usage} extended key usage, which its role needs", path.display())]
     WrongUsage { path: PathBuf, usage: &'static str },
-    #[error("CRL {}: {source}", path.display())]
-    BadCrl {
-        path: PathBuf,
-        #[source]
-        source: rustls::Error,
-    },
     #[error("building the TLS configuration")]
     Tls(#[source] rustls::Error),
 }
@@ -88,7 +84,10 @@ impl CertError {
             CertError::NoPem { .. } | CertError::Pem { .. } => {
                 "the file should hold PEM blocks as step-ca writes them (-----BEGIN CERTIFICATE----- ...)"
             }
-            CertError::BadCertificate { .. } => "re-issue the certificate with step-ca",
+            CertError::Malformed { problem, .. } => match problem.kind {
+                X509Kind::Certificate => "re-issue the certificate with step-ca, or copy the whole file again",
+                X509Kind::Crl => "the CRL must be a PEM or DER X.509 CRL from the Phoenix CA: fetch it again",
+            },
             CertError::BadCa { .. } => "ca must hold the Phoenix root CA certificate (phoenix_root_ca.crt)",
             CertError::BadKey { .. } => "the key must be PKCS#8, SEC1 EC or PKCS#1 RSA PEM",
             CertError::KeyMismatch { .. } => {
@@ -100,10 +99,60 @@ impl CertError {
                 "the certificate must be issued by the CA in ca, with the intermediate appended after the leaf"
             }
             CertError::WrongUsage { .. } => "issue it with the right extended key usage (step-ca's default template has both)",
-            CertError::BadCrl { .. } => "the CRL must be a PEM or DER X.509 CRL from the Phoenix CA",
             CertError::Tls(_) => "see the error; this is a TLS configuration problem",
         }
     }
+}
+
+/// Why webpki refused our own chain, in words, ending with rustls' name for the reason so that
+/// it can be looked up. A reason with no words here keeps rustls' own message.
+fn refusal(error: &rustls::Error) -> String {
+    use rustls::CertificateError as C;
+    let rustls::Error::InvalidCertificate(reason) = error else {
+        return error.to_string();
+    };
+    #[allow(deprecated)] // rustls still reports the bare UnsupportedSignatureAlgorithm.
+    let (words, name) = match reason {
+        C::UnknownIssuer => (
+            "no certificate in that file issued it, directly or through the intermediate after the leaf",
+            "UnknownIssuer",
+        ),
+        C::BadSignature => ("a signature in the chain does not verify", "BadSignature"),
+        C::Expired | C::ExpiredContext { .. } => (
+            "a certificate in the chain (the intermediate?) has expired",
+            "Expired",
+        ),
+        C::NotValidYet | C::NotValidYetContext { .. } => (
+            "a certificate in the chain (the intermediate?) is not valid yet",
+            "NotValidYet",
+        ),
+        C::Revoked => ("a certificate in the chain is revoked", "Revoked"),
+        C::BadEncoding => (
+            "a certificate in the chain is not well-formed X.509",
+            "BadEncoding",
+        ),
+        C::UnhandledCriticalExtension => (
+            "a certificate in the chain has a critical extension that cannot be checked",
+            "UnhandledCriticalExtension",
+        ),
+        C::UnsupportedSignatureAlgorithm
+        | C::UnsupportedSignatureAlgorithmContext { .. }
+        | C::UnsupportedSignatureAlgorithmForPublicKeyContext { .. } => (
+            "a certificate in the chain is signed with an algorithm this build does not support",
+            "UnsupportedSignatureAlgorithm",
+        ),
+        C::InvalidPurpose | C::InvalidPurposeContext { .. } => (
+            "its extended key usage does not allow the role it is used in",
+            "InvalidPurpose",
+        ),
+        _ => return error.to_string(),
+    };
+    format!("{words} ({name})")
+}
+
+/// `"PEM block 2: "` for a file with several blocks, nothing for a file with one.
+fn block_of(block: Option<usize>) -> String {
+    block.map_or(String::new(), |n| format!("PEM block {n}: "))
 }
 
 /// An error and its sources, `outer: inner: root`, for one log field or message line. It lives in
@@ -122,6 +171,38 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_chain_is_said_in_words_with_rustls_name_for_it() {
+        let error = CertError::Chain {
+            cert: PathBuf::from("/etc/leaf.crt"),
+            ca: PathBuf::from("/etc/ca.crt"),
+            reason: rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnsupportedSignatureAlgorithmContext {
+                    signature_algorithm_id: vec![6, 8, 42, 134],
+                    supported_algorithms: Vec::new(),
+                },
+            ),
+        };
+        assert_eq!(
+            error_chain(&error),
+            "certificate /etc/leaf.crt does not verify against the CA in /etc/ca.crt: a certificate \
+             in the chain is signed with an algorithm this build does not support \
+             (UnsupportedSignatureAlgorithm)"
+        );
+        let unknown = CertError::Chain {
+            cert: PathBuf::from("/etc/leaf.crt"),
+            ca: PathBuf::from("/etc/ca.crt"),
+            reason: rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        };
+        assert!(
+            error_chain(&unknown).ends_with(
+                ": no certificate in that file issued it, directly or through the intermediate \
+                 after the leaf (UnknownIssuer)"
+            ),
+            "{unknown}"
+        );
+    }
 
     #[test]
     fn the_chain_names_every_cause_in_order() {

@@ -9,10 +9,12 @@ use x509_parser::objects::oid_registry;
 use x509_parser::oid_registry::OidRegistry;
 use x509_parser::prelude::{FromDer, X509Certificate, X509Name};
 
-/// A certificate that could not be parsed as X.509.
+use crate::malformed::{X509Kind, X509Problem};
+
+/// A certificate that could not be parsed as X.509; says why in words.
 #[derive(Debug, thiserror::Error)]
-#[error("not a valid X.509 certificate: {0}")]
-pub struct IdentityError(String);
+#[error("{0}")]
+pub struct IdentityError(pub(crate) X509Problem);
 
 /// The identity a certificate carries, read once per handshake.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,7 +44,8 @@ pub struct PeerIdentity {
 impl PeerIdentity {
     /// Reads the identity out of a DER certificate.
     pub fn from_der(der: &[u8]) -> Result<Self, IdentityError> {
-        let (_, cert) = X509Certificate::from_der(der).map_err(|e| IdentityError(e.to_string()))?;
+        let (_, cert) = X509Certificate::from_der(der)
+            .map_err(|e| IdentityError(X509Problem::explain(X509Kind::Certificate, der, &e)))?;
         let registry = oid_registry();
         let mut id = PeerIdentity {
             subject: rfc4514(cert.subject(), registry),

@@ -9,22 +9,28 @@
 //! Crate map:
 //! - `error.rs`: [`CertError`] with a hint per variant, and [`error_chain`] for printing any error.
 //! - `load.rs`: PEM (and DER CRL) files into rustls types, every error naming the file.
+//! - `malformed.rs`: what is wrong with PEM text or X.509 DER, in words ([`PemProblem`], [`X509Problem`]).
 //! - `material.rs`: a side's files loaded and checked together ([`Material`]), and its `--check` lines.
 //! - `identity.rs`: who a certificate names ([`PeerIdentity`]), its XFCC value and the renewal-due rule.
 //! - `tls.rs`: the rustls client and server configurations, the listener's peer policy, handshake failure reasons.
 //! - `verified_chains.rs`: client chains the listener has already verified under its current policy.
 //! - `cache.rs`: a small bounded map keyed by exact bytes (certificates, chains).
-//! - `reload.rs`: live TLS configurations swapped atomically, and the reloader that rebuilds them.
+//! - `reload.rs`: live TLS configurations swapped atomically, and the reloader that rebuilds them
+//!   (giving a renewal caught between its two renames a moment to finish).
 //! - `provider.rs`: the one crypto provider, and SHA-256 helpers.
 //! - `pki.rs` (feature `pki-gen`): a throwaway step-ca-like PKI for the demo, tests and benches.
+//! - `test_pem.rs` (unit tests only): real PEM made by openssl, for the tests to cut and damage.
 
 mod cache;
 mod error;
 mod identity;
 mod load;
+mod malformed;
 mod material;
 pub mod provider;
 mod reload;
+#[cfg(test)]
+mod test_pem;
 mod tls;
 mod verified_chains;
 
@@ -34,6 +40,7 @@ pub mod pki;
 pub use cache::ByteCache;
 pub use error::{error_chain, CertError};
 pub use identity::{IdentityError, PeerIdentity};
+pub use malformed::{PemProblem, X509Fault, X509Kind, X509Problem};
 pub use material::{human, Material, Role, TlsFiles};
 pub use reload::{LiveClientTls, LiveServerTls, LiveTls, ReloadStats, Reloader};
 pub use tls::{

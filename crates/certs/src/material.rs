@@ -66,13 +66,14 @@ impl Material {
         let chain = load::load_cert_chain(&files.cert)?;
         let key = load::load_private_key(&files.key)?;
         let ca_certs = load::certs_from("CA file", &files.ca)?;
-        let roots = load::roots_from(&files.ca, ca_certs.iter().cloned())?;
+        let roots = load::roots_from(&files.ca, &ca_certs)?;
         let crls = load::load_crls(&files.crls)?;
 
-        let leaf = PeerIdentity::from_der(&chain[0]).map_err(|e| CertError::BadCertificate {
+        let leaf = PeerIdentity::from_der(&chain[0]).map_err(|e| CertError::Malformed {
             what: "certificate",
             path: files.cert.clone(),
-            reason: e.to_string(),
+            block: (chain.len() > 1).then_some(1),
+            problem: e.0,
         })?;
 
         let provider = provider::provider();
@@ -113,10 +114,15 @@ impl Material {
             now.duration_since(SystemTime::UNIX_EPOCH)
                 .unwrap_or_default(),
         );
-        let chain_err = |source| CertError::Chain {
-            cert: files.cert.clone(),
-            ca: files.ca.clone(),
-            source,
+        // An intermediate that is not well-formed X.509 is the better explanation of a refusal.
+        let chain_err = |reason: rustls::Error| {
+            load::malformed_certificate("certificate", &files.cert, &chain).unwrap_or_else(|| {
+                CertError::Chain {
+                    cert: files.cert.clone(),
+                    ca: files.ca.clone(),
+                    reason,
+                }
+            })
         };
         match role {
             Role::Server => {

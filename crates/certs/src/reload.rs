@@ -1,6 +1,8 @@
 //! TLS material that changes while the process runs: a live configuration swapped atomically, and a
 //! reloader that rebuilds it from the files on SIGHUP or when their contents change. A reload that
-//! fails leaves the previous material in service; the process never exits because of one.
+//! fails leaves the previous material in service; the process never exits because of one. A
+//! certificate and key that do not match, as the file watcher reads them between a renewal's two
+//! renames, get a short settle time to become a pair before they count as a failure.
 
 use std::fs;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use rustls::{ClientConfig, ServerConfig};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::tls::{build_client_config, build_server_config, ServerResumption};
 use crate::{
@@ -187,6 +189,66 @@ struct Watch<O> {
     options: O,
     seen: String,
     last_expiry_warning: Option<Instant>,
+    /// A mismatched pair the watcher saw and has not yet called a failure.
+    settling: Settling,
+}
+
+/// How long after the watcher first sees a certificate and key that do not match it keeps
+/// retrying before it calls the mismatch a failed reload.
+///
+/// A renewal replaces `cert` and `key` with two renames (Phoenix's post-renewal command is two
+/// `mv`s, run back to back), so a poll can fall between them and read the new certificate with the
+/// old key. The gap is the writer's: milliseconds, well under a second even on a loaded host, and
+/// unrelated to the poll interval. Two seconds covers it many times over, and since the watcher
+/// reads the files once more when the window closes, a renewal that really wrote one file only is
+/// still reported about two seconds after it was seen, whatever the poll interval.
+const MISMATCH_SETTLE: Duration = Duration::from_secs(2);
+
+/// The settle rule for a certificate and key that do not match, seen by the file watcher: within
+/// [`MISMATCH_SETTLE`] of the first sighting the pair is taken to be a renewal half-way through its
+/// renames and retried at the next poll; after it, the mismatch is a failure like any other. A good
+/// pair ends the wait at once, and so does any other error (it is not what a rename leaves behind).
+#[derive(Debug, Default)]
+struct Settling {
+    since: Option<tokio::time::Instant>,
+}
+
+/// What to do with a mismatched pair the watcher has just read.
+#[derive(Debug, PartialEq, Eq)]
+enum Mismatch {
+    /// Within the settle time: say nothing, count nothing, read the files again at the next poll.
+    Retry,
+    /// Past it: a failed reload.
+    Fail,
+}
+
+impl Settling {
+    /// A mismatched pair read at `now`.
+    fn mismatch(&mut self, now: tokio::time::Instant) -> Mismatch {
+        let since = *self.since.get_or_insert(now);
+        if now.saturating_duration_since(since) < MISMATCH_SETTLE {
+            Mismatch::Retry
+        } else {
+            self.since = None;
+            Mismatch::Fail
+        }
+    }
+
+    /// Anything but a mismatch was read (a good pair, or another error): the wait is over.
+    fn clear(&mut self) {
+        self.since = None;
+    }
+
+    /// Whether a mismatch is waiting to be read again.
+    fn waiting(&self) -> bool {
+        self.since.is_some()
+    }
+
+    /// When the waiting mismatch's window closes: the watcher reads the files then, so the
+    /// verdict does not wait for a long poll interval.
+    fn deadline(&self) -> Option<tokio::time::Instant> {
+        self.since.map(|since| since + MISMATCH_SETTLE)
+    }
 }
 
 /// Rebuilds a live configuration from its files, on request or when their contents change.
@@ -208,6 +270,7 @@ impl<T: LiveTls> Reloader<T> {
                 options,
                 seen,
                 last_expiry_warning: None,
+                settling: Settling::default(),
             }),
             stats: ReloadStats::default(),
         }
@@ -220,25 +283,48 @@ impl<T: LiveTls> Reloader<T> {
 
     /// Reloads from `files` with `options` now (SIGHUP). On failure the previous material stays in
     /// service and `files` are watched so that their next change is tried again.
+    ///
+    /// A signal says the files are ready, so a mismatched pair found here fails at once; it also
+    /// ends any wait of the watcher's, whose files this reload has just read.
     pub fn reload(&self, files: TlsFiles, options: T::Options, why: &str) -> Result<(), CertError> {
         let mut watch = self.watch.lock();
         watch.seen = fingerprint(&files);
         watch.files = files;
         watch.options = options;
-        self.apply(&watch, why)
+        watch.settling.clear();
+        let result = self.load(&watch);
+        self.report(&watch, why, result)
     }
 
     /// Reloads if any watched file's contents changed since the last attempt (rename, in-place
-    /// rewrite and symlink swaps alike, since it reads through links). `None` when nothing changed.
+    /// rewrite and symlink swaps alike, since it reads through links). `None` when nothing changed,
+    /// and while a certificate and key that do not match are given two seconds from the first
+    /// sighting to become a pair (a renewal between its two renames).
     pub fn poll(&self) -> Option<Result<(), CertError>> {
         let mut watch = self.watch.lock();
         self.warn_if_expiring(&mut watch);
         let now = fingerprint(&watch.files);
-        if now == watch.seen {
+        // Unchanged files read as before; only a mismatch still settling needs another look, to
+        // be called a failure once its time is up.
+        if now == watch.seen && !watch.settling.waiting() {
             return None;
         }
         watch.seen = now;
-        Some(self.apply(&watch, "certificate files changed"))
+        let why = "certificate files changed";
+        let result = self.load(&watch);
+        if let Err(error @ CertError::KeyMismatch { .. }) = &result {
+            if watch.settling.mismatch(tokio::time::Instant::now()) == Mismatch::Retry {
+                debug!(
+                    reason = why,
+                    error = %error_chain(error),
+                    "certificate and key do not match yet; reading them again at the next poll in case a renewal is between its renames"
+                );
+                return None;
+            }
+        } else {
+            watch.settling.clear();
+        }
+        Some(self.report(&watch, why, result))
     }
 
     /// Polls the files every `interval` until `stop` resolves (file reads run off the async workers).
@@ -252,21 +338,38 @@ impl<T: LiveTls> Reloader<T> {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticker.tick().await;
         loop {
+            let settle_deadline = self.watch.lock().settling.deadline();
+            let settled = async {
+                match settle_deadline {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 () = &mut stop => return,
-                _ = ticker.tick() => {
-                    let this = self.clone();
-                    let _ = tokio::task::spawn_blocking(move || this.poll()).await;
-                }
+                _ = ticker.tick() => {}
+                () = settled => {}
             }
+            let this = self.clone();
+            let _ = tokio::task::spawn_blocking(move || this.poll()).await;
         }
     }
 
-    fn apply(&self, watch: &Watch<T::Options>, why: &str) -> Result<(), CertError> {
-        let result = Material::load(&watch.files, T::ROLE).and_then(|m| {
+    /// Loads and checks the files and, when they are good, installs them.
+    fn load(&self, watch: &Watch<T::Options>) -> Result<Material, CertError> {
+        Material::load(&watch.files, T::ROLE).and_then(|m| {
             self.live.install(&m, &watch.options)?;
             Ok(m)
-        });
+        })
+    }
+
+    /// Counts and logs the outcome of [`Reloader::load`].
+    fn report(
+        &self,
+        watch: &Watch<T::Options>,
+        why: &str,
+        result: Result<Material, CertError>,
+    ) -> Result<(), CertError> {
         match result {
             Ok(material) => {
                 self.stats.succeeded.fetch_add(1, Ordering::Relaxed);
@@ -328,4 +431,136 @@ fn fingerprint(files: &TlsFiles) -> String {
         }
     }
     crate::provider::hex(ctx.finish().as_ref())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use tokio::time::{advance, sleep, Instant};
+
+    #[tokio::test(start_paused = true)]
+    async fn a_mismatch_is_retried_within_the_settle_time_and_fails_after_it() {
+        let mut settling = Settling::default();
+        assert!(!settling.waiting());
+        assert_eq!(settling.deadline(), None);
+        let first = Instant::now();
+        assert_eq!(settling.mismatch(first), Mismatch::Retry);
+        assert_eq!(settling.deadline(), Some(first + MISMATCH_SETTLE));
+        advance(MISMATCH_SETTLE / 2).await;
+        assert_eq!(settling.mismatch(Instant::now()), Mismatch::Retry);
+        advance(MISMATCH_SETTLE / 4).await;
+        assert_eq!(
+            settling.mismatch(Instant::now()),
+            Mismatch::Retry,
+            "the window counts from the first sighting, not the latest"
+        );
+        assert_eq!(settling.deadline(), Some(first + MISMATCH_SETTLE));
+        advance(MISMATCH_SETTLE / 4).await;
+        assert_eq!(settling.mismatch(Instant::now()), Mismatch::Fail);
+        assert!(!settling.waiting(), "a failure is reported once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_good_pair_or_another_error_ends_the_wait_and_the_next_mismatch_waits_afresh() {
+        let mut settling = Settling::default();
+        assert_eq!(settling.mismatch(Instant::now()), Mismatch::Retry);
+        advance(MISMATCH_SETTLE - Duration::from_millis(1)).await;
+        settling.clear();
+        assert!(!settling.waiting());
+        assert_eq!(settling.deadline(), None);
+        advance(Duration::from_millis(1)).await;
+        // The next renewal's first rename: a new window, not the end of the old one.
+        assert_eq!(settling.mismatch(Instant::now()), Mismatch::Retry);
+        advance(MISMATCH_SETTLE - Duration::from_millis(1)).await;
+        assert_eq!(settling.mismatch(Instant::now()), Mismatch::Retry);
+        advance(Duration::from_millis(1)).await;
+        assert_eq!(settling.mismatch(Instant::now()), Mismatch::Fail);
+    }
+
+    /// The watcher itself, on a paused clock with an hour between polls: a certificate whose key
+    /// never comes is called a failure when its settle window closes, not an hour later at the
+    /// next poll; a key that comes within the window makes a plain success.
+    #[cfg(feature = "pki-gen")]
+    #[tokio::test(start_paused = true)]
+    async fn the_watcher_reads_a_mismatch_again_when_its_window_closes() {
+        use crate::pki::{LeafSpec, Pki};
+        use crate::{LiveServerTls, ServerTlsOptions};
+        const POLL: Duration = Duration::from_secs(3600);
+
+        let pki = Pki::new("settle test").unwrap();
+        let issue = || {
+            pki.issue(&LeafSpec::new("listener.test", Duration::from_secs(86_400)))
+                .unwrap()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let files = TlsFiles {
+            cert: dir.path().join("cert.pem"),
+            key: dir.path().join("key.pem"),
+            ca: dir.path().join("ca.pem"),
+            crls: Vec::new(),
+        };
+        let rename_over = |path: &std::path::Path, data: &str| {
+            let new = path.with_extension("new");
+            fs::write(&new, data).unwrap();
+            fs::rename(&new, path).unwrap();
+        };
+        let first = issue();
+        rename_over(&files.cert, &first.chain_pem);
+        rename_over(&files.key, &first.key_pem);
+        rename_over(&files.ca, pki.root_pem());
+        let options = ServerTlsOptions::default();
+        let material = Material::load(&files, Role::Server).unwrap();
+        let live = Arc::new(LiveServerTls::new(&material, &options).unwrap());
+        let reloader = Arc::new(Reloader::new(live, files.clone(), options));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let watcher = tokio::spawn(reloader.clone().watch_files(POLL, async move {
+            let _ = stopped.await;
+        }));
+        let counts = || {
+            let stats = &reloader.stats;
+            (
+                stats.succeeded.load(Ordering::Relaxed),
+                stats.failed.load(Ordering::Relaxed),
+            )
+        };
+        let serving = || reloader.live().leaf().sha256.clone();
+        let sha256 = |der: &[u8]| crate::provider::sha256_hex(der);
+
+        // Polls fall at POLL, 2 POLL, 3 POLL from here.
+        let second = issue();
+        rename_over(&files.cert, &second.chain_pem);
+        sleep(POLL + MISMATCH_SETTLE / 2).await;
+        assert_eq!(
+            counts(),
+            (0, 0),
+            "seen at the first poll, and still settling"
+        );
+        sleep(MISMATCH_SETTLE).await;
+        assert_eq!(counts(), (0, 1), "a failure once the window closed");
+        assert_eq!(serving(), sha256(&first.der), "the last good pair stays");
+
+        rename_over(&files.key, &second.key_pem);
+        sleep(POLL).await;
+        assert_eq!(counts(), (1, 1), "its key, read at the second poll");
+        assert_eq!(serving(), sha256(&second.der));
+
+        // Now 2 POLL + 3 s: the next renewal's certificate, read alone at the third poll, then
+        // its key inside the window.
+        let third = issue();
+        rename_over(&files.cert, &third.chain_pem);
+        sleep(POLL - Duration::from_secs(2)).await;
+        assert_eq!(counts(), (1, 1), "settling");
+        rename_over(&files.key, &third.key_pem);
+        sleep(MISMATCH_SETTLE).await;
+        assert_eq!(
+            counts(),
+            (2, 1),
+            "a renewal between its renames is no failure"
+        );
+        assert_eq!(serving(), sha256(&third.der));
+
+        stop.send(()).unwrap();
+        watcher.await.unwrap();
+    }
 }

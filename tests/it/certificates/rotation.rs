@@ -1,8 +1,8 @@
 //! Certificates rotated while traffic flows: through SIGHUP and through a file change alone (files
 //! replaced by rename, rewritten in place, or behind a swapped Kubernetes-secret symlink), on both
 //! sides, under load, without a failed request; pooled mesh connections follow the client's new
-//! certificate; and botched renewals keep the last good certificate in service until the next good
-//! one applies.
+//! certificate; botched renewals keep the last good certificate in service until the next good
+//! one applies; and a renewal's two renames, seen half-done by the poller, are no failed reload.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -13,8 +13,8 @@ use phoenix_mesh_certs::LiveTls;
 use crate::support::admin::{admin_get, metric};
 use crate::support::backend::{Backend, HELLO};
 use crate::support::files::{
-    install_leaf_by_rename, install_leaf_in_place, install_symlinked_leaf, rename_replace,
-    swap_symlinked_leaf, MeshFiles,
+    install_leaf_by_rename, install_leaf_by_two_renames, install_leaf_in_place,
+    install_symlinked_leaf, rename_replace, swap_symlinked_leaf, MeshFiles,
 };
 use crate::support::http::{assert_round_trip, try_get};
 use crate::support::load::Load;
@@ -391,4 +391,94 @@ async fn botched_renewal_and_sighup_leave_the_binary_running_on_the_old_certific
         metric(&text, "phoenix_mesh_reloads_total", &[("result", "ok")]).unwrap_or(0.0) >= 1.0,
         "{text}"
     );
+}
+
+/// The pause between a renewal's two renames: several poll intervals, so the watcher reads the new
+/// certificate beside the old key (or the other way round). Pacing only; nothing asserts on time.
+const BETWEEN_RENAMES: Duration = Duration::from_millis(400);
+
+/// Renewals done the way Phoenix's post-renewal command does them, two renames with a poll between,
+/// on both sides under load with a fast poll: no failed reload counted or warned about, no failed
+/// request, and every renewal in service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_rename_renewals_under_a_fast_poll_count_no_failed_reload() {
+    let pki = TestPki::new();
+    let backend = Backend::start().await;
+    let (first_listener, first_client) = (pki.listener_cert(), pki.client_cert());
+    let mut files = MeshFiles::new(&pki, backend.addr, &first_listener, &first_client);
+    for side in [&mut files.server, &mut files.client] {
+        side.set_str("reload_poll_interval", "100ms")
+            .set_str("admin_listen", "127.0.0.1:0");
+    }
+    files.client.set_str("pool_idle_timeout", "200ms");
+    let (listener, listener_addr) = files.start_listener().await;
+    let listener_admin = listener
+        .addr_from_log("admin endpoint serving", "admin")
+        .await;
+    let (client, client_addr) = files.start_client(listener_addr).await;
+    let client_admin = client
+        .addr_from_log("admin endpoint serving", "admin")
+        .await;
+    let probe = client_config(pki.root_pem(), Some(&first_client), &[]);
+    assert_round_trip(client_addr, "before the renewals").await;
+
+    let load = Load::start(client_addr, 2, 100_000);
+    let dir = files.dir.path();
+    for round in 0..4 {
+        let (listener_leaf, client_leaf) = (pki.listener_cert(), pki.client_cert());
+        // Phoenix's command moves the certificate first; install.sh moves the key first.
+        let key_first = round % 2 == 1;
+        tokio::join!(
+            install_leaf_by_two_renames(
+                dir,
+                "listener",
+                &listener_leaf,
+                key_first,
+                BETWEEN_RENAMES
+            ),
+            install_leaf_by_two_renames(dir, "client", &client_leaf, key_first, BETWEEN_RENAMES),
+        );
+        eventually(
+            &format!("renewal {round}: the listener presenting its new certificate"),
+            || {
+                let probe = probe.clone();
+                let want = listener_leaf.der.clone();
+                async move { (presented_leaf(listener_addr, probe).await == want).then_some(()) }
+            },
+        )
+        .await;
+        backend_sees_client(client_addr, &backend, &client_leaf).await;
+    }
+    load.assert_no_failures("during the renewals", 20).await;
+
+    for (side, admin, proc) in [
+        ("listener", listener_admin, &listener),
+        ("client", client_admin, &client),
+    ] {
+        let (_, text) = admin_get(admin, "/metrics").await;
+        let reloads = |result| metric(&text, "phoenix_mesh_reloads_total", &[("result", result)]);
+        assert_eq!(
+            reloads("failed").unwrap_or(0.0),
+            0.0,
+            "{side}: a renewal's two renames are no failed reload:\n{text}"
+        );
+        assert!(
+            reloads("ok").unwrap_or(0.0) >= 4.0,
+            "{side}: every renewal reloaded:\n{text}"
+        );
+        // Only the reloader's warnings: the process may warn about its environment (file limits).
+        let warnings: Vec<String> = proc
+            .log()
+            .into_iter()
+            .filter(|l| {
+                l.contains("\"level\":\"WARN\"")
+                    && (l.contains("reload") || l.contains("does not match"))
+            })
+            .collect();
+        assert!(
+            warnings.is_empty(),
+            "{side}: no reload warning:\n{}",
+            warnings.join("\n")
+        );
+    }
 }

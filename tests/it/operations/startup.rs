@@ -191,3 +191,65 @@ async fn client_accepts_public_listen_when_allowed() {
     assert_eq!(reply.body, HELLO);
     assert_eq!(reply.mesh_error(), None);
 }
+
+/// The first PEM block of `pem` with only its first `lines` lines of base64: still well-formed PEM
+/// (64 characters of base64 are 48 whole bytes), but the certificate inside is cut short.
+fn first_block_cut_to(pem: &str, lines: usize) -> String {
+    let mut block = pem.lines().take_while(|l| !l.starts_with("-----END"));
+    let begin = block.next().unwrap();
+    let body: Vec<&str> = block.take(lines).collect();
+    format!("{begin}\n{}\n-----END CERTIFICATE-----\n", body.join("\n"))
+}
+
+/// A certificate file cut short (a half-written file, or a whole PEM block holding half a
+/// certificate): start-up exits 78 and `--check` fails, both naming the file and saying what is
+/// wrong in words, with none of the parsers' internals (the label's bytes, nom's error kinds).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_truncated_certificate_is_refused_in_words() {
+    let pki = TestPki::new();
+    let leaf = pki.listener_cert();
+    let cases = [
+        (
+            "a PEM file cut short",
+            leaf.chain_pem[..leaf.chain_pem.len() / 3].to_owned(),
+            "the file ends inside a CERTIFICATE block",
+        ),
+        (
+            "a PEM block holding half a certificate",
+            first_block_cut_to(&leaf.chain_pem, 3),
+            "not a complete X.509 certificate",
+        ),
+    ];
+    for (what, text, says) in cases {
+        let files = MeshFiles::unconnected(&pki);
+        std::fs::write(files.path("listener.crt"), text).unwrap();
+        let config = files.write_server();
+        let sentence = format!(
+            "certificate {}: {says}",
+            files.path("listener.crt").display()
+        );
+        for (flags, exit) in [(&[][..], EX_CONFIG), (&["--check"][..], 1)] {
+            let (code, stdout, stderr) = Binary::server(&config).flags(flags).output().await;
+            let out = format!("{stdout}\n--- stderr:\n{stderr}");
+            // The temporary directory's random name is no internal, whatever letters it has.
+            let words = out.replace(&files.dir.path().display().to_string(), "");
+            assert_eq!(code, Some(exit), "{what} {flags:?}:\n{out}");
+            assert!(
+                out.contains(&sentence),
+                "{what} {flags:?}: should say {sentence:?}:\n{out}"
+            );
+            for internal in [
+                "[67, 69",
+                "NomError",
+                "Parsing Error",
+                "Eof",
+                "missing section end",
+            ] {
+                assert!(
+                    !words.contains(internal),
+                    "{what} {flags:?}: {internal:?} is a parser's internals:\n{out}"
+                );
+            }
+        }
+    }
+}

@@ -165,6 +165,31 @@ pub fn install_leaf_by_rename(dir: &Path, stem: &str, leaf: &Leaf) {
     rename_replace(&dir.join(format!("{stem}.crt")), &leaf.chain_pem);
 }
 
+/// Installs `leaf` as `<stem>.crt` / `<stem>.key` in `dir` with two renames, as Phoenix's
+/// post-renewal command does (`mv new.crt <stem>.crt; mv new.key <stem>.key`, or key first when
+/// `key_first`), waiting `between` between them so that a poll can read one new file beside the
+/// other old one.
+pub async fn install_leaf_by_two_renames(
+    dir: &Path,
+    stem: &str,
+    leaf: &Leaf,
+    key_first: bool,
+    between: std::time::Duration,
+) {
+    let (crt, key) = (
+        dir.join(format!("{stem}.crt")),
+        dir.join(format!("{stem}.key")),
+    );
+    let mut moves = [(crt, &leaf.chain_pem), (key, &leaf.key_pem)];
+    if key_first {
+        moves.reverse();
+    }
+    let [first, second] = moves;
+    rename_replace(&first.0, first.1);
+    tokio::time::sleep(between).await;
+    rename_replace(&second.0, second.1);
+}
+
 /// Rewrites `<stem>.crt` / `<stem>.key` in place (truncate and write, same inode).
 pub fn install_leaf_in_place(dir: &Path, stem: &str, leaf: &Leaf) {
     std::fs::write(dir.join(format!("{stem}.key")), &leaf.key_pem).unwrap();
