@@ -89,7 +89,11 @@ pub async fn run(once: bool) -> anyhow::Result<()> {
         }
         name = stop.recv() => {
             println!("{name}: stopping before the demo request finished");
-            return finish(shutdown, dir, true).await;
+            finish(shutdown, dir, true).await?;
+            if once {
+                bail!("{name} arrived before the demo request finished");
+            }
+            return Ok(());
         }
     };
     println!("GET http://{DEMO_HOST}/hello?from=demo through client -> listener -> backend:");
@@ -99,13 +103,17 @@ pub async fn run(once: bool) -> anyhow::Result<()> {
     println!(
         "  curl -sS http://{listener_addr}/    # plain HTTP on the TLS port: 400 tls-required"
     );
-    let exe = program();
-    println!("  {exe} server --check --config {}", server_toml.display());
-    println!("  {exe} client --check --config {}", client_toml.display());
 
     if !once {
+        // The configs name the bound ports, so these probe the running demo.
+        let exe = program();
+        println!("  {exe} server --check --config {}", server_toml.display());
+        println!("  {exe} client --check --config {}", client_toml.display());
         println!();
-        println!("Running until Ctrl-C or SIGTERM (then {} is removed).", dir.path().display());
+        println!(
+            "Running until Ctrl-C or SIGTERM (then {} is removed).",
+            dir.path().display()
+        );
         let name = stop.recv().await;
         println!("{name}: stopping");
     }
