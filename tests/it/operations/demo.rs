@@ -85,10 +85,10 @@ async fn demo_prints_check_commands_that_pass_and_sigterm_removes_its_directory(
     let status = within("the demo exiting on SIGTERM", child.wait())
         .await
         .unwrap();
-    assert!(status.success(), "{status}");
     assert!(
         !dir.exists(),
         "{} is still there after SIGTERM",
         dir.display()
     );
+    assert!(status.success(), "{status}");
 }
