@@ -23,6 +23,10 @@
 # the binary, the unit or the config changed, reloads it when only the certificate did, and leaves
 # it stopped (enabled) while its certificate does not exist yet.
 #
+# The binary to give is what `cargo build --release` builds, target/release/phoenix-mesh: the release
+# profile leaves out debug info, so it is installed as built, with nothing to strip (a binary with
+# line tables for perf is `cargo build --profile profiling`'s, and is not one to install).
+#
 # Without a binary argument the installed /usr/local/bin/phoenix-mesh is kept (re-run after
 # editing only the unit or to repair permissions).
 #

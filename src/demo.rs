@@ -1,6 +1,10 @@
 //! `phoenix-mesh demo`: the whole hop on a throwaway PKI and free loopback ports.
 //!
 //! backend (stands in for Traefik) <- mesh listener <- client sidecar <- one request from here.
+//!
+//! The configs it leaves in its temporary directory name the ports it bound, so the `--check`
+//! commands it prints probe the running demo. That directory holds private keys: it is removed on
+//! every way out (the request failing, `--once` done, Ctrl-C, SIGTERM, SIGHUP).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -19,12 +23,16 @@ use phoenix_mesh_client::{ClientSettings, ClientSidecar};
 use phoenix_mesh_server::{MeshListener, ServerSettings};
 use phoenix_mesh_transport::serve::{Shutdown, ShutdownWatch};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 const LISTENER_NAME: &str = "mesh.internal.thinkheads.ai";
 const GATEWAY_NAME: &str = "nginx.internal.thinkheads.ai";
 const DEMO_HOST: &str = "whoami.internal.thinkheads.ai";
 
 pub async fn run(once: bool) -> anyhow::Result<()> {
+    // Before the directory exists: a signal from here on is caught (and the directory removed)
+    // rather than killing the process with the keys left behind.
+    let mut stop = StopSignals::new()?;
     let dir = tempfile::Builder::new()
         .prefix("phoenix-mesh-demo-")
         .tempdir()
@@ -38,28 +46,31 @@ pub async fn run(once: bool) -> anyhow::Result<()> {
     let backend_addr = backend.local_addr()?;
     tokio::spawn(echo_backend(backend, watch.clone()));
 
+    // Each side is bound on port 0, then its config is rewritten with the port it got.
     let server_toml = dir.path().join("server.toml");
-    std::fs::write(
-        &server_toml,
+    let server_config = |listen: &str| {
         format!(
-            "listen = \"127.0.0.1:0\"\nbackend = \"{backend_addr}\"\ncert = \"listener.crt\"\nkey = \"listener.key\"\n\
+            "listen = \"{listen}\"\nbackend = \"{backend_addr}\"\ncert = \"listener.crt\"\nkey = \"listener.key\"\n\
              ca = \"root_ca.crt\"\nallowed_peers = [\"{GATEWAY_NAME}\"]\n"
-        ),
-    )?;
+        )
+    };
+    write(&server_toml, &server_config("127.0.0.1:0"))?;
     let listener = MeshListener::bind(ServerSettings::load(&server_toml)?).await?;
     let listener_addr = listener.local_addr()?;
+    write(&server_toml, &server_config(&listener_addr.to_string()))?;
     tokio::spawn(listener.serve(watch.clone()));
 
     let client_toml = dir.path().join("client.toml");
-    std::fs::write(
-        &client_toml,
+    let client_config = |listen: &str| {
         format!(
-            "listen = \"127.0.0.1:0\"\nupstreams = [\"{listener_addr}\"]\nserver_name = \"{LISTENER_NAME}\"\n\
+            "listen = \"{listen}\"\nupstreams = [\"{listener_addr}\"]\nserver_name = \"{LISTENER_NAME}\"\n\
              cert = \"nginx-client.crt\"\nkey = \"nginx-client.key\"\nca = \"root_ca.crt\"\n"
-        ),
-    )?;
+        )
+    };
+    write(&client_toml, &client_config("127.0.0.1:0"))?;
     let client = ClientSidecar::bind(ClientSettings::load(&client_toml)?).await?;
     let client_addr = client.local_addr()?;
+    write(&client_toml, &client_config(&client_addr.to_string()))?;
     tokio::spawn(client.serve(watch.clone()));
     drop(watch);
 
@@ -72,9 +83,19 @@ pub async fn run(once: bool) -> anyhow::Result<()> {
     println!("  client sidecar (plain HTTP)      http://{client_addr}   certificate CN nginx-gateway-client, DNS {GATEWAY_NAME}");
     println!();
 
-    let seen = tokio::time::timeout(Duration::from_secs(10), round_trip(client_addr))
-        .await
-        .context("the demo request did not finish within 10 s")??;
+    let seen = tokio::select! {
+        seen = tokio::time::timeout(Duration::from_secs(10), round_trip(client_addr)) => {
+            seen.context("the demo request did not finish within 10 s")??
+        }
+        name = stop.recv() => {
+            println!("{name}: stopping before the demo request finished");
+            finish(shutdown, dir, true).await?;
+            if once {
+                bail!("{name} arrived before the demo request finished");
+            }
+            return Ok(());
+        }
+    };
     println!("GET http://{DEMO_HOST}/hello?from=demo through client -> listener -> backend:");
     println!("{seen}");
     println!("Try it yourself:");
@@ -83,18 +104,72 @@ pub async fn run(once: bool) -> anyhow::Result<()> {
         "  curl -sS http://{listener_addr}/    # plain HTTP on the TLS port: 400 tls-required"
     );
 
-    if once {
-        shutdown.begin();
-        return Ok(());
+    if !once {
+        // The configs name the bound ports, so these probe the running demo.
+        let exe = program();
+        println!("  {exe} server --check --config {}", server_toml.display());
+        println!("  {exe} client --check --config {}", client_toml.display());
+        println!();
+        println!(
+            "Running until Ctrl-C or SIGTERM (then {} is removed).",
+            dir.path().display()
+        );
+        let name = stop.recv().await;
+        println!("{name}: stopping");
     }
-    println!();
-    println!("Running until Ctrl-C.");
-    tokio::signal::ctrl_c()
-        .await
-        .context("waiting for Ctrl-C")?;
+    finish(shutdown, dir, !once).await
+}
+
+/// Stops the demo's servers, waits up to 5 s for requests in flight (not after `--once`'s own
+/// request, which has its answer), and removes the directory.
+async fn finish(shutdown: Shutdown, dir: tempfile::TempDir, drain: bool) -> anyhow::Result<()> {
     shutdown.begin();
-    let _ = tokio::time::timeout(Duration::from_secs(5), shutdown.drained()).await;
-    Ok(())
+    if drain {
+        let _ = tokio::time::timeout(Duration::from_secs(5), shutdown.drained()).await;
+    }
+    let path = dir.path().to_owned();
+    dir.close()
+        .with_context(|| format!("removing the demo directory {}", path.display()))
+}
+
+/// The signals that end the demo: Ctrl-C (SIGINT), `kill` (SIGTERM) and a closed terminal (SIGHUP).
+struct StopSignals {
+    int: Signal,
+    term: Signal,
+    hup: Signal,
+}
+
+impl StopSignals {
+    fn new() -> anyhow::Result<Self> {
+        let on = |kind: SignalKind, name: &str| {
+            signal(kind).with_context(|| format!("installing the {name} handler"))
+        };
+        Ok(StopSignals {
+            int: on(SignalKind::interrupt(), "SIGINT")?,
+            term: on(SignalKind::terminate(), "SIGTERM")?,
+            hup: on(SignalKind::hangup(), "SIGHUP")?,
+        })
+    }
+
+    /// Waits for the first of them and returns its name.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.int.recv() => "SIGINT",
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.hup.recv() => "SIGHUP",
+        }
+    }
+}
+
+/// How this binary was started, for the commands the demo prints (`cargo run` puts it in target/).
+fn program() -> String {
+    std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "phoenix-mesh".to_owned())
+}
+
+fn write(path: &Path, text: &str) -> anyhow::Result<()> {
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
 fn write_pki(dir: &Path) -> anyhow::Result<()> {

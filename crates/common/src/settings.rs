@@ -122,14 +122,39 @@ pub fn read_config<T: DeserializeOwned>(path: &Path) -> Result<(SharedSettings, 
             shared.insert(key.to_owned(), value);
         }
     }
+    // Keys neither side's own nor shared: what a refusal below is about, and what gets a suggestion.
+    let side_fields = field_names::<T>();
+    let unknown: Vec<String> = side
+        .keys()
+        .filter(|k| !side_fields.contains(&k.as_str()))
+        .cloned()
+        .collect();
     // The side's own keys first, so a misspelt key is reported as unknown (with every valid key)
     // rather than as the shared key it was meant to be going missing.
     let side: T = side.try_into().map_err(|e: toml::de::Error| {
         let mut message = e.to_string().trim_end().replace('\n', " ");
-        if message.contains("unknown field") {
+        // Another mistake before the unknown key (a wrong type) is what serde reports then.
+        if !unknown.is_empty() && message.contains("unknown field") {
             message.push_str(", or one of the shared keys `");
             message.push_str(&SHARED_KEYS.join("`, `"));
             message.push('`');
+            let valid = || side_fields.iter().chain(&SHARED_KEYS).copied();
+            let suggestions: Vec<String> = unknown
+                .iter()
+                .filter_map(|typed| {
+                    let close = closest(typed, valid())?;
+                    Some(if unknown.len() == 1 {
+                        format!("`{close}`")
+                    } else {
+                        format!("`{close}` for `{typed}`")
+                    })
+                })
+                .collect();
+            if !suggestions.is_empty() {
+                message.push_str("; did you mean ");
+                message.push_str(&suggestions.join(", "));
+                message.push('?');
+            }
         }
         ConfigError::Parse {
             path: path.to_owned(),
@@ -138,6 +163,65 @@ pub fn read_config<T: DeserializeOwned>(path: &Path) -> Result<(SharedSettings, 
     })?;
     let shared: SharedFile = shared.try_into().map_err(parse_error)?;
     Ok((SharedSettings::validate(path, shared)?, side))
+}
+
+/// The valid key closest to `typed`, if one is close enough to be what was meant: at most two
+/// edits away, and at most one per three characters typed (so `ca` is not offered for `id`).
+fn closest<'k>(typed: &str, valid: impl Iterator<Item = &'k str>) -> Option<&'k str> {
+    let limit = (typed.chars().count() / 3).clamp(1, 2);
+    valid
+        .map(|key| (edit_distance(typed, key), key))
+        .filter(|&(distance, _)| distance <= limit)
+        .min_by_key(|&(distance, _)| distance)
+        .map(|(_, key)| key)
+}
+
+/// Levenshtein distance: the fewest single-character insertions, deletions and substitutions
+/// that turn `a` into `b`. Config keys are short, so the plain two-row table is plenty.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut current = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let substitute = previous[j] + usize::from(ca != *cb);
+            current[j + 1] = substitute.min(previous[j + 1] + 1).min(current[j] + 1);
+        }
+        previous = current;
+    }
+    previous[b.len()]
+}
+
+/// The keys of struct `T`, as its `Deserialize` impl hands them to `deserialize_struct`; none
+/// for a type that is not a plain struct.
+fn field_names<T: DeserializeOwned>() -> &'static [&'static str] {
+    struct Fields<'a>(&'a mut &'static [&'static str]);
+    impl<'de> serde::Deserializer<'de> for Fields<'_> {
+        type Error = serde::de::value::Error;
+        fn deserialize_any<V: serde::de::Visitor<'de>>(
+            self,
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            Err(serde::de::Error::custom("not a struct"))
+        }
+        fn deserialize_struct<V: serde::de::Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            *self.0 = fields;
+            Err(serde::de::Error::custom("only the field names were wanted"))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+            option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+            ignored_any
+        }
+    }
+    let mut fields: &'static [&'static str] = &[];
+    let _ = T::deserialize(Fields(&mut fields));
+    fields
 }
 
 /// A `Config::Invalid` for `key` in `path`.
@@ -284,6 +368,49 @@ mod tests {
             error.contains("`cert`") && error.contains("`listen`"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn a_misspelt_key_names_the_closest_valid_key() {
+        let error = |text: &str| {
+            read("suggest", text)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        let shared = "key = \"b\"\nca = \"c\"\n";
+        // A side's own key and a shared one, each one edit away.
+        let side_key = error(&format!("lisen = \"x\"\ncert = \"a\"\n{shared}"));
+        assert!(side_key.contains("unknown field `lisen`"), "{side_key}");
+        assert!(side_key.ends_with("; did you mean `listen`?"), "{side_key}");
+        let shared_key = error(&format!("listen = \"x\"\ncerts = \"a\"\n{shared}"));
+        assert!(
+            shared_key.ends_with("; did you mean `cert`?"),
+            "{shared_key}"
+        );
+        // Nothing close: the list of valid keys only.
+        let far = error(&format!(
+            "listen = \"x\"\ncert = \"a\"\nbogus = 1\n{shared}"
+        ));
+        assert!(far.contains("unknown field `bogus`"), "{far}");
+        assert!(!far.contains("did you mean"), "{far}");
+    }
+
+    #[test]
+    fn closeness_allows_one_edit_per_three_characters_and_at_most_two() {
+        let keys = ["upstreams", "ca", "connect_timeout", "listen"];
+        assert_eq!(closest("upstream", keys.into_iter()), Some("upstreams"));
+        assert_eq!(closest("upstraems", keys.into_iter()), Some("upstreams"));
+        assert_eq!(
+            closest("conect_timout", keys.into_iter()),
+            Some("connect_timeout")
+        );
+        assert_eq!(closest("cb", keys.into_iter()), Some("ca"));
+        assert_eq!(closest("id", keys.into_iter()), None);
+        assert_eq!(closest("lstn", keys.into_iter()), None);
+        assert_eq!(closest("timeout", keys.into_iter()), None);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("", "ab"), 2);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use crate::support::files::MeshFiles;
 use crate::support::http::{get, send_h1};
 use crate::support::mesh::Mesh;
 use crate::support::pki::{write_leaf, TestPki};
-use crate::support::within;
+use crate::support::{closed_port_addr, within};
 
 const EX_CONFIG: i32 = 78;
 
@@ -115,7 +115,24 @@ fn mistakes() -> Vec<Mistake> {
             make: |_, f| {
                 f.server.set_str("backend_timout", "5s");
             },
-            says: &["{dir}/server.toml", "unknown field", "backend_timout"],
+            says: &[
+                "{dir}/server.toml",
+                "unknown field",
+                "backend_timout",
+                "did you mean `backend_timeout`?",
+            ],
+        },
+        Mistake {
+            what: "a config key one letter short",
+            side: "client",
+            make: |_, f| {
+                f.client.set_addrs("upstream", &[closed_port_addr()]);
+            },
+            says: &[
+                "{dir}/client.toml",
+                "unknown field `upstream`",
+                "did you mean `upstreams`?",
+            ],
         },
         Mistake {
             what: "a host name where an address belongs",
