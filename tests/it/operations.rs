@@ -1,10 +1,11 @@
 //! Running the sidecars as an operator does, mostly through the real binary: start-up and its
 //! refusals (`startup`), `--check` (`check`), the admin endpoint and its metrics (`admin`), the
 //! access log and log lines on a pipe or the journal (`logs`), and life under systemd: notify,
-//! watchdog, SIGTERM's drain (`service`).
+//! watchdog, SIGTERM's drain (`service`); planned restarts of a listener under load (`restarts`).
 
 mod admin;
 mod check;
 mod logs;
+mod restarts;
 mod service;
 mod startup;
