@@ -325,11 +325,12 @@ where
         read_until_closed_or_quiet(s, Duration::from_secs(5)),
     )
     .await;
+    let got = String::from_utf8_lossy(&got);
     assert!(
-        status_of(&got).is_some(),
+        status_of(got.as_bytes()) == status_of(head.as_bytes())
+            && head_value(&got, "phoenix-mesh-error") == Some(code),
         "the answer did not say `Connection: close`, yet the next request on the connection got \
-         no answer:\n{head}\nthen: {:?}",
-        String::from_utf8_lossy(&got)
+         no answer of its own:\n{head}\nthen: {got:?}"
     );
 }
 

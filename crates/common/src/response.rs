@@ -54,3 +54,46 @@ pub fn close_connection<B>(response: &mut Response<B>) {
         .headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use http::Version;
+    use http_body_util::Empty;
+
+    use super::*;
+
+    fn request<B>(version: Version, body: B) -> Request<B> {
+        Request::builder()
+            .method("POST")
+            .uri("/upload")
+            .version(version)
+            .body(body)
+            .unwrap()
+    }
+
+    #[test]
+    fn only_an_http1_request_with_a_body_closes_its_connection_unread() {
+        let upload = || Full::new(Bytes::from_static(b"upload"));
+        assert!(closes_unless_read(&request(Version::HTTP_11, upload())));
+        assert!(closes_unless_read(&request(Version::HTTP_10, upload())));
+        assert!(!closes_unless_read(&request(
+            Version::HTTP_11,
+            Empty::<Bytes>::new()
+        )));
+        assert!(!closes_unless_read(&request(Version::HTTP_2, upload())));
+    }
+
+    #[test]
+    fn a_closing_answer_says_connection_close_once() {
+        let mut response = mesh_error(StatusCode::BAD_GATEWAY, "upstream-error", "failed");
+        close_connection(&mut response);
+        close_connection(&mut response);
+        let values: Vec<_> = response
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .collect();
+        assert_eq!(values, ["close"]);
+    }
+}

@@ -45,6 +45,5 @@ async fn restarting_each_listener_under_load_costs_no_get() {
         .await;
     first.await;
     second.await;
-    // Both restarted listeners answer.
     mesh.good_requests("after", 2).await;
 }
