@@ -299,9 +299,8 @@ where
 {
     const BODY: usize = 256 * 1024;
     const SENT: usize = 16 * 1024;
-    let head = format!(
-        "POST /upload HTTP/1.1\r\nHost: {SERVICE_HOST}\r\nContent-Length: {BODY}\r\n\r\n"
-    );
+    let head =
+        format!("POST /upload HTTP/1.1\r\nHost: {SERVICE_HOST}\r\nContent-Length: {BODY}\r\n\r\n");
     s.write_all(head.as_bytes()).await.unwrap();
     s.write_all(&[b'x'; SENT]).await.unwrap();
     s.flush().await.unwrap();
@@ -310,7 +309,11 @@ where
         status_of(head.as_bytes()).is_some_and(|status| status >= 500),
         "{head}{body}"
     );
-    assert_eq!(head_value(&head, "phoenix-mesh-error"), Some(code), "{head}{body}");
+    assert_eq!(
+        head_value(&head, "phoenix-mesh-error"),
+        Some(code),
+        "{head}{body}"
+    );
     if head_value(&head, "connection").is_some_and(|v| v.eq_ignore_ascii_case("close")) {
         expect_eof("the connection after an answer saying close", s).await;
         return;
