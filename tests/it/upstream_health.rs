@@ -17,12 +17,16 @@ use hyper_util::rt::TokioIo;
 use phoenix_mesh_certs::pki::Leaf;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::support::admin::{admin_get, metric};
 use crate::support::backend::{Backend, HELLO};
-use crate::support::http::{get, send_h1};
+use crate::support::http::{get, send_h1, SERVICE_HOST};
 use crate::support::mesh::{Mesh, Upstream};
+use crate::support::raw::{
+    expect_eof, head_value, read_response, read_until_closed_or_quiet, status_of,
+};
 use crate::support::relay::{mesh_through_relay, sequential_requests};
 use crate::support::{closed_port_addr, eventually, within};
 
@@ -282,6 +286,79 @@ async fn request_turned_down_by_a_closing_mesh_connection_goes_out_on_a_fresh_on
     assert_eq!(finished.status, StatusCode::OK, "{finished:#?}");
     assert_eq!(finished.body, HELLO);
     drained.await;
+}
+
+/// Sends a keep-alive POST whose body is still on its way (its head and the first part only) on
+/// `s`, expecting the mesh's own error `code`, and checks what follows: a sidecar that answers
+/// without reading the body closes the connection after the answer (hyper drains no more than what
+/// has arrived), so either the answer says `Connection: close` and the connection closes, or it does
+/// not and the connection takes the next request once the body is done.
+async fn error_answer_to_an_unread_post_says_whether_it_closes<S>(s: &mut S, code: &str)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    const BODY: usize = 256 * 1024;
+    const SENT: usize = 16 * 1024;
+    let head =
+        format!("POST /upload HTTP/1.1\r\nHost: {SERVICE_HOST}\r\nContent-Length: {BODY}\r\n\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&[b'x'; SENT]).await.unwrap();
+    s.flush().await.unwrap();
+    let (head, body) = within("the error answer", read_response(s)).await;
+    assert!(
+        status_of(head.as_bytes()).is_some_and(|status| status >= 500),
+        "{head}{body}"
+    );
+    assert_eq!(
+        head_value(&head, "phoenix-mesh-error"),
+        Some(code),
+        "{head}{body}"
+    );
+    if head_value(&head, "connection").is_some_and(|v| v.eq_ignore_ascii_case("close")) {
+        expect_eof("the connection after an answer saying close", s).await;
+        return;
+    }
+    // Kept open, as the answer implies: the rest of the body, then the next request.
+    let _ = s.write_all(&[b'x'; BODY - SENT]).await;
+    let next = format!("GET /next HTTP/1.1\r\nHost: {SERVICE_HOST}\r\n\r\n");
+    let _ = s.write_all(next.as_bytes()).await;
+    let _ = s.flush().await;
+    let (got, _) = within(
+        "the answer to the next request",
+        read_until_closed_or_quiet(s, Duration::from_secs(5)),
+    )
+    .await;
+    let got = String::from_utf8_lossy(&got);
+    assert!(
+        status_of(got.as_bytes()) == status_of(head.as_bytes())
+            && head_value(&got, "phoenix-mesh-error") == Some(code),
+        "the answer did not say `Connection: close`, yet the next request on the connection got \
+         no answer of its own:\n{head}\nthen: {got:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_error_answer_to_a_post_it_did_not_read_says_connection_close() {
+    let mesh = Mesh::start_with(|s| {
+        s.upstreams = vec![Upstream::At(closed_port_addr())];
+    })
+    .await;
+    let mut s = TcpStream::connect(mesh.client_addr).await.unwrap();
+    error_answer_to_an_unread_post_says_whether_it_closes(&mut s, "upstream-unreachable").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn listener_error_answer_to_a_post_it_did_not_read_says_connection_close() {
+    let mesh = Mesh::start_with(|s| {
+        s.server.set_str("backend", &closed_port_addr().to_string());
+    })
+    .await;
+    // Straight to the listener over HTTP/1.1, as the client's HTTP/1.1 pool reaches it.
+    let mut tls = mesh.gateway_tls().await;
+    error_answer_to_an_unread_post_says_whether_it_closes(&mut tls, "backend-unreachable").await;
+    // Through the client: the listener's answer, passed on, ends the client's reading of the body.
+    let mut s = TcpStream::connect(mesh.client_addr).await.unwrap();
+    error_answer_to_an_unread_post_says_whether_it_closes(&mut s, "backend-unreachable").await;
 }
 
 /// A TLS server on `listener` that speaks only HTTP/1.1 (ALPN `http/1.1`, no `h2`), answering every

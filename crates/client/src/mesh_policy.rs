@@ -5,14 +5,20 @@
 //! A connection is *retired* (takes no new requests; those in flight finish on it) when its listener
 //! certificate expires within the retire margin, or it was opened before our own certificate or trust
 //! was reloaded. A listener that does not choose HTTP/2 gets the requests over HTTP/1.1 for a while
-//! ([`H1_FALLBACK`]). Requests the listener turned away unprocessed are not sent again.
+//! ([`H1_FALLBACK`]).
+//!
+//! A request the listener turned away unprocessed (its stream refused, or above the last stream its
+//! GOAWAY let through, as a listener shutting down for a restart does) goes once more, after a GOAWAY
+//! on a fresh connection, if it is idempotent and has no body: the rule the listener's h2c hop to its
+//! backend follows too ([`idempotent_without_body`]). The fresh connection is dialled as any other,
+//! so with several listeners it reaches the next one that answers.
 
 use std::time::Duration;
 
 use http::Request;
 use phoenix_mesh_transport::body::ProxyBody;
 use phoenix_mesh_transport::dial::Retire;
-use phoenix_mesh_transport::h2::shared::{Policy, SharedConnection};
+use phoenix_mesh_transport::h2::shared::{idempotent_without_body, Policy, SharedConnection};
 use tracing::info;
 
 use crate::conn_info::ConnInfo;
@@ -54,8 +60,8 @@ impl Retire<ConnInfo> for MeshPolicy {
 }
 
 impl Policy<ConnInfo> for MeshPolicy {
-    fn replayable(&self, _req: &Request<ProxyBody>) -> bool {
-        false
+    fn replayable(&self, req: &Request<ProxyBody>) -> bool {
+        idempotent_without_body(req)
     }
 
     fn declined_http2(&self) -> Duration {

@@ -25,6 +25,7 @@ use crate::check::{CheckRequest, Report};
 use crate::config::ConfigError;
 use crate::metrics::{MadeBy, Metrics};
 use crate::own_certificate::{log_certificate, own_certificate_ready, refresh_tls_metrics};
+use crate::response::{close_connection, closes_unless_read};
 use crate::settings::SideSettings;
 use crate::settings_reload::SettingsReload;
 
@@ -138,7 +139,9 @@ pub struct State<S: Side> {
 
 impl<S: Side> State<S> {
     /// Counts, times and (with `access_log`) logs one request around what `forward` makes of it.
-    /// `peer` names the downstream in the access log.
+    /// `peer` names the downstream in the access log. An answer the mesh made itself (this side or,
+    /// passed on, the listener) to an HTTP/1 request with a body says `Connection: close`: the rest
+    /// of the body is not read after it, so hyper closes the connection (see [`crate::response`]).
     pub async fn answer<B, F, Fut>(
         &self,
         req: Request<Incoming>,
@@ -155,7 +158,11 @@ impl<S: Side> State<S> {
             .shared()
             .access_log
             .then(|| AccessStart::new(&req, start));
-        let (response, made_by) = forward(req).await;
+        let closes = closes_unless_read(&req);
+        let (mut response, made_by) = forward(req).await;
+        if closes && made_by != MadeBy::Backend {
+            close_connection(&mut response);
+        }
         self.metrics
             .request(response.status(), made_by, start.elapsed());
         let record = access.map(|a| {

@@ -9,18 +9,16 @@
 //!
 //! A request the backend turned away unprocessed (its stream refused, or above the last stream a
 //! GOAWAY let through, as nginx's does after `keepalive_requests` and Traefik's on shutdown) goes once
-//! more, after a GOAWAY on a fresh connection, if it is idempotent and has no body (RFC 9110 section
-//! 9.2.2): `h2` reports a stream cut off by the connection closing after a GOAWAY with the same
-//! error, so only a request that may be repeated anyway is.
+//! more, after a GOAWAY on a fresh connection, if it is idempotent and has no body: the rule the
+//! client's mesh link follows too ([`idempotent_without_body`], which says why).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::Request;
-use http_body::Body as _;
 use phoenix_mesh_transport::body::ProxyBody;
 use phoenix_mesh_transport::dial::{Protocol, Retire, TcpDial};
-use phoenix_mesh_transport::h2::shared::{Policy, SharedConnection};
+use phoenix_mesh_transport::h2::shared::{idempotent_without_body, Policy, SharedConnection};
 
 /// The shared h2c connection to the backend.
 pub(crate) type H2cBackend = SharedConnection<TcpDial, H2cPolicy>;
@@ -43,7 +41,7 @@ impl Retire<()> for H2cPolicy {
 
 impl Policy<()> for H2cPolicy {
     fn replayable(&self, req: &Request<ProxyBody>) -> bool {
-        req.method().is_idempotent() && req.body().is_end_stream()
+        idempotent_without_body(req)
     }
 
     /// Never asked: the TCP dialer speaks HTTP/2 with prior knowledge.

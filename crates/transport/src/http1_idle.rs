@@ -16,7 +16,11 @@
 //!   response body), and the connection was never upgraded;
 //! - everything hyper wrote has been flushed, and hyper has not been given a byte since (a request head
 //!   split over several TCP segments is never cut short);
-//! - the TLS stream itself has nothing buffered: its read would block.
+//! - the TLS stream itself has nothing buffered: its read would block;
+//! - no response on it said `Connection: close`: hyper is closing it then, and may still be reading
+//!   the rest of a request body it did not read (the sidecars answer such a request with
+//!   `Connection: close`); parked, the stream would hand that rest to the next hyper connection as a
+//!   request.
 //!
 //! What this gives up: a client that pipelines requests and whose next request head was only partly
 //! received when the previous response was flushed has that connection closed before the request is
@@ -30,7 +34,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::{Request, Response, StatusCode};
+use http::header::CONNECTION;
+use http::{HeaderMap, Request, Response, StatusCode};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::server::conn::http1;
 use hyper::service::Service;
@@ -67,6 +72,8 @@ impl<I: ReadReady> ReadReady for tokio_rustls::server::TlsStream<I> {
 struct Activity {
     in_flight: AtomicUsize,
     upgraded: AtomicBool,
+    /// A response said `Connection: close`.
+    closing: AtomicBool,
 }
 
 /// Serves HTTP/1.1 on `io` until the peer closes, the connection sits parked for `idle_timeout`, or
@@ -177,6 +184,7 @@ impl<I> ParkIo<I> {
             && !self.delivered
             && self.activity.in_flight.load(Ordering::Acquire) == 0
             && !self.activity.upgraded.load(Ordering::Acquire)
+            && !self.activity.closing.load(Ordering::Acquire)
     }
 }
 
@@ -330,12 +338,25 @@ where
             if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                 in_flight.0.upgraded.store(true, Ordering::Release);
             }
+            if says_close(response.headers()) {
+                in_flight.0.closing.store(true, Ordering::Release);
+            }
             Ok(response.map(|inner| TrackedBody {
                 inner,
                 _in_flight: in_flight,
             }))
         })
     }
+}
+
+/// Whether `headers` carry the `close` connection option.
+fn says_close(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|option| option.trim().eq_ignore_ascii_case("close"))
 }
 
 /// A response body that keeps its request counted as in flight until hyper drops it.
@@ -399,24 +420,59 @@ mod tests {
         }
     }
 
+    /// Answers "ok" saying `Connection: close`, as the sidecars answer a request whose body they do
+    /// not read: the request (and its body) is dropped as the answer is made.
+    #[derive(Clone)]
+    struct Refusing;
+
+    impl Service<Request<Incoming>> for Refusing {
+        type Response = Response<Full<Bytes>>;
+        type Error = Infallible;
+        type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+        fn call(&self, req: Request<Incoming>) -> Self::Future {
+            Box::pin(async move {
+                tokio::task::yield_now().await;
+                drop(req);
+                let mut response = Response::new(Full::new(Bytes::from_static(b"ok")));
+                response
+                    .headers_mut()
+                    .insert(CONNECTION, http::HeaderValue::from_static("close"));
+                Ok(response)
+            })
+        }
+    }
+
     /// A connected client, the count of hyper connections that served it, and the shutdown signal
     /// of the one connection it talks to.
     async fn serve_one(idle_timeout: Duration) -> (TcpStream, Arc<AtomicUsize>, Shutdown) {
+        let served = Arc::new(AtomicUsize::new(0));
+        let (client, shutdown) = serve_with(Counting(served.clone()), idle_timeout).await;
+        (client, served, shutdown)
+    }
+
+    /// A client connected to `service`, and the shutdown signal of the one connection it talks to.
+    async fn serve_with<S>(service: S, idle_timeout: Duration) -> (TcpStream, Shutdown)
+    where
+        S: Service<Request<Incoming>, Response = Response<Full<Bytes>>, Error = Infallible>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
         let (server, _) = listener.accept().await.unwrap();
-        let served = Arc::new(AtomicUsize::new(0));
         let (shutdown, watch) = Shutdown::new();
-        let service = Counting(served.clone());
         tokio::spawn(async move {
             let builder = http1::Builder::new();
             serve_http1_parking(&builder, server, service, idle_timeout, watch)
                 .await
                 .unwrap();
         });
-        (client, served, shutdown)
+        (client, shutdown)
     }
 
     /// Reads one "ok" response off `client`.
@@ -456,6 +512,25 @@ mod tests {
                 "parked and resumed once per request"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_connection_whose_answer_says_close_is_closed_not_parked() {
+        let (mut client, _shutdown) = serve_with(Refusing, Duration::from_secs(60)).await;
+        // The body's first bytes only: the rest would be read as the next request if it were parked.
+        client
+            .write_all(b"POST / HTTP/1.1\r\nhost: svc\r\ncontent-length: 100000\r\n\r\nfirst")
+            .await
+            .unwrap();
+        let response = read_response(&mut client).await;
+        assert!(response.contains("connection: close"), "{response}");
+        let mut buf = [0u8; 16];
+        // An upper bound, not a timing assertion: the close follows the answer at once.
+        let end = tokio::time::timeout(Duration::from_secs(10), client.read(&mut buf)).await;
+        assert!(
+            matches!(end, Ok(Ok(0) | Err(_))),
+            "the connection was kept after an answer saying close: {end:?}"
+        );
     }
 
     #[tokio::test]

@@ -1,5 +1,5 @@
-//! Background traffic for the rotation tests: a few workers sending GETs back to back through the
-//! client sidecar, counting every answer that is not the backend's 200.
+//! Background traffic for the rotation and restart tests: workers sending GETs back to back through
+//! the client sidecar, counting every answer that is not the backend's 200.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,6 +19,17 @@ pub struct Load {
 
 impl Load {
     pub fn start(addr: SocketAddr, workers: usize, max_per_worker: u64) -> Load {
+        Load::start_get(addr, "/load", workers, max_per_worker)
+    }
+
+    /// Workers sending GETs for `target` (one the backend answers with its `HELLO`, such as
+    /// `/delay/MS`).
+    pub fn start_get(
+        addr: SocketAddr,
+        target: &'static str,
+        workers: usize,
+        max_per_worker: u64,
+    ) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let workers = (0..workers)
             .map(|_| {
@@ -29,7 +40,7 @@ impl Load {
                         if stop.load(Ordering::Relaxed) {
                             break;
                         }
-                        match try_get(addr, "/load").await {
+                        match try_get(addr, target).await {
                             Ok(got) if got.status == 200 && got.body == HELLO => ok += 1,
                             Ok(got) => failures.push(format!("{got:?}")),
                             Err(e) => failures.push(e),

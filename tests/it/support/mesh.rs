@@ -135,6 +135,40 @@ impl Drop for Mesh {
     }
 }
 
+/// A second mesh listener beside the mesh's own, from the same config on a port of its own, for a
+/// client with two listeners. Stops when dropped.
+pub struct SpareListener {
+    pub addr: SocketAddr,
+    toml: PathBuf,
+    running: Option<Running>,
+}
+
+impl SpareListener {
+    /// As [`Mesh::replace_listener`]: begins this listener's graceful shutdown, starts a fresh one on
+    /// the same port at once, and returns a future that waits for the old one's connections.
+    pub async fn replace(&mut self) -> impl Future<Output = ()> {
+        let old = self.running.take().expect("the spare listener is running");
+        old.shutdown.begin();
+        within("stopping the old accept loop", old.task)
+            .await
+            .unwrap();
+        let listener = start_listener(&self.toml).await;
+        assert_eq!(listener.addr, self.addr);
+        self.running = Some(listener.running);
+        let shutdown = old.shutdown;
+        async move { within("draining the old listener", shutdown.drained()).await }
+    }
+}
+
+impl Drop for SpareListener {
+    fn drop(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.shutdown.begin();
+            running.task.abort();
+        }
+    }
+}
+
 /// A started listener and its handles.
 struct Listener {
     running: Running,
@@ -303,6 +337,22 @@ impl Mesh {
         self.restart_listener().await;
         let shutdown = old.shutdown;
         async move { within("draining the old listener", shutdown.drained()).await }
+    }
+
+    /// Starts a second mesh listener from the listener's config, on `addr`: a free port the client's
+    /// `upstreams` already name (see [`Upstream::At`]).
+    pub async fn start_spare_listener(&self, addr: SocketAddr) -> SpareListener {
+        let toml = self.path("spare-server.toml");
+        let mut config = self.server.clone();
+        config.set_str("listen", &addr.to_string());
+        config.write(&toml);
+        let listener = start_listener(&toml).await;
+        assert_eq!(listener.addr, addr);
+        SpareListener {
+            addr,
+            toml,
+            running: Some(listener.running),
+        }
     }
 
     /// Starts the mesh listener again, on the same port as before.

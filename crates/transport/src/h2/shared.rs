@@ -34,6 +34,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use h2::client::SendRequest;
 use http::{Request, Response};
+use http_body::Body as _;
 use http_body_util::{Either, Full};
 use parking_lot::Mutex;
 use tokio::time::Instant;
@@ -54,6 +55,15 @@ pub trait Policy<M>: Retire<M> {
     /// How long to hand requests back after a dial came back speaking HTTP/1.1 (the owner sends them
     /// another way meanwhile). Asked once per such dial, so the owner may say so in its log.
     fn declined_http2(&self) -> Duration;
+}
+
+/// The replay rule both sidecars' shared connections follow ([`Policy::replayable`]): a request the
+/// peer turned away unprocessed goes once more if it is idempotent and has no body. Without a body,
+/// as it goes again as its head alone; idempotent (RFC 9110 section 9.2.2), because it may be
+/// repeated anyway, so that a request the peer did begin, should h2 report it the same way (a stream
+/// cut off by the connection closing after a GOAWAY), is sent twice without harm.
+pub fn idempotent_without_body(req: &Request<ProxyBody>) -> bool {
+    req.method().is_idempotent() && req.body().is_end_stream()
 }
 
 /// What [`SharedConnection::send`] came to.
