@@ -426,7 +426,8 @@ fn run(mut args: Args) -> anyhow::Result<()> {
         || args.ca.is_some()
         || args.server_cert.is_some()
         || args.server_key.is_some();
-    if !files_named || !pkidir.join("KIND").exists() {
+    // The peers always read RUN/pki; the phoenix side and the load generator read the named files.
+    if !files_named || (!args.no_peers && !pkidir.join("KIND").exists()) {
         pki::generate(&pkidir, args.pki)
             .with_context(|| format!("generating the PKI in {}", pkidir.display()))?;
     }
