@@ -167,8 +167,8 @@ impl Peers {
         for &port in p.ports() {
             if procs::accepts(addr(port)) {
                 bail!(
-                    "127.0.0.1:{port} ({}) is already in use: stop whatever listens there (ss -ltnp; \
-                     peers started by /work/shared/peers/peers.sh: RUN=DIR peers.sh stop)",
+                    "127.0.0.1:{port} ({}) is already in use: stop whatever listens there (ss -ltnp), \
+                     e.g. the peers of an earlier run that was killed with SIGKILL",
                     p.name()
                 );
             }
