@@ -10,7 +10,7 @@ set -euo pipefail
 [ $# -ge 4 ] || { sed -n 2,8p "$0" >&2; exit 2; }
 out=$1 rounds=$2 a=$3 b=$4
 shift 4
-: "${RUN:?set RUN to the peers run directory}"
+: "${RUN:?set RUN to the run directory (PKI, peers, results)}"
 cd "$(dirname "$0")/../.."
 mkdir -p "$out"
 # Build the harness (and the bench's own phoenix-mesh) once, before any timed cell.

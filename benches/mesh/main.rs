@@ -6,9 +6,13 @@
 //!     µs per request of every tier;
 //! (c) server RSS per idle mTLS connection with N open, a fresh server process per rep.
 //! Servers run pinned to `--server-cpu`, the load generators to `--load-cpu`; loopback only; every loop
-//! bounded in time and count; reps interleaved; a foreign-load guard as in the peers' anchors.py.
+//! bounded in time and count; reps interleaved; a foreign-load guard.
+//! The harness starts everything it measures itself: the phoenix sidecars, and the reference peers
+//! (the backend, nginx and HAProxy, from the configs in benches/peers/) with a PKI it generates.
 //! See benches/README.md.
 
+mod peers;
+mod pki;
 mod procs;
 mod sys;
 mod tls;
@@ -32,14 +36,16 @@ struct Args {
     /// Passed by `cargo bench`; without it (e.g. `cargo test --all-targets`) the harness does nothing.
     #[arg(long, hide = true)]
     bench: bool,
-    /// The peers' run directory (PKI in RUN/pki, pid files RUN/*.pid), as for /work/shared/peers.
-    /// Default: $RUN, else /tmp/phoenix-mesh-peers.
+    /// The run directory: the generated PKI (RUN/pki), the peers' configs (RUN/conf), pid files
+    /// (RUN/*.pid) and logs, and results (RUN/results). Default: $RUN, else /tmp/phoenix-mesh-peers.
     #[arg(long)]
     run: Option<PathBuf>,
-    /// The peers' scripts (peers.sh restart-one is used for fresh nginx/haproxy processes).
-    #[arg(long, default_value = "/work/shared/peers")]
-    peers_dir: PathBuf,
-    /// Client certificate, key and CA for every target (default: RUN/pki/client.crt, client.key, phoenix_root_ca.crt).
+    /// Shape of the PKI the harness generates in RUN/pki: root (the root signs the leaves, as
+    /// BENCHMARKS.md measured) or step-ca (root + intermediate, as the homelab's step-ca issues).
+    #[arg(long, value_enum, default_value = "root")]
+    pki: pki::Shape,
+    /// Client certificate, key and CA for every target (default: RUN/pki/client.crt, client.key,
+    /// phoenix_root_ca.crt). Naming any of these five files keeps an existing RUN/pki.
     #[arg(long)]
     cert: Option<PathBuf>,
     #[arg(long)]
@@ -88,7 +94,8 @@ struct Args {
     /// Only targets / chains whose name contains one of these (default: all).
     #[arg(long, value_delimiter = ',')]
     filter: Vec<String>,
-    /// Do not add the peers' nginx / HAProxy targets and chains (only phoenix and --target/--chain).
+    /// Do not start nginx / HAProxy peers nor measure them (only phoenix and --target/--chain); the
+    /// harness still starts the backend when nothing answers on the default --backend.
     #[arg(long)]
     no_peers: bool,
     /// Extra TLS server: 'NAME|HOST:PORT|PIDFILE_OR_PID[|RESTART_COMMAND]' (RESTART_COMMAND gives a fresh
@@ -98,7 +105,7 @@ struct Args {
     /// Extra chain for wrk: 'NAME|URL|tier=PIDFILE_OR_PID;tier=...'.
     #[arg(long)]
     chain: Vec<String>,
-    /// Plain-HTTP backend behind the phoenix listener (the peers' nginx backend).
+    /// Plain-HTTP backend behind the phoenix listener (the nginx backend the harness starts).
     #[arg(long, default_value = "127.0.0.1:18080")]
     backend: SocketAddr,
     /// First of the ports the harness uses for its own processes (listener, idle listener, clients, nginx front).
@@ -152,12 +159,21 @@ impl PidSpec {
     }
 }
 
+/// How the memory step gets a fresh server process.
+#[derive(Debug, Clone)]
+enum Restart {
+    /// A shell command (`--target`'s RESTART_COMMAND).
+    Command(String),
+    /// A peer the harness started.
+    Peer(peers::Peer),
+}
+
 #[derive(Debug, Clone)]
 struct Target {
     name: String,
     addr: SocketAddr,
     pids: PidSpec,
-    restart: Option<String>,
+    restart: Option<Restart>,
     phoenix: bool,
 }
 
@@ -364,7 +380,7 @@ fn parse_target(s: &str, run: &Path) -> anyhow::Result<Target> {
         name: p[0].into(),
         addr,
         pids: PidSpec::parse(p[2], run),
-        restart: p.get(3).map(|r| (*r).to_owned()),
+        restart: p.get(3).map(|r| Restart::Command((*r).to_owned())),
         phoenix: false,
     })
 }
@@ -395,7 +411,26 @@ fn run(mut args: Args) -> anyhow::Result<()> {
             .map_or_else(|| PathBuf::from("/tmp/phoenix-mesh-peers"), PathBuf::from)
     });
     args.run = Some(run_dir.clone());
+    // Before anything else: every tool this run needs, or the packages to install.
+    let mut tools = vec!["nginx"];
+    if !args.no_peers {
+        tools.push("haproxy");
+    }
+    if args.only.iter().any(|s| s == "wrk") {
+        tools.push("wrk");
+    }
+    peers::check_tools(&tools)?;
     let pkidir = run_dir.join("pki");
+    let files_named = args.cert.is_some()
+        || args.key.is_some()
+        || args.ca.is_some()
+        || args.server_cert.is_some()
+        || args.server_key.is_some();
+    // The peers always read RUN/pki; the phoenix side and the load generator read the named files.
+    if !files_named || (!args.no_peers && !pkidir.join("KIND").exists()) {
+        pki::generate(&pkidir, args.pki)
+            .with_context(|| format!("generating the PKI in {}", pkidir.display()))?;
+    }
     let pki = tls::ClientPki {
         cert: args
             .cert
@@ -453,8 +488,26 @@ fn run(mut args: Args) -> anyhow::Result<()> {
     let a = &ctx.args;
     println!("mesh bench: results in {}", out.display());
     write_versions(&ctx)?;
-    procs::wait_listen(a.backend)
-        .context("the backend (start the peers: RUN=... /work/shared/peers/peers.sh start)")?;
+    let run = ctx.run();
+    let default_backend = SocketAddr::from(([127, 0, 0, 1], peers::BACKEND_PORT));
+    let start: &[peers::Peer] = if !a.no_peers {
+        &peers::Peer::ALL
+    } else if a.backend == default_backend && !procs::accepts(a.backend) {
+        &[peers::Peer::Backend]
+    } else {
+        &[]
+    };
+    if !start.is_empty() {
+        let names: Vec<&str> = start.iter().map(|p| p.name()).collect();
+        println!(
+            "mesh bench: starting {} (configs in {}/conf)",
+            names.join(", "),
+            run.display()
+        );
+    }
+    let peers = peers::Peers::start(run, &pkidir_of(&ctx), &a.server_cpu, start)?;
+    stop_on_signal(ctx.ours_extra.clone(), run.to_owned(), start.to_vec());
+    procs::wait_listen(a.backend).context("the backend (--backend)")?;
 
     let port = |i: u16| SocketAddr::from(([127, 0, 0, 1], a.base_port + i));
     let (l_addr, idle_addr, c2_addr, c1_addr, front_addr, front_unix_addr) =
@@ -521,18 +574,8 @@ fn run(mut args: Args) -> anyhow::Result<()> {
             front_h2c_pid,
         ]);
     }
-    stop_on_signal(ctx.ours_extra.clone());
 
     // Targets and chains.
-    let run = ctx.run();
-    let peers_sh = a.peers_dir.join("peers.sh");
-    let restart = |peer: &str| {
-        format!(
-            "RUN={} {} restart-one {peer}",
-            run.display(),
-            peers_sh.display()
-        )
-    };
     let mut targets = vec![Target {
         name: "phoenix listener->backend".into(),
         addr: l_addr,
@@ -540,7 +583,7 @@ fn run(mut args: Args) -> anyhow::Result<()> {
         restart: None,
         phoenix: true,
     }];
-    let backend = PidSpec::File(run.join("backend.pid"));
+    let backend = PidSpec::File(peers::Peer::Backend.pidfile(run));
     // wrk -> [nginx front ->] phoenix client -> listener -> backend.
     let phoenix_chain = |name: &str, addr: SocketAddr, front: Option<u32>, client: u32| {
         let h2c = name.contains("h2c backend");
@@ -611,34 +654,51 @@ fn run(mut args: Args) -> anyhow::Result<()> {
             client_h2c.pid(),
         ),
     ];
-    if !a.no_peers && run.join("nginx-mtls.pid").exists() {
-        let t = |name: &str, port: u16, pidf: &str, peer: &str| Target {
+    if !a.no_peers {
+        use peers::Peer;
+        let t = |name: &str, port: u16, peer: Peer| Target {
             name: name.into(),
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            pids: PidSpec::File(run.join(pidf)),
-            restart: Some(restart(peer)),
+            pids: PidSpec::File(peer.pidfile(run)),
+            restart: Some(Restart::Peer(peer)),
             phoenix: false,
         };
-        targets.push(t("nginx->backend", 18444, "nginx-mtls.pid", "nginx-mtls"));
-        targets.push(t("nginx fixed", 18443, "nginx-mtls.pid", "nginx-mtls"));
-        targets.push(t("haproxy->backend", 18445, "haproxy.pid", "haproxy"));
-        targets.push(t("haproxy fixed", 18447, "haproxy.pid", "haproxy"));
-        let nc = PidSpec::File(run.join("nginx-client.pid"));
+        targets.push(t(
+            "nginx->backend",
+            peers::NGINX_MTLS_PROXY_PORT,
+            Peer::NginxMtls,
+        ));
+        targets.push(t(
+            "nginx fixed",
+            peers::NGINX_MTLS_FIXED_PORT,
+            Peer::NginxMtls,
+        ));
+        targets.push(t(
+            "haproxy->backend",
+            peers::HAPROXY_MTLS_PORT,
+            Peer::Haproxy,
+        ));
+        targets.push(t(
+            "haproxy fixed",
+            peers::HAPROXY_MTLS_FIXED_PORT,
+            Peer::Haproxy,
+        ));
+        let nc = PidSpec::File(Peer::NginxClient.pidfile(run));
         chains.push(Chain {
             name: "nginx->nginx".into(),
-            url: "http://127.0.0.1:18081/".into(),
+            url: format!("http://127.0.0.1:{}/", peers::CHAIN_NGINX_PORT),
             tiers: vec![
                 ("client".into(), nc.clone()),
-                ("mtls".into(), PidSpec::File(run.join("nginx-mtls.pid"))),
+                ("mtls".into(), PidSpec::File(Peer::NginxMtls.pidfile(run))),
                 ("backend".into(), backend.clone()),
             ],
         });
         chains.push(Chain {
             name: "nginx->haproxy".into(),
-            url: "http://127.0.0.1:18082/".into(),
+            url: format!("http://127.0.0.1:{}/", peers::CHAIN_HAPROXY_PORT),
             tiers: vec![
                 ("client".into(), nc),
-                ("mtls".into(), PidSpec::File(run.join("haproxy.pid"))),
+                ("mtls".into(), PidSpec::File(Peer::Haproxy.pidfile(run))),
                 ("backend".into(), backend.clone()),
             ],
         });
@@ -699,7 +759,7 @@ fn run(mut args: Args) -> anyhow::Result<()> {
                     if t.name.contains("->backend") && !t.phoenix {
                         continue; // same process as the fixed-answer port; measured once
                     }
-                    let r = idle_cell(&ctx, &rt, &cfg, t, n, idle_addr, rep)?;
+                    let r = idle_cell(&ctx, &rt, &cfg, t, n, idle_addr, rep, &peers)?;
                     ctx.record(&r);
                     recs.push(r);
                 }
@@ -723,12 +783,22 @@ fn run(mut args: Args) -> anyhow::Result<()> {
         client_h2,
         listener,
     ));
+    drop(peers);
     Ok(())
 }
 
-/// On Ctrl-C or SIGTERM, stop the processes we started (listener, clients, nginx front) before exiting,
-/// so an interrupted run leaves nothing behind; the peers are left alone.
-fn stop_on_signal(pids: std::sync::Arc<std::sync::Mutex<Vec<u32>>>) {
+/// The directory of the PKI the peers use.
+fn pkidir_of(ctx: &Ctx) -> PathBuf {
+    ctx.run().join("pki")
+}
+
+/// On Ctrl-C or SIGTERM, stop the processes we started (listener, clients, nginx fronts) and the
+/// peers in `started` before exiting, so an interrupted run leaves nothing behind.
+fn stop_on_signal(
+    pids: std::sync::Arc<std::sync::Mutex<Vec<u32>>>,
+    run: PathBuf,
+    started: Vec<peers::Peer>,
+) {
     std::thread::spawn(move || {
         let Ok(rt) = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -753,6 +823,9 @@ fn stop_on_signal(pids: std::sync::Arc<std::sync::Mutex<Vec<u32>>>) {
             let _ = Command::new("kill")
                 .args(["-TERM", &pid.to_string()])
                 .status();
+        }
+        for &p in started.iter().rev() {
+            peers::stop(&run, p);
         }
         std::process::exit(130);
     });
@@ -872,6 +945,7 @@ fn idle_cell(
     n: usize,
     idle_addr: SocketAddr,
     rep: usize,
+    peers: &peers::Peers,
 ) -> anyhow::Result<Rec> {
     // A fresh server process per rep: freed memory is not returned to the OS.
     let fresh;
@@ -895,13 +969,17 @@ fn idle_cell(
         (idle_addr, Box::new(move || sys::tree(&[pid])))
     } else {
         fresh = None;
-        if let Some(cmd) = &t.restart {
-            let st = Command::new("sh").args(["-c", cmd]).output()?;
-            if !st.status.success() {
-                bail!("{cmd}: {}", String::from_utf8_lossy(&st.stderr));
+        match &t.restart {
+            Some(Restart::Command(cmd)) => {
+                let st = Command::new("sh").args(["-c", cmd]).output()?;
+                if !st.status.success() {
+                    bail!("{cmd}: {}", String::from_utf8_lossy(&st.stderr));
+                }
             }
-            procs::wait_listen(t.addr)?;
+            Some(Restart::Peer(p)) => peers.restart(*p)?,
+            None => {}
         }
+        procs::wait_listen(t.addr)?;
         let spec = t.pids.clone();
         (t.addr, Box::new(move || spec.pids()))
     };

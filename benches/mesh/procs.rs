@@ -90,6 +90,11 @@ impl Listen {
     }
 }
 
+/// Whether something accepts connections on `addr` now.
+pub fn accepts(addr: SocketAddr) -> bool {
+    TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+}
+
 /// Waits up to 10 s for something to accept on `addr`.
 pub fn wait_listen(addr: SocketAddr) -> anyhow::Result<()> {
     let t0 = Instant::now();

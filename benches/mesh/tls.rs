@@ -250,8 +250,8 @@ pub fn check_files(pki: &ClientPki) -> anyhow::Result<()> {
     for p in [&pki.cert, &pki.key, &pki.ca] {
         if !Path::new(p).exists() {
             bail!(
-                "{} does not exist: start the peers first (RUN=... /work/shared/peers/peers.sh start) and pass the \
-                 same run directory (RUN=... or --run), or name the files with --cert, --key and --ca",
+                "{} does not exist: without --cert, --key, --ca, --server-cert or --server-key the harness \
+                 writes its own PKI to RUN/pki; with them, name every file the run needs",
                 p.display()
             );
         }

@@ -15,7 +15,7 @@
 #
 # Needs: `rustup component add llvm-tools`, nginx and wrk on the PATH (apt-get install -y nginx wrk;
 # the harness starts its own nginx on loopback ports), 2 CPUs (the harness pins the sidecars to CPU 1
-# and its load to CPU 0). Not the peers of /work/shared/peers. Everything runs on loopback. About 10
+# and its load to CPU 0). No HAProxy: the training runs with --no-peers. Everything runs on loopback. About 10
 # minutes on 2 cores (10-12; two fat-LTO builds, the harness's own build and a ~2 minute training run). The
 # crypto (aws-lc, C) is built as usual; only the Rust code is optimised with the profile.
 set -euo pipefail
