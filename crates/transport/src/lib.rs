@@ -22,6 +22,7 @@
 //! - `tls_verdict.rs`: a TLS server's verdict on our client certificate (its first flight, or a later alert).
 //! - `sweep.rs`: the periodic idle sweep of a pool.
 //! - `tunnel.rs`: joining the two halves of an upgraded connection.
+//! - `test_peer.rs` (unit tests only): a loopback peer that counts the connections it accepts.
 
 pub mod balance;
 pub mod body;
@@ -32,5 +33,7 @@ pub mod http1_idle;
 pub mod pool;
 pub mod serve;
 pub mod sweep;
+#[cfg(test)]
+mod test_peer;
 pub mod tls_verdict;
 pub mod tunnel;

@@ -215,41 +215,32 @@ mod tests {
 
     use super::*;
     use crate::dial::{ConnectError, Connected, Protocol, TcpDial};
+    use crate::test_peer::counting_peer;
 
     /// A loopback HTTP/1.1 peer answering "ok" (or `101` to a request that asks to upgrade),
     /// counting the connections it accepts; with `keep_alive` false it closes each connection after
     /// one response.
     async fn peer(keep_alive: bool) -> (SocketAddr, Arc<AtomicUsize>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
-            loop {
-                let (stream, _) = listener.accept().await.unwrap();
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(
-                    hyper::server::conn::http1::Builder::new()
-                        .keep_alive(keep_alive)
-                        .serve_connection(
-                            TokioIo::new(stream),
-                            service_fn(|req: Request<Incoming>| async move {
-                                let mut response =
-                                    Response::new(Full::new(Bytes::from_static(b"ok")));
-                                if req.headers().contains_key(UPGRADE) {
-                                    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-                                    let headers = response.headers_mut();
-                                    headers.insert(CONNECTION, "upgrade".parse().unwrap());
-                                    headers.insert(UPGRADE, "test".parse().unwrap());
-                                }
-                                Ok::<_, std::convert::Infallible>(response)
-                            }),
-                        )
-                        .with_upgrades(),
-                );
-            }
-        });
-        (addr, accepted)
+        counting_peer(move |stream| async move {
+            let _ = hyper::server::conn::http1::Builder::new()
+                .keep_alive(keep_alive)
+                .serve_connection(
+                    TokioIo::new(stream),
+                    service_fn(|req: Request<Incoming>| async move {
+                        let mut response = Response::new(Full::new(Bytes::from_static(b"ok")));
+                        if req.headers().contains_key(UPGRADE) {
+                            *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                            let headers = response.headers_mut();
+                            headers.insert(CONNECTION, "upgrade".parse().unwrap());
+                            headers.insert(UPGRADE, "test".parse().unwrap());
+                        }
+                        Ok::<_, std::convert::Infallible>(response)
+                    }),
+                )
+                .with_upgrades()
+                .await;
+        })
+        .await
     }
 
     fn tcp(addr: SocketAddr) -> TcpDial {

@@ -476,6 +476,7 @@ mod tests {
 
     use super::*;
     use crate::dial::Connected;
+    use crate::test_peer::counting_peer;
 
     /// Dials `addr`, numbering its connections from 1 (the meta); with `fail_after` every dial
     /// waits that long and fails instead.
@@ -534,27 +535,18 @@ mod tests {
     /// A loopback HTTP/2 (prior knowledge) peer answering each request with its path, counting the
     /// connections it accepts.
     async fn hyper_peer() -> (SocketAddr, Arc<AtomicUsize>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
-            loop {
-                let (stream, _) = listener.accept().await.unwrap();
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(
-                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(
-                            TokioIo::new(stream),
-                            service_fn(|req: Request<hyper::body::Incoming>| async move {
-                                let path = Bytes::copy_from_slice(req.uri().path().as_bytes());
-                                Ok::<_, Infallible>(Response::new(Full::new(path)))
-                            }),
-                        ),
-                );
-            }
-        });
-        (addr, accepted)
+        counting_peer(|stream| async move {
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(
+                    TokioIo::new(stream),
+                    service_fn(|req: Request<hyper::body::Incoming>| async move {
+                        let path = Bytes::copy_from_slice(req.uri().path().as_bytes());
+                        Ok::<_, Infallible>(Response::new(Full::new(path)))
+                    }),
+                )
+                .await;
+        })
+        .await
     }
 
     /// How an `h2`-crate peer treats the streams of each connection it accepts.
