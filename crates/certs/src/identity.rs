@@ -21,6 +21,10 @@ pub struct IdentityError(pub(crate) X509Problem);
 pub struct PeerIdentity {
     /// Subject distinguished name in RFC 4514 order (`CN=a,O=b`).
     pub subject: String,
+    /// Issuer distinguished name, written as `subject` is.
+    pub issuer: String,
+    /// Serial number in uppercase hex, as `openssl x509 -noout -serial` prints it.
+    pub serial: String,
     /// The subject's first common name.
     pub common_name: Option<String>,
     /// DNS subject alternative names.
@@ -49,6 +53,8 @@ impl PeerIdentity {
         let registry = oid_registry();
         let mut id = PeerIdentity {
             subject: rfc4514(cert.subject(), registry),
+            issuer: rfc4514(cert.issuer(), registry),
+            serial: serial_hex(cert.raw_serial()),
             common_name: cert
                 .subject()
                 .iter_common_name()
@@ -169,7 +175,7 @@ fn escape_quoted(out: &mut String, value: &str) {
 }
 
 /// RFC 4514: the most specific RDN first, attributes by their short names, special characters escaped.
-fn rfc4514(name: &X509Name<'_>, registry: &OidRegistry<'_>) -> String {
+pub(crate) fn rfc4514(name: &X509Name<'_>, registry: &OidRegistry<'_>) -> String {
     let mut out = String::new();
     for (i, rdn) in name
         .iter_rdn()
@@ -217,6 +223,19 @@ fn rfc4514(name: &X509Name<'_>, registry: &OidRegistry<'_>) -> String {
     out
 }
 
+/// A serial number's DER content bytes as uppercase hex, without the sign byte DER adds before a
+/// high bit (so `openssl x509 -serial` and step-ca's hex agree with it).
+pub(crate) fn serial_hex(raw: &[u8]) -> String {
+    let start = raw
+        .iter()
+        .position(|b| *b != 0)
+        .unwrap_or(raw.len().saturating_sub(1));
+    raw[start..].iter().fold(String::new(), |mut out, b| {
+        let _ = write!(out, "{b:02X}");
+        out
+    })
+}
+
 fn ip_from_bytes(bytes: &[u8]) -> Option<std::net::IpAddr> {
     match bytes.len() {
         4 => <[u8; 4]>::try_from(bytes).ok().map(std::net::IpAddr::from),
@@ -225,7 +244,7 @@ fn ip_from_bytes(bytes: &[u8]) -> Option<std::net::IpAddr> {
     }
 }
 
-fn to_system_time(unix: i64) -> SystemTime {
+pub(crate) fn to_system_time(unix: i64) -> SystemTime {
     if unix >= 0 {
         UNIX_EPOCH + Duration::from_secs(unix.unsigned_abs())
     } else {
@@ -233,8 +252,8 @@ fn to_system_time(unix: i64) -> SystemTime {
     }
 }
 
-/// Formats a time as RFC 3339 UTC to the second, for messages.
-pub(crate) fn fmt_time(t: SystemTime) -> String {
+/// Formats a time as RFC 3339 UTC to the second (`2026-12-06T18:35:00Z`), for messages and reports.
+pub fn fmt_time(t: SystemTime) -> String {
     let secs = match t.duration_since(UNIX_EPOCH) {
         Ok(d) => d.as_secs() as i64,
         Err(e) => -(e.duration().as_secs() as i64),
@@ -263,6 +282,8 @@ mod tests {
     fn valid(from: u64, to: u64) -> PeerIdentity {
         PeerIdentity {
             subject: String::new(),
+            issuer: String::new(),
+            serial: String::new(),
             common_name: None,
             dns: Vec::new(),
             uris: Vec::new(),
@@ -283,5 +304,17 @@ mod tests {
         assert!(!cert.renewal_due(at(200)), "exactly a third left");
         assert!(cert.renewal_due(at(201)));
         assert!(cert.renewal_due(at(400)), "expired");
+    }
+
+    #[test]
+    fn serials_read_as_openssl_prints_them() {
+        assert_eq!(
+            serial_hex(&[0x00, 0xab, 0x01]),
+            "AB01",
+            "DER's sign byte dropped"
+        );
+        assert_eq!(serial_hex(&[0x7f]), "7F");
+        assert_eq!(serial_hex(&[0x00]), "00", "zero stays one byte");
+        assert_eq!(serial_hex(&[]), "");
     }
 }

@@ -207,7 +207,7 @@ impl<S: Side> Sidecar<S> {
         let material = Material::load(&shared.tls, TlsOf::<S>::ROLE)?;
         let options = settings.tls_options();
         let live = Arc::new(TlsOf::<S>::build(&material, &options)?);
-        let reloader = Arc::new(Reloader::new(live.clone(), shared.tls.clone(), options));
+        let reloader = Arc::new(Reloader::new(live.clone(), &material, options));
         log_certificate(&material, S::NAME);
         let metrics = Arc::new(Metrics::new());
         let side = S::new(&settings, &live, &metrics)?;
