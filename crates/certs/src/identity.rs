@@ -23,8 +23,6 @@ pub struct PeerIdentity {
     pub subject: String,
     /// Issuer distinguished name, written as `subject` is.
     pub issuer: String,
-    /// Serial number in uppercase hex, as `openssl x509 -noout -serial` prints it.
-    pub serial: String,
     /// The subject's first common name.
     pub common_name: Option<String>,
     /// DNS subject alternative names.
@@ -35,6 +33,8 @@ pub struct PeerIdentity {
     pub ips: Vec<String>,
     /// Lowercase hex SHA-256 of the certificate's DER.
     pub sha256: String,
+    /// The serial number, lowercase hex (what a CRL names when it revokes the certificate).
+    pub serial: String,
     /// Start of validity.
     pub not_before: SystemTime,
     /// End of validity.
@@ -54,7 +54,6 @@ impl PeerIdentity {
         let mut id = PeerIdentity {
             subject: rfc4514(cert.subject(), registry),
             issuer: rfc4514(cert.issuer(), registry),
-            serial: serial_hex(cert.raw_serial()),
             common_name: cert
                 .subject()
                 .iter_common_name()
@@ -65,6 +64,7 @@ impl PeerIdentity {
             uris: Vec::new(),
             ips: Vec::new(),
             sha256: crate::provider::sha256_hex(der),
+            serial: crate::provider::hex(cert.raw_serial()),
             not_before: to_system_time(cert.validity().not_before.timestamp()),
             not_after: to_system_time(cert.validity().not_after.timestamp()),
             client_auth: false,
@@ -223,19 +223,6 @@ pub(crate) fn rfc4514(name: &X509Name<'_>, registry: &OidRegistry<'_>) -> String
     out
 }
 
-/// A serial number's DER content bytes as uppercase hex, without the sign byte DER adds before a
-/// high bit (so `openssl x509 -serial` and step-ca's hex agree with it).
-pub(crate) fn serial_hex(raw: &[u8]) -> String {
-    let start = raw
-        .iter()
-        .position(|b| *b != 0)
-        .unwrap_or(raw.len().saturating_sub(1));
-    raw[start..].iter().fold(String::new(), |mut out, b| {
-        let _ = write!(out, "{b:02X}");
-        out
-    })
-}
-
 fn ip_from_bytes(bytes: &[u8]) -> Option<std::net::IpAddr> {
     match bytes.len() {
         4 => <[u8; 4]>::try_from(bytes).ok().map(std::net::IpAddr::from),
@@ -283,12 +270,12 @@ mod tests {
         PeerIdentity {
             subject: String::new(),
             issuer: String::new(),
-            serial: String::new(),
             common_name: None,
             dns: Vec::new(),
             uris: Vec::new(),
             ips: Vec::new(),
             sha256: String::new(),
+            serial: String::new(),
             not_before: UNIX_EPOCH + Duration::from_secs(from),
             not_after: UNIX_EPOCH + Duration::from_secs(to),
             client_auth: false,
@@ -304,17 +291,5 @@ mod tests {
         assert!(!cert.renewal_due(at(200)), "exactly a third left");
         assert!(cert.renewal_due(at(201)));
         assert!(cert.renewal_due(at(400)), "expired");
-    }
-
-    #[test]
-    fn serials_read_as_openssl_prints_them() {
-        assert_eq!(
-            serial_hex(&[0x00, 0xab, 0x01]),
-            "AB01",
-            "DER's sign byte dropped"
-        );
-        assert_eq!(serial_hex(&[0x7f]), "7F");
-        assert_eq!(serial_hex(&[0x00]), "00", "zero stays one byte");
-        assert_eq!(serial_hex(&[]), "");
     }
 }

@@ -632,9 +632,9 @@ mod tests {
         use crate::pki::{LeafSpec, Pki};
         use crate::{LiveServerTls, ServerTlsOptions};
 
-        // As openssl prints it: whole bytes of uppercase hex.
+        // The DER integer's bytes in lowercase hex.
         let serial = |n: u64| {
-            let hex = format!("{n:X}");
+            let hex = format!("{n:x}");
             if hex.len() % 2 == 1 {
                 format!("0{hex}")
             } else {
