@@ -223,6 +223,13 @@ pub(crate) fn rfc4514(name: &X509Name<'_>, registry: &OidRegistry<'_>) -> String
     out
 }
 
+/// Whether a DER certificate names itself as its issuer (a root CA's does); false when it does not
+/// parse.
+pub fn is_self_issued(der: &[u8]) -> bool {
+    X509Certificate::from_der(der)
+        .is_ok_and(|(_, cert)| cert.subject().as_raw() == cert.issuer().as_raw())
+}
+
 fn ip_from_bytes(bytes: &[u8]) -> Option<std::net::IpAddr> {
     match bytes.len() {
         4 => <[u8; 4]>::try_from(bytes).ok().map(std::net::IpAddr::from),

@@ -42,7 +42,7 @@ pub mod pki;
 
 pub use cache::ByteCache;
 pub use error::{error_chain, CertError};
-pub use identity::{fmt_time, IdentityError, PeerIdentity};
+pub use identity::{fmt_time, is_self_issued, IdentityError, PeerIdentity};
 pub use inventory::{CertSummary, CrlSummary, Inventory};
 pub use malformed::{PemProblem, X509Fault, X509Kind, X509Problem};
 pub use material::{human, Material, Role, TlsFiles};
