@@ -5,6 +5,7 @@
 //! demo's `--check` commands and its clean-up (`demo`).
 
 mod admin;
+mod certs;
 mod check;
 mod demo;
 mod logs;
