@@ -6,7 +6,7 @@
 use std::time::SystemTime;
 
 use phoenix_mesh_certs::{fmt_time, CertSummary, ReloadStatus};
-use serde_json::{json, Value};
+use serde::Serialize;
 
 /// One peer certificate connected now, as `/certs` lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,59 +42,145 @@ pub fn certs_json(side: &str, status: &ReloadStatus, peers: &dyn ConnectedPeers)
     let inventory = &status.inventory;
     let files = &inventory.files;
     let kept_because = status.kept_because();
-    let document = json!({
-        "side": side,
-        "certificate": {
-            "file": files.cert.display().to_string(),
-            "key_file": files.key.display().to_string(),
-            "loaded_at": fmt_time(status.loaded_at),
-            "last_good": kept_because.is_some(),
-            "kept_because": kept_because,
-            "chain": inventory.chain.iter().map(certificate).collect::<Vec<_>>(),
+    let document = Document {
+        side,
+        certificate: Own {
+            file: files.cert.display().to_string(),
+            key_file: files.key.display().to_string(),
+            loaded_at: fmt_time(status.loaded_at),
+            last_good: kept_because.is_some(),
+            kept_because,
+            chain: inventory.chain.iter().map(Certificate::of).collect(),
         },
-        "trust_anchors": {
-            "file": files.ca.display().to_string(),
-            "certificates": inventory.trust_anchors.iter().map(certificate).collect::<Vec<_>>(),
+        trust_anchors: Anchors {
+            file: files.ca.display().to_string(),
+            certificates: inventory
+                .trust_anchors
+                .iter()
+                .map(Certificate::of)
+                .collect(),
         },
-        "crls": inventory.crls.iter().map(|crl| json!({
-            "file": crl.file.display().to_string(),
-            "issuer": crl.issuer,
-            "this_update": fmt_time(crl.this_update),
-            "next_update": crl.next_update.map(fmt_time),
-            "number": crl.number,
-            "entries": crl.entries,
-        })).collect::<Vec<_>>(),
-        "last_reload": status.last_reload.as_ref().map(|reload| json!({
-            "at": fmt_time(reload.at),
-            "trigger": reload.trigger,
-            "result": if reload.error.is_some() { "failed" } else { "ok" },
-            "error": reload.error,
-        })),
-        "peers": peers.connected_peers().iter().map(|peer| json!({
-            "identity": peer.identity,
-            "serial": peer.serial,
-            "not_after": fmt_time(peer.not_after),
-            "connections": peer.connections,
-            "since": fmt_time(peer.since),
-        })).collect::<Vec<_>>(),
-    });
+        crls: inventory
+            .crls
+            .iter()
+            .map(|crl| Crl {
+                file: crl.file.display().to_string(),
+                issuer: &crl.issuer,
+                this_update: fmt_time(crl.this_update),
+                next_update: crl.next_update.map(fmt_time),
+                number: crl.number.as_deref(),
+                entries: crl.entries,
+            })
+            .collect(),
+        last_reload: status.last_reload.as_ref().map(|reload| Reload {
+            at: fmt_time(reload.at),
+            trigger: &reload.trigger,
+            result: if reload.error.is_some() {
+                "failed"
+            } else {
+                "ok"
+            },
+            error: reload.error.as_deref(),
+        }),
+        peers: peers
+            .connected_peers()
+            .into_iter()
+            .map(|peer| Peer {
+                identity: peer.identity,
+                serial: peer.serial,
+                not_after: fmt_time(peer.not_after),
+                connections: peer.connections,
+                since: fmt_time(peer.since),
+            })
+            .collect(),
+    };
     let mut text = serde_json::to_string_pretty(&document).unwrap_or_default();
     text.push('\n');
     text
 }
 
-fn certificate(cert: &CertSummary) -> Value {
-    json!({
-        "subject": cert.subject,
-        "issuer": cert.issuer,
-        "dns": cert.dns,
-        "uris": cert.uris,
-        "ips": cert.ips,
-        "serial": cert.serial,
-        "not_before": fmt_time(cert.not_before),
-        "not_after": fmt_time(cert.not_after),
-        "sha256": cert.sha256,
-    })
+// The document's shape, field by field in the order it is written; docs/operations.md has each.
+
+#[derive(Serialize)]
+struct Document<'a> {
+    side: &'a str,
+    certificate: Own<'a>,
+    trust_anchors: Anchors<'a>,
+    crls: Vec<Crl<'a>>,
+    last_reload: Option<Reload<'a>>,
+    peers: Vec<Peer>,
+}
+
+#[derive(Serialize)]
+struct Own<'a> {
+    file: String,
+    key_file: String,
+    loaded_at: String,
+    last_good: bool,
+    kept_because: Option<&'a str>,
+    chain: Vec<Certificate<'a>>,
+}
+
+#[derive(Serialize)]
+struct Anchors<'a> {
+    file: String,
+    certificates: Vec<Certificate<'a>>,
+}
+
+#[derive(Serialize)]
+struct Certificate<'a> {
+    subject: &'a str,
+    issuer: &'a str,
+    dns: &'a [String],
+    uris: &'a [String],
+    ips: &'a [String],
+    serial: &'a str,
+    not_before: String,
+    not_after: String,
+    sha256: &'a str,
+}
+
+impl<'a> Certificate<'a> {
+    fn of(cert: &'a CertSummary) -> Self {
+        Certificate {
+            subject: &cert.subject,
+            issuer: &cert.issuer,
+            dns: &cert.dns,
+            uris: &cert.uris,
+            ips: &cert.ips,
+            serial: &cert.serial,
+            not_before: fmt_time(cert.not_before),
+            not_after: fmt_time(cert.not_after),
+            sha256: &cert.sha256,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Crl<'a> {
+    file: String,
+    issuer: &'a str,
+    this_update: String,
+    next_update: Option<String>,
+    number: Option<&'a str>,
+    entries: usize,
+}
+
+#[derive(Serialize)]
+struct Reload<'a> {
+    at: String,
+    trigger: &'a str,
+    result: &'static str,
+    error: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct Peer {
+    identity: String,
+    serial: String,
+    not_after: String,
+    connections: u64,
+    since: String,
 }
 
 #[cfg(test)]
@@ -105,6 +191,8 @@ mod tests {
     use std::time::Duration;
 
     use phoenix_mesh_certs::{Inventory, LastReload, TlsFiles};
+
+    use serde_json::{json, Value};
 
     use super::*;
 
