@@ -2,19 +2,26 @@
 //! RFC 9440's `Client-Cert` (the client's leaf) and `Client-Cert-Chain` (its intermediates, never
 //! the root), each decoding to the exact DER the client presented. Copies of any of the three that
 //! a caller sends never reach the backend, whichever are configured, whether they come straight to
-//! the listener or through the client sidecar.
+//! the listener or through the client sidecar; and the client sidecar removes them from nginx's
+//! requests itself, so not even a listener that kept them would see them.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use phoenix_mesh_certs::pki::Leaf;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateDer;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 
 use crate::support::backend::Seen;
+use crate::support::files::MeshFiles;
 use crate::support::http::{assert_hello, send_h1, SERVICE_HOST};
 use crate::support::mesh::Mesh;
-use crate::support::pki::expected_gateway_xfcc;
+use crate::support::pki::{expected_gateway_xfcc, TestPki};
 use crate::support::{tls, within};
 
 /// What a caller forges: every identity header, twice, in the case it likes.
@@ -156,8 +163,8 @@ async fn by_default_only_xfcc_is_sent_and_forged_rfc9440_headers_are_stripped() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unknown_identity_header_is_refused_naming_the_key() {
-    let pki = crate::support::pki::TestPki::new();
-    let mut files = crate::support::files::MeshFiles::unconnected(&pki);
+    let pki = TestPki::new();
+    let mut files = MeshFiles::unconnected(&pki);
     files
         .server
         .set_list("identity_headers", &["xfcc", "client_cert"]);
@@ -169,4 +176,107 @@ async fn an_unknown_identity_header_is_refused_naming_the_key() {
             && text.contains("\"client-cert\""),
         "{text}"
     );
+}
+
+/// A stand-in for a listener that strips nothing (an older one, say): it serves TLS with the
+/// listener's certificate, HTTP/1.1 only, answers every request `200 ok` and sends each request
+/// head it read down `heads`.
+async fn recording_listener(leaf: &Leaf) -> (SocketAddr, mpsc::UnboundedReceiver<String>) {
+    let chain = CertificateDer::pem_slice_iter(leaf.chain_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (heads, received) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, heads) = (acceptor.clone(), heads.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                loop {
+                    if tls.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                    if head.ends_with(b"\r\n\r\n") {
+                        let _ = heads.send(String::from_utf8_lossy(&head).into_owned());
+                        head.clear();
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n";
+                        if tls.write_all(ok).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, received)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_client_sidecar_strips_identity_headers_from_nginx_itself() {
+    let pki = TestPki::new();
+    let (upstream, mut heads) = recording_listener(&pki.listener_cert()).await;
+    let mut files = MeshFiles::unconnected(&pki);
+    files
+        .client
+        .set_addrs("upstreams", &[upstream])
+        .set("upstream_http2", "false");
+    let settings = phoenix_mesh_client::ClientSettings::load(&files.write_client()).unwrap();
+    let sidecar = phoenix_mesh_client::ClientSidecar::bind(settings)
+        .await
+        .unwrap();
+    let client_addr = sidecar.local_addr().unwrap();
+    let (shutdown, watch) = phoenix_mesh_transport::serve::Shutdown::new();
+    tokio::spawn(sidecar.serve(watch));
+
+    let mut req = http::Request::get("/forged").header("host", SERVICE_HOST);
+    for (name, value) in FORGED {
+        req = req.header(name, value);
+    }
+    let req = req
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let reply = within("request", send_h1(client_addr, req)).await;
+    assert_eq!(
+        (reply.status, reply.body.as_str()),
+        (http::StatusCode::OK, "ok\n"),
+        "{reply:?}"
+    );
+    let head = loop {
+        let head = within("the request at the listener", heads.recv())
+            .await
+            .unwrap();
+        // The readiness probe's requests, if any, are not the one sent.
+        if head.starts_with("GET /forged ") {
+            break head;
+        }
+    };
+    let lower = head.to_ascii_lowercase();
+    for name in [
+        "x-forwarded-client-cert:",
+        "client-cert:",
+        "client-cert-chain:",
+    ] {
+        assert!(
+            !lower.contains(&format!("\r\n{name}")),
+            "the client sidecar passed on {name}\n{head}"
+        );
+    }
+    shutdown.begin();
 }
