@@ -40,12 +40,12 @@ pub mod pki;
 pub use cache::ByteCache;
 pub use error::{error_chain, CertError};
 pub use identity::{IdentityError, PeerIdentity};
-pub use malformed::{PemProblem, X509Fault, X509Kind, X509Problem};
+pub use malformed::{KeyProblem, PemProblem, X509Fault, X509Kind, X509Problem};
 pub use material::{human, Material, Role, TlsFiles};
 pub use reload::{LiveClientTls, LiveServerTls, LiveTls, ReloadStats, Reloader};
 pub use tls::{
-    client_config, failure_reason, refuses_our_certificate, ClientTlsOptions, ServerTlsOptions,
-    TlsVersion, UnknownTlsVersion,
+    client_config, failure_reason, refuses_our_certificate, ClientTlsOptions, KeyTooSmall,
+    ServerTlsOptions, TlsVersion, UnknownTlsVersion, MIN_RSA_BITS,
 };
 
 pub use rustls;
