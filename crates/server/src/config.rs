@@ -26,7 +26,14 @@ pub struct ServerFile {
     backend_timeout: Option<ConfigDuration>,
     #[serde(default)]
     backend_http2: Option<bool>,
+    #[serde(default)]
+    max_pending_handshakes: Option<usize>,
 }
+
+/// `max_pending_handshakes` when the file does not say: far more handshakes than the mesh's clients
+/// ever start at once (each finishes in a millisecond or two), and few enough that a stranger's
+/// silent connections cost the listener at most this many sockets.
+pub const DEFAULT_MAX_PENDING_HANDSHAKES: usize = 1000;
 
 /// Validated listener settings, with paths resolved against the config file.
 #[derive(Debug, Clone)]
@@ -47,6 +54,9 @@ pub struct ServerSettings {
     pub backend_timeout: Duration,
     /// Requests (but upgrades) go to the backend on one shared HTTP/2 cleartext connection.
     pub backend_http2: bool,
+    /// Connections accepted whose TLS handshake has not finished, at most; past it the oldest is
+    /// dropped. They do not count against `max_connections`.
+    pub max_pending_handshakes: usize,
 }
 
 impl ServerSettings {
@@ -57,6 +67,17 @@ impl ServerSettings {
         if allowed_peers.iter().any(|p| p.trim().is_empty()) {
             return Err(invalid(path, "allowed_peers", "an entry is empty".into()));
         }
+        let max_pending_handshakes = match f.max_pending_handshakes {
+            None => DEFAULT_MAX_PENDING_HANDSHAKES,
+            Some(0) => {
+                return Err(invalid(
+                    path,
+                    "max_pending_handshakes",
+                    "must be at least 1".into(),
+                ))
+            }
+            Some(n) => n,
+        };
         Ok(ServerSettings {
             path: path.to_owned(),
             shared,
@@ -66,6 +87,7 @@ impl ServerSettings {
             backend_connect_timeout: or_secs(f.backend_connect_timeout, 5),
             backend_timeout: or_secs(f.backend_timeout, 60),
             backend_http2: f.backend_http2.unwrap_or(false),
+            max_pending_handshakes,
         })
     }
 }
@@ -97,6 +119,10 @@ impl SideSettings for ServerSettings {
             ("listen", self.listen.to_string()),
             ("backend", self.backend.to_string()),
             ("backend_http2", self.backend_http2.to_string()),
+            (
+                "max_pending_handshakes",
+                self.max_pending_handshakes.to_string(),
+            ),
             (
                 "backend_connect_timeout / backend_timeout",
                 format!(
