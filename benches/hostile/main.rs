@@ -418,8 +418,7 @@ async fn under_attack(args: &Args, setup: &Setup, addr: SocketAddr) -> (f64, f64
     // Let the silent connections build up before measuring: `--silent` opened (the listener may
     // have closed some of them since).
     let ramp = Instant::now();
-    while opened.load(Ordering::Relaxed) < args.silent && ramp.elapsed() < Duration::from_secs(30)
-    {
+    while opened.load(Ordering::Relaxed) < args.silent && ramp.elapsed() < Duration::from_secs(30) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     println!(

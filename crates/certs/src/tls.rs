@@ -194,7 +194,7 @@ pub struct KeyTooSmall {
     pub bits: usize,
 }
 
-/// The longest text out of a certificate that reaches a log line; longer is cut with `...`.
+/// The longest text out of a certificate (in characters) that reaches a log line; longer is cut.
 const LOGGED_CHARS: usize = 256;
 
 /// At most [`LOGGED_CHARS`] of `text`.
@@ -437,6 +437,25 @@ mod tests {
         (A::NoApplicationProtocol, false),
         (A::EncryptedClientHelloRequired, false),
     ];
+
+    #[test]
+    fn text_out_of_a_certificate_is_cut_to_256_characters() {
+        assert_eq!(bounded("short"), "short");
+        let long = "é".repeat(60 * 1024);
+        assert_eq!(bounded(&long).chars().count(), LOGGED_CHARS);
+        let names: Vec<String> = (0..100).map(|i| format!("n{i}")).collect();
+        assert_eq!(bounded_list(&names).len(), 8);
+    }
+
+    #[test]
+    fn a_refusal_line_is_written_once_per_reason_per_interval() {
+        let lines = RefusalLines::default();
+        let mut written = Vec::new();
+        for reason in ["not-allowed", "not-allowed", "wrong-usage", "not-allowed"] {
+            lines.log(reason, || written.push(reason));
+        }
+        assert_eq!(written, ["not-allowed", "wrong-usage"]);
+    }
 
     #[test]
     fn alert_table() {

@@ -280,21 +280,24 @@ async fn accept(
     let handshake = async {
         let shaken = tokio::select! {
             biased;
-            () = pending.dropped() => return None,
+            () = pending.dropped() => return Shaken::Dropped,
             shaken = acceptor.accept(MeshSocket::new(stream)).into_fallible() => shaken,
         };
-        Some(match shaken {
-            Ok(tls) => pending.authenticated().await.map(|slot| Ok((tls, slot))),
-            Err(refusal) => Some(Err(refusal)),
-        })
+        match shaken {
+            Ok(tls) => match pending.authenticated().await {
+                Some(slot) => Shaken::Authenticated(tls, slot),
+                None => Shaken::Dropped,
+            },
+            Err((error, socket)) => Shaken::Refused(error, socket),
+        }
     };
     match timeout(handshake_timeout, handshake).await {
-        Ok(Some(Some(Ok(established)))) => Some(established),
-        Ok(Some(Some(Err((error, socket))))) => {
+        Ok(Shaken::Authenticated(tls, slot)) => Some((tls, slot)),
+        Ok(Shaken::Refused(error, socket)) => {
             refused(&state.side, socket, error, listen, failed).await;
             None
         }
-        Ok(None | Some(None)) => {
+        Ok(Shaken::Dropped) => {
             let message = "pending handshake dropped: max_pending_handshakes were open, and this \
                            connection was accepted longest ago";
             if state.side.admit(message, HandshakeReason::Dropped) {
@@ -318,6 +321,16 @@ async fn accept(
             None
         }
     }
+}
+
+/// How a pending handshake ended, short of its timeout.
+enum Shaken {
+    /// Mutual TLS established, with its `max_connections` slot.
+    Authenticated(tokio_rustls::server::TlsStream<MeshSocket>, Slot),
+    /// The handshake failed.
+    Refused(io::Error, MeshSocket),
+    /// Dropped as the oldest pending handshake.
+    Dropped,
 }
 
 /// A connection whose handshake failed: answers plain HTTP with `400 tls-required`, closes anything
