@@ -470,8 +470,8 @@ async fn under_attack(args: &Args, setup: &Setup, addr: SocketAddr) -> (f64, f64
     )
 }
 
-/// Keeps `target` connections open that never send a byte; one the listener closes is re-opened,
-/// at most `rate` a second.
+/// Keeps `target` connections open that never send a byte, connecting up to 64 at a time; one the
+/// listener closes is re-opened, at most `rate` a second once `target` were opened.
 async fn hold_silent(
     addr: SocketAddr,
     target: usize,
@@ -479,28 +479,38 @@ async fn hold_silent(
     (open, opened): (Arc<AtomicUsize>, Arc<AtomicUsize>),
     stop: Arc<tokio::sync::Notify>,
 ) {
+    let connecting = Arc::new(tokio::sync::Semaphore::new(64));
+    let in_flight = Arc::new(AtomicUsize::new(0));
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     let per_tick = (rate as usize / 100).max(1);
     loop {
         tick.tick().await;
-        // The first `target` go as fast as the listener accepts; re-opening is rate-limited.
         let budget = if opened.load(Ordering::Relaxed) < target {
-            200
+            usize::MAX
         } else {
             per_tick
         };
         for _ in 0..budget {
-            if open.load(Ordering::Relaxed) >= target {
+            if open.load(Ordering::Relaxed) + in_flight.load(Ordering::Relaxed) >= target {
                 break;
             }
-            let connect = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr));
-            let Ok(Ok(mut tcp)) = connect.await else {
+            let Ok(permit) = connecting.clone().try_acquire_owned() else {
                 break;
             };
-            opened.fetch_add(1, Ordering::Relaxed);
-            open.fetch_add(1, Ordering::Relaxed);
-            let (open, stop) = (open.clone(), stop.clone());
+            in_flight.fetch_add(1, Ordering::Relaxed);
+            let (open, opened, in_flight, stop) =
+                (open.clone(), opened.clone(), in_flight.clone(), stop.clone());
             tokio::spawn(async move {
+                let connect =
+                    tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await;
+                drop(permit);
+                let Ok(Ok(mut tcp)) = connect else {
+                    in_flight.fetch_sub(1, Ordering::Relaxed);
+                    return;
+                };
+                opened.fetch_add(1, Ordering::Relaxed);
+                open.fetch_add(1, Ordering::Relaxed);
+                in_flight.fetch_sub(1, Ordering::Relaxed);
                 let mut buf = [0u8; 1];
                 tokio::select! {
                     _ = tcp.read(&mut buf) => {}
