@@ -498,8 +498,12 @@ async fn hold_silent(
                 break;
             };
             in_flight.fetch_add(1, Ordering::Relaxed);
-            let (open, opened, in_flight, stop) =
-                (open.clone(), opened.clone(), in_flight.clone(), stop.clone());
+            let (open, opened, in_flight, stop) = (
+                open.clone(),
+                opened.clone(),
+                in_flight.clone(),
+                stop.clone(),
+            );
             tokio::spawn(async move {
                 let connect =
                     tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await;

@@ -324,6 +324,9 @@ async fn accept(
 }
 
 /// How a pending handshake ended, short of its timeout.
+// Boxing the stream would cost an allocation per connection; a `Shaken` lives only between the
+// handshake's end and the match on it in `accept`.
+#[allow(clippy::large_enum_variant)]
 enum Shaken {
     /// Mutual TLS established, with its `max_connections` slot.
     Authenticated(tokio_rustls::server::TlsStream<MeshSocket>, Slot),
