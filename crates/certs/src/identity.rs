@@ -43,6 +43,8 @@ pub struct PeerIdentity {
     pub client_auth: bool,
     /// Whether the certificate has an extended key usage extension listing serverAuth.
     pub server_auth: bool,
+    /// The size of the certificate's RSA key in bits; `None` for any other kind of key.
+    pub rsa_bits: Option<usize>,
 }
 
 impl PeerIdentity {
@@ -69,6 +71,7 @@ impl PeerIdentity {
             not_after: to_system_time(cert.validity().not_after.timestamp()),
             client_auth: false,
             server_auth: false,
+            rsa_bits: rsa_bits(cert.public_key()),
         };
         if let Ok(Some(san)) = cert.subject_alternative_name() {
             for name in &san.value.general_names {
@@ -198,9 +201,9 @@ pub(crate) fn rfc4514(name: &X509Name<'_>, registry: &OidRegistry<'_>) -> String
             out.push('=');
             match attr.as_str() {
                 Ok(value) => {
+                    let last = value.chars().count().saturating_sub(1);
                     for (k, c) in value.chars().enumerate() {
-                        let edge = (k == 0 && (c == ' ' || c == '#'))
-                            || (k + 1 == value.chars().count() && c == ' ');
+                        let edge = (k == 0 && (c == ' ' || c == '#')) || (k == last && c == ' ');
                         if c.is_ascii_control() {
                             let _ = write!(out, "\\{:02X}", c as u32);
                             continue;
@@ -228,6 +231,23 @@ pub(crate) fn rfc4514(name: &X509Name<'_>, registry: &OidRegistry<'_>) -> String
 pub fn is_self_issued(der: &[u8]) -> bool {
     X509Certificate::from_der(der)
         .is_ok_and(|(_, cert)| cert.subject().as_raw() == cert.issuer().as_raw())
+}
+
+/// The size in bits of an RSA public key's modulus; `None` for any other key.
+pub(crate) fn rsa_bits(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Option<usize> {
+    match spki.parsed() {
+        Ok(x509_parser::public_key::PublicKey::RSA(rsa)) => Some(modulus_bits(rsa.modulus)),
+        _ => None,
+    }
+}
+
+/// The bit length of a big-endian unsigned integer, leading zero bytes and bits not counted.
+pub(crate) fn modulus_bits(modulus: &[u8]) -> usize {
+    let digits = match modulus.iter().position(|&b| b != 0) {
+        Some(first) => &modulus[first..],
+        None => return 0,
+    };
+    digits.len() * 8 - digits[0].leading_zeros() as usize
 }
 
 fn ip_from_bytes(bytes: &[u8]) -> Option<std::net::IpAddr> {
@@ -287,7 +307,20 @@ mod tests {
             not_after: UNIX_EPOCH + Duration::from_secs(to),
             client_auth: false,
             server_auth: false,
+            rsa_bits: None,
         }
+    }
+
+    #[test]
+    fn an_rsa_modulus_is_measured_without_its_sign_byte() {
+        assert_eq!(modulus_bits(&[]), 0);
+        assert_eq!(modulus_bits(&[0, 0]), 0);
+        let mut der_1024 = vec![0x00, 0xc3];
+        der_1024.extend([0x11; 127]);
+        assert_eq!(modulus_bits(&der_1024), 1024);
+        let mut odd = vec![0x01];
+        odd.extend([0xff; 255]);
+        assert_eq!(modulus_bits(&odd), 2041);
     }
 
     #[test]

@@ -44,14 +44,14 @@ pub use cache::ByteCache;
 pub use error::{error_chain, CertError};
 pub use identity::{fmt_time, is_self_issued, IdentityError, PeerIdentity};
 pub use inventory::{CertSummary, CrlSummary, Inventory};
-pub use malformed::{PemProblem, X509Fault, X509Kind, X509Problem};
+pub use malformed::{KeyProblem, PemProblem, X509Fault, X509Kind, X509Problem};
 pub use material::{human, Material, Role, TlsFiles};
 pub use reload::{
     LastReload, LiveClientTls, LiveServerTls, LiveTls, ReloadStats, ReloadStatus, Reloader,
 };
 pub use tls::{
-    client_config, failure_reason, refuses_our_certificate, ClientTlsOptions, ServerTlsOptions,
-    TlsVersion, UnknownTlsVersion,
+    client_config, failure_reason, refuses_our_certificate, ClientTlsOptions, KeyTooSmall,
+    ServerTlsOptions, TlsVersion, UnknownTlsVersion, MIN_RSA_BITS,
 };
 
 pub use rustls;

@@ -11,6 +11,7 @@ use rustls::sign::CertifiedKey;
 use rustls::RootCertStore;
 
 use crate::identity::fmt_time;
+use crate::malformed::KeyProblem;
 use crate::{load, provider, CertError, Inventory, PeerIdentity};
 
 /// The files a side's TLS material comes from.
@@ -68,11 +69,11 @@ impl Material {
         let chain = load::load_cert_chain(&files.cert)?;
         let key = load::load_private_key(&files.key)?;
         let ca_certs = load::certs_from("CA file", &files.ca)?;
-        let roots = load::roots_from(&files.ca, &ca_certs)?;
+        let roots = Arc::new(load::roots_from(&files.ca, &ca_certs)?);
         let crl_files = files
             .crls
             .iter()
-            .map(|path| Ok((path.clone(), load::load_crls(&[path])?)))
+            .map(|path| Ok((path.clone(), load::load_crls(&[path], &roots)?)))
             .collect::<Result<Vec<_>, CertError>>()?;
         let crls: Vec<_> = crl_files
             .iter()
@@ -90,9 +91,15 @@ impl Material {
         let signing_key = provider
             .key_provider
             .load_private_key(key.clone_key())
-            .map_err(|source| CertError::BadKey {
-                path: files.key.clone(),
-                source,
+            .map_err(|source| match KeyProblem::of(&key) {
+                Some(problem) => CertError::UnusableKey {
+                    path: files.key.clone(),
+                    problem,
+                },
+                None => CertError::BadKey {
+                    path: files.key.clone(),
+                    source,
+                },
             })?;
         match CertifiedKey::new(chain.clone(), signing_key).keys_match() {
             Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
@@ -119,7 +126,6 @@ impl Material {
             });
         }
 
-        let roots = Arc::new(roots);
         let unix_now = UnixTime::since_unix_epoch(
             now.duration_since(SystemTime::UNIX_EPOCH)
                 .unwrap_or_default(),

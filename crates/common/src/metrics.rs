@@ -146,6 +146,9 @@ pub enum HandshakeReason {
     BadCertificate,
     /// The client certificate expired after its session began (a resumed session).
     Expired,
+    /// Dropped before it finished, to make room for a newer connection: `max_pending_handshakes`
+    /// were pending and this one was the oldest.
+    Dropped,
     /// What rustls' error says, as [`phoenix_mesh_certs::failure_reason`] names it.
     Tls(&'static str),
 }
@@ -162,6 +165,7 @@ impl HandshakeReason {
             HandshakeReason::NoCertificate => "no-certificate",
             HandshakeReason::BadCertificate => "bad-certificate",
             HandshakeReason::Expired => "expired",
+            HandshakeReason::Dropped => "dropped",
             HandshakeReason::Tls(reason) => reason,
         }
     }

@@ -65,6 +65,15 @@ impl StartError {
 /// The live TLS configuration of side `S`.
 pub type TlsOf<S> = <<S as Side>::Settings as SideSettings>::Tls;
 
+/// Loads a side's TLS files and builds its live TLS configuration from them: what start-up does, and
+/// what `--check` runs, so that the two can never disagree (a reload runs the same loading and
+/// building, through [`LiveTls::install`]).
+pub fn load_tls<T: SideSettings>(settings: &T) -> Result<(Material, T::Tls), CertError> {
+    let material = Material::load(&settings.shared().tls, T::Tls::ROLE)?;
+    let live = T::Tls::build(&material, &settings.tls_options())?;
+    Ok((material, live))
+}
+
 /// One side's policy, plugged into the skeleton.
 pub trait Side: Sized + Send + Sync + 'static {
     /// How the side names itself in logs and readiness (`client sidecar`, `mesh listener`).
@@ -211,10 +220,13 @@ impl<S: Side> Sidecar<S> {
     /// [`Sidecar::serve`].
     pub async fn bind(settings: S::Settings) -> Result<Self, StartError> {
         let shared = settings.shared();
-        let material = Material::load(&shared.tls, TlsOf::<S>::ROLE)?;
-        let options = settings.tls_options();
-        let live = Arc::new(TlsOf::<S>::build(&material, &options)?);
-        let reloader = Arc::new(Reloader::new(live.clone(), &material, options));
+        let (material, live) = load_tls(&settings)?;
+        let live = Arc::new(live);
+        let reloader = Arc::new(Reloader::new(
+            live.clone(),
+            &material,
+            settings.tls_options(),
+        ));
         log_certificate(&material, S::NAME);
         let metrics = Arc::new(Metrics::new());
         let side = S::new(&settings, &live, &metrics)?;

@@ -30,7 +30,13 @@ pub struct ServerFile {
     backend_http2: Option<bool>,
     #[serde(default)]
     identity_headers: Option<Vec<String>>,
+    max_pending_handshakes: Option<usize>,
 }
+
+/// `max_pending_handshakes` when the file does not say: far more handshakes than the mesh's clients
+/// ever start at once (each finishes in a millisecond or two), and few enough that a stranger's
+/// silent connections cost the listener at most this many sockets.
+pub const DEFAULT_MAX_PENDING_HANDSHAKES: usize = 1000;
 
 /// Validated listener settings, with paths resolved against the config file.
 #[derive(Debug, Clone)]
@@ -53,6 +59,9 @@ pub struct ServerSettings {
     pub backend_http2: bool,
     /// Which identity headers the backend gets.
     pub identity_headers: IdentityHeaders,
+    /// Connections accepted whose TLS handshake has not finished, at most; past it the oldest is
+    /// dropped. They do not count against `max_connections`.
+    pub max_pending_handshakes: usize,
 }
 
 impl ServerSettings {
@@ -80,6 +89,17 @@ impl ServerSettings {
                 },
             )?,
         };
+        let max_pending_handshakes = match f.max_pending_handshakes {
+            None => DEFAULT_MAX_PENDING_HANDSHAKES,
+            Some(0) => {
+                return Err(invalid(
+                    path,
+                    "max_pending_handshakes",
+                    "must be at least 1".into(),
+                ))
+            }
+            Some(n) => n,
+        };
         Ok(ServerSettings {
             path: path.to_owned(),
             identity_headers,
@@ -90,6 +110,7 @@ impl ServerSettings {
             backend_connect_timeout: or_secs(f.backend_connect_timeout, 5),
             backend_timeout: or_secs(f.backend_timeout, 60),
             backend_http2: f.backend_http2.unwrap_or(false),
+            max_pending_handshakes,
         })
     }
 }
@@ -124,6 +145,10 @@ impl SideSettings for ServerSettings {
             (
                 "identity_headers",
                 format!("{:?}", self.identity_headers.names()),
+            ),
+            (
+                "max_pending_handshakes",
+                self.max_pending_handshakes.to_string(),
             ),
             (
                 "backend_connect_timeout / backend_timeout",

@@ -19,7 +19,8 @@ use phoenix_mesh_common::metrics::{GaugeGuard, HandshakeKind, HandshakeReason, M
 use phoenix_mesh_common::sidecar::{conn_span, Side, Sidecar, StartError, State};
 use phoenix_mesh_transport::http1_idle::serve_http1_parking;
 use phoenix_mesh_transport::serve::{
-    accept_loop, drive, http1_builder, http2_builder, PrefaceDeadline, ShutdownWatch, Slot,
+    accept_authenticating, drive, http1_builder, http2_builder, Pending, PrefaceDeadline,
+    ShutdownWatch, Slot,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -118,21 +119,28 @@ impl Side for ListenerSide {
     async fn accept(state: Arc<State<Self>>, listener: TcpListener, shutdown: ShutdownWatch) {
         let listen = listener.local_addr().unwrap_or(state.settings.listen);
         let max = state.settings.shared.max_connections;
+        let max_pending = state.settings.max_pending_handshakes;
         let conn_shutdown = shutdown.clone();
-        accept_loop(listener, max, shutdown, move |stream, addr, slot| {
-            let span = conn_span(&addr);
-            tokio::spawn(
-                handle(
-                    state.clone(),
-                    stream,
-                    addr,
-                    listen,
-                    conn_shutdown.clone(),
-                    slot,
-                )
-                .instrument(span),
-            );
-        })
+        accept_authenticating(
+            listener,
+            max,
+            max_pending,
+            shutdown,
+            move |stream, addr, pending| {
+                let span = conn_span(&addr);
+                tokio::spawn(
+                    handle(
+                        state.clone(),
+                        stream,
+                        addr,
+                        listen,
+                        conn_shutdown.clone(),
+                        pending,
+                    )
+                    .instrument(span),
+                );
+            },
+        )
         .await;
     }
 
@@ -151,14 +159,14 @@ async fn handle(
     addr: SocketAddr,
     listen: SocketAddr,
     mut shutdown: ShutdownWatch,
-    _slot: Slot,
+    pending: Pending,
 ) {
     let _open = GaugeGuard::new(&state.metrics.open_connections);
     let started = Instant::now();
     let failed = |reason: HandshakeReason| {
         state.metrics.handshake_failed(reason, started.elapsed());
     };
-    let Some(mut tls) = accept(&state, stream, listen, &failed).await else {
+    let Some((mut tls, _slot)) = accept(&state, stream, listen, &failed, pending).await else {
         return;
     };
     // The session ticket rustls wrote last waits for the first answer only when one follows at once:
@@ -258,27 +266,50 @@ async fn handle(
     }
 }
 
-/// The TLS handshake, bounded by `handshake_timeout`; a connection that fails it is answered (see
-/// [`refused`]) and closed. A function of its own: awaited inside `handle`'s match on the handshake's
-/// result, `refused` kept that result (a whole `TlsStream`) in every connection's task for the
-/// connection's life, 1.4 KiB each.
+/// The TLS handshake, bounded by `handshake_timeout`, then the `max_connections` slot the
+/// authenticated connection holds; a connection that fails the handshake is answered (see
+/// [`refused`]) and closed, and so is one dropped as the oldest pending handshake. A function of its
+/// own: awaited inside `handle`'s match on the handshake's result, `refused` kept that result (a
+/// whole `TlsStream`) in every connection's task for the connection's life, 1.4 KiB each.
 async fn accept(
     state: &State<ListenerSide>,
     stream: TcpStream,
     listen: SocketAddr,
     failed: &impl Fn(HandshakeReason),
-) -> Option<tokio_rustls::server::TlsStream<MeshSocket>> {
+    mut pending: Pending,
+) -> Option<(tokio_rustls::server::TlsStream<MeshSocket>, Slot)> {
     let handshake_timeout = state.settings.shared.handshake_timeout;
     let acceptor = TlsAcceptor::from(state.reloader.live().current());
-    match timeout(
-        handshake_timeout,
-        acceptor.accept(MeshSocket::new(stream)).into_fallible(),
-    )
-    .await
-    {
-        Ok(Ok(tls)) => Some(tls),
-        Ok(Err((error, socket))) => {
+    let handshake = async {
+        let shaken = tokio::select! {
+            biased;
+            () = pending.dropped() => return Shaken::Dropped,
+            shaken = acceptor.accept(MeshSocket::new(stream)).into_fallible() => shaken,
+        };
+        match shaken {
+            Ok(tls) => match pending.authenticated().await {
+                Some(slot) => Shaken::Authenticated(tls, slot),
+                None => Shaken::Dropped,
+            },
+            Err((error, socket)) => Shaken::Refused(error, socket),
+        }
+    };
+    match timeout(handshake_timeout, handshake).await {
+        Ok(Shaken::Authenticated(tls, slot)) => Some((tls, slot)),
+        Ok(Shaken::Refused(error, socket)) => {
             refused(&state.side, socket, error, listen, failed).await;
+            None
+        }
+        Ok(Shaken::Dropped) => {
+            let message = "pending handshake dropped: max_pending_handshakes were open, and this \
+                           connection was accepted longest ago";
+            if state.side.admit(message, HandshakeReason::Dropped) {
+                info!(
+                    max_pending_handshakes = state.settings.max_pending_handshakes,
+                    "{message}"
+                );
+            }
+            failed(HandshakeReason::Dropped);
             None
         }
         Err(_) => {
@@ -293,6 +324,19 @@ async fn accept(
             None
         }
     }
+}
+
+/// How a pending handshake ended, short of its timeout.
+// Boxing the stream would cost an allocation per connection; a `Shaken` lives only between the
+// handshake's end and the match on it in `accept`.
+#[allow(clippy::large_enum_variant)]
+enum Shaken {
+    /// Mutual TLS established, with its `max_connections` slot.
+    Authenticated(tokio_rustls::server::TlsStream<MeshSocket>, Slot),
+    /// The handshake failed.
+    Refused(io::Error, MeshSocket),
+    /// Dropped as the oldest pending handshake.
+    Dropped,
 }
 
 /// A connection whose handshake failed: answers plain HTTP with `400 tls-required`, closes anything
