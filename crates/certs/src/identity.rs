@@ -4,6 +4,7 @@
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use rustls::pki_types::CertificateDer;
 use x509_parser::extensions::GeneralName;
 use x509_parser::objects::oid_registry;
 use x509_parser::oid_registry::OidRegistry;
@@ -31,6 +32,8 @@ pub struct PeerIdentity {
     pub ips: Vec<String>,
     /// Lowercase hex SHA-256 of the certificate's DER.
     pub sha256: String,
+    /// The serial number, lowercase hex (what a CRL names when it revokes the certificate).
+    pub serial: String,
     /// Start of validity.
     pub not_before: SystemTime,
     /// End of validity.
@@ -59,6 +62,7 @@ impl PeerIdentity {
             uris: Vec::new(),
             ips: Vec::new(),
             sha256: crate::provider::sha256_hex(der),
+            serial: crate::provider::hex(cert.raw_serial()),
             not_before: to_system_time(cert.validity().not_before.timestamp()),
             not_after: to_system_time(cert.validity().not_after.timestamp()),
             client_auth: false,
@@ -141,6 +145,23 @@ impl PeerIdentity {
     pub fn renewal_due(&self, now: SystemTime) -> bool {
         self.remaining(now) < self.lifetime() / 3
     }
+}
+
+/// The earliest `notAfter` among the certificates of `chain` (leaf and intermediates): when the
+/// chain stops being valid. `None` for an empty chain or one whose certificates do not parse.
+pub fn chain_not_after(chain: &[CertificateDer<'_>]) -> Option<SystemTime> {
+    chain
+        .iter()
+        .map(|der| {
+            X509Certificate::from_der(der)
+                .ok()
+                .map(|(_, cert)| to_system_time(cert.validity().not_after.timestamp()))
+        })
+        .try_fold(None, |earliest: Option<SystemTime>, not_after| {
+            let not_after = not_after?;
+            Some(Some(earliest.map_or(not_after, |e| e.min(not_after))))
+        })
+        .flatten()
 }
 
 /// Values that contain XFCC's separators are quoted, as Envoy does.
@@ -268,6 +289,7 @@ mod tests {
             uris: Vec::new(),
             ips: Vec::new(),
             sha256: String::new(),
+            serial: String::new(),
             not_before: UNIX_EPOCH + Duration::from_secs(from),
             not_after: UNIX_EPOCH + Duration::from_secs(to),
             client_auth: false,

@@ -14,6 +14,7 @@
 //! - `config.rs`: reading a TOML file, resolving paths against it, durations as operators write them.
 //! - `own_certificate.rs`: our certificate in the start-up log, readiness and metrics.
 //! - `admin.rs`: the admin endpoint (`/healthz`, `/readyz`, `/metrics`) and why a side is not ready.
+//! - `live.rs`: the established mutual-TLS connections, what each was authenticated with, and their retirement.
 //! - `metrics.rs`: every Prometheus metric, with label values as enums.
 //! - `access.rs`: the access log, one line per request once its body is done.
 //! - `log_limit.rs`: repeated failures (same cause, same hop) logged once, then summarised per interval.
@@ -26,6 +27,7 @@ pub mod admin;
 pub mod check;
 pub mod config;
 pub mod headers;
+pub mod live;
 pub mod log_limit;
 pub mod metrics;
 pub mod own_certificate;

@@ -114,6 +114,8 @@ pub(crate) struct PeerId {
     pub xfcc: HeaderValue,
     /// Short identity for logs.
     pub name: Arc<str>,
+    /// The certificate it was read from, for the live connections' registry.
+    pub identity: Arc<PeerIdentity>,
     /// End of the certificate's validity: a resumed session carries the certificate but is not
     /// verified again, so the listener checks this itself.
     pub not_after: std::time::SystemTime,
@@ -135,6 +137,7 @@ impl PeerIds {
             xfcc,
             name: identity.name().into(),
             not_after: identity.not_after,
+            identity: Arc::new(identity),
         });
         self.0.insert(der.into(), id.clone());
         Ok(id)

@@ -10,16 +10,18 @@ use std::time::{Instant, SystemTime};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use phoenix_mesh_certs::{failure_reason, LiveServerTls};
+use phoenix_mesh_certs::{failure_reason, Authenticated, LiveServerTls, LiveTls};
 use phoenix_mesh_common::admin::NotReady;
 use phoenix_mesh_common::check::{CheckRequest, Report};
 use phoenix_mesh_common::headers::forwarded_for_value;
+use phoenix_mesh_common::live::{End, LiveConnections};
 use phoenix_mesh_common::log_limit::{Cause, LogLimit, Repeat};
 use phoenix_mesh_common::metrics::{GaugeGuard, HandshakeKind, HandshakeReason, Metrics};
 use phoenix_mesh_common::sidecar::{conn_span, Side, Sidecar, StartError, State};
 use phoenix_mesh_transport::http1_idle::serve_http1_parking;
 use phoenix_mesh_transport::serve::{
-    accept_loop, drive, http1_builder, http2_builder, PrefaceDeadline, ShutdownWatch, Slot,
+    accept_loop, drive, http1_builder, http2_builder, serve_until, PrefaceDeadline, ShutdownWatch,
+    Slot,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -49,9 +51,16 @@ pub struct ListenerSide {
     refusals: LogLimit,
     /// The configured listen address, as the refusals' hop.
     listen: Arc<str>,
+    /// The established connections, re-checked when a reload changes the policy.
+    live: Arc<LiveConnections>,
 }
 
 impl ListenerSide {
+    /// The established client connections, with who is on each (for `/certs`).
+    pub fn live(&self) -> &Arc<LiveConnections> {
+        &self.live
+    }
+
     /// Whether to log this failed handshake now (see [`LogLimit`]); the metrics count every one.
     fn admit(&self, message: &'static str, reason: HandshakeReason) -> bool {
         self.refusals.admit(&Repeat {
@@ -72,7 +81,7 @@ impl Side for ListenerSide {
     fn new(
         settings: &ServerSettings,
         _tls: &Arc<LiveServerTls>,
-        _metrics: &Arc<Metrics>,
+        metrics: &Arc<Metrics>,
     ) -> Result<Self, StartError> {
         Ok(ListenerSide {
             backend: Backend::new(
@@ -86,6 +95,7 @@ impl Side for ListenerSide {
             peer_ids: PeerIds::default(),
             refusals: LogLimit::new(),
             listen: settings.listen.to_string().into(),
+            live: LiveConnections::new(metrics.clone(), End::Accepted),
         })
     }
 
@@ -117,6 +127,7 @@ impl Side for ListenerSide {
     async fn accept(state: Arc<State<Self>>, listener: TcpListener, shutdown: ShutdownWatch) {
         let listen = listener.local_addr().unwrap_or(state.settings.listen);
         let max = state.settings.shared.max_connections;
+        tokio::spawn(recheck_on_policy_change(state.clone(), shutdown.clone()));
         let conn_shutdown = shutdown.clone();
         accept_loop(listener, max, shutdown, move |stream, addr, slot| {
             let span = conn_span(&addr);
@@ -157,6 +168,8 @@ async fn handle(
     let failed = |reason: HandshakeReason| {
         state.metrics.handshake_failed(reason, started.elapsed());
     };
+    // Read before `accept` takes the configuration: never newer than the chain the handshake presents.
+    let own = state.reloader.live().own_chain();
     let Some(mut tls) = accept(&state, stream, listen, &failed).await else {
         return;
     };
@@ -211,6 +224,13 @@ async fn handle(
         alpn = ?conn.alpn_protocol().map(String::from_utf8_lossy),
         "mutual TLS established"
     );
+    let auth = Authenticated {
+        chain: conn.peer_certificates().map(<[_]>::to_vec).unwrap_or_default(),
+        version: conn.protocol_version(),
+    };
+    let registered = state.side.live.register(id.identity.clone(), auth, &own);
+    let retired = registered.conn().retired();
+    let deadline = registered.conn().deadline();
     let peer = Arc::new(Peer {
         forwarded_for: forwarded_for_value(addr.ip()),
         id,
@@ -233,25 +253,64 @@ async fn handle(
         })
     };
     // HTTP/2 only when ALPN chose it (RFC 9113 has no prior knowledge over TLS); HTTP/1.1 otherwise,
-    // its idle keep-alive connections parked without hyper's buffers.
-    let served: Result<(), Box<dyn std::error::Error + Send + Sync>> = if h2 {
-        // On shutdown: GOAWAY, open streams finish. A peer that never sends the preface is closed
-        // after header_read_timeout.
-        let tls = PrefaceDeadline::new(tls, state.settings.shared.http.header_read_timeout);
-        let conn = state
-            .side
-            .http2
-            .serve_connection(TokioIo::new(tls), service);
-        tokio::pin!(conn);
-        drive(conn, |c| c.graceful_shutdown(), &mut shutdown)
-            .await
-            .map_err(Into::into)
-    } else {
-        let idle = state.settings.shared.http.header_read_timeout;
-        serve_http1_parking(&state.side.http1, tls, service, idle, shutdown).await
+    // its idle keep-alive connections parked without hyper's buffers. Either way the connection is
+    // asked to finish (GOAWAY; `Connection: close`, or closed when idle) at shutdown or when it
+    // retires, and dropped at the deadline of its certificates.
+    let retire = async {
+        retired.await;
     };
+    let served = serve_until(
+        |mut finish| async move {
+            if h2 {
+                // A peer that never sends the preface is closed after header_read_timeout.
+                let tls = PrefaceDeadline::new(tls, state.settings.shared.http.header_read_timeout);
+                let conn = state
+                    .side
+                    .http2
+                    .serve_connection(TokioIo::new(tls), service);
+                tokio::pin!(conn);
+                drive(conn, |c| c.graceful_shutdown(), &mut finish)
+                    .await
+                    .map_err(Into::into)
+            } else {
+                let idle = state.settings.shared.http.header_read_timeout;
+                serve_http1_parking(&state.side.http1, tls, service, idle, finish).await
+            }
+        },
+        &mut shutdown,
+        retire,
+        deadline,
+    )
+    .await;
+    let served: Result<(), Box<dyn std::error::Error + Send + Sync>> = match served {
+        Some(served) => served,
+        None => {
+            info!("closed a connection still busy when its certificates ended");
+            Ok(())
+        }
+    };
+    drop(registered);
     if let Err(error) = served {
         debug!(%error, "connection ended with an error");
+    }
+}
+
+/// Re-checks every established connection whenever a reload changes the trust policy (CA, CRLs,
+/// `allowed_peers`, `min_tls_version`): those the new policy refuses are asked to finish and close.
+async fn recheck_on_policy_change(state: Arc<State<ListenerSide>>, mut shutdown: ShutdownWatch) {
+    let tls = state.reloader.live().clone();
+    let mut changes = tls.policy_changes();
+    loop {
+        tokio::select! {
+            () = shutdown.wait() => return,
+            changed = changes.changed() => if changed.is_err() { return },
+        }
+        let closed = state.side.live.recheck(|auth| tls.recheck(auth));
+        info!(
+            closed,
+            open = state.side.live.len(),
+            "trust policy changed: established connections checked against it"
+        );
     }
 }
 

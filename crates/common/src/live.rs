@@ -1,0 +1,296 @@
+//! The *live connections* of a sidecar: every established mutual-TLS connection it holds, with what
+//! it was authenticated with (the peer's chain and TLS version as its handshake recorded them, and
+//! when our own chain and the peer's end). A connection is *retired* when it must take no new
+//! requests and close once those in flight finish: before the first of its certificates ends, or
+//! when a reload's policy refuses it ([`LiveConnections::recheck`]). At its *deadline*, the earliest
+//! `notAfter` of the two chains, it is closed whatever it carries.
+//!
+//! The rules:
+//! - ALWAYS retire a connection [`close_margin`] before its deadline on the side that accepted it,
+//!   and twice that on the side that dialled it, so that the dialler has opened its replacement
+//!   before the acceptor asks the old connection to go.
+//! - NEVER let a connection outlive its deadline: whoever serves it closes it then.
+//! - ALWAYS count and log a connection's retirement once, with the first reason it got.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use parking_lot::Mutex;
+use phoenix_mesh_certs::{Authenticated, OwnChain, PeerIdentity, Refusal};
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::metrics::{ClosedReason, Metrics};
+
+/// How long before a connection's deadline the side that accepted it asks it to close: a tenth of
+/// the shorter of the two certificates' lifetimes, at least 1 s and at most 60 s. For step-ca's 24-hour
+/// certificates that is a minute, room for the requests in flight to finish and for clocks a few
+/// seconds apart; a certificate of a few seconds still leaves its connection most of its life.
+pub fn close_margin(lifetime: Duration) -> Duration {
+    (lifetime / 10).clamp(Duration::from_secs(1), Duration::from_secs(60))
+}
+
+/// Which end of the connection this sidecar is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// It accepted the connection (the mesh listener): retires it [`close_margin`] before the deadline.
+    Accepted,
+    /// It dialled the connection (the client): retires it twice as early, so its replacement is
+    /// open before the listener asks the old one to go.
+    Dialled,
+}
+
+/// The established connections of one sidecar.
+#[derive(Debug)]
+pub struct LiveConnections {
+    conns: Mutex<HashMap<u64, Arc<LiveConn>>>,
+    next: AtomicU64,
+    metrics: Arc<Metrics>,
+    end: End,
+}
+
+/// One established connection, as the registry and its server see it.
+#[derive(Debug)]
+pub struct LiveConn {
+    id: u64,
+    peer: Arc<PeerIdentity>,
+    since: SystemTime,
+    auth: Authenticated,
+    deadline: SystemTime,
+    /// What ends first: the peer's chain or ours.
+    expiry: ClosedReason,
+    retire_at: SystemTime,
+    retired: watch::Sender<Option<ClosedReason>>,
+    metrics: Arc<Metrics>,
+}
+
+/// A connection's entry in the registry; dropping it (the connection is gone) removes the entry.
+#[derive(Debug)]
+pub struct Registration {
+    conn: Arc<LiveConn>,
+    registry: Arc<LiveConnections>,
+}
+
+/// One established connection, for listing (`/certs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveSnapshot {
+    /// The peer's identity ([`PeerIdentity::name`]).
+    pub identity: String,
+    /// The peer certificate's serial number, lowercase hex.
+    pub serial: String,
+    /// When the peer's certificate expires.
+    pub not_after: SystemTime,
+    /// When the connection was established.
+    pub since: SystemTime,
+}
+
+impl LiveConnections {
+    /// An empty registry for the sidecar at `end`, counting closes in `metrics`.
+    pub fn new(metrics: Arc<Metrics>, end: End) -> Arc<Self> {
+        Arc::new(LiveConnections {
+            conns: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(0),
+            metrics,
+            end,
+        })
+    }
+
+    /// Registers a connection just authenticated: the peer's leaf `peer`, what the handshake
+    /// recorded (`auth`), and our own chain as this connection presented it (`own`).
+    pub fn register(
+        self: &Arc<Self>,
+        peer: Arc<PeerIdentity>,
+        auth: Authenticated,
+        own: &OwnChain,
+    ) -> Registration {
+        let peer_end = phoenix_mesh_certs::chain_not_after(&auth.chain).unwrap_or(peer.not_after);
+        let (deadline, expiry) = if own.not_after < peer_end {
+            (own.not_after, ClosedReason::OwnCertificateExpiry)
+        } else {
+            (peer_end, ClosedReason::CertificateExpiry)
+        };
+        let margin = close_margin(peer.lifetime().min(own.leaf.lifetime()));
+        let margin = match self.end {
+            End::Accepted => margin,
+            End::Dialled => margin * 2,
+        };
+        let conn = Arc::new(LiveConn {
+            id: self.next.fetch_add(1, Ordering::Relaxed),
+            peer,
+            since: SystemTime::now(),
+            auth,
+            deadline,
+            expiry,
+            retire_at: deadline.checked_sub(margin).unwrap_or(deadline),
+            retired: watch::Sender::new(None),
+            metrics: self.metrics.clone(),
+        });
+        self.conns.lock().insert(conn.id, conn.clone());
+        Registration {
+            conn,
+            registry: self.clone(),
+        }
+    }
+
+    /// Re-checks every connection against the policy now in force (`judge`, given what each was
+    /// authenticated with) and retires those it refuses; how many it retired.
+    pub fn recheck(&self, judge: impl Fn(&Authenticated) -> Option<Refusal>) -> usize {
+        let conns: Vec<Arc<LiveConn>> = self.conns.lock().values().cloned().collect();
+        let mut retired = 0;
+        for conn in conns {
+            if conn.reason().is_some() {
+                continue;
+            }
+            if let Some(refusal) = judge(&conn.auth) {
+                if conn.retire(closed_reason(refusal, conn.expiry)) {
+                    retired += 1;
+                }
+            }
+        }
+        retired
+    }
+
+    /// The connections established now, oldest first.
+    pub fn snapshot(&self) -> Vec<LiveSnapshot> {
+        let mut conns: Vec<(u64, LiveSnapshot)> = self
+            .conns
+            .lock()
+            .values()
+            .map(|conn| (conn.id, conn.snapshot()))
+            .collect();
+        conns.sort_by_key(|(id, _)| *id);
+        conns.into_iter().map(|(_, snapshot)| snapshot).collect()
+    }
+
+    /// How many connections are established now.
+    pub fn len(&self) -> usize {
+        self.conns.lock().len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.conns.lock().is_empty()
+    }
+}
+
+/// The metric label for a refusal; an expired peer chain is whichever expiry comes first.
+fn closed_reason(refusal: Refusal, expiry: ClosedReason) -> ClosedReason {
+    match refusal {
+        Refusal::Revoked => ClosedReason::Revoked,
+        Refusal::NotAllowed => ClosedReason::NotAllowed,
+        Refusal::CaChanged => ClosedReason::CaChanged,
+        Refusal::TlsVersion => ClosedReason::TlsVersion,
+        Refusal::Expired => expiry,
+    }
+}
+
+impl LiveConn {
+    /// Why it was retired, once it has been.
+    pub fn reason(&self) -> Option<ClosedReason> {
+        *self.retired.borrow()
+    }
+
+    /// Whether it must take no new requests at `now`: retired, or past its retirement time.
+    pub fn is_retired(&self, now: SystemTime) -> bool {
+        self.reason().is_some() || now >= self.retire_at
+    }
+
+    /// Resolves when it must take no new requests (and close once those in flight finish), with
+    /// why: its retirement time before the deadline came, or a reload's policy refused it.
+    pub fn retired(self: &Arc<Self>) -> impl Future<Output = ClosedReason> + Send + 'static {
+        let mut changes = self.retired.subscribe();
+        let at = tokio_instant(self.retire_at);
+        let conn = self.clone();
+        async move {
+            let refused = async { changes.wait_for(Option::is_some).await.ok().and_then(|r| *r) };
+            tokio::select! {
+                Some(reason) = refused => reason,
+                () = tokio::time::sleep_until(at) => {
+                    conn.retire(conn.expiry);
+                    conn.reason().unwrap_or(conn.expiry)
+                }
+            }
+        }
+    }
+
+    /// When it must be closed whatever it carries: the first of its certificates ends.
+    pub fn deadline(&self) -> tokio::time::Instant {
+        tokio_instant(self.deadline)
+    }
+
+    /// The peer's certificate as its handshake presented it.
+    pub fn peer(&self) -> &PeerIdentity {
+        &self.peer
+    }
+
+    fn snapshot(&self) -> LiveSnapshot {
+        LiveSnapshot {
+            identity: self.peer.name().to_owned(),
+            serial: self.peer.serial.clone(),
+            not_after: self.peer.not_after,
+            since: self.since,
+        }
+    }
+
+    /// Retires it for `reason` unless it already was; counted and logged once. Whether this did.
+    fn retire(&self, reason: ClosedReason) -> bool {
+        let first = self.retired.send_if_modified(|now| {
+            if now.is_some() {
+                return false;
+            }
+            *now = Some(reason);
+            true
+        });
+        if first {
+            self.metrics.connection_closed(reason);
+            let left = self
+                .deadline
+                .duration_since(SystemTime::now())
+                .unwrap_or_default();
+            info!(
+                peer.id = self.peer.name(),
+                peer.serial = %self.peer.serial,
+                reason = reason.as_str(),
+                deadline_in_ms = left.as_millis() as u64,
+                "closing an established connection once its requests finish"
+            );
+        }
+        first
+    }
+}
+
+impl Registration {
+    /// The connection.
+    pub fn conn(&self) -> &Arc<LiveConn> {
+        &self.conn
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.registry.conns.lock().remove(&self.conn.id);
+    }
+}
+
+/// The tokio instant of a wall-clock time (now when it has passed).
+fn tokio_instant(at: SystemTime) -> tokio::time::Instant {
+    let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+    tokio::time::Instant::now() + left
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_margin_is_a_tenth_of_the_lifetime_within_one_second_and_a_minute() {
+        let s = Duration::from_secs;
+        assert_eq!(close_margin(s(24 * 3600)), s(60));
+        assert_eq!(close_margin(s(300)), s(30));
+        assert_eq!(close_margin(s(6)), s(1));
+        assert_eq!(close_margin(Duration::ZERO), s(1));
+    }
+}
