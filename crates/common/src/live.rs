@@ -193,9 +193,11 @@ impl LiveConn {
         *self.retired.borrow()
     }
 
-    /// Whether it must take no new requests at `now`: retired, or past its retirement time.
-    pub fn is_retired(&self, now: SystemTime) -> bool {
-        self.reason().is_some() || now >= self.retire_at
+    /// Why it must take no new requests at `now`, if it must: retired, or past its retirement time
+    /// (the timer that retires it may not have fired yet).
+    pub fn retirement(&self, now: SystemTime) -> Option<ClosedReason> {
+        self.reason()
+            .or_else(|| (now >= self.retire_at).then_some(self.expiry))
     }
 
     /// Resolves when it must take no new requests (and close once those in flight finish), with
