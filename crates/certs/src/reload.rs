@@ -167,7 +167,8 @@ impl LiveTls for LiveServerTls {
     }
 }
 
-/// The client's live configuration; its session cache survives a reload that keeps the CA and CRLs.
+/// The client's live configuration; its session cache survives a reload that keeps the CA, the CRLs
+/// and our own certificate.
 pub struct LiveClientTls {
     config: ArcSwap<ClientConfig>,
     /// The same offering only HTTP/1.1, for requests that upgrade (WebSocket).
@@ -250,7 +251,11 @@ impl LiveTls for LiveClientTls {
         let mut trust = self.trust.lock();
         let policy = format!("{}|{:?}", material.trust_fingerprint, options);
         let changed = policy != *trust;
-        let keep = (!changed).then(|| self.config.load().resumption.clone());
+        // A session resumes with the client certificate it began with: one begun with our previous
+        // certificate must not carry it past this reload (the listener would see, and close the
+        // connection at the end of, the old one).
+        let same_leaf = self.leaf.load().sha256 == material.leaf.sha256;
+        let keep = (!changed && same_leaf).then(|| self.config.load().resumption.clone());
         let (config, verifier) = build_client_config(material, options, keep)?;
         *trust = policy;
         // Our chain before the configuration: a dial reads them in the other order.

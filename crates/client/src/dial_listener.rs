@@ -43,6 +43,9 @@ enum Dialed {
     Ready(Box<MeshStream>),
     /// A resumed session whose listener certificate has expired since it began: not used.
     ExpiredSession,
+    /// A resumed session whose certificates end within the retire margin (its listener may have
+    /// renewed since): not used, since it would be retired at once.
+    RetiringSession,
 }
 
 impl ListenerDial {
@@ -78,12 +81,25 @@ impl ListenerDial {
                 // A resumed handshake does not show the listener's certificate again, and a ticket can
                 // outlive a step-ca certificate: redo it in full so the certificate is verified now.
                 info!(%upstream, "resumed session carries a listener certificate that has expired since; handshaking in full");
-                match self.attempt(upstream, http1_only, false).await? {
-                    Dialed::Ready(stream) => Ok(*stream),
-                    Dialed::ExpiredSession => Err(UpstreamError::ListenerCertificateExpired {
-                        upstream: upstream.to_owned(),
-                    }),
-                }
+                self.full(upstream, http1_only).await
+            }
+            Dialed::RetiringSession => {
+                // A session resumes with the certificates it began with: once they are about to end,
+                // only a full handshake shows whether the listener has renewed its own.
+                debug!(%upstream, "resumed session's certificates end within the retire margin; handshaking in full");
+                self.full(upstream, http1_only).await
+            }
+        }
+    }
+
+    /// One connection to `upstream` with a full handshake.
+    async fn full(&self, upstream: &str, http1_only: bool) -> Result<MeshStream, UpstreamError> {
+        match self.attempt(upstream, http1_only, false).await? {
+            Dialed::Ready(stream) => Ok(*stream),
+            Dialed::ExpiredSession | Dialed::RetiringSession => {
+                Err(UpstreamError::ListenerCertificateExpired {
+                    upstream: upstream.to_owned(),
+                })
             }
         }
     }
@@ -192,6 +208,9 @@ impl ListenerDial {
             version: conn.protocol_version(),
         };
         let registered = self.live.register(Arc::new(peer), auth, &own);
+        if resume && resumed && registered.conn().retirement(SystemTime::now()).is_some() {
+            return Ok(Dialed::RetiringSession);
+        }
         let info = ConnInfo {
             live: registered.conn().clone(),
             generation,
