@@ -208,7 +208,7 @@ impl ListenerDial {
             version: conn.protocol_version(),
         };
         let registered = self.live.register(Arc::new(peer), auth, &own);
-        if resume && resumed && registered.conn().retirement(SystemTime::now()).is_some() {
+        if resume && resumed && registered.conn().opened_within_margin() {
             return Ok(Dialed::RetiringSession);
         }
         let info = ConnInfo {

@@ -8,7 +8,9 @@
 //! The rules:
 //! - ALWAYS retire a connection [`close_margin`] before its deadline on the side that accepted it,
 //!   and twice that on the side that dialled it, so that the dialler has opened its replacement
-//!   before the acceptor asks the old connection to go.
+//!   before the acceptor asks the old connection to go. One opened with less than four margins (the
+//!   acceptor) or two (the dialler) left retires a quarter, or half, of what was left before the
+//!   deadline instead: it still serves, and the order of the two sides holds.
 //! - NEVER let a connection outlive its deadline: whoever serves it closes it then.
 //! - ALWAYS count and log a connection's retirement once, with the first reason it got.
 
@@ -63,6 +65,9 @@ pub struct LiveConn {
     /// What ends first: the peer's chain or ours.
     expiry: ClosedReason,
     retire_at: SystemTime,
+    /// When the full margin before the deadline begins (`retire_at` is later for a connection
+    /// opened inside it).
+    margin_from: SystemTime,
     retired: watch::Sender<Option<ClosedReason>>,
     metrics: Arc<Metrics>,
 }
@@ -113,18 +118,23 @@ impl LiveConnections {
             (peer_end, ClosedReason::CertificateExpiry)
         };
         let margin = close_margin(peer.lifetime().min(own.leaf.lifetime()));
-        let margin = match self.end {
-            End::Accepted => margin,
-            End::Dialled => margin * 2,
+        let now = SystemTime::now();
+        let left = deadline.duration_since(now).unwrap_or_default();
+        // A connection opened with less than a few margins left still serves for part of what is
+        // left, rather than being retired before its first request.
+        let (margin, shortened) = match self.end {
+            End::Accepted => (margin, margin.min(left / 4)),
+            End::Dialled => (margin * 2, (margin * 2).min(left / 2)),
         };
         let conn = Arc::new(LiveConn {
             id: self.next.fetch_add(1, Ordering::Relaxed),
             peer,
-            since: SystemTime::now(),
+            since: now,
             auth,
             deadline,
             expiry,
-            retire_at: deadline.checked_sub(margin).unwrap_or(deadline),
+            retire_at: deadline.checked_sub(shortened).unwrap_or(deadline),
+            margin_from: deadline.checked_sub(margin).unwrap_or(deadline),
             retired: watch::Sender::new(None),
             metrics: self.metrics.clone(),
         });
@@ -198,6 +208,12 @@ impl LiveConn {
     pub fn retirement(&self, now: SystemTime) -> Option<ClosedReason> {
         self.reason()
             .or_else(|| (now >= self.retire_at).then_some(self.expiry))
+    }
+
+    /// Whether it was opened inside the margin before its deadline (a resumed session whose
+    /// certificates are about to end, say): the dialler then prefers a fresh handshake.
+    pub fn opened_within_margin(&self) -> bool {
+        self.since >= self.margin_from
     }
 
     /// Resolves when it must take no new requests (and close once those in flight finish), with
