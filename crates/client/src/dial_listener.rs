@@ -177,7 +177,10 @@ impl ListenerDial {
         };
         self.metrics.handshake_ok(kind, started.elapsed());
         let h2 = conn.alpn_protocol() == Some(b"h2");
-        let chain = conn.peer_certificates().map(<[_]>::to_vec).unwrap_or_default();
+        let chain = conn
+            .peer_certificates()
+            .map(<[_]>::to_vec)
+            .unwrap_or_default();
         // rustls has verified the chain, so its leaf parses; one that x509-parser still cannot
         // read cannot be given a lifetime, and is not used.
         let peer = match chain.first().map(|leaf| PeerIdentity::from_der(leaf)) {

@@ -223,7 +223,13 @@ impl LiveConn {
         let at = tokio_instant(self.retire_at);
         let conn = self.clone();
         async move {
-            let refused = async { changes.wait_for(Option::is_some).await.ok().and_then(|r| *r) };
+            let refused = async {
+                changes
+                    .wait_for(Option::is_some)
+                    .await
+                    .ok()
+                    .and_then(|r| *r)
+            };
             tokio::select! {
                 Some(reason) = refused => reason,
                 () = tokio::time::sleep_until(at) => {

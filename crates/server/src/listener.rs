@@ -225,7 +225,10 @@ async fn handle(
         "mutual TLS established"
     );
     let auth = Authenticated {
-        chain: conn.peer_certificates().map(<[_]>::to_vec).unwrap_or_default(),
+        chain: conn
+            .peer_certificates()
+            .map(<[_]>::to_vec)
+            .unwrap_or_default(),
         version: conn.protocol_version(),
     };
     let registered = state.side.live.register(id.identity.clone(), auth, &own);

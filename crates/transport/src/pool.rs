@@ -203,19 +203,21 @@ impl<D: Dial, R: Retire<D::Meta>> Pool<D, R> {
         let conns = Arc::downgrade(&self.conns);
         tokio::spawn(async move {
             let conn = conn.with_upgrades();
-            let driven = match lifetime {
-                None => Some(conn.await),
-                Some(lifetime) => {
-                    lifetime
+            let driven =
+                match lifetime {
+                    None => Some(conn.await),
+                    Some(lifetime) => lifetime
                         .drive(conn, move || {
-                            debug!(peer, "HTTP/1.1 connection retired; it closes once its exchange is over");
+                            debug!(
+                                peer,
+                                "HTTP/1.1 connection retired; it closes once its exchange is over"
+                            );
                             if let Some(conns) = conns.upgrade() {
                                 conns.lock().retain(|c| c.id != id);
                             }
                         })
-                        .await
-                }
-            };
+                        .await,
+                };
             match driven {
                 Some(Err(error)) => debug!(peer, %error, "HTTP/1.1 connection ended with an error"),
                 Some(Ok(())) => {}

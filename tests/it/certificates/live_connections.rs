@@ -19,9 +19,9 @@ use tokio::sync::watch;
 use crate::support::admin::{admin_get, metric};
 use crate::support::backend::HELLO;
 use crate::support::files::install_leaf_by_rename;
+use crate::support::http::try_get;
 use crate::support::http::SERVICE_HOST;
 use crate::support::load::Load;
-use crate::support::http::try_get;
 use crate::support::mesh::{Mesh, Upstream};
 use crate::support::pki::{TestPki, GATEWAY_SPIFFE};
 use crate::support::relay::{CountingRelay, Span};
@@ -105,10 +105,17 @@ async fn busy_link_crosses_both_certificate_ends(http2: bool) {
     let client_renewed = SystemTime::now();
     install_leaf_by_rename(mesh.dir.path(), "client", &mesh.pki.client_cert());
     sleep_until(client_end + Duration::from_millis(500)).await;
-    let served = load.assert_no_failures("across both certificate ends", 100).await;
+    let served = load
+        .assert_no_failures("across both certificate ends", 100)
+        .await;
 
     let spans = relay.spans();
-    assert_none_outlived(&spans, listener_renewed, listener_end, "listener certificate");
+    assert_none_outlived(
+        &spans,
+        listener_renewed,
+        listener_end,
+        "listener certificate",
+    );
     assert_none_outlived(&spans, client_renewed, client_end, "client certificate");
     // At most one connection per load worker for each of the three certificate pairs, with room.
     assert!(
@@ -143,22 +150,13 @@ async fn idle_link_is_closed_before_its_certificate_ends(http2: bool) {
     )
     .await;
     let listener_end = not_after(&mesh.listener_leaf);
-    let first = try_get(mesh.client_addr, "/before")
-        .await
-        .unwrap();
+    let first = try_get(mesh.client_addr, "/before").await.unwrap();
     assert_eq!((first.status, first.body.as_str()), (200, HELLO));
     install_leaf_by_rename(mesh.dir.path(), "listener", &mesh.pki.listener_cert());
     sleep_until(listener_end + Duration::from_millis(500)).await;
     let spans = relay.spans();
-    assert_none_outlived(
-        &spans,
-        listener_end,
-        listener_end,
-        "listener certificate",
-    );
-    let after = try_get(mesh.client_addr, "/after")
-        .await
-        .unwrap();
+    assert_none_outlived(&spans, listener_end, listener_end, "listener certificate");
+    let after = try_get(mesh.client_addr, "/after").await.unwrap();
     assert_eq!((after.status, after.body.as_str()), (200, HELLO));
 }
 
@@ -234,7 +232,11 @@ impl Direct {
             .get("connection")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        let body = response.into_body().collect().await.map_err(|e| e.to_string())?;
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?;
         assert_eq!(body.to_bytes(), HELLO.as_bytes());
         Ok((status, connection))
     }
@@ -317,10 +319,7 @@ async fn mesh_for_policy() -> Mesh {
         std::fs::write(s.dir.join("revoked.crl"), s.pki.crl(&[])).unwrap();
         s.server
             .set_list("crls", &["revoked.crl"])
-            .set_list(
-                "allowed_peers",
-                &[GATEWAY_SPIFFE, "other.internal"],
-            )
+            .set_list("allowed_peers", &[GATEWAY_SPIFFE, "other.internal"])
             .set_str("reload_poll_interval", "500ms")
             .set_str("admin_listen", "127.0.0.1:0");
     })
@@ -448,4 +447,3 @@ async fn the_client_closes_its_link_when_its_crl_revokes_the_listener() {
     .await;
     assert_eq!(counted, 1.0);
 }
-

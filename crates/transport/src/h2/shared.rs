@@ -409,7 +409,10 @@ impl<D: Dial, P: Policy<D::Meta>> SharedConnection<D, P> {
                     let retiring = ended.clone();
                     lifetime
                         .drive(driver, move || {
-                            debug!(peer, "HTTP/2 connection retired; it closes once its requests finish");
+                            debug!(
+                                peer,
+                                "HTTP/2 connection retired; it closes once its requests finish"
+                            );
                             if let Some(state) = state.upgrade() {
                                 forget_in(&mut state.lock(), &retiring);
                             }
