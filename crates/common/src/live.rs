@@ -306,8 +306,10 @@ fn tokio_instant(at: SystemTime) -> tokio::time::Instant {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use phoenix_mesh_certs::pki::{LeafSpec, Pki};
 
     #[test]
     fn the_margin_is_a_tenth_of_the_lifetime_within_one_second_and_a_minute() {
@@ -316,5 +318,123 @@ mod tests {
         assert_eq!(close_margin(s(300)), s(30));
         assert_eq!(close_margin(s(6)), s(1));
         assert_eq!(close_margin(Duration::ZERO), s(1));
+    }
+
+    /// A certificate issued now for `lifetime`, with its chain as a handshake records it.
+    fn issued(pki: &Pki, name: &str, lifetime: Duration) -> (Arc<PeerIdentity>, Authenticated) {
+        let mut spec = LeafSpec::new(name, lifetime);
+        spec.not_before = SystemTime::now();
+        let leaf = pki.issue(&spec).unwrap();
+        let chain = phoenix_mesh_certs::rustls::pki_types::pem::PemObject::pem_slice_iter(
+            leaf.chain_pem.as_bytes(),
+        )
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+        let id = Arc::new(PeerIdentity::from_der(&leaf.der).unwrap());
+        (
+            id,
+            Authenticated {
+                chain,
+                version: Some(phoenix_mesh_certs::rustls::ProtocolVersion::TLSv1_3),
+            },
+        )
+    }
+
+    fn own(pki: &Pki, lifetime: Duration) -> OwnChain {
+        let (leaf, auth) = issued(pki, "own.test", lifetime);
+        OwnChain {
+            not_after: phoenix_mesh_certs::chain_not_after(&auth.chain).unwrap(),
+            leaf: (*leaf).clone(),
+        }
+    }
+
+    fn closed(metrics: &Metrics, reason: ClosedReason) -> u64 {
+        metrics
+            .connections_closed
+            .get_or_create(&crate::metrics::ClosedLabels { reason })
+            .get()
+    }
+
+    #[tokio::test]
+    async fn a_connection_retires_before_the_first_of_its_two_chains_ends() {
+        let pki = Pki::new("live test").unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let live = LiveConnections::new(metrics.clone(), End::Accepted);
+        // The peer's 20 s certificate ends first: retired 2 s (a tenth) before its end.
+        let (peer, auth) = issued(&pki, "peer.test", Duration::from_secs(20));
+        let registered = live.register(peer.clone(), auth, &own(&pki, Duration::from_secs(3600)));
+        let conn = registered.conn().clone();
+        assert_eq!(conn.retirement(SystemTime::now()), None);
+        assert_eq!(
+            conn.retirement(peer.not_after - Duration::from_secs(2)),
+            Some(ClosedReason::CertificateExpiry)
+        );
+        assert_eq!(
+            conn.retirement(peer.not_after - Duration::from_secs(3)),
+            None
+        );
+        let snapshot = live.snapshot();
+        assert_eq!(snapshot.len(), 1);
+        assert_eq!(snapshot[0].identity, "peer.test");
+        assert_eq!(snapshot[0].serial, peer.serial);
+        assert_eq!(snapshot[0].not_after, peer.not_after);
+        drop(registered);
+        assert!(live.is_empty(), "a closed connection stays listed");
+
+        // Our own chain ends first: the other reason, and the dialler's margin is twice as long.
+        let dialled = LiveConnections::new(metrics.clone(), End::Dialled);
+        let (peer, auth) = issued(&pki, "peer.test", Duration::from_secs(3600));
+        let ours = own(&pki, Duration::from_secs(20));
+        let registered = dialled.register(peer, auth, &ours);
+        assert_eq!(
+            registered
+                .conn()
+                .retirement(ours.not_after - Duration::from_secs(4)),
+            Some(ClosedReason::OwnCertificateExpiry)
+        );
+        assert_eq!(
+            registered
+                .conn()
+                .retirement(ours.not_after - Duration::from_secs(5)),
+            None
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_retirement_timer_fires_and_is_counted_once() {
+        let pki = Pki::new("live test").unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let live = LiveConnections::new(metrics.clone(), End::Accepted);
+        let (peer, auth) = issued(&pki, "peer.test", Duration::from_secs(20));
+        let registered = live.register(peer, auth, &own(&pki, Duration::from_secs(3600)));
+        let reason = registered.conn().retired().await;
+        assert_eq!(reason, ClosedReason::CertificateExpiry);
+        assert_eq!(registered.conn().retired().await, reason);
+        assert_eq!(closed(&metrics, ClosedReason::CertificateExpiry), 1);
+    }
+
+    #[tokio::test]
+    async fn a_recheck_retires_only_the_refused_connections_once() {
+        let pki = Pki::new("live test").unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let live = LiveConnections::new(metrics.clone(), End::Accepted);
+        let ours = own(&pki, Duration::from_secs(3600));
+        let (gateway, gateway_auth) = issued(&pki, "gateway.test", Duration::from_secs(3600));
+        let (other, other_auth) = issued(&pki, "other.test", Duration::from_secs(3600));
+        let refused_der = gateway_auth.chain[0].clone();
+        let gateway = live.register(gateway, gateway_auth, &ours);
+        let other = live.register(other, other_auth, &ours);
+        let judge =
+            |auth: &Authenticated| (auth.chain[0] == refused_der).then_some(Refusal::Revoked);
+        assert_eq!(live.recheck(judge), 1);
+        assert_eq!(
+            live.recheck(judge),
+            0,
+            "an already retired connection again"
+        );
+        assert_eq!(gateway.conn().retired().await, ClosedReason::Revoked);
+        assert_eq!(other.conn().reason(), None);
+        assert_eq!(closed(&metrics, ClosedReason::Revoked), 1);
+        assert_eq!(live.len(), 2, "retired is not yet closed");
     }
 }

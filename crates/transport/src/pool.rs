@@ -203,10 +203,10 @@ impl<D: Dial, R: Retire<D::Meta>> Pool<D, R> {
         let conns = Arc::downgrade(&self.conns);
         tokio::spawn(async move {
             let conn = conn.with_upgrades();
-            let driven =
-                match lifetime {
-                    None => Some(conn.await),
-                    Some(lifetime) => lifetime
+            let driven = match lifetime {
+                None => Some(conn.await),
+                Some(lifetime) => {
+                    lifetime
                         .drive(conn, move || {
                             debug!(
                                 peer,
@@ -216,8 +216,9 @@ impl<D: Dial, R: Retire<D::Meta>> Pool<D, R> {
                                 conns.lock().retain(|c| c.id != id);
                             }
                         })
-                        .await,
-                };
+                        .await
+                }
+            };
             match driven {
                 Some(Err(error)) => debug!(peer, %error, "HTTP/1.1 connection ended with an error"),
                 Some(Ok(())) => {}
