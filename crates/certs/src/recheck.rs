@@ -55,8 +55,9 @@ impl Refusal {
 /// What an established connection was authenticated with, as its handshake recorded it.
 #[derive(Debug, Clone)]
 pub struct Authenticated {
-    /// The peer's chain, leaf first (a resumed session's is the one from its original handshake).
-    pub chain: Vec<CertificateDer<'static>>,
+    /// The peer's chain, leaf first (a resumed session's is the one from its original handshake);
+    /// shared by the connections that presented the same one.
+    pub chain: Arc<[CertificateDer<'static>]>,
     /// The TLS version negotiated.
     pub version: Option<ProtocolVersion>,
 }

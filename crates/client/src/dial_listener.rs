@@ -207,7 +207,7 @@ impl ListenerDial {
         self.note_listener_certificate(upstream, &peer);
         debug!(%upstream, h2, "mesh link established");
         let auth = Authenticated {
-            chain,
+            chain: chain.into(),
             version: conn.protocol_version(),
         };
         let registered = self.live.register(Arc::new(peer), auth, &own);

@@ -334,7 +334,7 @@ mod tests {
         (
             id,
             Authenticated {
-                chain,
+                chain: chain.into(),
                 version: Some(phoenix_mesh_certs::rustls::ProtocolVersion::TLSv1_3),
             },
         )
