@@ -92,6 +92,21 @@ pub struct LiveSnapshot {
     pub since: SystemTime,
 }
 
+/// One peer connected now, for listing (`/certs`): its certificate and how many connections it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LivePeer {
+    /// The peer's identity ([`PeerIdentity::name`]).
+    pub identity: String,
+    /// Its certificate's serial number, lowercase hex.
+    pub serial: String,
+    /// When that certificate expires.
+    pub not_after: SystemTime,
+    /// How many established connections it holds.
+    pub connections: usize,
+    /// When the oldest of them was established.
+    pub since: SystemTime,
+}
+
 impl LiveConnections {
     /// An empty registry for the sidecar at `end`, counting closes in `metrics`.
     pub fn new(metrics: Arc<Metrics>, end: End) -> Arc<Self> {
@@ -173,6 +188,30 @@ impl LiveConnections {
             .collect();
         conns.sort_by_key(|(id, _)| *id);
         conns.into_iter().map(|(_, snapshot)| snapshot).collect()
+    }
+
+    /// The peers connected now, one entry per certificate (identity and serial), oldest first.
+    pub fn peers(&self) -> Vec<LivePeer> {
+        let mut peers: Vec<LivePeer> = Vec::new();
+        for conn in self.snapshot() {
+            match peers
+                .iter_mut()
+                .find(|p| p.serial == conn.serial && p.identity == conn.identity)
+            {
+                Some(peer) => {
+                    peer.connections += 1;
+                    peer.since = peer.since.min(conn.since);
+                }
+                None => peers.push(LivePeer {
+                    identity: conn.identity,
+                    serial: conn.serial,
+                    not_after: conn.not_after,
+                    connections: 1,
+                    since: conn.since,
+                }),
+            }
+        }
+        peers
     }
 
     /// How many connections are established now.
@@ -436,5 +475,19 @@ mod tests {
         assert_eq!(other.conn().reason(), None);
         assert_eq!(closed(&metrics, ClosedReason::Revoked), 1);
         assert_eq!(live.len(), 2, "retired is not yet closed");
+        let peers = live.peers();
+        assert_eq!(
+            peers
+                .iter()
+                .map(|p| p.identity.as_str())
+                .collect::<Vec<_>>(),
+            ["gateway.test", "other.test"]
+        );
+        let (again, again_auth) = (other.conn().peer().clone(), other.conn().auth.clone());
+        let _again = live.register(Arc::new(again), again_auth, &ours);
+        let peers = live.peers();
+        assert_eq!(peers.len(), 2);
+        assert_eq!(peers[1].connections, 2);
+        assert_eq!(peers[1].since, other.conn().since);
     }
 }

@@ -309,6 +309,36 @@ async fn the_listener_closes_a_busy_http2_connection_before_its_client_certifica
     listener_closes_a_busy_direct_connection_before_the_client_certificate_ends(true).await;
 }
 
+/// The listener's own certificate counts too: a connection it accepted with a certificate it has
+/// since renewed (a reload) is closed before the old one ends, even from a client that never
+/// retires anything itself, and counted as `own_certificate_expiry`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listener_closes_connections_opened_with_its_renewed_certificate_before_the_old_one_ends(
+) {
+    let mesh = Mesh::start_with(|s| {
+        let leaf = s.pki.listener_cert_valid_for(Duration::from_secs(5));
+        s.use_listener_cert(leaf);
+        s.server
+            .set_str("admin_listen", "127.0.0.1:0")
+            .set_str("reload_poll_interval", "200ms");
+    })
+    .await;
+    let old_end = not_after(&mesh.listener_leaf);
+    let mut direct = Direct::open(&mesh, mesh.listener_addr, &mesh.client_leaf, false).await;
+    assert_eq!(direct.get("/before").await.unwrap().0, 200);
+    install_leaf_by_rename(mesh.dir.path(), "listener", &mesh.pki.listener_cert());
+    let ended = within("the connection ending", direct.wait_ended()).await;
+    assert!(
+        ended < old_end,
+        "the connection outlived the listener certificate it was opened with by {:?}",
+        ended.duration_since(old_end).unwrap_or_default()
+    );
+    assert_eq!(closed_total(&mesh, "own_certificate_expiry").await, 1.0);
+    // A new connection is authenticated with the renewed certificate and served.
+    let mut fresh = Direct::open(&mesh, mesh.listener_addr, &mesh.client_leaf, false).await;
+    assert_eq!(fresh.get("/after").await.unwrap().0, 200);
+}
+
 /// How often the listener's files are polled in the policy tests.
 const POLL: Duration = Duration::from_millis(500);
 
