@@ -10,6 +10,7 @@ use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use phoenix_mesh_certs::LiveClientTls;
 use phoenix_mesh_common::admin::NotReady;
+use phoenix_mesh_common::certs_report::ConnectedPeers;
 use phoenix_mesh_common::check::{CheckRequest, Report};
 use phoenix_mesh_common::config::ConfigError;
 use phoenix_mesh_common::live::LiveConnections;
@@ -141,6 +142,10 @@ impl Side for ClientSide {
                 .await;
             }
         }
+    }
+
+    fn peers(&self) -> &dyn ConnectedPeers {
+        &**self.connector.live()
     }
 
     async fn ready(state: &State<Self>) -> Result<Option<&'static str>, NotReady> {

@@ -13,7 +13,8 @@
 //! - `settings_reload.rs`: SIGHUP: re-reading the config file and applying what can change live.
 //! - `config.rs`: reading a TOML file, resolving paths against it, durations as operators write them.
 //! - `own_certificate.rs`: our certificate in the start-up log, readiness and metrics.
-//! - `admin.rs`: the admin endpoint (`/healthz`, `/readyz`, `/metrics`) and why a side is not ready.
+//! - `admin.rs`: the admin endpoint (`/healthz`, `/readyz`, `/metrics`, `/certs`) and why a side is not ready.
+//! - `certs_report.rs`: the `/certs` document, and where it learns the peers connected now.
 //! - `live.rs`: the established mutual-TLS connections, what each was authenticated with, and their retirement.
 //! - `metrics.rs`: every Prometheus metric, with label values as enums.
 //! - `access.rs`: the access log, one line per request once its body is done.
@@ -24,6 +25,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod certs_report;
 pub mod check;
 pub mod config;
 pub mod headers;

@@ -25,6 +25,7 @@ use phoenix_mesh_certs::{Authenticated, OwnChain, PeerIdentity, Refusal};
 use tokio::sync::watch;
 use tracing::info;
 
+use crate::certs_report::{ConnectedPeer, ConnectedPeers};
 use crate::metrics::{ClosedReason, Metrics};
 
 /// How long before a connection's deadline the side that accepted it asks it to close: a tenth of
@@ -89,21 +90,6 @@ pub struct LiveSnapshot {
     /// When the peer's certificate expires.
     pub not_after: SystemTime,
     /// When the connection was established.
-    pub since: SystemTime,
-}
-
-/// One peer connected now, for listing (`/certs`): its certificate and how many connections it holds.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LivePeer {
-    /// The peer's identity ([`PeerIdentity::name`]).
-    pub identity: String,
-    /// Its certificate's serial number, lowercase hex.
-    pub serial: String,
-    /// When that certificate expires.
-    pub not_after: SystemTime,
-    /// How many established connections it holds.
-    pub connections: usize,
-    /// When the oldest of them was established.
     pub since: SystemTime,
 }
 
@@ -191,8 +177,8 @@ impl LiveConnections {
     }
 
     /// The peers connected now, one entry per certificate (identity and serial), oldest first.
-    pub fn peers(&self) -> Vec<LivePeer> {
-        let mut peers: Vec<LivePeer> = Vec::new();
+    pub fn peers(&self) -> Vec<ConnectedPeer> {
+        let mut peers: Vec<ConnectedPeer> = Vec::new();
         for conn in self.snapshot() {
             match peers
                 .iter_mut()
@@ -202,7 +188,7 @@ impl LiveConnections {
                     peer.connections += 1;
                     peer.since = peer.since.min(conn.since);
                 }
-                None => peers.push(LivePeer {
+                None => peers.push(ConnectedPeer {
                     identity: conn.identity,
                     serial: conn.serial,
                     not_after: conn.not_after,
@@ -222,6 +208,13 @@ impl LiveConnections {
     /// Whether none is.
     pub fn is_empty(&self) -> bool {
         self.conns.lock().is_empty()
+    }
+}
+
+/// `/certs` lists the peers of the live connections.
+impl ConnectedPeers for LiveConnections {
+    fn connected_peers(&self) -> Vec<ConnectedPeer> {
+        self.peers()
     }
 }
 

@@ -13,6 +13,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use phoenix_mesh_certs::rustls::pki_types::CertificateDer;
 use phoenix_mesh_certs::{failure_reason, Authenticated, ByteCache, LiveServerTls, LiveTls};
 use phoenix_mesh_common::admin::NotReady;
+use phoenix_mesh_common::certs_report::ConnectedPeers;
 use phoenix_mesh_common::check::{CheckRequest, Report};
 use phoenix_mesh_common::headers::forwarded_for_value;
 use phoenix_mesh_common::live::{End, LiveConnections};
@@ -112,7 +113,7 @@ impl Side for ListenerSide {
             ),
             http1: http1_builder(&settings.shared.http),
             http2: http2_builder(&settings.shared.http),
-            peer_ids: PeerIds::default(),
+            peer_ids: PeerIds::new(settings.identity_headers),
             refusals: LogLimit::new(),
             listen: settings.listen.to_string().into(),
             live: LiveConnections::new(metrics.clone(), End::Accepted),
@@ -141,6 +142,7 @@ impl Side for ListenerSide {
             %listen,
             backend = %settings.backend,
             allowed_peers = ?settings.allowed_peers,
+            identity_headers = ?settings.identity_headers.names(),
             "mesh listener accepting mutual TLS"
         );
     }
@@ -165,6 +167,10 @@ impl Side for ListenerSide {
             );
         })
         .await;
+    }
+
+    fn peers(&self) -> &dyn ConnectedPeers {
+        &*self.live
     }
 
     async fn ready(_state: &State<Self>) -> Result<Option<&'static str>, NotReady> {
@@ -207,7 +213,8 @@ async fn handle(
 
     let (_, conn) = tls.get_ref();
     let resumed = matches!(conn.handshake_kind(), Some(rustls::HandshakeKind::Resumed));
-    let Some(leaf) = conn.peer_certificates().and_then(|certs| certs.first()) else {
+    let sent = conn.peer_certificates().unwrap_or_default();
+    let Some(leaf) = sent.first() else {
         warn!("handshake finished without a client certificate; closing");
         failed(HandshakeReason::NoCertificate);
         return;
@@ -246,9 +253,7 @@ async fn handle(
         "mutual TLS established"
     );
     let auth = Authenticated {
-        chain: state
-            .side
-            .recorded(conn.peer_certificates().unwrap_or_default()),
+        chain: state.side.recorded(sent),
         version: conn.protocol_version(),
     };
     let registered = state.side.live.register(id.identity.clone(), auth, &own);
@@ -257,6 +262,7 @@ async fn handle(
     let peer = Arc::new(Peer {
         forwarded_for: forwarded_for_value(addr.ip()),
         id,
+        client_cert_chain: state.side.peer_ids.chain(sent),
     });
     let service = {
         let state = state.clone();

@@ -339,6 +339,56 @@ async fn the_listener_closes_connections_opened_with_its_renewed_certificate_bef
     assert_eq!(fresh.get("/after").await.unwrap().0, 200);
 }
 
+/// `/certs` lists the peers connected now from the live connections: on the listener the gateway,
+/// once per certificate with its connection count; on the client the listener it is linked to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certs_lists_the_peers_connected_now_on_both_sides() {
+    let mesh = Mesh::start_with(|s| {
+        s.server.set_str("admin_listen", "127.0.0.1:0");
+        s.client.set_str("admin_listen", "127.0.0.1:0");
+    })
+    .await;
+    let peers = |admin: SocketAddr| async move {
+        let (status, body) = admin_get(admin, "/certs").await;
+        assert_eq!(status, 200, "{body}");
+        let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+        doc["peers"].as_array().unwrap().clone()
+    };
+    let (listener_admin, client_admin) = (mesh.listener_admin.unwrap(), mesh.client_admin.unwrap());
+    assert!(peers(listener_admin).await.is_empty());
+    assert_eq!(
+        try_get(mesh.client_addr, "/linked").await.unwrap().status,
+        200
+    );
+    let mut direct = Direct::open(&mesh, mesh.listener_addr, &mesh.client_leaf, false).await;
+    assert_eq!(direct.get("/direct").await.unwrap().0, 200);
+
+    let gateway = PeerIdentity::from_der(&mesh.client_leaf.der).unwrap();
+    let listed = peers(listener_admin).await;
+    assert_eq!(listed.len(), 1, "{listed:#?}");
+    assert_eq!(listed[0]["identity"], GATEWAY_SPIFFE);
+    assert_eq!(listed[0]["serial"], gateway.serial);
+    assert_eq!(
+        listed[0]["connections"], 2,
+        "the client's link and the direct one"
+    );
+    assert!(listed[0]["since"].is_string() && listed[0]["not_after"].is_string());
+
+    let listener = PeerIdentity::from_der(&mesh.listener_leaf.der).unwrap();
+    let listed = peers(client_admin).await;
+    assert_eq!(listed.len(), 1, "{listed:#?}");
+    assert_eq!(listed[0]["identity"], listener.name());
+    assert_eq!(listed[0]["serial"], listener.serial);
+    assert_eq!(listed[0]["connections"], 1);
+
+    drop(direct);
+    eventually("the direct connection leaving the list", || async move {
+        let listed = peers(listener_admin).await;
+        (listed.first().map(|p| p["connections"].clone()) == Some(1.into())).then_some(())
+    })
+    .await;
+}
+
 /// How often the listener's files are polled in the policy tests.
 const POLL: Duration = Duration::from_millis(500);
 
