@@ -110,6 +110,7 @@ async fn busy_link_crosses_both_certificate_ends(http2: bool) {
         .await;
 
     let spans = relay.spans();
+    eprintln!("{} mesh connections for {served} requests", spans.len());
     assert_none_outlived(
         &spans,
         listener_renewed,
@@ -117,9 +118,12 @@ async fn busy_link_crosses_both_certificate_ends(http2: bool) {
         "listener certificate",
     );
     assert_none_outlived(&spans, client_renewed, client_end, "client certificate");
-    // At most one connection per load worker for each of the three certificate pairs, with room.
+    // The link, kept: HTTP/2 one connection per certificate pair (three), the HTTP/1.1 pool a few
+    // per pair for the four load workers; with room either way. A connection per request (what
+    // retiring on any certificate that ends within the pool's idle timeout does) is hundreds.
+    let kept = if http2 { 8 } else { 40 };
     assert!(
-        spans.len() <= 20,
+        spans.len() <= kept,
         "{} mesh connections for {served} requests: the link was not kept",
         spans.len()
     );
@@ -417,15 +421,16 @@ async fn two_clients(mesh: &Mesh, h2: bool) -> (Direct, Direct) {
 }
 
 /// After a policy change that refuses the gateway: its connection ends within a poll interval of
-/// the change (plus the time to notice it), the other client's connection keeps working, and the
-/// close is counted under `reason`.
+/// the change (with room for a loaded machine; without the re-check it never ends), the other
+/// client's connection keeps working, and the close is counted under `reason`.
 async fn only_the_refused_connection_closes(
     mesh: &Mesh,
     mut gateway: Direct,
     mut other: Direct,
     reason: &str,
 ) {
-    let bound = POLL * 2 + Duration::from_millis(500);
+    // One poll interval to notice the change, and room for a loaded machine.
+    let bound = POLL + Duration::from_secs(2);
     let ended = tokio::time::timeout(bound, gateway.wait_ended()).await;
     assert!(
         ended.is_ok(),
@@ -504,7 +509,7 @@ async fn the_client_closes_its_link_when_its_crl_revokes_the_listener() {
     assert_eq!(relay.accepted(), 1);
     let revoked = mesh.pki.crl(&[mesh.listener_leaf.serial]);
     std::fs::write(mesh.path("listener-revoked.crl"), revoked).unwrap();
-    let bound = POLL * 2 + Duration::from_millis(500);
+    let bound = POLL + Duration::from_secs(2);
     let closed = tokio::time::timeout(bound, async {
         while relay.closed() < 1 {
             tokio::time::sleep(Duration::from_millis(20)).await;
