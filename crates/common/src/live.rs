@@ -8,9 +8,9 @@
 //! The rules:
 //! - ALWAYS retire a connection [`close_margin`] before its deadline on the side that accepted it,
 //!   and twice that on the side that dialled it, so that the dialler has opened its replacement
-//!   before the acceptor asks the old connection to go. One opened with less than four margins (the
-//!   acceptor) or two (the dialler) left retires a quarter, or half, of what was left before the
-//!   deadline instead: it still serves, and the order of the two sides holds.
+//!   before the acceptor asks the old connection to go. One opened with less than four of the
+//!   acceptor's margins left retires instead when a quarter of what was left remains (the dialler:
+//!   half): it still serves, and the order of the two sides holds.
 //! - NEVER let a connection outlive its deadline: whoever serves it closes it then.
 //! - ALWAYS count and log a connection's retirement once, with the first reason it got.
 
