@@ -4,6 +4,7 @@
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use rustls::pki_types::CertificateDer;
 use x509_parser::extensions::GeneralName;
 use x509_parser::objects::oid_registry;
 use x509_parser::oid_registry::OidRegistry;
@@ -150,6 +151,23 @@ impl PeerIdentity {
     pub fn renewal_due(&self, now: SystemTime) -> bool {
         self.remaining(now) < self.lifetime() / 3
     }
+}
+
+/// The earliest `notAfter` among the certificates of `chain` (leaf and intermediates): when the
+/// chain stops being valid. `None` for an empty chain or one whose certificates do not parse.
+pub fn chain_not_after(chain: &[CertificateDer<'_>]) -> Option<SystemTime> {
+    chain
+        .iter()
+        .map(|der| {
+            X509Certificate::from_der(der)
+                .ok()
+                .map(|(_, cert)| to_system_time(cert.validity().not_after.timestamp()))
+        })
+        .try_fold(None, |earliest: Option<SystemTime>, not_after| {
+            let not_after = not_after?;
+            Some(Some(earliest.map_or(not_after, |e| e.min(not_after))))
+        })
+        .flatten()
 }
 
 /// Values that contain XFCC's separators are quoted, as Envoy does.

@@ -15,6 +15,7 @@
 //! - `inventory.rs`: what loaded material holds, in words ([`Inventory`]: chain, trust anchors, CRLs),
 //!   for `/certs` and `--check`.
 //! - `tls.rs`: the rustls client and server configurations, the listener's peer policy, handshake failure reasons.
+//! - `recheck.rs`: judging an established connection's recorded chain against the policy now in force.
 //! - `verified_chains.rs`: client chains the listener has already verified under its current policy.
 //! - `cache.rs`: a small bounded map keyed by exact bytes (certificates, chains).
 //! - `reload.rs`: live TLS configurations swapped atomically, and the reloader that rebuilds them
@@ -31,6 +32,7 @@ mod load;
 mod malformed;
 mod material;
 pub mod provider;
+mod recheck;
 mod reload;
 #[cfg(test)]
 mod test_pem;
@@ -42,12 +44,14 @@ pub mod pki;
 
 pub use cache::ByteCache;
 pub use error::{error_chain, CertError};
-pub use identity::{fmt_time, is_self_issued, IdentityError, PeerIdentity};
+pub use identity::{chain_not_after, fmt_time, is_self_issued, IdentityError, PeerIdentity};
 pub use inventory::{CertSummary, CrlSummary, Inventory};
 pub use malformed::{KeyProblem, PemProblem, X509Fault, X509Kind, X509Problem};
 pub use material::{human, Material, Role, TlsFiles};
+pub use recheck::{Authenticated, Refusal};
 pub use reload::{
-    LastReload, LiveClientTls, LiveServerTls, LiveTls, ReloadStats, ReloadStatus, Reloader,
+    LastReload, LiveClientTls, LiveServerTls, LiveTls, OwnChain, ReloadStats, ReloadStatus,
+    Reloader,
 };
 pub use tls::{
     client_config, failure_reason, refuses_our_certificate, ClientTlsOptions, KeyTooSmall,

@@ -14,11 +14,38 @@ use parking_lot::Mutex;
 use rustls::{ClientConfig, ServerConfig};
 use tracing::{debug, info, warn};
 
+use crate::identity::chain_not_after;
+use crate::recheck::{Authenticated, ClientPolicy, Refusal, ServerPolicy};
 use crate::tls::{build_client_config, build_server_config, ServerResumption};
 use crate::{
     error_chain, CertError, ClientTlsOptions, Inventory, Material, PeerIdentity, Role,
     ServerTlsOptions, TlsFiles,
 };
+
+/// Our own chain as one configuration presents it: its leaf, and when the first of its
+/// certificates (leaf or intermediate) expires.
+#[derive(Debug)]
+pub struct OwnChain {
+    /// The leaf.
+    pub leaf: PeerIdentity,
+    /// The earliest `notAfter` in the chain.
+    pub not_after: SystemTime,
+}
+
+impl OwnChain {
+    fn of(material: &Material) -> OwnChain {
+        OwnChain {
+            leaf: material.leaf.clone(),
+            not_after: chain_not_after(&material.chain).unwrap_or(material.leaf.not_after),
+        }
+    }
+}
+
+/// Counts the reloads that changed the trust policy; whoever re-checks established connections
+/// waits on it ([`LiveServerTls::policy_changes`], [`LiveClientTls::trust_changes`]).
+fn policy_counter() -> tokio::sync::watch::Sender<u64> {
+    tokio::sync::watch::Sender::new(0)
+}
 
 /// A TLS configuration that can be replaced while connections use the old one.
 pub trait LiveTls: Send + Sync + 'static {
@@ -34,6 +61,9 @@ pub trait LiveTls: Send + Sync + 'static {
     fn install(&self, material: &Material, options: &Self::Options) -> Result<(), CertError>;
     /// Our current leaf.
     fn leaf(&self) -> Arc<PeerIdentity>;
+    /// Our current chain: read before the configuration a handshake uses, it is never newer than
+    /// the chain that handshake presents.
+    fn own_chain(&self) -> Arc<OwnChain>;
 }
 
 /// The listener's live configuration. The session cache and ticket key survive a reload that keeps
@@ -42,6 +72,9 @@ pub trait LiveTls: Send + Sync + 'static {
 pub struct LiveServerTls {
     config: ArcSwap<ServerConfig>,
     leaf: ArcSwap<PeerIdentity>,
+    own: ArcSwap<OwnChain>,
+    policy: ArcSwap<ServerPolicy>,
+    policy_changes: tokio::sync::watch::Sender<u64>,
     resumption: Mutex<(String, ServerResumption)>,
 }
 
@@ -49,10 +82,16 @@ impl LiveServerTls {
     /// The first configuration.
     pub fn new(material: &Material, options: &ServerTlsOptions) -> Result<Self, CertError> {
         let resumption = ServerResumption::new()?;
-        let config = build_server_config(material, options, &resumption)?;
+        let (config, verifier) = build_server_config(material, options, &resumption)?;
         Ok(LiveServerTls {
             config: ArcSwap::new(config),
             leaf: ArcSwap::from_pointee(material.leaf.clone()),
+            own: ArcSwap::from_pointee(OwnChain::of(material)),
+            policy: ArcSwap::from_pointee(ServerPolicy {
+                verifier,
+                min_version: options.min_version,
+            }),
+            policy_changes: policy_counter(),
             resumption: Mutex::new((server_policy(material, options), resumption)),
         })
     }
@@ -60,6 +99,17 @@ impl LiveServerTls {
     /// The configuration new handshakes use.
     pub fn current(&self) -> Arc<ServerConfig> {
         self.config.load_full()
+    }
+
+    /// Whether the policy now in force refuses a client connection authenticated with `auth`.
+    pub fn recheck(&self, auth: &Authenticated) -> Option<Refusal> {
+        self.policy.load().recheck(auth)
+    }
+
+    /// Changes with every reload that changes the trust policy (CA, CRLs, `allowed_peers`, TLS
+    /// versions), after the new policy is in force.
+    pub fn policy_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.policy_changes.subscribe()
     }
 }
 
@@ -88,27 +138,45 @@ impl LiveTls for LiveServerTls {
             fresh = ServerResumption::new()?;
             &fresh
         };
-        let config = build_server_config(material, options, kept)?;
-        if policy != resumption.0 {
+        let (config, verifier) = build_server_config(material, options, kept)?;
+        let changed = policy != resumption.0;
+        if changed {
             info!("trust policy changed (CA, CRLs, allowed_peers or TLS versions): earlier sessions and tickets no longer resume");
             *resumption = (policy, kept.clone());
         }
+        // Our chain before the configuration: a handshake reads them in the other order.
+        self.own.store(Arc::new(OwnChain::of(material)));
         self.config.store(config);
         self.leaf.store(Arc::new(material.leaf.clone()));
+        self.policy.store(Arc::new(ServerPolicy {
+            verifier,
+            min_version: options.min_version,
+        }));
+        if changed {
+            self.policy_changes.send_modify(|n| *n += 1);
+        }
         Ok(())
     }
 
     fn leaf(&self) -> Arc<PeerIdentity> {
         self.leaf.load_full()
     }
+
+    fn own_chain(&self) -> Arc<OwnChain> {
+        self.own.load_full()
+    }
 }
 
-/// The client's live configuration; its session cache survives a reload that keeps the CA and CRLs.
+/// The client's live configuration; its session cache survives a reload that keeps the CA, the CRLs
+/// and our own certificate.
 pub struct LiveClientTls {
     config: ArcSwap<ClientConfig>,
     /// The same offering only HTTP/1.1, for requests that upgrade (WebSocket).
     http1: ArcSwap<ClientConfig>,
     leaf: ArcSwap<PeerIdentity>,
+    own: ArcSwap<OwnChain>,
+    policy: ArcSwap<ClientPolicy>,
+    trust_changes: tokio::sync::watch::Sender<u64>,
     trust: Mutex<String>,
     generation: std::sync::atomic::AtomicU64,
 }
@@ -116,11 +184,17 @@ pub struct LiveClientTls {
 impl LiveClientTls {
     /// The first configuration.
     pub fn new(material: &Material, options: &ClientTlsOptions) -> Result<Self, CertError> {
-        let config = build_client_config(material, options, None)?;
+        let (config, verifier) = build_client_config(material, options, None)?;
         Ok(LiveClientTls {
             http1: ArcSwap::new(http1_only(&config)),
             config: ArcSwap::new(config),
             leaf: ArcSwap::from_pointee(material.leaf.clone()),
+            own: ArcSwap::from_pointee(OwnChain::of(material)),
+            policy: ArcSwap::from_pointee(ClientPolicy {
+                verifier,
+                min_version: options.min_version,
+            }),
+            trust_changes: policy_counter(),
             trust: Mutex::new(format!("{}|{:?}", material.trust_fingerprint, options)),
             generation: std::sync::atomic::AtomicU64::new(0),
         })
@@ -141,6 +215,22 @@ impl LiveClientTls {
     pub fn current_http1(&self) -> Arc<ClientConfig> {
         self.http1.load_full()
     }
+
+    /// Whether the trust now in force refuses a listener connection authenticated with `auth` for
+    /// `name`.
+    pub fn recheck(
+        &self,
+        auth: &Authenticated,
+        name: &rustls::pki_types::ServerName<'_>,
+    ) -> Option<Refusal> {
+        self.policy.load().recheck(auth, name)
+    }
+
+    /// Changes with every reload that changes the trust (CA, CRLs, TLS versions), after the new
+    /// trust is in force.
+    pub fn trust_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.trust_changes.subscribe()
+    }
 }
 
 fn http1_only(config: &Arc<ClientConfig>) -> Arc<ClientConfig> {
@@ -160,18 +250,36 @@ impl LiveTls for LiveClientTls {
     fn install(&self, material: &Material, options: &ClientTlsOptions) -> Result<(), CertError> {
         let mut trust = self.trust.lock();
         let policy = format!("{}|{:?}", material.trust_fingerprint, options);
-        let keep = (policy == *trust).then(|| self.config.load().resumption.clone());
-        let config = build_client_config(material, options, keep)?;
+        let changed = policy != *trust;
+        // A session resumes with the client certificate it began with: one begun with our previous
+        // certificate must not carry it past this reload (the listener would see, and close the
+        // connection at the end of, the old one).
+        let same_leaf = self.leaf.load().sha256 == material.leaf.sha256;
+        let keep = (!changed && same_leaf).then(|| self.config.load().resumption.clone());
+        let (config, verifier) = build_client_config(material, options, keep)?;
         *trust = policy;
+        // Our chain before the configuration: a dial reads them in the other order.
+        self.own.store(Arc::new(OwnChain::of(material)));
         self.http1.store(http1_only(&config));
         self.config.store(config);
         self.leaf.store(Arc::new(material.leaf.clone()));
+        self.policy.store(Arc::new(ClientPolicy {
+            verifier,
+            min_version: options.min_version,
+        }));
         self.generation.fetch_add(1, Ordering::Release);
+        if changed {
+            self.trust_changes.send_modify(|n| *n += 1);
+        }
         Ok(())
     }
 
     fn leaf(&self) -> Arc<PeerIdentity> {
         self.leaf.load_full()
+    }
+
+    fn own_chain(&self) -> Arc<OwnChain> {
+        self.own.load_full()
     }
 }
 

@@ -48,6 +48,17 @@ impl std::str::FromStr for TlsVersion {
 }
 
 impl TlsVersion {
+    /// Whether a connection that negotiated `version` is at or above this floor.
+    pub fn admits(self, version: rustls::ProtocolVersion) -> bool {
+        match self {
+            TlsVersion::Tls13 => version == rustls::ProtocolVersion::TLSv1_3,
+            TlsVersion::Tls12 => matches!(
+                version,
+                rustls::ProtocolVersion::TLSv1_3 | rustls::ProtocolVersion::TLSv1_2
+            ),
+        }
+    }
+
     fn versions(self) -> &'static [&'static SupportedProtocolVersion] {
         static TLS13_ONLY: [&SupportedProtocolVersion; 1] = [&rustls::version::TLS13];
         static TLS12_UP: [&SupportedProtocolVersion; 2] =
@@ -94,11 +105,13 @@ impl ServerResumption {
     }
 }
 
+/// The listener's configuration, and the client verifier in it, which re-checks established
+/// connections (see [`crate::recheck`]).
 pub(crate) fn build_server_config(
     material: &Material,
     options: &ServerTlsOptions,
     resumption: &ServerResumption,
-) -> Result<Arc<ServerConfig>, CertError> {
+) -> Result<(Arc<ServerConfig>, Arc<dyn ClientCertVerifier>), CertError> {
     let provider = provider::provider();
     let inner =
         WebPkiClientVerifier::builder_with_provider(material.roots.clone(), provider.clone())
@@ -109,7 +122,7 @@ pub(crate) fn build_server_config(
             .only_check_end_entity_revocation()
             .build()
             .map_err(|e| CertError::Tls(rustls::Error::General(format!("client verifier: {e}"))))?;
-    let verifier = Arc::new(PeerPolicy {
+    let verifier: Arc<dyn ClientCertVerifier> = Arc::new(PeerPolicy {
         inner,
         allowed: options.allowed_peers.clone(),
         verified: VerifiedChains::default(),
@@ -118,7 +131,7 @@ pub(crate) fn build_server_config(
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(options.min_version.versions())
         .map_err(CertError::Tls)?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(verifier.clone())
         .with_single_cert(material.chain.clone(), material.key.clone_key())
         .map_err(CertError::Tls)?;
     config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
@@ -129,7 +142,7 @@ pub(crate) fn build_server_config(
     // One ticket per handshake is enough for a client that reconnects one connection at a time
     // and saves an encryption per handshake; a pool of parallel connections gets one each.
     config.send_tls13_tickets = 1;
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), verifier))
 }
 
 /// The client's configuration: our chain presented, the listener verified against `ca` and CRLs.
@@ -138,14 +151,16 @@ pub fn client_config(
     material: &Material,
     options: &ClientTlsOptions,
 ) -> Result<Arc<ClientConfig>, CertError> {
-    build_client_config(material, options, None)
+    build_client_config(material, options, None).map(|(config, _)| config)
 }
 
+/// The client's configuration, and the listener verifier in it, which re-checks established
+/// connections (see [`crate::recheck`]).
 pub(crate) fn build_client_config(
     material: &Material,
     options: &ClientTlsOptions,
     resumption: Option<rustls::client::Resumption>,
-) -> Result<Arc<ClientConfig>, CertError> {
+) -> Result<(Arc<ClientConfig>, Arc<WebPkiServerVerifier>), CertError> {
     let provider = provider::provider();
     let verifier =
         WebPkiServerVerifier::builder_with_provider(material.roots.clone(), provider.clone())
@@ -159,7 +174,7 @@ pub(crate) fn build_client_config(
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(options.min_version.versions())
         .map_err(CertError::Tls)?
-        .with_webpki_verifier(verifier)
+        .with_webpki_verifier(verifier.clone())
         .with_client_auth_cert(material.chain.clone(), material.key.clone_key())
         .map_err(CertError::Tls)?;
     let offered = if options.http2 { &ALPN[..] } else { &ALPN[1..] };
@@ -167,7 +182,7 @@ pub(crate) fn build_client_config(
     if let Some(resumption) = resumption {
         config.resumption = resumption;
     }
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), verifier))
 }
 
 /// rustls' own client verifier first, then our policy: the clientAuth usage must be present (webpki

@@ -33,10 +33,6 @@ use crate::upstream_error::{client_cert_alert, UpstreamError};
 /// request's, and Host itself travels untouched as a header.
 const POOL_AUTHORITY: &str = "phoenix-mesh";
 
-/// A connection is retired when it is used this long (plus the pool's idle timeout, the longest it
-/// can sit unused) before its listener certificate expires.
-const RETIRE_MARGIN: Duration = Duration::from_secs(30);
-
 /// Why a request found no answer from the mesh listener.
 #[derive(Debug, thiserror::Error)]
 enum SendError {
@@ -88,7 +84,7 @@ impl Upstream {
         timeout: Duration,
         http2: bool,
     ) -> Self {
-        let policy = MeshPolicy::new(connector.clone(), pool_idle + RETIRE_MARGIN);
+        let policy = MeshPolicy::new(connector.clone());
         let h2 = http2.then(|| {
             SharedConnection::new(
                 connector.clone(),

@@ -10,8 +10,10 @@ use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use phoenix_mesh_certs::LiveClientTls;
 use phoenix_mesh_common::admin::NotReady;
+use phoenix_mesh_common::certs_report::ConnectedPeers;
 use phoenix_mesh_common::check::{CheckRequest, Report};
 use phoenix_mesh_common::config::ConfigError;
+use phoenix_mesh_common::live::LiveConnections;
 use phoenix_mesh_common::metrics::{CertKind, GaugeGuard, Metrics};
 use phoenix_mesh_common::sidecar::{conn_span, Side, Sidecar, StartError, State};
 use phoenix_mesh_transport::serve::{accept_loop, http_builder, serve_http, ShutdownWatch, Slot};
@@ -123,6 +125,7 @@ impl Side for ClientSide {
 
     async fn accept(state: Arc<State<Self>>, listener: ClientListener, shutdown: ShutdownWatch) {
         let max = state.settings.shared.max_connections;
+        tokio::spawn(recheck_on_trust_change(state.clone(), shutdown.clone()));
         let conn_shutdown = shutdown.clone();
         match listener {
             ClientListener::Tcp(listener) => {
@@ -139,6 +142,10 @@ impl Side for ClientSide {
                 .await;
             }
         }
+    }
+
+    fn peers(&self) -> &dyn ConnectedPeers {
+        &**self.connector.live()
     }
 
     async fn ready(state: &State<Self>) -> Result<Option<&'static str>, NotReady> {
@@ -160,6 +167,32 @@ impl Side for ClientSide {
 
     async fn check(settings: &ClientSettings, request: &CheckRequest) -> Report {
         crate::check::check(settings, request).await
+    }
+}
+
+impl ClientSide {
+    /// The established connections to the mesh listeners, with who is on each (for `/certs`).
+    pub fn live(&self) -> &Arc<LiveConnections> {
+        self.connector.live()
+    }
+}
+
+/// Re-checks every established mesh connection whenever a reload changes the trust (CA, CRLs, TLS
+/// versions): those whose listener the new trust refuses retire at once and close once their
+/// requests finish, rather than at the next request that finds them stale.
+async fn recheck_on_trust_change(state: Arc<State<ClientSide>>, mut shutdown: ShutdownWatch) {
+    let mut changes = state.reloader.live().trust_changes();
+    loop {
+        tokio::select! {
+            () = shutdown.wait() => return,
+            changed = changes.changed() => if changed.is_err() { return },
+        }
+        let closed = state.side.connector.recheck();
+        info!(
+            closed,
+            open = state.side.live().len(),
+            "trust changed: established mesh connections checked against it"
+        );
     }
 }
 

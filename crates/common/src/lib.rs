@@ -15,6 +15,7 @@
 //! - `own_certificate.rs`: our certificate in the start-up log, readiness and metrics.
 //! - `admin.rs`: the admin endpoint (`/healthz`, `/readyz`, `/metrics`, `/certs`) and why a side is not ready.
 //! - `certs_report.rs`: the `/certs` document, and where it learns the peers connected now.
+//! - `live.rs`: the established mutual-TLS connections, what each was authenticated with, and their retirement.
 //! - `metrics.rs`: every Prometheus metric, with label values as enums.
 //! - `access.rs`: the access log, one line per request once its body is done.
 //! - `log_limit.rs`: repeated failures (same cause, same hop) logged once, then summarised per interval.
@@ -28,6 +29,7 @@ pub mod certs_report;
 pub mod check;
 pub mod config;
 pub mod headers;
+pub mod live;
 pub mod log_limit;
 pub mod metrics;
 pub mod own_certificate;

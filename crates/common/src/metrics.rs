@@ -90,6 +90,25 @@ label_values! {
 }
 
 label_values! {
+    /// Why the mesh closed an established connection itself
+    /// (`phoenix_mesh_connections_closed_total{reason}`).
+    ClosedReason {
+        /// The peer's chain ends soon: closed before its earliest `notAfter`.
+        CertificateExpiry => "certificate_expiry",
+        /// Our own chain, as this connection presented it, ends soon.
+        OwnCertificateExpiry => "own_certificate_expiry",
+        /// A CRL reload revoked the peer's certificate.
+        Revoked => "revoked",
+        /// The peer is no longer in `allowed_peers`.
+        NotAllowed => "not_allowed",
+        /// The peer's chain no longer verifies against the reloaded `ca`.
+        CaChanged => "ca_changed",
+        /// The connection's TLS version is below the reloaded `min_tls_version`.
+        TlsVersion => "tls_version",
+    }
+}
+
+label_values! {
     /// A response status's class.
     StatusClass {
         /// 1xx.
@@ -222,6 +241,13 @@ pub struct CertLabels {
     pub cert: CertKind,
 }
 
+/// Why a connection was closed.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClosedLabels {
+    /// `certificate_expiry`, `revoked`, ...
+    pub reason: ClosedReason,
+}
+
 /// A result label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
@@ -273,6 +299,8 @@ pub struct Metrics {
     pub cert_not_before: Family<CertLabels, Gauge>,
     /// Certificate and config reloads by result.
     pub reloads: Family<ResultLabels, Counter>,
+    /// Established connections the mesh closed itself, by reason.
+    pub connections_closed: Family<ClosedLabels, Counter>,
     /// `requests`' counters by [`StatusClass`] and [`MadeBy`], each taken from the family the first
     /// time it is used: counting a request is then an atomic add, not a locked hash lookup.
     request_counters: [[OnceLock<Counter>; MadeBy::ALL.len()]; StatusClass::ALL.len()],
@@ -354,6 +382,12 @@ impl Metrics {
             "Certificate and config reloads by result",
             reloads.clone(),
         );
+        let connections_closed = Family::<ClosedLabels, Counter>::default();
+        registry.register(
+            "connections_closed",
+            "Established connections closed because their certificates end or a reload's policy refuses them, by reason",
+            connections_closed.clone(),
+        );
         Metrics {
             registry,
             handshakes,
@@ -368,6 +402,7 @@ impl Metrics {
             cert_expiry,
             cert_not_before,
             reloads,
+            connections_closed,
             request_counters: Default::default(),
         }
     }
@@ -425,6 +460,13 @@ impl Metrics {
                 counter.inc_by(total - have);
             }
         }
+    }
+
+    /// Counts one connection closed for `reason`.
+    pub fn connection_closed(&self, reason: ClosedReason) {
+        self.connections_closed
+            .get_or_create(&ClosedLabels { reason })
+            .inc();
     }
 
     /// Sets a certificate's not-after time (both names of it).
@@ -543,6 +585,7 @@ mod tests {
             .inc();
         let ok = AtomicU64::new(2);
         m.sync_reloads(&ok, &AtomicU64::new(0));
+        m.connection_closed(ClosedReason::NotAllowed);
         let text = m.encode();
         for line in [
             r#"phoenix_mesh_tls_handshakes_total{result="ok",reason="none",kind="resumed"} 1"#,
@@ -552,6 +595,7 @@ mod tests {
             r#"phoenix_mesh_certificate_expiry_timestamp_seconds{cert="peer"} 7"#,
             r#"phoenix_mesh_upstream_dials_total{upstream="10.0.0.12:8443",result="upstream-unreachable"} 1"#,
             r#"phoenix_mesh_reloads_total{result="ok"} 2"#,
+            r#"phoenix_mesh_connections_closed_total{reason="not_allowed"} 1"#,
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -118,6 +118,8 @@ pub(crate) struct PeerId {
     pub client_cert: Option<HeaderValue>,
     /// Short identity for logs.
     pub name: Arc<str>,
+    /// The certificate it was read from, for the live connections' registry.
+    pub identity: Arc<PeerIdentity>,
     /// End of the certificate's validity: a resumed session carries the certificate but is not
     /// verified again, so the listener checks this itself.
     pub not_after: std::time::SystemTime,
@@ -156,6 +158,7 @@ impl PeerIds {
             },
             name: identity.name().into(),
             not_after: identity.not_after,
+            identity: Arc::new(identity),
         });
         self.cache.insert(der.into(), id.clone());
         Ok(id)

@@ -10,17 +10,20 @@ use std::time::{Instant, SystemTime};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use phoenix_mesh_certs::{failure_reason, LiveServerTls};
+use phoenix_mesh_certs::rustls::pki_types::CertificateDer;
+use phoenix_mesh_certs::{failure_reason, Authenticated, ByteCache, LiveServerTls, LiveTls};
 use phoenix_mesh_common::admin::NotReady;
+use phoenix_mesh_common::certs_report::ConnectedPeers;
 use phoenix_mesh_common::check::{CheckRequest, Report};
 use phoenix_mesh_common::headers::forwarded_for_value;
+use phoenix_mesh_common::live::{End, LiveConnections};
 use phoenix_mesh_common::log_limit::{Cause, LogLimit, Repeat};
 use phoenix_mesh_common::metrics::{GaugeGuard, HandshakeKind, HandshakeReason, Metrics};
 use phoenix_mesh_common::sidecar::{conn_span, Side, Sidecar, StartError, State};
 use phoenix_mesh_transport::http1_idle::serve_http1_parking;
 use phoenix_mesh_transport::serve::{
-    accept_authenticating, drive, http1_builder, http2_builder, Pending, PrefaceDeadline,
-    ShutdownWatch, Slot,
+    accept_authenticating, drive, http1_builder, http2_builder, serve_until, Pending,
+    PrefaceDeadline, ShutdownWatch, Slot,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -50,9 +53,35 @@ pub struct ListenerSide {
     refusals: LogLimit,
     /// The configured listen address, as the refusals' hop.
     listen: Arc<str>,
+    /// The established connections, re-checked when a reload changes the policy.
+    live: Arc<LiveConnections>,
+    /// The client chains recorded for them, by leaf: every connection from one gateway shares one
+    /// copy instead of holding its own (a kilobyte or two each, on connections that take 15 KiB idle).
+    chains: ByteCache<Arc<[CertificateDer<'static>]>>,
 }
 
 impl ListenerSide {
+    /// The established client connections, with who is on each (for `/certs`).
+    pub fn live(&self) -> &Arc<LiveConnections> {
+        &self.live
+    }
+
+    /// `presented` as the live connections record it: the copy an earlier connection recorded when
+    /// it is the same chain, else a new one.
+    fn recorded(&self, presented: &[CertificateDer<'static>]) -> Arc<[CertificateDer<'static>]> {
+        let Some(leaf) = presented.first() else {
+            return Arc::from(presented);
+        };
+        if let Some(chain) = self.chains.get(leaf) {
+            if *chain == *presented {
+                return chain;
+            }
+        }
+        let chain: Arc<[CertificateDer<'static>]> = Arc::from(presented);
+        self.chains.insert(leaf.as_ref().into(), chain.clone());
+        chain
+    }
+
     /// Whether to log this failed handshake now (see [`LogLimit`]); the metrics count every one.
     fn admit(&self, message: &'static str, reason: HandshakeReason) -> bool {
         self.refusals.admit(&Repeat {
@@ -73,7 +102,7 @@ impl Side for ListenerSide {
     fn new(
         settings: &ServerSettings,
         _tls: &Arc<LiveServerTls>,
-        _metrics: &Arc<Metrics>,
+        metrics: &Arc<Metrics>,
     ) -> Result<Self, StartError> {
         Ok(ListenerSide {
             backend: Backend::new(
@@ -87,6 +116,8 @@ impl Side for ListenerSide {
             peer_ids: PeerIds::new(settings.identity_headers),
             refusals: LogLimit::new(),
             listen: settings.listen.to_string().into(),
+            live: LiveConnections::new(metrics.clone(), End::Accepted),
+            chains: ByteCache::default(),
         })
     }
 
@@ -120,6 +151,7 @@ impl Side for ListenerSide {
         let listen = listener.local_addr().unwrap_or(state.settings.listen);
         let max = state.settings.shared.max_connections;
         let max_pending = state.settings.max_pending_handshakes;
+        tokio::spawn(recheck_on_policy_change(state.clone(), shutdown.clone()));
         let conn_shutdown = shutdown.clone();
         accept_authenticating(
             listener,
@@ -144,6 +176,10 @@ impl Side for ListenerSide {
         .await;
     }
 
+    fn peers(&self) -> &dyn ConnectedPeers {
+        &*self.live
+    }
+
     async fn ready(_state: &State<Self>) -> Result<Option<&'static str>, NotReady> {
         Ok(None)
     }
@@ -166,6 +202,8 @@ async fn handle(
     let failed = |reason: HandshakeReason| {
         state.metrics.handshake_failed(reason, started.elapsed());
     };
+    // Read before `accept` takes the configuration: never newer than the chain the handshake presents.
+    let own = state.reloader.live().own_chain();
     let Some((mut tls, _slot)) = accept(&state, stream, listen, &failed, pending).await else {
         return;
     };
@@ -221,6 +259,13 @@ async fn handle(
         alpn = ?conn.alpn_protocol().map(String::from_utf8_lossy),
         "mutual TLS established"
     );
+    let auth = Authenticated {
+        chain: state.side.recorded(sent),
+        version: conn.protocol_version(),
+    };
+    let registered = state.side.live.register(id.identity.clone(), auth, &own);
+    let retired = registered.conn().retired();
+    let deadline = registered.conn().deadline();
     let peer = Arc::new(Peer {
         forwarded_for: forwarded_for_value(addr.ip()),
         id,
@@ -244,25 +289,64 @@ async fn handle(
         })
     };
     // HTTP/2 only when ALPN chose it (RFC 9113 has no prior knowledge over TLS); HTTP/1.1 otherwise,
-    // its idle keep-alive connections parked without hyper's buffers.
-    let served: Result<(), Box<dyn std::error::Error + Send + Sync>> = if h2 {
-        // On shutdown: GOAWAY, open streams finish. A peer that never sends the preface is closed
-        // after header_read_timeout.
-        let tls = PrefaceDeadline::new(tls, state.settings.shared.http.header_read_timeout);
-        let conn = state
-            .side
-            .http2
-            .serve_connection(TokioIo::new(tls), service);
-        tokio::pin!(conn);
-        drive(conn, |c| c.graceful_shutdown(), &mut shutdown)
-            .await
-            .map_err(Into::into)
-    } else {
-        let idle = state.settings.shared.http.header_read_timeout;
-        serve_http1_parking(&state.side.http1, tls, service, idle, shutdown).await
+    // its idle keep-alive connections parked without hyper's buffers. Either way the connection is
+    // asked to finish (GOAWAY; `Connection: close`, or closed when idle) at shutdown or when it
+    // retires, and dropped at the deadline of its certificates.
+    let retire = async {
+        retired.await;
     };
+    let served = serve_until(
+        |mut finish| async move {
+            if h2 {
+                // A peer that never sends the preface is closed after header_read_timeout.
+                let tls = PrefaceDeadline::new(tls, state.settings.shared.http.header_read_timeout);
+                let conn = state
+                    .side
+                    .http2
+                    .serve_connection(TokioIo::new(tls), service);
+                tokio::pin!(conn);
+                drive(conn, |c| c.graceful_shutdown(), &mut finish)
+                    .await
+                    .map_err(Into::into)
+            } else {
+                let idle = state.settings.shared.http.header_read_timeout;
+                serve_http1_parking(&state.side.http1, tls, service, idle, finish).await
+            }
+        },
+        &mut shutdown,
+        retire,
+        deadline,
+    )
+    .await;
+    let served: Result<(), Box<dyn std::error::Error + Send + Sync>> = match served {
+        Some(served) => served,
+        None => {
+            info!("closed a connection still busy when its certificates ended");
+            Ok(())
+        }
+    };
+    drop(registered);
     if let Err(error) = served {
         debug!(%error, "connection ended with an error");
+    }
+}
+
+/// Re-checks every established connection whenever a reload changes the trust policy (CA, CRLs,
+/// `allowed_peers`, `min_tls_version`): those the new policy refuses are asked to finish and close.
+async fn recheck_on_policy_change(state: Arc<State<ListenerSide>>, mut shutdown: ShutdownWatch) {
+    let tls = state.reloader.live().clone();
+    let mut changes = tls.policy_changes();
+    loop {
+        tokio::select! {
+            () = shutdown.wait() => return,
+            changed = changes.changed() => if changed.is_err() { return },
+        }
+        let closed = state.side.live.recheck(|auth| tls.recheck(auth));
+        info!(
+            closed,
+            open = state.side.live.len(),
+            "trust policy changed: established connections checked against it"
+        );
     }
 }
 

@@ -9,7 +9,8 @@
 //! - `serve.rs`: serving accepted connections, re-exporting its parts:
 //!   - `serve/accept.rs`: the accept loop and its connection slots (`max_connections`), and the
 //!     bounded set of pending handshakes (`max_pending_handshakes`) of a loop whose connections authenticate.
-//!   - `serve/shutdown.rs`: the shutdown signal, draining, and driving a connection to a graceful end.
+//!   - `serve/shutdown.rs`: the shutdown signal, draining, and driving a connection to a graceful end
+//!     (at shutdown, or when it retires before its certificates end).
 //!   - `serve/http_server.rs`: HTTP/1.1 and HTTP/2 server builders with the sidecars' limits, and `serve_http`.
 //!   - `serve/preface_deadline.rs`: the deadline for a new connection to show its HTTP version.
 //! - `http1_idle.rs`: parked connections: HTTP/1.1 server connections that hold no HTTP state while idle.

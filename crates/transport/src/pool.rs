@@ -10,7 +10,9 @@
 //! - ALWAYS drop a closed connection when met, and one free and unused for longer than the idle
 //!   timeout (a periodic sweep does the same without traffic); NEVER cut a busy one off.
 //! - NEVER hand out a connection the owner's rule retires ([`Retire`], asked when the connection
-//!   would be handed out); the requests it carries finish on it.
+//!   would be handed out, and when it comes back after its request); the requests it carries finish
+//!   on it. ALWAYS drop one from the list when its [`Retire::lifetime`] retires it, even with no
+//!   request coming to find out, and close it at that lifetime's deadline whatever it carries.
 //! - NEVER keep an upgraded connection (`101 Switching Protocols`): it belongs to the tunnel.
 //! - ALWAYS send a request a pooled connection turned down before sending any of it (the peer closed
 //!   it as we picked it) on another one; a request that failed on a fresh connection is an error.
@@ -18,6 +20,7 @@
 //!   `http/1.1` through ALPN for this pool).
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,13 +60,18 @@ pub struct Pool<D: Dial, R = NeverRetire> {
     /// Names the peer in logs.
     peer: &'static str,
     /// Least recently used first. Busy connections stay in the list (they become free when their
-    /// exchange ends); closed ones are dropped when met.
-    conns: Mutex<VecDeque<Pooled<D::Meta>>>,
+    /// exchange ends); closed ones are dropped when met. Shared with each connection's task, which
+    /// drops its connection from the list when it retires.
+    conns: Arc<Mutex<VecDeque<Pooled<D::Meta>>>>,
+    /// Numbers the connections, so a retiring one finds itself in the list.
+    opened: AtomicU64,
 }
 
 struct Pooled<M> {
     sender: http1::SendRequest<ProxyBody>,
     meta: M,
+    /// Its number.
+    id: u64,
     /// When its last request was sent.
     last_used: Instant,
 }
@@ -85,7 +93,8 @@ impl<D: Dial, R: Retire<D::Meta>> Pool<D, R> {
             idle_timeout,
             keep: true,
             peer,
-            conns: Mutex::new(VecDeque::new()),
+            conns: Arc::new(Mutex::new(VecDeque::new())),
+            opened: AtomicU64::new(0),
         });
         sweep_idle(&pool, idle_timeout, Self::purge);
         pool
@@ -99,7 +108,8 @@ impl<D: Dial, R: Retire<D::Meta>> Pool<D, R> {
             idle_timeout: Duration::ZERO,
             keep: false,
             peer,
-            conns: Mutex::new(VecDeque::new()),
+            conns: Arc::new(Mutex::new(VecDeque::new())),
+            opened: AtomicU64::new(0),
         }
     }
 
@@ -108,10 +118,10 @@ impl<D: Dial, R: Retire<D::Meta>> Pool<D, R> {
         &self,
         mut req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, Error<D::Error>> {
-        while let Some((mut sender, meta)) = self.checkout() {
+        while let Some((mut sender, meta, id)) = self.checkout() {
             match sender.try_send_request(req).await {
                 Ok(response) => {
-                    self.put_back(sender, meta, response.status());
+                    self.put_back(sender, meta, id, response.status());
                     return Ok(response);
                 }
                 Err(mut error) => match error.take_message() {
@@ -125,10 +135,10 @@ impl<D: Dial, R: Retire<D::Meta>> Pool<D, R> {
         }
         // Boxed: connecting is rare and its future large; every request's future would otherwise
         // carry room for it, copied on each move.
-        let (mut sender, meta) = Box::pin(self.connect()).await?;
+        let (mut sender, meta, id) = Box::pin(self.connect()).await?;
         match sender.try_send_request(req).await {
             Ok(response) => {
-                self.put_back(sender, meta, response.status());
+                self.put_back(sender, meta, id, response.status());
                 Ok(response)
             }
             Err(error) => Err(Error::Request(error.into_error())),
@@ -137,7 +147,7 @@ impl<D: Dial, R: Retire<D::Meta>> Pool<D, R> {
 
     /// The most recently used free connection, dropping closed, long-idle and retired ones met on
     /// the way.
-    fn checkout(&self) -> Option<(http1::SendRequest<ProxyBody>, D::Meta)> {
+    fn checkout(&self) -> Option<(http1::SendRequest<ProxyBody>, D::Meta, u64)> {
         let mut conns = self.conns.lock();
         let now = Instant::now();
         let mut i = conns.len();
@@ -149,37 +159,73 @@ impl<D: Dial, R: Retire<D::Meta>> Pool<D, R> {
             } else if conn.sender.is_ready() {
                 let conn = conns.remove(i)?;
                 if !self.retire.retire(&conn.meta) {
-                    return Some((conn.sender, conn.meta));
+                    return Some((conn.sender, conn.meta, conn.id));
                 }
             }
         }
         None
     }
 
-    /// Back into the list right after sending, still busy with this exchange.
-    fn put_back(&self, sender: http1::SendRequest<ProxyBody>, meta: D::Meta, status: StatusCode) {
-        if !self.keep || status == StatusCode::SWITCHING_PROTOCOLS || sender.is_closed() {
+    /// Back into the list right after sending, still busy with this exchange; a connection retired
+    /// meanwhile is let go instead, and closes once this exchange is over.
+    fn put_back(
+        &self,
+        sender: http1::SendRequest<ProxyBody>,
+        meta: D::Meta,
+        id: u64,
+        status: StatusCode,
+    ) {
+        if !self.keep
+            || status == StatusCode::SWITCHING_PROTOCOLS
+            || sender.is_closed()
+            || self.retire.retire(&meta)
+        {
             return;
         }
         self.conns.lock().push_back(Pooled {
             sender,
             meta,
+            id,
             last_used: Instant::now(),
         });
     }
 
-    async fn connect(&self) -> Result<(http1::SendRequest<ProxyBody>, D::Meta), Error<D::Error>> {
+    async fn connect(
+        &self,
+    ) -> Result<(http1::SendRequest<ProxyBody>, D::Meta, u64), Error<D::Error>> {
         let connected = self.dialer.dial().await.map_err(Error::Dial)?;
         let (sender, conn) = http1::handshake(TokioIo::new(connected.io))
             .await
             .map_err(Error::Handshake)?;
         let peer = self.peer;
+        let id = self.opened.fetch_add(1, Ordering::Relaxed);
+        let lifetime = self.retire.lifetime(&connected.meta);
+        let conns = Arc::downgrade(&self.conns);
         tokio::spawn(async move {
-            if let Err(error) = conn.with_upgrades().await {
-                debug!(peer, %error, "HTTP/1.1 connection ended with an error");
+            let conn = conn.with_upgrades();
+            let driven = match lifetime {
+                None => Some(conn.await),
+                Some(lifetime) => {
+                    lifetime
+                        .drive(conn, move || {
+                            debug!(
+                                peer,
+                                "HTTP/1.1 connection retired; it closes once its exchange is over"
+                            );
+                            if let Some(conns) = conns.upgrade() {
+                                conns.lock().retain(|c| c.id != id);
+                            }
+                        })
+                        .await
+                }
+            };
+            match driven {
+                Some(Err(error)) => debug!(peer, %error, "HTTP/1.1 connection ended with an error"),
+                Some(Ok(())) => {}
+                None => debug!(peer, "HTTP/1.1 connection closed at its deadline"),
             }
         });
-        Ok((sender, connected.meta))
+        Ok((sender, connected.meta, id))
     }
 
     /// Closes connections that have been idle for longer than the idle timeout.
@@ -395,8 +441,9 @@ mod tests {
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
         assert_eq!(pool.len(), 1);
-        // Asked at the second and third checkouts only: a fresh connection is not judged.
-        assert_eq!(pool.retire.0.load(Ordering::SeqCst), 2);
+        // Asked as each exchange hands its connection back (three times), and at the third checkout:
+        // the first connection never came back, and a fresh connection is not judged.
+        assert_eq!(pool.retire.0.load(Ordering::SeqCst), 4);
     }
 
     #[tokio::test]

@@ -82,6 +82,14 @@ impl TestPki {
             .unwrap()
     }
 
+    /// A listener certificate issued now for `lifetime` only (a few seconds, for the tests of what
+    /// happens to connections as their certificates end).
+    pub fn listener_cert_valid_for(&self, lifetime: Duration) -> Leaf {
+        self.ours
+            .issue(&short_lived(listener_spec(), lifetime))
+            .unwrap()
+    }
+
     /// A listener certificate valid only from tomorrow.
     pub fn not_yet_valid_listener_cert(&self) -> Leaf {
         self.ours.issue(&not_yet_valid(listener_spec())).unwrap()
@@ -114,6 +122,13 @@ impl TestPki {
     /// The gateway identity, expiring `left` from now (issued an hour ago).
     pub fn client_cert_expiring_in(&self, left: Duration) -> Leaf {
         self.ours.issue(&expiring_in(gateway_spec(), left)).unwrap()
+    }
+
+    /// The gateway identity, issued now for `lifetime` only.
+    pub fn client_cert_valid_for(&self, lifetime: Duration) -> Leaf {
+        self.ours
+            .issue(&short_lived(gateway_spec(), lifetime))
+            .unwrap()
     }
 
     /// The gateway identity, valid only from tomorrow.
@@ -209,6 +224,12 @@ fn expired(mut spec: LeafSpec) -> LeafSpec {
 
 fn expiring_in(mut spec: LeafSpec, left: Duration) -> LeafSpec {
     spec.not_after = SystemTime::now() + left;
+    spec
+}
+
+fn short_lived(mut spec: LeafSpec, lifetime: Duration) -> LeafSpec {
+    spec.not_before = SystemTime::now();
+    spec.not_after = spec.not_before + lifetime;
     spec
 }
 
