@@ -9,7 +9,7 @@ use std::time::{Instant, SystemTime};
 
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use phoenix_mesh_certs::{failure_reason, LiveServerTls};
 use phoenix_mesh_common::admin::NotReady;
 use phoenix_mesh_common::check::{CheckRequest, Report};
@@ -17,7 +17,9 @@ use phoenix_mesh_common::headers::forwarded_for_value;
 use phoenix_mesh_common::log_limit::{Cause, LogLimit, Repeat};
 use phoenix_mesh_common::metrics::{GaugeGuard, HandshakeKind, HandshakeReason, Metrics};
 use phoenix_mesh_common::sidecar::{conn_span, Side, Sidecar, StartError, State};
+use phoenix_mesh_common::stall::progress_timeout;
 use phoenix_mesh_transport::http1_idle::serve_http1_parking;
+use phoenix_mesh_transport::progress::Progress;
 use phoenix_mesh_transport::serve::{
     accept_loop, drive, http1_builder, http2_builder, PrefaceDeadline, ShutdownWatch, Slot,
 };
@@ -31,6 +33,7 @@ use crate::forward::{Backend, Peer, PeerIds};
 use crate::plaintext::{looks_like_http, refuse_plain_http};
 use crate::ServerSettings;
 use phoenix_mesh_transport::coalescing_socket::{First, MeshSocket};
+use phoenix_mesh_transport::serving_task::{spawn_serving, ServingExecutor};
 
 /// Why the server could not start.
 pub type ServerError = StartError;
@@ -42,7 +45,9 @@ pub type MeshListener = Sidecar<ListenerSide>;
 pub struct ListenerSide {
     backend: Backend,
     http1: http1::Builder,
-    http2: http2::Builder<TokioExecutor>,
+    http2: http2::Builder<ServingExecutor>,
+    /// Responses from the backend that stop moving for `backend_timeout` are cut off.
+    progress: Progress,
     peer_ids: PeerIds,
     /// Failed handshakes, each reason logged once per interval: anyone who can reach the port can
     /// fail one, as often as they like.
@@ -83,6 +88,11 @@ impl Side for ListenerSide {
             ),
             http1: http1_builder(&settings.shared.http),
             http2: http2_builder(&settings.shared.http),
+            progress: progress_timeout(
+                format!("backend {}", settings.backend),
+                "backend_timeout",
+                settings.backend_timeout,
+            ),
             peer_ids: PeerIds::default(),
             refusals: LogLimit::new(),
             listen: settings.listen.to_string().into(),
@@ -120,7 +130,8 @@ impl Side for ListenerSide {
         let conn_shutdown = shutdown.clone();
         accept_loop(listener, max, shutdown, move |stream, addr, slot| {
             let span = conn_span(&addr);
-            tokio::spawn(
+            // A serving task: over HTTP/1.1 a response that stalls ends its connection.
+            spawn_serving(
                 handle(
                     state.clone(),
                     stream,
@@ -137,6 +148,10 @@ impl Side for ListenerSide {
 
     async fn ready(_state: &State<Self>) -> Result<Option<&'static str>, NotReady> {
         Ok(None)
+    }
+
+    fn progress(&self) -> &Progress {
+        &self.progress
     }
 
     async fn check(settings: &ServerSettings, request: &CheckRequest) -> Report {
