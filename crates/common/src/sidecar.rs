@@ -170,8 +170,8 @@ impl<S: Side> State<S> {
             close_connection(&mut response);
         }
         self.metrics.observe_response_head(start.elapsed());
-        let passed_on =
-            made_by != MadeBy::Sidecar && response.status() != http::StatusCode::SWITCHING_PROTOCOLS;
+        let passed_on = made_by != MadeBy::Sidecar
+            && response.status() != http::StatusCode::SWITCHING_PROTOCOLS;
         let count = Count {
             metrics: self.metrics.clone(),
             status: response.status(),

@@ -332,7 +332,10 @@ mod tests {
         });
         let stalled = reader.await.unwrap();
         assert!(!stalled);
-        assert_eq!(senders.load(Ordering::SeqCst) + readers.load(Ordering::SeqCst), 0);
+        assert_eq!(
+            senders.load(Ordering::SeqCst) + readers.load(Ordering::SeqCst),
+            0
+        );
         assert_eq!(progress.watched(), 0);
     }
 

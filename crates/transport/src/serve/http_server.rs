@@ -12,8 +12,8 @@ use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::preface_deadline::PrefaceDeadline;
-use crate::serving_task::ServingExecutor;
 use super::shutdown::{drive, ShutdownWatch};
+use crate::serving_task::ServingExecutor;
 
 /// Limits for the HTTP side of a listener.
 #[derive(Debug, Clone)]
