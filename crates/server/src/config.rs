@@ -26,7 +26,14 @@ pub struct ServerFile {
     backend_timeout: Option<ConfigDuration>,
     #[serde(default)]
     backend_http2: Option<bool>,
+    #[serde(default)]
+    max_backend_connections: Option<usize>,
 }
+
+/// Connections to the backend open at once unless `max_backend_connections` says otherwise: four mesh
+/// links' worth of concurrent requests (256 streams each), so a legitimate deployment never queues,
+/// while a client that holds responses unread pins no more sockets than this on the backend.
+pub const DEFAULT_MAX_BACKEND_CONNECTIONS: usize = 1024;
 
 /// Validated listener settings, with paths resolved against the config file.
 #[derive(Debug, Clone)]
@@ -47,6 +54,8 @@ pub struct ServerSettings {
     pub backend_timeout: Duration,
     /// Requests (but upgrades) go to the backend on one shared HTTP/2 cleartext connection.
     pub backend_http2: bool,
+    /// Most HTTP/1.1 connections to the backend open at once (upgraded ones included).
+    pub max_backend_connections: usize,
 }
 
 impl ServerSettings {
@@ -57,6 +66,17 @@ impl ServerSettings {
         if allowed_peers.iter().any(|p| p.trim().is_empty()) {
             return Err(invalid(path, "allowed_peers", "an entry is empty".into()));
         }
+        let max_backend_connections = match f.max_backend_connections {
+            Some(0) => {
+                return Err(invalid(
+                    path,
+                    "max_backend_connections",
+                    "must be at least 1".into(),
+                ))
+            }
+            Some(n) => n,
+            None => DEFAULT_MAX_BACKEND_CONNECTIONS,
+        };
         Ok(ServerSettings {
             path: path.to_owned(),
             shared,
@@ -66,6 +86,7 @@ impl ServerSettings {
             backend_connect_timeout: or_secs(f.backend_connect_timeout, 5),
             backend_timeout: or_secs(f.backend_timeout, 60),
             backend_http2: f.backend_http2.unwrap_or(false),
+            max_backend_connections,
         })
     }
 }
@@ -97,6 +118,10 @@ impl SideSettings for ServerSettings {
             ("listen", self.listen.to_string()),
             ("backend", self.backend.to_string()),
             ("backend_http2", self.backend_http2.to_string()),
+            (
+                "max_backend_connections",
+                self.max_backend_connections.to_string(),
+            ),
             (
                 "backend_connect_timeout / backend_timeout",
                 format!(

@@ -85,6 +85,7 @@ impl Side for ListenerSide {
                 settings.backend_connect_timeout,
                 settings.backend_timeout,
                 settings.backend_http2,
+                settings.max_backend_connections,
             ),
             http1: http1_builder(&settings.shared.http),
             http2: http2_builder(&settings.shared.http),
