@@ -14,17 +14,18 @@
 //! - NEVER watch a body that has already ended, one of a task that is not a serving task, or a
 //!   tunnel (an upgrade is no response body; its owner decides about idle tunnels).
 //!
-//! A watched response costs an allocation and a short lock when it begins, and a relaxed atomic store
-//! per frame.
+//! A watched response costs an allocation and a short lock when it begins and when it ends, and a
+//! relaxed atomic store per frame.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http_body::{Body, Frame, SizeHint};
 use parking_lot::Mutex;
+use slab::Slab;
 use tokio::time::MissedTickBehavior;
 
 use crate::serving_task::ServingTask;
@@ -48,7 +49,8 @@ pub struct Progress {
 
 struct Shared {
     timeout: Duration,
-    watched: Mutex<Vec<Weak<Watch>>>,
+    /// The responses under way; each is removed by its body when it ends or is dropped.
+    watched: Mutex<Slab<Arc<Watch>>>,
     /// Told of each response cut off (the owner logs and counts it).
     on_stall: Box<dyn Fn(Stalled) + Send + Sync>,
 }
@@ -73,7 +75,7 @@ impl Progress {
     pub fn new(timeout: Duration, on_stall: impl Fn(Stalled) + Send + Sync + 'static) -> Self {
         let shared = Arc::new(Shared {
             timeout,
-            watched: Mutex::new(Vec::new()),
+            watched: Mutex::new(Slab::new()),
             on_stall: Box::new(on_stall),
         });
         let weak = Arc::downgrade(&shared);
@@ -112,8 +114,12 @@ impl Progress {
                     stalled: AtomicBool::new(false),
                     task,
                 });
-                self.shared.watched.lock().push(Arc::downgrade(&watch));
-                watch
+                let key = self.shared.watched.lock().insert(watch.clone());
+                Registered {
+                    watch,
+                    key,
+                    shared: self.shared.clone(),
+                }
             })
         };
         Watched { inner: body, watch }
@@ -127,20 +133,20 @@ impl Progress {
 
 impl Shared {
     /// Counts a quarter without progress against every watched response and cuts off those at the
-    /// timeout; forgets those that ended.
+    /// timeout (each once: its body leaves the list as its task ends).
     fn sweep(&self) {
         let mut stalled = Vec::new();
-        self.watched.lock().retain(|weak| {
-            let Some(watch) = weak.upgrade() else {
-                return false;
-            };
+        for (_, watch) in self.watched.lock().iter() {
+            if watch.stalled.load(Ordering::Relaxed) {
+                continue;
+            }
             if watch.progressed.swap(false, Ordering::Relaxed) {
                 watch.idle.store(0, Ordering::Relaxed);
-                return true;
+                continue;
             }
             let idle = watch.idle.fetch_add(1, Ordering::Relaxed) + 1;
             if idle < QUARTERS {
-                return true;
+                continue;
             }
             watch.stalled.store(true, Ordering::Relaxed);
             watch.task.abort();
@@ -149,8 +155,7 @@ impl Shared {
             } else {
                 Stalled::Reader
             });
-            false
-        });
+        }
         for end in stalled {
             (self.on_stall)(end);
         }
@@ -161,7 +166,26 @@ impl Shared {
 #[derive(Debug)]
 pub struct Watched<B> {
     inner: B,
-    watch: Option<Arc<Watch>>,
+    watch: Option<Registered>,
+}
+
+/// A watch in its hop's list, leaving it when dropped.
+struct Registered {
+    watch: Arc<Watch>,
+    key: usize,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Registered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.watch.fmt(f)
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.shared.watched.lock().try_remove(self.key);
+    }
 }
 
 impl<B> Watched<B> {
@@ -177,7 +201,7 @@ impl<B> Watched<B> {
     pub fn stalled(&self) -> bool {
         self.watch
             .as_ref()
-            .is_some_and(|w| w.stalled.load(Ordering::Relaxed))
+            .is_some_and(|w| w.watch.stalled.load(Ordering::Relaxed))
     }
 }
 
@@ -190,7 +214,7 @@ impl<B: Body + Unpin> Body for Watched<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Some(watch) = &self.watch {
+        if let Some(Registered { watch, .. }) = &self.watch {
             match &polled {
                 Poll::Pending => watch.waiting.store(true, Ordering::Relaxed),
                 Poll::Ready(Some(Ok(_))) => {
