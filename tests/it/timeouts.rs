@@ -322,10 +322,14 @@ async fn shutdown_closes_a_parked_connection_at_once() {
 /// sidecars carry on.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_response_that_stalls_mid_body_is_cut_off_on_both_hops() {
-    for (cut_by, backend_timeout, upstream_timeout) in
-        [("listener", "1s", "60s"), ("client", "60s", "1s")]
-    {
+    for (cut_by, backend_timeout, upstream_timeout, mesh_link_http2) in [
+        ("listener", "1s", "60s", true),
+        ("listener", "1s", "60s", false),
+        ("client", "60s", "1s", true),
+    ] {
+        let cut_by = format!("{cut_by} (upstream_http2 = {mesh_link_http2})");
         let mesh = Mesh::start_with(|s| {
+            s.client.set("upstream_http2", mesh_link_http2.to_string());
             s.server.set_str("backend_timeout", backend_timeout);
             s.server.set_str("admin_listen", "127.0.0.1:0");
             s.client.set_str("upstream_timeout", upstream_timeout);
@@ -400,9 +404,10 @@ async fn a_response_that_stalls_mid_body_is_cut_off_on_both_hops() {
         .await;
 
         // Counted as failures of the sidecar that cut them off.
-        let admin = match cut_by {
-            "listener" => mesh.listener_admin,
-            _ => mesh.client_admin,
+        let admin = if backend_timeout == "1s" {
+            mesh.listener_admin
+        } else {
+            mesh.client_admin
         };
         let (_, text) = admin_get(admin.unwrap(), "/metrics").await;
         let sidecar_5xx = metric(

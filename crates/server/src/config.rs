@@ -138,3 +138,42 @@ impl SideSettings for ServerSettings {
         self.allowed_peers = new.allowed_peers.clone();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(tag: &str, extra: &str) -> Result<ServerSettings, ConfigError> {
+        let path = std::env::temp_dir().join(format!(
+            "phoenix-mesh-server-config-{}-{tag}.toml",
+            std::process::id()
+        ));
+        let text = format!(
+            "listen = \"127.0.0.1:8443\"\nbackend = \"127.0.0.1:8081\"\n\
+             cert = \"a.crt\"\nkey = \"a.key\"\nca = \"ca.crt\"\n{extra}"
+        );
+        std::fs::write(&path, text).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let loaded = ServerSettings::load(&path);
+        let _ = std::fs::remove_file(&path);
+        loaded
+    }
+
+    #[test]
+    fn max_backend_connections_defaults_to_1024_and_refuses_zero() {
+        let default = load("default", "").map(|s| s.max_backend_connections);
+        assert!(
+            matches!(default, Ok(DEFAULT_MAX_BACKEND_CONNECTIONS)),
+            "{default:?}"
+        );
+        let set = load("set", "max_backend_connections = 3\n").map(|s| s.max_backend_connections);
+        assert!(matches!(set, Ok(3)), "{set:?}");
+        let zero = load("zero", "max_backend_connections = 0\n")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(zero.contains("max_backend_connections"), "{zero}");
+    }
+}
