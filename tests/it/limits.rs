@@ -1,8 +1,9 @@
 //! Limits on what a client may send or hold: request heads over `max_header_bytes` (431 on both
 //! hops), malformed and smuggling requests (400, and never a request at the backend), `max_connections`
-//! back-pressure, `max_backend_connections` against a reader that never reads, and the binary's
-//! open-file limit: raised to the hard limit at start, and running out of descriptors backs off
-//! instead of spinning.
+//! back-pressure (counting only authenticated connections on the listener, whose unauthenticated ones
+//! have a budget of their own, `max_pending_handshakes`), `max_backend_connections` against a reader
+//! that never reads, and the binary's open-file limit: raised to the hard limit at start, and running
+//! out of descriptors backs off instead of spinning.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -13,6 +14,7 @@ use http::StatusCode;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::support::admin::{admin_get, metric};
 use crate::support::backend::HELLO;
 use crate::support::binary::{Binary, Proc};
 use bytes::Bytes;
@@ -239,6 +241,45 @@ async fn max_connections_holds_a_third_connection_until_one_closes() {
     drop(held);
     let reply = within("a fresh request", send_h1(mesh.client_addr, get("/fresh"))).await;
     assert_eq!(reply.status, StatusCode::OK, "{reply:#?}");
+}
+
+/// Connections that never send a ClientHello hold no `max_connections` slot: with 300 of them open
+/// against a listener allowing 100 connections and 50 pending handshakes, a client's new mutual-TLS
+/// connection and request still get through (without the separate budget it waited for
+/// `handshake_timeout`), and the silent connections the budget had no room for were dropped, oldest
+/// first, and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_do_not_keep_an_authenticated_client_out() {
+    let mesh = Mesh::start_with(|s| {
+        s.server
+            .set("max_connections", "100")
+            .set("max_pending_handshakes", "50")
+            .set_str("handshake_timeout", "60s")
+            .set_str("admin_listen", "127.0.0.1:0");
+    })
+    .await;
+    let mut silent = Vec::new();
+    for _ in 0..300 {
+        silent.push(TcpStream::connect(mesh.listener_addr).await.unwrap());
+    }
+    let (status, _) =
+        crate::support::tls::tls_get(mesh.listener_addr, mesh.tls_config(&mesh.client_leaf))
+            .await
+            .unwrap_or_else(|e| panic!("a new connection while 300 sockets sat silent: {e}"));
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+
+    let admin = mesh.listener_admin.unwrap();
+    eventually("the silent connections past the budget dropped", || async {
+        let (_, text) = admin_get(admin, "/metrics").await;
+        let labels = [("result", "failed"), ("reason", "dropped")];
+        metric(&text, "phoenix_mesh_tls_handshakes_total", &labels).filter(|&n| n >= 250.0)
+    })
+    .await;
+    // The oldest went first: the first silent socket is closed by the listener.
+    let mut first = silent.remove(0);
+    let mut buf = [0u8; 1];
+    let read = within("the oldest silent socket closing", first.read(&mut buf)).await;
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
 }
 
 /// The real binary under `prlimit --nofile=<soft>:<hard>`, with its JSON log collected.

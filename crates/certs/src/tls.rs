@@ -113,6 +113,7 @@ pub(crate) fn build_server_config(
         inner,
         allowed: options.allowed_peers.clone(),
         verified: VerifiedChains::default(),
+        refusals: RefusalLines::default(),
     });
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(options.min_version.versions())
@@ -177,6 +178,64 @@ struct PeerPolicy {
     inner: Arc<dyn ClientCertVerifier>,
     allowed: Vec<String>,
     verified: VerifiedChains,
+    refusals: RefusalLines,
+}
+
+/// The smallest RSA key the listener accepts from a client, as aws-lc-rs verifies signatures
+/// (`RSA_PSS_2048_8192_*`, `RSA_PKCS1_2048_8192_*`): a smaller key would fail its CertificateVerify as
+/// a "bad signature", which names the wrong cause.
+pub const MIN_RSA_BITS: usize = 2048;
+
+/// A client certificate whose RSA key is smaller than [`MIN_RSA_BITS`]; refused by name.
+#[derive(Debug, thiserror::Error)]
+#[error("the client certificate's RSA key has {bits} bits; at least 2048 are required")]
+pub struct KeyTooSmall {
+    /// The key's modulus size.
+    pub bits: usize,
+}
+
+/// The longest text out of a certificate (in characters) that reaches a log line; longer is cut.
+const LOGGED_CHARS: usize = 256;
+
+/// At most [`LOGGED_CHARS`] of `text`.
+pub(crate) fn bounded(text: &str) -> &str {
+    match text.char_indices().nth(LOGGED_CHARS) {
+        Some((cut, _)) => &text[..cut],
+        None => text,
+    }
+}
+
+/// The first few entries of `names`, each [`bounded`].
+fn bounded_list(names: &[String]) -> Vec<&str> {
+    names.iter().take(8).map(|n| bounded(n)).collect()
+}
+
+/// The verifier's own refusal lines (the identity a policy refused), at most one per reason per
+/// [`REFUSAL_LINE_INTERVAL`]: a peer may present a certificate of our CA it does not hold the key of,
+/// as often as it likes. The listener's own line for each failed handshake, rate-limited with a
+/// count of those it left out, and the metrics, count every one.
+#[derive(Debug, Default)]
+struct RefusalLines {
+    last: parking_lot::Mutex<Vec<(&'static str, std::time::Instant)>>,
+}
+
+/// How often the verifier names a refused identity, per reason.
+const REFUSAL_LINE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl RefusalLines {
+    /// Runs `line` unless a line for `reason` was written within the interval.
+    fn log(&self, reason: &'static str, line: impl FnOnce()) {
+        let now = std::time::Instant::now();
+        {
+            let mut last = self.last.lock();
+            match last.iter_mut().find(|(r, _)| *r == reason) {
+                Some((_, at)) if now.duration_since(*at) < REFUSAL_LINE_INTERVAL => return,
+                Some((_, at)) => *at = now,
+                None => last.push((reason, now)),
+            }
+        }
+        line();
+    }
 }
 
 impl ClientCertVerifier for PeerPolicy {
@@ -202,31 +261,56 @@ impl ClientCertVerifier for PeerPolicy {
         if self.verified.contains(&key, now) {
             return Ok(ClientCertVerified::assertion());
         }
+        // The chain first, and nothing read out of the certificate before it verifies: anyone who
+        // reaches the port can present any certificate, and reading its names costs time in
+        // proportion to what the stranger chose to put in them. A refusal here is logged by the
+        // listener, once per reason per interval, with the reason alone.
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
         let id = match PeerIdentity::from_der(end_entity) {
             Ok(id) => id,
             Err(error) => {
-                info!(%error, "client certificate refused: unparseable");
+                self.refusals.log("unparseable", || {
+                    info!(%error, "client certificate refused: unparseable");
+                });
                 return Err(rustls::Error::InvalidCertificate(
                     CertificateError::BadEncoding,
                 ));
             }
         };
-        if let Err(error) = self
-            .inner
-            .verify_client_cert(end_entity, intermediates, now)
-        {
-            info!(peer.id = id.name(), peer.subject = %id.subject, %error, "client certificate refused");
-            return Err(error);
+        if let Some(bits) = id.rsa_bits.filter(|&bits| bits < MIN_RSA_BITS) {
+            self.refusals.log("key-too-small", || {
+                info!(
+                    peer.id = bounded(id.name()),
+                    peer.subject = bounded(&id.subject),
+                    bits,
+                    reason = "RSA key too small",
+                    "client certificate refused"
+                );
+            });
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                rustls::OtherError(Arc::new(KeyTooSmall { bits })),
+            )));
         }
         if !id.client_auth {
-            info!(peer.id = id.name(), peer.subject = %id.subject, reason = "no clientAuth extended key usage", "client certificate refused");
+            self.refusals.log("wrong-usage", || {
+                info!(
+                    peer.id = bounded(id.name()),
+                    peer.subject = bounded(&id.subject),
+                    reason = "no clientAuth extended key usage",
+                    "client certificate refused"
+                );
+            });
             return Err(rustls::Error::InvalidCertificate(
                 CertificateError::InvalidPurpose,
             ));
         }
         if !self.allowed.is_empty() && !id.matches_any(&self.allowed) {
-            info!(peer.id = id.name(), peer.subject = %id.subject, peer.dns = ?id.dns, peer.uris = ?id.uris,
-                reason = "not in allowed_peers", "client certificate refused");
+            self.refusals.log("not-allowed", || {
+                info!(peer.id = bounded(id.name()), peer.subject = bounded(&id.subject),
+                    peer.dns = ?bounded_list(&id.dns), peer.uris = ?bounded_list(&id.uris),
+                    reason = "not in allowed_peers", "client certificate refused");
+            });
             return Err(rustls::Error::InvalidCertificate(
                 CertificateError::ApplicationVerificationFailure,
             ));
@@ -282,22 +366,25 @@ pub fn failure_reason(error: &rustls::Error) -> &'static str {
     use rustls::{AlertDescription as A, Error as E};
     match error {
         E::NoCertificatesPresented => "no-certificate",
-        E::InvalidCertificate(c) => {
-            match c {
-                CertificateError::UnknownIssuer => "unknown-ca",
-                CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired",
-                CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
-                    "not-yet-valid"
-                }
-                CertificateError::Revoked => "revoked",
-                CertificateError::InvalidPurpose
-                | CertificateError::InvalidPurposeContext { .. } => "wrong-usage",
-                CertificateError::NotValidForName
-                | CertificateError::NotValidForNameContext { .. } => "wrong-name",
-                CertificateError::ApplicationVerificationFailure => "not-allowed",
-                _ => "bad-certificate",
+        E::InvalidCertificate(c) => match c {
+            CertificateError::UnknownIssuer => "unknown-ca",
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired",
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                "not-yet-valid"
             }
-        }
+            CertificateError::Revoked => "revoked",
+            CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
+                "wrong-usage"
+            }
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+                "wrong-name"
+            }
+            CertificateError::ApplicationVerificationFailure => "not-allowed",
+            CertificateError::Other(other) if other.0.downcast_ref::<KeyTooSmall>().is_some() => {
+                "key-too-small"
+            }
+            _ => "bad-certificate",
+        },
         E::AlertReceived(A::CertificateRequired) => "peer-wants-certificate",
         E::AlertReceived(alert) if refuses_our_certificate(*alert) => "peer-refused-certificate",
         E::AlertReceived(_) => "alert",
@@ -350,6 +437,25 @@ mod tests {
         (A::NoApplicationProtocol, false),
         (A::EncryptedClientHelloRequired, false),
     ];
+
+    #[test]
+    fn text_out_of_a_certificate_is_cut_to_256_characters() {
+        assert_eq!(bounded("short"), "short");
+        let long = "é".repeat(60 * 1024);
+        assert_eq!(bounded(&long).chars().count(), LOGGED_CHARS);
+        let names: Vec<String> = (0..100).map(|i| format!("n{i}")).collect();
+        assert_eq!(bounded_list(&names).len(), 8);
+    }
+
+    #[test]
+    fn a_refusal_line_is_written_once_per_reason_per_interval() {
+        let lines = RefusalLines::default();
+        let mut written = Vec::new();
+        for reason in ["not-allowed", "not-allowed", "wrong-usage", "not-allowed"] {
+            lines.log(reason, || written.push(reason));
+        }
+        assert_eq!(written, ["not-allowed", "wrong-usage"]);
+    }
 
     #[test]
     fn alert_table() {

@@ -11,7 +11,8 @@ use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use phoenix_mesh_common::headers::{
-    remove_hop_by_hop, remove_hop_by_hop_request, restore_upgrade, retarget, upgrade_protocol,
+    remove_hop_by_hop, remove_hop_by_hop_request, remove_identity_headers, restore_upgrade,
+    retarget, upgrade_protocol,
 };
 use phoenix_mesh_common::log_limit::{Cause, LogLimit, Repeat};
 use phoenix_mesh_common::metrics::MadeBy;
@@ -140,6 +141,9 @@ impl Upstream {
             }
         }
         remove_hop_by_hop_request(&mut parts.headers);
+        // The identity the backend reads is the one the listener verified; whatever nginx passed
+        // on under those names stops here too, so no listener (an older one included) forwards it.
+        remove_identity_headers(&mut parts.headers);
         if let Some(protocol) = upgrade {
             restore_upgrade(&mut parts.headers, protocol);
         }

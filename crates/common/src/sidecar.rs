@@ -22,6 +22,7 @@ use tracing::{field, info_span, Span};
 
 use crate::access::{AccessStart, Count, Logged};
 use crate::admin::{serve_admin, AdminState, NotReady};
+use crate::certs_report::{certs_json, ConnectedPeer, ConnectedPeers};
 use crate::check::{CheckRequest, Report};
 use crate::config::ConfigError;
 use crate::metrics::{MadeBy, Metrics};
@@ -64,6 +65,15 @@ impl StartError {
 
 /// The live TLS configuration of side `S`.
 pub type TlsOf<S> = <<S as Side>::Settings as SideSettings>::Tls;
+
+/// Loads a side's TLS files and builds its live TLS configuration from them: what start-up does, and
+/// what `--check` runs, so that the two can never disagree (a reload runs the same loading and
+/// building, through [`LiveTls::install`]).
+pub fn load_tls<T: SideSettings>(settings: &T) -> Result<(Material, T::Tls), CertError> {
+    let material = Material::load(&settings.shared().tls, T::Tls::ROLE)?;
+    let live = T::Tls::build(&material, &settings.tls_options())?;
+    Ok((material, live))
+}
 
 /// One side's policy, plugged into the skeleton.
 pub trait Side: Sized + Send + Sync + 'static {
@@ -114,6 +124,11 @@ pub trait Side: Sized + Send + Sync + 'static {
 
     /// The progress timeout of the responses it passes on (see [`crate::stall`]).
     fn progress(&self) -> &Progress;
+    /// The peers connected now, for `/certs`: the side's registry of live connections, which the
+    /// default (none) stands in for.
+    fn peers(&self) -> &dyn ConnectedPeers {
+        &NO_PEERS
+    }
 
     /// Brings the side's own gauges up to date before a scrape.
     fn refresh_metrics(state: &State<Self>) {
@@ -223,10 +238,13 @@ impl<S: Side> Sidecar<S> {
     /// [`Sidecar::serve`].
     pub async fn bind(settings: S::Settings) -> Result<Self, StartError> {
         let shared = settings.shared();
-        let material = Material::load(&shared.tls, TlsOf::<S>::ROLE)?;
-        let options = settings.tls_options();
-        let live = Arc::new(TlsOf::<S>::build(&material, &options)?);
-        let reloader = Arc::new(Reloader::new(live.clone(), shared.tls.clone(), options));
+        let (material, live) = load_tls(&settings)?;
+        let live = Arc::new(live);
+        let reloader = Arc::new(Reloader::new(
+            live.clone(),
+            &material,
+            settings.tls_options(),
+        ));
         log_certificate(&material, S::NAME);
         let metrics = Arc::new(Metrics::new());
         let side = S::new(&settings, &live, &metrics)?;
@@ -328,4 +346,11 @@ impl<S: Side> AdminState for State<S> {
         S::refresh_metrics(self);
         self.metrics.encode()
     }
+
+    fn certs(&self) -> String {
+        certs_json(S::NAME, &self.reloader.status(), self.side.peers())
+    }
 }
+
+/// A side that keeps no registry of its connections lists no peers.
+static NO_PEERS: fn() -> Vec<ConnectedPeer> = Vec::new;

@@ -11,6 +11,8 @@ use phoenix_mesh_common::settings::{
 };
 use serde::Deserialize;
 
+use crate::identity_headers::{IdentityHeaders, IDENTITY_HEADER_CHOICES};
+
 /// The listener's own keys, as written (the shared ones are in [`SharedSettings`]); every key is
 /// documented in docs/configuration.md.
 #[derive(Debug, Deserialize)]
@@ -28,12 +30,20 @@ pub struct ServerFile {
     backend_http2: Option<bool>,
     #[serde(default)]
     max_backend_connections: Option<usize>,
+    #[serde(default)]
+    identity_headers: Option<Vec<String>>,
+    max_pending_handshakes: Option<usize>,
 }
 
 /// Connections to the backend open at once unless `max_backend_connections` says otherwise: four mesh
 /// links' worth of concurrent requests (256 streams each), so a legitimate deployment never queues,
 /// while a client that holds responses unread pins no more sockets than this on the backend.
 pub const DEFAULT_MAX_BACKEND_CONNECTIONS: usize = 1024;
+
+/// `max_pending_handshakes` when the file does not say: far more handshakes than the mesh's clients
+/// ever start at once (each finishes in a millisecond or two), and few enough that a stranger's
+/// silent connections cost the listener at most this many sockets.
+pub const DEFAULT_MAX_PENDING_HANDSHAKES: usize = 1000;
 
 /// Validated listener settings, with paths resolved against the config file.
 #[derive(Debug, Clone)]
@@ -56,6 +66,11 @@ pub struct ServerSettings {
     pub backend_http2: bool,
     /// Most HTTP/1.1 connections to the backend open at once (upgraded ones included).
     pub max_backend_connections: usize,
+    /// Which identity headers the backend gets.
+    pub identity_headers: IdentityHeaders,
+    /// Connections accepted whose TLS handshake has not finished, at most; past it the oldest is
+    /// dropped. They do not count against `max_connections`.
+    pub max_pending_handshakes: usize,
 }
 
 impl ServerSettings {
@@ -77,8 +92,37 @@ impl ServerSettings {
             Some(n) => n,
             None => DEFAULT_MAX_BACKEND_CONNECTIONS,
         };
+        let identity_headers = match &f.identity_headers {
+            None => IdentityHeaders::default(),
+            Some(names) => IdentityHeaders::from_names(names.iter().map(String::as_str)).map_err(
+                |unknown| {
+                    invalid(
+                        path,
+                        "identity_headers",
+                        format!(
+                            "{unknown:?} is not an identity header; the choices are {}",
+                            IDENTITY_HEADER_CHOICES
+                                .map(|c| format!("{c:?}"))
+                                .join(" and ")
+                        ),
+                    )
+                },
+            )?,
+        };
+        let max_pending_handshakes = match f.max_pending_handshakes {
+            None => DEFAULT_MAX_PENDING_HANDSHAKES,
+            Some(0) => {
+                return Err(invalid(
+                    path,
+                    "max_pending_handshakes",
+                    "must be at least 1".into(),
+                ))
+            }
+            Some(n) => n,
+        };
         Ok(ServerSettings {
             path: path.to_owned(),
+            identity_headers,
             shared,
             listen: socket_addr(path, "listen", &f.listen)?,
             backend: socket_addr(path, "backend", &f.backend)?,
@@ -87,6 +131,7 @@ impl ServerSettings {
             backend_timeout: or_secs(f.backend_timeout, 60),
             backend_http2: f.backend_http2.unwrap_or(false),
             max_backend_connections,
+            max_pending_handshakes,
         })
     }
 }
@@ -121,6 +166,14 @@ impl SideSettings for ServerSettings {
             (
                 "max_backend_connections",
                 self.max_backend_connections.to_string(),
+            ),
+            (
+                "identity_headers",
+                format!("{:?}", self.identity_headers.names()),
+            ),
+            (
+                "max_pending_handshakes",
+                self.max_pending_handshakes.to_string(),
             ),
             (
                 "backend_connect_timeout / backend_timeout",

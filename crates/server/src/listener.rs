@@ -21,7 +21,8 @@ use phoenix_mesh_common::stall::progress_timeout;
 use phoenix_mesh_transport::http1_idle::serve_http1_parking;
 use phoenix_mesh_transport::progress::Progress;
 use phoenix_mesh_transport::serve::{
-    accept_loop, drive, http1_builder, http2_builder, PrefaceDeadline, ShutdownWatch, Slot,
+    accept_authenticating, drive, http1_builder, http2_builder, Pending, PrefaceDeadline,
+    ShutdownWatch, Slot,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -94,7 +95,7 @@ impl Side for ListenerSide {
                 "backend_timeout",
                 settings.backend_timeout,
             ),
-            peer_ids: PeerIds::default(),
+            peer_ids: PeerIds::new(settings.identity_headers),
             refusals: LogLimit::new(),
             listen: settings.listen.to_string().into(),
         })
@@ -121,6 +122,7 @@ impl Side for ListenerSide {
             %listen,
             backend = %settings.backend,
             allowed_peers = ?settings.allowed_peers,
+            identity_headers = ?settings.identity_headers.names(),
             "mesh listener accepting mutual TLS"
         );
     }
@@ -128,22 +130,29 @@ impl Side for ListenerSide {
     async fn accept(state: Arc<State<Self>>, listener: TcpListener, shutdown: ShutdownWatch) {
         let listen = listener.local_addr().unwrap_or(state.settings.listen);
         let max = state.settings.shared.max_connections;
+        let max_pending = state.settings.max_pending_handshakes;
         let conn_shutdown = shutdown.clone();
-        accept_loop(listener, max, shutdown, move |stream, addr, slot| {
-            let span = conn_span(&addr);
-            // A serving task: over HTTP/1.1 a response that stalls ends its connection.
-            spawn_serving(
-                handle(
-                    state.clone(),
-                    stream,
-                    addr,
-                    listen,
-                    conn_shutdown.clone(),
-                    slot,
-                )
-                .instrument(span),
-            );
-        })
+        accept_authenticating(
+            listener,
+            max,
+            max_pending,
+            shutdown,
+            move |stream, addr, pending| {
+                let span = conn_span(&addr);
+                // A serving task: over HTTP/1.1 a response that stalls ends its connection.
+                spawn_serving(
+                    handle(
+                        state.clone(),
+                        stream,
+                        addr,
+                        listen,
+                        conn_shutdown.clone(),
+                        pending,
+                    )
+                    .instrument(span),
+                );
+            },
+        )
         .await;
     }
 
@@ -166,14 +175,14 @@ async fn handle(
     addr: SocketAddr,
     listen: SocketAddr,
     mut shutdown: ShutdownWatch,
-    _slot: Slot,
+    pending: Pending,
 ) {
     let _open = GaugeGuard::new(&state.metrics.open_connections);
     let started = Instant::now();
     let failed = |reason: HandshakeReason| {
         state.metrics.handshake_failed(reason, started.elapsed());
     };
-    let Some(mut tls) = accept(&state, stream, listen, &failed).await else {
+    let Some((mut tls, _slot)) = accept(&state, stream, listen, &failed, pending).await else {
         return;
     };
     // The session ticket rustls wrote last waits for the first answer only when one follows at once:
@@ -189,7 +198,8 @@ async fn handle(
 
     let (_, conn) = tls.get_ref();
     let resumed = matches!(conn.handshake_kind(), Some(rustls::HandshakeKind::Resumed));
-    let Some(leaf) = conn.peer_certificates().and_then(|certs| certs.first()) else {
+    let sent = conn.peer_certificates().unwrap_or_default();
+    let Some(leaf) = sent.first() else {
         warn!("handshake finished without a client certificate; closing");
         failed(HandshakeReason::NoCertificate);
         return;
@@ -230,6 +240,7 @@ async fn handle(
     let peer = Arc::new(Peer {
         forwarded_for: forwarded_for_value(addr.ip()),
         id,
+        client_cert_chain: state.side.peer_ids.chain(sent),
     });
     let service = {
         let state = state.clone();
@@ -271,27 +282,50 @@ async fn handle(
     }
 }
 
-/// The TLS handshake, bounded by `handshake_timeout`; a connection that fails it is answered (see
-/// [`refused`]) and closed. A function of its own: awaited inside `handle`'s match on the handshake's
-/// result, `refused` kept that result (a whole `TlsStream`) in every connection's task for the
-/// connection's life, 1.4 KiB each.
+/// The TLS handshake, bounded by `handshake_timeout`, then the `max_connections` slot the
+/// authenticated connection holds; a connection that fails the handshake is answered (see
+/// [`refused`]) and closed, and so is one dropped as the oldest pending handshake. A function of its
+/// own: awaited inside `handle`'s match on the handshake's result, `refused` kept that result (a
+/// whole `TlsStream`) in every connection's task for the connection's life, 1.4 KiB each.
 async fn accept(
     state: &State<ListenerSide>,
     stream: TcpStream,
     listen: SocketAddr,
     failed: &impl Fn(HandshakeReason),
-) -> Option<tokio_rustls::server::TlsStream<MeshSocket>> {
+    mut pending: Pending,
+) -> Option<(tokio_rustls::server::TlsStream<MeshSocket>, Slot)> {
     let handshake_timeout = state.settings.shared.handshake_timeout;
     let acceptor = TlsAcceptor::from(state.reloader.live().current());
-    match timeout(
-        handshake_timeout,
-        acceptor.accept(MeshSocket::new(stream)).into_fallible(),
-    )
-    .await
-    {
-        Ok(Ok(tls)) => Some(tls),
-        Ok(Err((error, socket))) => {
+    let handshake = async {
+        let shaken = tokio::select! {
+            biased;
+            () = pending.dropped() => return Shaken::Dropped,
+            shaken = acceptor.accept(MeshSocket::new(stream)).into_fallible() => shaken,
+        };
+        match shaken {
+            Ok(tls) => match pending.authenticated().await {
+                Some(slot) => Shaken::Authenticated(tls, slot),
+                None => Shaken::Dropped,
+            },
+            Err((error, socket)) => Shaken::Refused(error, socket),
+        }
+    };
+    match timeout(handshake_timeout, handshake).await {
+        Ok(Shaken::Authenticated(tls, slot)) => Some((tls, slot)),
+        Ok(Shaken::Refused(error, socket)) => {
             refused(&state.side, socket, error, listen, failed).await;
+            None
+        }
+        Ok(Shaken::Dropped) => {
+            let message = "pending handshake dropped: max_pending_handshakes were open, and this \
+                           connection was accepted longest ago";
+            if state.side.admit(message, HandshakeReason::Dropped) {
+                info!(
+                    max_pending_handshakes = state.settings.max_pending_handshakes,
+                    "{message}"
+                );
+            }
+            failed(HandshakeReason::Dropped);
             None
         }
         Err(_) => {
@@ -306,6 +340,19 @@ async fn accept(
             None
         }
     }
+}
+
+/// How a pending handshake ended, short of its timeout.
+// Boxing the stream would cost an allocation per connection; a `Shaken` lives only between the
+// handshake's end and the match on it in `accept`.
+#[allow(clippy::large_enum_variant)]
+enum Shaken {
+    /// Mutual TLS established, with its `max_connections` slot.
+    Authenticated(tokio_rustls::server::TlsStream<MeshSocket>, Slot),
+    /// The handshake failed.
+    Refused(io::Error, MeshSocket),
+    /// Dropped as the oldest pending handshake.
+    Dropped,
 }
 
 /// A connection whose handshake failed: answers plain HTTP with `400 tls-required`, closes anything

@@ -7,7 +7,8 @@
 //! Crate map:
 //! - `body.rs`: the body types that cross a sidecar.
 //! - `serve.rs`: serving accepted connections, re-exporting its parts:
-//!   - `serve/accept.rs`: the accept loop and its connection slots (`max_connections`).
+//!   - `serve/accept.rs`: the accept loop and its connection slots (`max_connections`), and the
+//!     bounded set of pending handshakes (`max_pending_handshakes`) of a loop whose connections authenticate.
 //!   - `serve/shutdown.rs`: the shutdown signal, draining, and driving a connection to a graceful end.
 //!   - `serve/http_server.rs`: HTTP/1.1 and HTTP/2 server builders with the sidecars' limits, and `serve_http`.
 //!   - `serve/preface_deadline.rs`: the deadline for a new connection to show its HTTP version.

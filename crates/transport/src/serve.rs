@@ -7,7 +7,7 @@ mod http_server;
 mod preface_deadline;
 mod shutdown;
 
-pub use accept::{accept_loop, Accept, Slot};
+pub use accept::{accept_authenticating, accept_loop, Accept, Pending, Slot};
 pub use http_server::{http1_builder, http2_builder, http_builder, serve_http, HttpOptions};
 pub use preface_deadline::PrefaceDeadline;
 pub use shutdown::{drive, Shutdown, ShutdownWatch};
