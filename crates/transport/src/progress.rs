@@ -107,7 +107,7 @@ impl Progress {
         } else {
             ServingTask::current().map(|task| {
                 let watch = Arc::new(Watch {
-                    // The response head was just sent: that is progress.
+                    // The response head goes out now: that is progress.
                     progressed: AtomicBool::new(true),
                     waiting: AtomicBool::new(false),
                     idle: AtomicU32::new(0),
