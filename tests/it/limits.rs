@@ -1,8 +1,9 @@
 //! Limits on what a client may send or hold: request heads over `max_header_bytes` (431 on both
 //! hops), malformed and smuggling requests (400, and never a request at the backend), `max_connections`
 //! back-pressure (counting only authenticated connections on the listener, whose unauthenticated ones
-//! have a budget of their own, `max_pending_handshakes`), and the binary's open-file limit: raised to the hard limit at start, and running out
-//! of descriptors backs off instead of spinning.
+//! have a budget of their own, `max_pending_handshakes`), `max_backend_connections` against a reader
+//! that never reads, and the binary's open-file limit: raised to the hard limit at start, and running
+//! out of descriptors backs off instead of spinning.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -16,12 +17,16 @@ use tokio::net::TcpStream;
 use crate::support::admin::{admin_get, metric};
 use crate::support::backend::HELLO;
 use crate::support::binary::{Binary, Proc};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
 use crate::support::http::{get, send_h1, try_get, SERVICE_HOST};
 use crate::support::mesh::Mesh;
 use crate::support::raw::{
     exchange, raw_get, read_response, read_until_closed_or_quiet, responses_in, status_of, Ending,
 };
-use crate::support::{eventually, within};
+use crate::support::{eventually, tls, within};
 
 fn oversized_head(target: &str) -> Vec<u8> {
     let filler = "a".repeat(12 * 1024);
@@ -286,6 +291,77 @@ fn under_prlimit(nofile: &str, side: &str, config: &Path) -> Proc {
 }
 
 /// The client's plain-HTTP address once it is accepting.
+/// A peer that opens many streams and never opens their windows (SETTINGS_INITIAL_WINDOW_SIZE 0):
+/// each response it asks for pins a backend connection until its progress timeout. The listener holds
+/// at most `max_backend_connections` of them; requests beyond wait `backend_connect_timeout` for one
+/// and get `503 backend-connection-limit`. After `backend_timeout` without progress the pinned
+/// responses are cut off (their streams reset), the backend's connections are released, and the
+/// listener serves again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reader_that_never_reads_pins_at_most_max_backend_connections() {
+    let mesh = Mesh::start_with(|s| {
+        s.server.set("max_backend_connections", "3");
+        s.server.set_str("backend_connect_timeout", "500ms");
+        s.server.set_str("backend_timeout", "2s");
+    })
+    .await;
+    let config = tls::client_config(mesh.pki.root_pem(), Some(&mesh.client_leaf), &[b"h2"]);
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let tls = tls::to_listener(mesh.listener_addr, config.clone()).await;
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(0)
+            .handshake::<_, Empty<Bytes>>(TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        for _ in 0..4 {
+            let mut sender = sender.clone();
+            streams.push(tokio::spawn(async move {
+                let req = get("/download?bytes=50000000");
+                sender.send_request(req).await.unwrap()
+            }));
+        }
+    }
+    let mut pinned = Vec::new();
+    let mut refused = 0;
+    for stream in streams {
+        let response = within("a response head", stream).await.unwrap();
+        match response.status().as_u16() {
+            200 => pinned.push(response),
+            503 => {
+                assert_eq!(
+                    response
+                        .headers()
+                        .get(phoenix_mesh_common::MESH_ERROR_HEADER)
+                        .and_then(|v| v.to_str().ok()),
+                    Some("backend-connection-limit"),
+                    "{response:?}"
+                );
+                refused += 1;
+            }
+            other => panic!("unexpected status {other}: {response:?}"),
+        }
+        assert!(
+            mesh.backend.open_connections() <= 3,
+            "{} backend connections open, max_backend_connections is 3",
+            mesh.backend.open_connections()
+        );
+    }
+    assert_eq!((pinned.len(), refused), (3, 5));
+    assert_eq!(mesh.backend.connections(), 3);
+    // Cut off after backend_timeout without progress: reset, not ended.
+    for response in pinned {
+        let body = within("the cut-off", response.into_body().collect()).await;
+        assert!(body.is_err(), "a pinned response ended cleanly: {body:?}");
+    }
+    eventually("the backend's connections released", || async {
+        (mesh.backend.open_connections() == 0).then_some(())
+    })
+    .await;
+    mesh.good_requests("after-pinning", 2).await;
+}
+
 async fn client_addr(proc: &Proc) -> SocketAddr {
     proc.addr_from_log("client sidecar accepting plain HTTP", "listen")
         .await

@@ -252,3 +252,24 @@ async fn websocket_closed_by_the_backend_reaches_the_client_as_eof() {
     plain_request(&mesh, "/after-close").await;
     assert_eq!(backend.upgrade_heads().len(), 2);
 }
+
+/// The progress timeouts (`backend_timeout`, `upstream_timeout`) bound responses, not tunnels: a
+/// WebSocket that stays silent for many times both still carries the next message, as operators of
+/// long-idle WebSockets expect.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_websocket_outlives_the_progress_timeouts() {
+    let mut backend = WsBackend::start().await;
+    let addr = backend.addr;
+    let mesh = Mesh::start_with(|s| {
+        s.server.set_str("backend", &addr.to_string());
+        s.server.set_str("backend_timeout", "300ms");
+        s.client.set_str("upstream_timeout", "300ms");
+    })
+    .await;
+    let mut ws = open_ws(&mesh).await;
+    ws_echo(&mut ws, "before the silence\n").await;
+    tokio::time::sleep(std::time::Duration::from_millis(2000)).await;
+    ws_echo(&mut ws, "after the silence\n").await;
+    ws.shutdown().await.unwrap();
+    assert_eq!(backend.next_end().await, WsEnd::PeerClosed);
+}

@@ -57,6 +57,8 @@ impl SendError {
             SendError::Link(shared::Error::TurnedAway { .. }) => "turned-away",
             SendError::Pool(pool::Error::Handshake(_)) => "http1-handshake",
             SendError::Pool(pool::Error::Request(_)) => "http1-request",
+            // The client's pools have no limit: never met.
+            SendError::Pool(pool::Error::Busy { .. }) => "http1-busy",
         })
     }
 }

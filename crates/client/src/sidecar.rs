@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use hyper::service::service_fn;
-use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use phoenix_mesh_certs::LiveClientTls;
 use phoenix_mesh_common::admin::NotReady;
@@ -16,7 +15,10 @@ use phoenix_mesh_common::config::ConfigError;
 use phoenix_mesh_common::live::LiveConnections;
 use phoenix_mesh_common::metrics::{CertKind, GaugeGuard, Metrics};
 use phoenix_mesh_common::sidecar::{conn_span, Side, Sidecar, StartError, State};
+use phoenix_mesh_common::stall::progress_timeout;
+use phoenix_mesh_transport::progress::Progress;
 use phoenix_mesh_transport::serve::{accept_loop, http_builder, serve_http, ShutdownWatch, Slot};
+use phoenix_mesh_transport::serving_task::{spawn_serving, ServingExecutor};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
@@ -37,7 +39,9 @@ pub type ClientSidecar = Sidecar<ClientSide>;
 pub struct ClientSide {
     connector: MeshConnector,
     upstream: Upstream,
-    http: auto::Builder<TokioExecutor>,
+    http: auto::Builder<ServingExecutor>,
+    /// Responses from the mesh listener that stop moving for `upstream_timeout` are cut off.
+    progress: Progress,
 }
 
 /// The socket nginx connects to.
@@ -86,6 +90,11 @@ impl Side for ClientSide {
             connector,
             upstream,
             http: http_builder(&settings.shared.http),
+            progress: progress_timeout(
+                format!("mesh listener ({})", settings.upstreams.join(", ")),
+                "upstream_timeout",
+                settings.upstream_timeout,
+            ),
         })
     }
 
@@ -156,6 +165,10 @@ impl Side for ClientSide {
             .await
             .map_err(|e| NotReady::Peer(e.into()))?;
         Ok(Some("a mesh listener answered mutual TLS"))
+    }
+
+    fn progress(&self) -> &Progress {
+        &self.progress
     }
 
     fn refresh_metrics(state: &State<Self>) {
@@ -233,5 +246,6 @@ fn serve_conn<S>(
             debug!(%error, "connection ended with an error");
         }
     };
-    tokio::spawn(conn.instrument(span));
+    // A serving task: over HTTP/1.1 a response that stalls ends its connection.
+    spawn_serving(conn.instrument(span));
 }

@@ -1,5 +1,8 @@
 //! The access log: one structured line per request, written when its response body is done (so it
-//! carries the bytes sent and the full duration). Off unless `access_log = true`.
+//! carries the bytes sent and the full duration). Off unless `access_log = true`. The request is
+//! counted in `phoenix_mesh_http_requests_total` at the same moment, so that a response cut off
+//! half-way for making no progress counts as the failure it is (`5xx`, made by this sidecar), not as
+//! the status its head carried.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -11,7 +14,9 @@ use http::{Method, StatusCode};
 use hyper::body::{Body, Frame, SizeHint};
 use tracing::info;
 
-use crate::metrics::MadeBy;
+use phoenix_mesh_transport::progress::Watched;
+
+use crate::metrics::{MadeBy, Metrics};
 
 /// What one access-log line says about a request.
 #[derive(Debug)]
@@ -85,20 +90,34 @@ impl AccessStart {
     }
 }
 
-/// A response body that counts what it sends and writes the access-log line when done.
+/// How a finished request is counted: the response's status and who made it, unless it was cut off.
+#[derive(Debug)]
+pub struct Count {
+    /// Where it is counted.
+    pub metrics: Arc<Metrics>,
+    /// The status its head carried.
+    pub status: StatusCode,
+    /// Who made that status.
+    pub made_by: MadeBy,
+}
+
+/// A response body that counts what it sends, and counts the request and writes the access-log line
+/// when done.
 #[derive(Debug)]
 pub struct Logged<B> {
-    inner: B,
+    inner: Watched<B>,
     bytes: u64,
+    count: Count,
     record: Option<Box<AccessRecord>>,
 }
 
 impl<B> Logged<B> {
-    /// `inner`, logged when `record` is set.
-    pub fn new(inner: B, record: Option<Box<AccessRecord>>) -> Self {
+    /// `inner`, counted as `count` says and logged when `record` is set.
+    pub fn new(inner: Watched<B>, count: Count, record: Option<Box<AccessRecord>>) -> Self {
         Logged {
             inner,
             bytes: 0,
+            count,
             record,
         }
     }
@@ -135,6 +154,13 @@ where
 
 impl<B> Drop for Logged<B> {
     fn drop(&mut self) {
+        // A response cut off for making no progress failed here, whatever its head said.
+        let (status, made_by) = if self.inner.stalled() {
+            (StatusCode::GATEWAY_TIMEOUT, MadeBy::Sidecar)
+        } else {
+            (self.count.status, self.count.made_by)
+        };
+        self.count.metrics.count_request(status, made_by);
         if let Some(r) = self.record.take() {
             info!(
                 target: "phoenix_mesh::access",
@@ -147,6 +173,7 @@ impl<B> Drop for Logged<B> {
                 bytes = self.bytes,
                 peer = %r.peer,
                 upstream = %r.upstream,
+                stalled = self.inner.stalled(),
                 "request"
             );
         }

@@ -19,6 +19,7 @@
 //! - `metrics.rs`: every Prometheus metric, with label values as enums.
 //! - `access.rs`: the access log, one line per request once its body is done.
 //! - `log_limit.rs`: repeated failures (same cause, same hop) logged once, then summarised per interval.
+//! - `stall.rs`: the progress timeout of a side's responses, and the log line of a response it cuts off.
 //! - `headers.rs`: the header rules of one proxy hop (hop-by-hop, `X-Forwarded-*`).
 //! - `response.rs`: the error responses a sidecar makes itself, tagged `phoenix-mesh-error`.
 //! - `check.rs`: the `--check` report.
@@ -37,5 +38,6 @@ pub mod response;
 pub mod settings;
 pub mod settings_reload;
 pub mod sidecar;
+pub mod stall;
 
 pub use response::{mesh_error, ProxyBody, MESH_ERROR_HEADER};

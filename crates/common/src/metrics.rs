@@ -434,8 +434,19 @@ impl Metrics {
         self.handshake_seconds.observe(took.as_secs_f64());
     }
 
-    /// Counts one request.
+    /// Counts one request and the time to its response head.
     pub fn request(&self, status: http::StatusCode, made_by: MadeBy, took: Duration) {
+        self.count_request(status, made_by);
+        self.observe_response_head(took);
+    }
+
+    /// Records the time a request took until its response head.
+    pub fn observe_response_head(&self, took: Duration) {
+        self.request_seconds.observe(took.as_secs_f64());
+    }
+
+    /// Counts one finished request.
+    pub fn count_request(&self, status: http::StatusCode, made_by: MadeBy) {
         let status_class = StatusClass::of(status);
         self.request_counters[status_class as usize][made_by as usize]
             .get_or_init(|| {
@@ -447,7 +458,6 @@ impl Metrics {
                     .clone()
             })
             .inc();
-        self.request_seconds.observe(took.as_secs_f64());
     }
 
     /// Brings a counter kept elsewhere (an atomic) up to `total`.

@@ -15,11 +15,12 @@ use std::time::Instant;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use phoenix_mesh_certs::{CertError, LiveTls, Material, Reloader};
+use phoenix_mesh_transport::progress::{Progress, Watched};
 use phoenix_mesh_transport::serve::ShutdownWatch;
 use tokio::net::TcpListener;
 use tracing::{field, info_span, Span};
 
-use crate::access::{AccessStart, Logged};
+use crate::access::{AccessStart, Count, Logged};
 use crate::admin::{serve_admin, AdminState, NotReady};
 use crate::certs_report::{certs_json, ConnectedPeer, ConnectedPeers};
 use crate::check::{CheckRequest, Report};
@@ -121,6 +122,8 @@ pub trait Side: Sized + Send + Sync + 'static {
         state: &State<Self>,
     ) -> impl Future<Output = Result<Option<&'static str>, NotReady>> + Send;
 
+    /// The progress timeout of the responses it passes on (see [`crate::stall`]).
+    fn progress(&self) -> &Progress;
     /// The peers connected now, for `/certs`: the side's registry of live connections, which the
     /// default (none) stands in for.
     fn peers(&self) -> &dyn ConnectedPeers {
@@ -155,7 +158,8 @@ pub struct State<S: Side> {
 
 impl<S: Side> State<S> {
     /// Counts, times and (with `access_log`) logs one request around what `forward` makes of it.
-    /// `peer` names the downstream in the access log. An answer the mesh made itself (this side or,
+    /// `peer` names the downstream in the access log. A response passed on from the other hop is
+    /// watched by the side's progress timeout (an upgrade's is not: the tunnel is no response body). An answer the mesh made itself (this side or,
     /// passed on, the listener) to an HTTP/1 request with a body says `Connection: close`: the rest
     /// of the body is not read after it, so hyper closes the connection (see [`crate::response`]).
     pub async fn answer<B, F, Fut>(
@@ -165,6 +169,7 @@ impl<S: Side> State<S> {
         forward: F,
     ) -> Response<Logged<B>>
     where
+        B: hyper::body::Body,
         F: FnOnce(Request<Incoming>) -> Fut,
         Fut: Future<Output = (Response<B>, MadeBy)>,
     {
@@ -179,8 +184,14 @@ impl<S: Side> State<S> {
         if closes && made_by != MadeBy::Backend {
             close_connection(&mut response);
         }
-        self.metrics
-            .request(response.status(), made_by, start.elapsed());
+        self.metrics.observe_response_head(start.elapsed());
+        let passed_on = made_by != MadeBy::Sidecar
+            && response.status() != http::StatusCode::SWITCHING_PROTOCOLS;
+        let count = Count {
+            metrics: self.metrics.clone(),
+            status: response.status(),
+            made_by,
+        };
         let record = access.map(|a| {
             a.finish(
                 response.status(),
@@ -189,7 +200,14 @@ impl<S: Side> State<S> {
                 self.upstream_label.clone(),
             )
         });
-        response.map(|body| Logged::new(body, record))
+        response.map(|body| {
+            let body = if passed_on {
+                self.side.progress().watch(body)
+            } else {
+                Watched::unwatched(body)
+            };
+            Logged::new(body, count, record)
+        })
     }
 }
 

@@ -29,9 +29,16 @@ pub struct ServerFile {
     #[serde(default)]
     backend_http2: Option<bool>,
     #[serde(default)]
+    max_backend_connections: Option<usize>,
+    #[serde(default)]
     identity_headers: Option<Vec<String>>,
     max_pending_handshakes: Option<usize>,
 }
+
+/// Connections to the backend open at once unless `max_backend_connections` says otherwise: four mesh
+/// links' worth of concurrent requests (256 streams each), so a legitimate deployment never queues,
+/// while a client that holds responses unread pins no more sockets than this on the backend.
+pub const DEFAULT_MAX_BACKEND_CONNECTIONS: usize = 1024;
 
 /// `max_pending_handshakes` when the file does not say: far more handshakes than the mesh's clients
 /// ever start at once (each finishes in a millisecond or two), and few enough that a stranger's
@@ -57,6 +64,8 @@ pub struct ServerSettings {
     pub backend_timeout: Duration,
     /// Requests (but upgrades) go to the backend on one shared HTTP/2 cleartext connection.
     pub backend_http2: bool,
+    /// Most HTTP/1.1 connections to the backend open at once (upgraded ones included).
+    pub max_backend_connections: usize,
     /// Which identity headers the backend gets.
     pub identity_headers: IdentityHeaders,
     /// Connections accepted whose TLS handshake has not finished, at most; past it the oldest is
@@ -72,6 +81,17 @@ impl ServerSettings {
         if allowed_peers.iter().any(|p| p.trim().is_empty()) {
             return Err(invalid(path, "allowed_peers", "an entry is empty".into()));
         }
+        let max_backend_connections = match f.max_backend_connections {
+            Some(0) => {
+                return Err(invalid(
+                    path,
+                    "max_backend_connections",
+                    "must be at least 1".into(),
+                ))
+            }
+            Some(n) => n,
+            None => DEFAULT_MAX_BACKEND_CONNECTIONS,
+        };
         let identity_headers = match &f.identity_headers {
             None => IdentityHeaders::default(),
             Some(names) => IdentityHeaders::from_names(names.iter().map(String::as_str)).map_err(
@@ -110,6 +130,7 @@ impl ServerSettings {
             backend_connect_timeout: or_secs(f.backend_connect_timeout, 5),
             backend_timeout: or_secs(f.backend_timeout, 60),
             backend_http2: f.backend_http2.unwrap_or(false),
+            max_backend_connections,
             max_pending_handshakes,
         })
     }
@@ -143,6 +164,10 @@ impl SideSettings for ServerSettings {
             ("backend", self.backend.to_string()),
             ("backend_http2", self.backend_http2.to_string()),
             (
+                "max_backend_connections",
+                self.max_backend_connections.to_string(),
+            ),
+            (
                 "identity_headers",
                 format!("{:?}", self.identity_headers.names()),
             ),
@@ -164,5 +189,44 @@ impl SideSettings for ServerSettings {
         self.shared.tls = new.shared.tls.clone();
         self.shared.min_tls_version = new.shared.min_tls_version;
         self.allowed_peers = new.allowed_peers.clone();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(tag: &str, extra: &str) -> Result<ServerSettings, ConfigError> {
+        let path = std::env::temp_dir().join(format!(
+            "phoenix-mesh-server-config-{}-{tag}.toml",
+            std::process::id()
+        ));
+        let text = format!(
+            "listen = \"127.0.0.1:8443\"\nbackend = \"127.0.0.1:8081\"\n\
+             cert = \"a.crt\"\nkey = \"a.key\"\nca = \"ca.crt\"\n{extra}"
+        );
+        std::fs::write(&path, text).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let loaded = ServerSettings::load(&path);
+        let _ = std::fs::remove_file(&path);
+        loaded
+    }
+
+    #[test]
+    fn max_backend_connections_defaults_to_1024_and_refuses_zero() {
+        let default = load("default", "").map(|s| s.max_backend_connections);
+        assert!(
+            matches!(default, Ok(DEFAULT_MAX_BACKEND_CONNECTIONS)),
+            "{default:?}"
+        );
+        let set = load("set", "max_backend_connections = 3\n").map(|s| s.max_backend_connections);
+        assert!(matches!(set, Ok(3)), "{set:?}");
+        let zero = load("zero", "max_backend_connections = 0\n")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(zero.contains("max_backend_connections"), "{zero}");
     }
 }

@@ -26,7 +26,7 @@ use tracing::info;
 
 use phoenix_mesh_transport::dial::{ConnectError, Protocol, TcpDial};
 use phoenix_mesh_transport::h2::shared::{self, Sent};
-use phoenix_mesh_transport::pool::{self, Pool};
+use phoenix_mesh_transport::pool::{self, Limit, Pool};
 
 use crate::h2c::{h2c_backend, H2cBackend};
 use crate::identity_headers::{client_cert, client_cert_chain, IdentityHeaders};
@@ -46,6 +46,9 @@ pub(crate) enum BackendError {
     /// The backend turned the request away unprocessed (h2c), and it is not one to send twice.
     #[error("the backend turned the request away without processing it ({1}: its GOAWAY crossed the request, or it refused the stream); a {0} request is not sent again, only idempotent ones without a body are")]
     TurnedAway(http::Method, h2::Error),
+    /// Every connection `max_backend_connections` allows was busy for as long as a request may wait.
+    #[error("all {0} connections to the backend (max_backend_connections) stayed busy for {1:?} (backend_connect_timeout)")]
+    ConnectionLimit(usize, Duration),
     /// The backend turned an idempotent request away unprocessed, and again when it went once more.
     #[error("the backend turned the request away without processing it, twice ({1}); the {0} request went once more and was turned away again: is the backend shutting down, or over its limit of concurrent streams?")]
     TurnedAwayAgain(http::Method, h2::Error),
@@ -59,6 +62,7 @@ impl BackendError {
             pool::Error::Handshake(error) | pool::Error::Request(error) => {
                 BackendError::Request(error)
             }
+            pool::Error::Busy { max, waited } => BackendError::ConnectionLimit(max, waited),
         }
     }
 
@@ -88,6 +92,7 @@ impl BackendError {
         match self {
             BackendError::Connect(error) => Cause::Io(error.source.kind()),
             BackendError::Request(_) => Cause::Code("http1"),
+            BackendError::ConnectionLimit(..) => Cause::Code("backend-connection-limit"),
             BackendError::H2(_) => Cause::Code("h2c"),
             BackendError::TurnedAway(..) => Cause::Code("turned-away"),
             BackendError::TurnedAwayAgain(..) => Cause::Code("turned-away-again"),
@@ -198,6 +203,7 @@ impl Backend {
         connect_timeout: Duration,
         response_timeout: Duration,
         http2: bool,
+        max_connections: usize,
     ) -> Self {
         let dial = TcpDial {
             addr,
@@ -205,11 +211,18 @@ impl Backend {
             protocol: Protocol::Http1,
         };
         let h2c = http2.then(|| h2c_backend(dial.clone(), BACKEND_IDLE_TIMEOUT));
-        let pool = Pool::new(
+        // Waiting for a connection is part of getting one, so it gets the connect timeout (as
+        // HAProxy's `timeout queue` defaults to `timeout connect`).
+        let limit = Limit {
+            max: max_connections,
+            wait: connect_timeout,
+        };
+        let pool = Pool::bounded(
             dial,
             phoenix_mesh_transport::dial::NeverRetire,
             BACKEND_IDLE_TIMEOUT,
             "the backend",
+            Some(limit),
         );
         let authority = Authority::try_from(addr.to_string())
             .unwrap_or_else(|_| Authority::from_static("127.0.0.1"));
@@ -344,6 +357,7 @@ impl Backend {
                 remove_hop_by_hop(&mut parts.headers);
                 return (Response::from_parts(parts, body), MadeBy::Backend);
             }
+            Ok(Err(error @ BackendError::ConnectionLimit(..))) => self.connection_limit(&error),
             Ok(Err(error)) => {
                 let cause = root_cause(&error);
                 if matches!(error, BackendError::Connect(_)) {
@@ -398,6 +412,21 @@ impl Backend {
             }
         };
         (failed.map(Either::Left), MadeBy::Sidecar)
+    }
+}
+
+impl Backend {
+    /// The answer when every connection `max_backend_connections` allows stayed busy.
+    fn connection_limit(&self, error: &BackendError) -> Response<phoenix_mesh_common::ProxyBody> {
+        let message = "backend connection limit reached";
+        if self.admit(message, error.cause_kind()) {
+            info!(backend = %self.addr, %error, "{message}");
+        }
+        mesh_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "backend-connection-limit",
+            format!("phoenix-mesh listener: backend {}: {error}; raise max_backend_connections if the backend is merely busy", self.addr),
+        )
     }
 }
 

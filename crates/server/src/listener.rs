@@ -9,7 +9,7 @@ use std::time::{Instant, SystemTime};
 
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use phoenix_mesh_certs::rustls::pki_types::CertificateDer;
 use phoenix_mesh_certs::{failure_reason, Authenticated, ByteCache, LiveServerTls, LiveTls};
 use phoenix_mesh_common::admin::NotReady;
@@ -20,7 +20,9 @@ use phoenix_mesh_common::live::{End, LiveConnections};
 use phoenix_mesh_common::log_limit::{Cause, LogLimit, Repeat};
 use phoenix_mesh_common::metrics::{GaugeGuard, HandshakeKind, HandshakeReason, Metrics};
 use phoenix_mesh_common::sidecar::{conn_span, Side, Sidecar, StartError, State};
+use phoenix_mesh_common::stall::progress_timeout;
 use phoenix_mesh_transport::http1_idle::serve_http1_parking;
+use phoenix_mesh_transport::progress::Progress;
 use phoenix_mesh_transport::serve::{
     accept_authenticating, drive, http1_builder, http2_builder, serve_until, Pending,
     PrefaceDeadline, ShutdownWatch, Slot,
@@ -35,6 +37,7 @@ use crate::forward::{Backend, Peer, PeerIds};
 use crate::plaintext::{looks_like_http, refuse_plain_http};
 use crate::ServerSettings;
 use phoenix_mesh_transport::coalescing_socket::{First, MeshSocket};
+use phoenix_mesh_transport::serving_task::{spawn_serving, ServingExecutor};
 
 /// Why the server could not start.
 pub type ServerError = StartError;
@@ -46,7 +49,9 @@ pub type MeshListener = Sidecar<ListenerSide>;
 pub struct ListenerSide {
     backend: Backend,
     http1: http1::Builder,
-    http2: http2::Builder<TokioExecutor>,
+    http2: http2::Builder<ServingExecutor>,
+    /// Responses from the backend that stop moving for `backend_timeout` are cut off.
+    progress: Progress,
     peer_ids: PeerIds,
     /// Failed handshakes, each reason logged once per interval: anyone who can reach the port can
     /// fail one, as often as they like.
@@ -110,9 +115,15 @@ impl Side for ListenerSide {
                 settings.backend_connect_timeout,
                 settings.backend_timeout,
                 settings.backend_http2,
+                settings.max_backend_connections,
             ),
             http1: http1_builder(&settings.shared.http),
             http2: http2_builder(&settings.shared.http),
+            progress: progress_timeout(
+                format!("backend {}", settings.backend),
+                "backend_timeout",
+                settings.backend_timeout,
+            ),
             peer_ids: PeerIds::new(settings.identity_headers),
             refusals: LogLimit::new(),
             listen: settings.listen.to_string().into(),
@@ -160,7 +171,8 @@ impl Side for ListenerSide {
             shutdown,
             move |stream, addr, pending| {
                 let span = conn_span(&addr);
-                tokio::spawn(
+                // A serving task: over HTTP/1.1 a response that stalls ends its connection.
+                spawn_serving(
                     handle(
                         state.clone(),
                         stream,
@@ -182,6 +194,10 @@ impl Side for ListenerSide {
 
     async fn ready(_state: &State<Self>) -> Result<Option<&'static str>, NotReady> {
         Ok(None)
+    }
+
+    fn progress(&self) -> &Progress {
+        &self.progress
     }
 
     async fn check(settings: &ServerSettings, request: &CheckRequest) -> Report {

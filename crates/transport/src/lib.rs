@@ -23,6 +23,8 @@
 //! - `balance.rs`: round-robin over several upstreams, ejecting the ones that keep failing.
 //! - `tls_verdict.rs`: a TLS server's verdict on our client certificate (its first flight, or a later alert).
 //! - `sweep.rs`: the periodic idle sweep of a pool.
+//! - `serving_task.rs`: the task that serves a request downstream, and ending it from outside.
+//! - `progress.rs`: the progress timeout: cutting off a streaming response whose sender or reader stopped.
 //! - `tunnel.rs`: joining the two halves of an upgraded connection.
 //! - `test_peer.rs` (unit tests only): a loopback peer that counts the connections it accepts.
 
@@ -33,7 +35,9 @@ pub mod dial;
 pub mod h2;
 pub mod http1_idle;
 pub mod pool;
+pub mod progress;
 pub mod serve;
+pub mod serving_task;
 pub mod sweep;
 #[cfg(test)]
 mod test_peer;
