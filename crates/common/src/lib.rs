@@ -17,7 +17,8 @@
 //! - `metrics.rs`: every Prometheus metric, with label values as enums.
 //! - `access.rs`: the access log, one line per request once its body is done.
 //! - `log_limit.rs`: repeated failures (same cause, same hop) logged once, then summarised per interval.
-//! - `headers.rs`: the header rules of one proxy hop (hop-by-hop, `X-Forwarded-*`).
+//! - `headers.rs`: the header rules of one proxy hop (hop-by-hop, `X-Forwarded-*`, Host, upgrades, cookies).
+//! - `conformance.rs`: what a request must be to be forwarded at all (CONNECT, `*`, Host, upgrades).
 //! - `response.rs`: the error responses a sidecar makes itself, tagged `phoenix-mesh-error`.
 //! - `check.rs`: the `--check` report.
 
@@ -25,6 +26,7 @@ pub mod access;
 pub mod admin;
 pub mod check;
 pub mod config;
+pub mod conformance;
 pub mod headers;
 pub mod log_limit;
 pub mod metrics;

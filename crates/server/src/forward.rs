@@ -12,14 +12,15 @@ use http::{Request, Response, StatusCode, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use phoenix_mesh_certs::{ByteCache, PeerIdentity};
+use phoenix_mesh_common::conformance::{admit, Refusal};
 use phoenix_mesh_common::headers::{
-    append_forwarded_for, remove_hop_by_hop, remove_hop_by_hop_request, restore_upgrade,
-    upgrade_protocol,
+    append_forwarded_for, header_list_size, join_cookies, remove_hop_by_hop,
+    remove_hop_by_hop_request, remove_identity_lookalikes, restore_upgrade, AllowedUpgrades,
 };
 use phoenix_mesh_common::log_limit::{Cause, LogLimit, Repeat};
 use phoenix_mesh_common::mesh_error;
 use phoenix_mesh_common::metrics::MadeBy;
-use phoenix_mesh_transport::body::ResponseBody;
+use phoenix_mesh_transport::body::{request_body_failed, ResponseBody};
 use phoenix_mesh_transport::tunnel::splice;
 use tracing::info;
 
@@ -99,6 +100,12 @@ const MESH_POOL_AUTHORITY: &str = "phoenix-mesh";
 /// The header carrying the verified client identity to the backend.
 pub(crate) const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 
+/// The headers the listener vouches for: their lookalikes with underscores are dropped.
+const IDENTITY_HEADERS: [HeaderName; 1] = [XFCC];
+
+/// How the listener names itself in the answers it makes.
+const HOP: &str = "phoenix-mesh listener";
+
 /// Who is on the other end of one mTLS connection, computed once after its handshake.
 #[derive(Debug, Clone)]
 pub(crate) struct Peer {
@@ -157,6 +164,10 @@ pub(crate) struct Backend {
     log: LogLimit,
     /// The backend's address, as the log limit's hop.
     hop: Arc<str>,
+    /// The protocols a request may upgrade to (`allowed_upgrades`).
+    allowed_upgrades: AllowedUpgrades,
+    /// The largest response head passed on (`max_header_bytes`, as an HTTP/2 header list size).
+    max_head_bytes: usize,
 }
 
 impl Backend {
@@ -189,7 +200,22 @@ impl Backend {
             response_timeout,
             log: LogLimit::new(),
             hop: addr.to_string().into(),
+            allowed_upgrades: AllowedUpgrades::default(),
+            max_head_bytes: 64 * 1024,
         }
+    }
+
+    /// Carries upgrades to `allowed` protocols only (`allowed_upgrades`); WebSocket without this.
+    pub(crate) fn allowing_upgrades(mut self, allowed: AllowedUpgrades) -> Self {
+        self.allowed_upgrades = allowed;
+        self
+    }
+
+    /// Passes on response heads up to `max_header_bytes` (64 KiB without this), as the listener
+    /// takes request heads; a larger one fails its request with `502 backend-head-too-large`.
+    pub(crate) fn limiting_response_heads(mut self, max_header_bytes: usize) -> Self {
+        self.max_head_bytes = max_header_bytes;
+        self
     }
 
     /// Whether to log this failure now (see [`LogLimit`]); the metrics count every one regardless.
@@ -208,7 +234,11 @@ impl Backend {
         mut req: Request<Incoming>,
         peer: &Peer,
     ) -> (Response<ResponseBody>, MadeBy) {
-        let upgrade = upgrade_protocol(req.headers()).filter(|_| req.version() == Version::HTTP_11);
+        // A request straight from a mesh client (not through the client sidecar) meets these here.
+        let upgrade = match admit(&req, &self.allowed_upgrades) {
+            Ok(upgrade) => upgrade,
+            Err(refusal) => return (refusal.response(HOP).map(Either::Left), MadeBy::Sidecar),
+        };
         let downstream = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
 
@@ -227,6 +257,8 @@ impl Backend {
                 .insert(HOST, host.unwrap_or_else(|| self.host.clone()));
         }
         remove_hop_by_hop_request(&mut parts.headers);
+        join_cookies(&mut parts.headers);
+        remove_identity_lookalikes(&mut parts.headers, &IDENTITY_HEADERS);
         if let Some(protocol) = upgrade {
             restore_upgrade(&mut parts.headers, protocol);
         }
@@ -297,9 +329,17 @@ impl Backend {
                     splice(downstream, hyper::upgrade::on(&mut response));
                     return (response, MadeBy::Backend);
                 }
+                if let Some(refused) = self.head_too_large(response.headers()) {
+                    return (refused.map(Either::Left), MadeBy::Sidecar);
+                }
                 let (mut parts, body) = response.into_parts();
                 remove_hop_by_hop(&mut parts.headers);
                 return (Response::from_parts(parts, body), MadeBy::Backend);
+            }
+            // The sender's request body broke (a malformed chunk, an upload cut off), not the
+            // backend: the sender's error, answered here where it was read.
+            Ok(Err(error)) if request_body_failed(&error) => {
+                Refusal::unreadable_body(&error).response(HOP)
             }
             Ok(Err(error)) => {
                 let cause = root_cause(&error);
@@ -355,6 +395,34 @@ impl Backend {
             }
         };
         (failed.map(Either::Left), MadeBy::Sidecar)
+    }
+}
+
+impl Backend {
+    /// The answer instead of a response whose head is larger than the listener passes on: over the
+    /// mesh link a head is one HTTP/2 header list, and one the client could not take would fail
+    /// every request on the shared connection, not just this one.
+    fn head_too_large(
+        &self,
+        headers: &http::HeaderMap,
+    ) -> Option<Response<phoenix_mesh_common::ProxyBody>> {
+        let size = header_list_size(headers);
+        if size <= self.max_head_bytes {
+            return None;
+        }
+        let message = "backend response head too large";
+        if self.admit(message, Cause::Code("backend-head-too-large")) {
+            info!(backend = %self.addr, size, max_header_bytes = self.max_head_bytes, "{message}");
+        }
+        Some(mesh_error(
+            StatusCode::BAD_GATEWAY,
+            "backend-head-too-large",
+            format!(
+                "{HOP}: backend {} answered with a response head of {size} bytes (as HTTP/2 counts \
+                 it: each header's name and value plus 32), more than max_header_bytes ({})",
+                self.addr, self.max_head_bytes
+            ),
+        ))
     }
 }
 

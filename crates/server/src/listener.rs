@@ -80,7 +80,9 @@ impl Side for ListenerSide {
                 settings.backend_connect_timeout,
                 settings.backend_timeout,
                 settings.backend_http2,
-            ),
+            )
+            .allowing_upgrades(settings.shared.allowed_upgrades.clone())
+            .limiting_response_heads(settings.shared.http.max_header_bytes),
             http1: http1_builder(&settings.shared.http),
             http2: http2_builder(&settings.shared.http),
             peer_ids: PeerIds::default(),

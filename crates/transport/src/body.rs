@@ -1,6 +1,8 @@
 //! The bodies that cross a sidecar: what arrives from hyper or is made here ([`ProxyBody`]), and
 //! what a sidecar answers with ([`ResponseBody`]), which may also be an HTTP/2 stream it drives itself.
 
+use std::error::Error as _;
+
 use bytes::Bytes;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -13,3 +15,26 @@ pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 /// What a sidecar answers with: a body from hyper (or one of its own), or a stream of an HTTP/2
 /// connection it drives itself.
 pub type ResponseBody = Either<ProxyBody, H2Body>;
+
+/// Whether `error`, anywhere in its chain, says the request body being forwarded failed to read
+/// from the sender (a malformed chunk, an upload cut off): the sender's fault, not the next hop's.
+/// Over HTTP/1.1 hyper reports it as an error of the request's body (a user error) whose source is
+/// the incoming body's own error; on an HTTP/2 stream the body's pipe resets the stream with `CANCEL`
+/// ([`crate::h2::client::is_request_body_reset`]).
+pub fn request_body_failed(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if let Some(hyper) = e.downcast_ref::<hyper::Error>() {
+            if hyper.is_user() && hyper.source().is_some_and(|s| s.is::<hyper::Error>()) {
+                return true;
+            }
+        }
+        if e.downcast_ref::<h2::Error>()
+            .is_some_and(crate::h2::client::is_request_body_reset)
+        {
+            return true;
+        }
+        current = e.source();
+    }
+    false
+}
