@@ -272,8 +272,8 @@ impl Backend {
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         // Over h2c the host travels as :authority (RFC 9113 section 8.3.1), which Traefik routes on
-        // as it does on Host; a Host that is no valid authority (or carries userinfo, which
-        // :authority must not) goes over HTTP/1.1 untouched.
+        // as it does on Host; a Host that is no valid authority (only an empty one gets this far:
+        // `admit` refuses the others) goes over HTTP/1.1 untouched.
         let h2c = match (&self.h2c, &downstream) {
             (Some(h2c), None) => parts
                 .headers
