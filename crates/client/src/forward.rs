@@ -10,7 +10,7 @@ use http::uri::{Authority, Scheme};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::Either;
 use hyper::body::Incoming;
-use phoenix_mesh_common::conformance::{admit, Refusal};
+use phoenix_mesh_common::conformance::{self, Refusal};
 use phoenix_mesh_common::headers::{
     join_cookies, remove_hop_by_hop, remove_hop_by_hop_request, restore_upgrade, retarget,
     AllowedUpgrades,
@@ -140,7 +140,7 @@ impl Upstream {
         mut req: Request<Incoming>,
     ) -> (Response<ResponseBody>, MadeBy) {
         // The first sidecar a request reaches refuses what no hop may forward.
-        let upgrade = match admit(&req, &self.allowed_upgrades) {
+        let upgrade = match conformance::admit(&req, &self.allowed_upgrades) {
             Ok(upgrade) => upgrade,
             Err(refusal) => return (refusal.response(HOP).map(Either::Left), MadeBy::Sidecar),
         };

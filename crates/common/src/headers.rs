@@ -397,6 +397,74 @@ mod tests {
     }
 
     #[test]
+    fn connection_never_removes_host() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, Host, x-secret"),
+        );
+        h.insert(header::HOST, HeaderValue::from_static("a.example"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        remove_hop_by_hop_request(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h[header::HOST], "a.example");
+    }
+
+    #[test]
+    fn joins_cookie_crumbs_into_one_line() {
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        h.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        h.append(header::COOKIE, HeaderValue::from_static("c=3"));
+        join_cookies(&mut h);
+        let cookies: Vec<_> = h.get_all(header::COOKIE).iter().collect();
+        assert_eq!(cookies, ["a=1; b=2; c=3"]);
+
+        let mut one = HeaderMap::new();
+        one.insert(header::COOKIE, HeaderValue::from_static("a=1; b=2"));
+        let before = one.clone();
+        join_cookies(&mut one);
+        assert_eq!(one, before);
+    }
+
+    #[test]
+    fn drops_underscore_lookalikes_of_identity_headers_only() {
+        let xfcc = HeaderName::from_static("x-forwarded-client-cert");
+        let mut h = HeaderMap::new();
+        for name in [
+            "x_forwarded_client_cert",
+            "x-forwarded_client-cert",
+            "x-forwarded-client-cert",
+            "x_forwarded_for",
+            "x_forwarded_client_certs",
+        ] {
+            h.insert(
+                HeaderName::from_bytes(name.as_bytes()).unwrap_or(header::WARNING),
+                HeaderValue::from_static("v"),
+            );
+        }
+        remove_identity_lookalikes(&mut h, std::slice::from_ref(&xfcc));
+        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(
+            left,
+            [
+                "x-forwarded-client-cert",
+                "x_forwarded_client_certs",
+                "x_forwarded_for"
+            ]
+        );
+    }
+
+    #[test]
+    fn header_list_size_counts_as_http2_does() {
+        let mut h = HeaderMap::new();
+        h.insert("x-a", HeaderValue::from_static("12345"));
+        // ":status" + "200" + 32, then "x-a" + "12345" + 32.
+        assert_eq!(header_list_size(&h), 42 + 40);
+    }
+
+    #[test]
     fn appends_to_forwarded_for() {
         let mut h = HeaderMap::new();
         h.append("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));

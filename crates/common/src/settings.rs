@@ -471,4 +471,14 @@ mod tests {
         assert_eq!(shared.tls.key, Path::new("/k"));
         assert_eq!(shared.worker_threads, 1);
     }
+
+    #[test]
+    fn upgrade_tokens_are_tokens_with_an_optional_version() {
+        for good in ["websocket", "WebSocket", "anything/1.0", "h2c"] {
+            assert!(super::is_upgrade_token(good), "{good}");
+        }
+        for bad in ["", "web socket", "a/", "/1.0", "a/b/c", "a,b"] {
+            assert!(!super::is_upgrade_token(bad), "{bad:?}");
+        }
+    }
 }

@@ -12,7 +12,7 @@ use http::{Request, Response, StatusCode, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use phoenix_mesh_certs::{ByteCache, PeerIdentity};
-use phoenix_mesh_common::conformance::{admit, Refusal};
+use phoenix_mesh_common::conformance::{self, Refusal};
 use phoenix_mesh_common::headers::{
     append_forwarded_for, header_list_size, join_cookies, remove_hop_by_hop,
     remove_hop_by_hop_request, remove_identity_lookalikes, restore_upgrade, AllowedUpgrades,
@@ -235,7 +235,7 @@ impl Backend {
         peer: &Peer,
     ) -> (Response<ResponseBody>, MadeBy) {
         // A request straight from a mesh client (not through the client sidecar) meets these here.
-        let upgrade = match admit(&req, &self.allowed_upgrades) {
+        let upgrade = match conformance::admit(&req, &self.allowed_upgrades) {
             Ok(upgrade) => upgrade,
             Err(refusal) => return (refusal.response(HOP).map(Either::Left), MadeBy::Sidecar),
         };
