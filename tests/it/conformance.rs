@@ -20,7 +20,7 @@ use crate::support::files::MeshFiles;
 use crate::support::http::{assert_hello, collect, get, send_h1, SERVICE_HOST};
 use crate::support::mesh::Mesh;
 use crate::support::pki::{expected_gateway_xfcc, TestPki};
-use crate::support::raw::{head_value, read_head};
+use crate::support::raw::{head_value, read_head, read_response};
 use crate::support::{eventually, tls, within};
 
 /// Sends `raw` on `s` and reads the answer's head.
@@ -160,12 +160,27 @@ fn bad_chunk(target: &str) -> String {
 async fn a_malformed_chunked_body_gets_400_from_the_sidecar_that_read_it() {
     let mesh = Mesh::start().await;
     let mut tcp = TcpStream::connect(mesh.client_addr).await.unwrap();
-    let head = answer_to(&mut tcp, bad_chunk("/upload").as_bytes()).await;
+    tcp.write_all(bad_chunk("/upload").as_bytes())
+        .await
+        .unwrap();
+    let (head, body) = within("the client's answer", read_response(&mut tcp)).await;
     assert_refused(&head, 400, "bad-request", "client port");
+    assert!(
+        body.starts_with("phoenix-mesh client: the request body"),
+        "{body}"
+    );
 
     let mut tls = mesh.gateway_tls().await;
-    let head = answer_to(&mut tls, bad_chunk("/upload").as_bytes()).await;
+    tls.write_all(bad_chunk("/upload").as_bytes())
+        .await
+        .unwrap();
+    let (head, body) = within("the listener's answer", read_response(&mut tls)).await;
     assert_refused(&head, 400, "bad-request", "listener");
+    assert!(
+        body.starts_with("phoenix-mesh listener: the request body"),
+        "{body}"
+    );
+    assert!(body.contains("chunk size"), "{body}");
 
     // The mesh link the first one rode is unharmed.
     mesh.good_requests("after-bad-chunks", 2).await;

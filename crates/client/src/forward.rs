@@ -18,7 +18,7 @@ use phoenix_mesh_common::headers::{
 use phoenix_mesh_common::log_limit::{Cause, LogLimit, Repeat};
 use phoenix_mesh_common::metrics::MadeBy;
 use phoenix_mesh_common::{mesh_error, ProxyBody, MESH_ERROR_HEADER};
-use phoenix_mesh_transport::body::{request_body_failed, ResponseBody};
+use phoenix_mesh_transport::body::{request_body_failure, ResponseBody};
 use phoenix_mesh_transport::dial::NeverRetire;
 use phoenix_mesh_transport::h2::shared::{self, SharedConnection};
 use phoenix_mesh_transport::pool::{self, Pool};
@@ -247,8 +247,8 @@ impl Upstream {
     fn failure(&self, error: &SendError) -> Response<ProxyBody> {
         // What broke was the sender's request body (a malformed chunk, an upload cut off), not the
         // link: the sender's error, answered here where it was read.
-        if request_body_failed(error) {
-            return Refusal::unreadable_body(error).response(HOP);
+        if let Some(cause) = request_body_failure(error) {
+            return Refusal::unreadable_body(&cause).response(HOP);
         }
         // In TLS 1.3 the listener checks our certificate after our side of the handshake is done, so
         // its refusal arrives as an alert on a later read. On the mesh link h2 keeps only an I/O

@@ -9,8 +9,6 @@
 //! - An upgrade to a protocol `allowed_upgrades` does not list: `403 upgrade-not-allowed`.
 //! - A request body that cannot be read (a bad chunk size, a cut-off upload): `400 bad-request`.
 
-use std::error::Error as StdError;
-
 use http::{Method, Request, Response, StatusCode};
 
 use crate::headers::{check_host, requested_upgrade, AllowedUpgrades};
@@ -33,12 +31,13 @@ impl Refusal {
         mesh_error(self.status, self.code, format!("{hop}: {}", self.reason))
     }
 
-    /// The answer to a request whose body from the sender failed to read with `error`.
-    pub fn unreadable_body(error: &(dyn StdError + 'static)) -> Self {
+    /// The answer to a request whose body from the sender failed to read, for `cause` (from
+    /// `phoenix_mesh_transport::body::request_body_failure`).
+    pub fn unreadable_body(cause: &str) -> Self {
         Refusal {
             status: StatusCode::BAD_REQUEST,
             code: "bad-request",
-            reason: format!("the request body could not be read: {}", root_cause(error)),
+            reason: format!("the request body could not be read: {cause}"),
         }
     }
 }
@@ -78,15 +77,6 @@ pub fn admit<B>(
             allowed.tokens().collect::<Vec<_>>()
         ),
     })
-}
-
-/// The innermost error's message, which is the one that says what actually happened.
-fn root_cause(error: &(dyn StdError + 'static)) -> String {
-    let mut current = error;
-    while let Some(next) = current.source() {
-        current = next;
-    }
-    current.to_string()
 }
 
 #[cfg(test)]

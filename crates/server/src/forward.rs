@@ -20,7 +20,7 @@ use phoenix_mesh_common::headers::{
 use phoenix_mesh_common::log_limit::{Cause, LogLimit, Repeat};
 use phoenix_mesh_common::mesh_error;
 use phoenix_mesh_common::metrics::MadeBy;
-use phoenix_mesh_transport::body::{request_body_failed, ResponseBody};
+use phoenix_mesh_transport::body::{request_body_failure, ResponseBody};
 use phoenix_mesh_transport::tunnel::splice;
 use tracing::info;
 
@@ -321,6 +321,14 @@ impl Backend {
                 )
             }
         };
+        // The sender's request body broke (a malformed chunk, an upload cut off), not the backend:
+        // the sender's error, answered here where it was read.
+        if let Ok(Err(error)) = &sent {
+            if let Some(cause) = request_body_failure(error) {
+                let refused = Refusal::unreadable_body(&cause).response(HOP);
+                return (refused.map(Either::Left), MadeBy::Sidecar);
+            }
+        }
         let failed = match sent {
             Ok(Ok(mut response)) => {
                 if let (Some(downstream), StatusCode::SWITCHING_PROTOCOLS) =
@@ -335,11 +343,6 @@ impl Backend {
                 let (mut parts, body) = response.into_parts();
                 remove_hop_by_hop(&mut parts.headers);
                 return (Response::from_parts(parts, body), MadeBy::Backend);
-            }
-            // The sender's request body broke (a malformed chunk, an upload cut off), not the
-            // backend: the sender's error, answered here where it was read.
-            Ok(Err(error)) if request_body_failed(&error) => {
-                Refusal::unreadable_body(&error).response(HOP)
             }
             Ok(Err(error)) => {
                 let cause = root_cause(&error);
