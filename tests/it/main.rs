@@ -6,6 +6,7 @@
 //! - `upgrades`: WebSocket through both hops.
 //! - `backend_h2c`: the listener's shared HTTP/2 cleartext connection to the backend.
 //! - `identity`: who may connect (refused certificates, `allowed_peers`) and XFCC.
+//! - `identity_headers`: `identity_headers`: XFCC and RFC 9440's `Client-Cert`, forged copies stripped.
 //! - `certificates`: rotation, revocation and expiry while running.
 //! - `upstream_health`: each hop's next hop down, slow or wrong: errors, failover, ejection, pooling.
 //! - `timeouts`: silent, slow and idle clients closed; idle connections parked.
@@ -30,6 +31,7 @@ mod backend_h2c;
 mod certificates;
 mod conformance;
 mod identity;
+mod identity_headers;
 mod limits;
 mod nginx_e2e;
 mod operations;

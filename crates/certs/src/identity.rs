@@ -21,6 +21,8 @@ pub struct IdentityError(pub(crate) X509Problem);
 pub struct PeerIdentity {
     /// Subject distinguished name in RFC 4514 order (`CN=a,O=b`).
     pub subject: String,
+    /// Issuer distinguished name, written as `subject` is.
+    pub issuer: String,
     /// The subject's first common name.
     pub common_name: Option<String>,
     /// DNS subject alternative names.
@@ -31,6 +33,8 @@ pub struct PeerIdentity {
     pub ips: Vec<String>,
     /// Lowercase hex SHA-256 of the certificate's DER.
     pub sha256: String,
+    /// The serial number, lowercase hex (what a CRL names when it revokes the certificate).
+    pub serial: String,
     /// Start of validity.
     pub not_before: SystemTime,
     /// End of validity.
@@ -49,6 +53,7 @@ impl PeerIdentity {
         let registry = oid_registry();
         let mut id = PeerIdentity {
             subject: rfc4514(cert.subject(), registry),
+            issuer: rfc4514(cert.issuer(), registry),
             common_name: cert
                 .subject()
                 .iter_common_name()
@@ -59,6 +64,7 @@ impl PeerIdentity {
             uris: Vec::new(),
             ips: Vec::new(),
             sha256: crate::provider::sha256_hex(der),
+            serial: crate::provider::hex(cert.raw_serial()),
             not_before: to_system_time(cert.validity().not_before.timestamp()),
             not_after: to_system_time(cert.validity().not_after.timestamp()),
             client_auth: false,
@@ -169,7 +175,7 @@ fn escape_quoted(out: &mut String, value: &str) {
 }
 
 /// RFC 4514: the most specific RDN first, attributes by their short names, special characters escaped.
-fn rfc4514(name: &X509Name<'_>, registry: &OidRegistry<'_>) -> String {
+pub(crate) fn rfc4514(name: &X509Name<'_>, registry: &OidRegistry<'_>) -> String {
     let mut out = String::new();
     for (i, rdn) in name
         .iter_rdn()
@@ -217,6 +223,13 @@ fn rfc4514(name: &X509Name<'_>, registry: &OidRegistry<'_>) -> String {
     out
 }
 
+/// Whether a DER certificate names itself as its issuer (a root CA's does); false when it does not
+/// parse.
+pub fn is_self_issued(der: &[u8]) -> bool {
+    X509Certificate::from_der(der)
+        .is_ok_and(|(_, cert)| cert.subject().as_raw() == cert.issuer().as_raw())
+}
+
 fn ip_from_bytes(bytes: &[u8]) -> Option<std::net::IpAddr> {
     match bytes.len() {
         4 => <[u8; 4]>::try_from(bytes).ok().map(std::net::IpAddr::from),
@@ -225,7 +238,7 @@ fn ip_from_bytes(bytes: &[u8]) -> Option<std::net::IpAddr> {
     }
 }
 
-fn to_system_time(unix: i64) -> SystemTime {
+pub(crate) fn to_system_time(unix: i64) -> SystemTime {
     if unix >= 0 {
         UNIX_EPOCH + Duration::from_secs(unix.unsigned_abs())
     } else {
@@ -233,8 +246,8 @@ fn to_system_time(unix: i64) -> SystemTime {
     }
 }
 
-/// Formats a time as RFC 3339 UTC to the second, for messages.
-pub(crate) fn fmt_time(t: SystemTime) -> String {
+/// Formats a time as RFC 3339 UTC to the second (`2026-12-06T18:35:00Z`), for messages and reports.
+pub fn fmt_time(t: SystemTime) -> String {
     let secs = match t.duration_since(UNIX_EPOCH) {
         Ok(d) => d.as_secs() as i64,
         Err(e) => -(e.duration().as_secs() as i64),
@@ -263,11 +276,13 @@ mod tests {
     fn valid(from: u64, to: u64) -> PeerIdentity {
         PeerIdentity {
             subject: String::new(),
+            issuer: String::new(),
             common_name: None,
             dns: Vec::new(),
             uris: Vec::new(),
             ips: Vec::new(),
             sha256: String::new(),
+            serial: String::new(),
             not_before: UNIX_EPOCH + Duration::from_secs(from),
             not_after: UNIX_EPOCH + Duration::from_secs(to),
             client_auth: false,

@@ -16,8 +16,8 @@ use tracing::{debug, info, warn};
 
 use crate::tls::{build_client_config, build_server_config, ServerResumption};
 use crate::{
-    error_chain, CertError, ClientTlsOptions, Material, PeerIdentity, Role, ServerTlsOptions,
-    TlsFiles,
+    error_chain, CertError, ClientTlsOptions, Inventory, Material, PeerIdentity, Role,
+    ServerTlsOptions, TlsFiles,
 };
 
 /// A TLS configuration that can be replaced while connections use the old one.
@@ -251,20 +251,57 @@ impl Settling {
     }
 }
 
+/// What is in service and how the last reload went, as `/certs` shows it.
+#[derive(Debug, Clone)]
+pub struct ReloadStatus {
+    /// What the material in service holds.
+    pub inventory: Arc<Inventory>,
+    /// When that material was loaded.
+    pub loaded_at: SystemTime,
+    /// The last reload tried since start, if any.
+    pub last_reload: Option<LastReload>,
+}
+
+impl ReloadStatus {
+    /// Why the material in service is the last good one, kept after a failed reload; `None` when
+    /// the last reload (if any) worked.
+    pub fn kept_because(&self) -> Option<&str> {
+        self.last_reload.as_ref().and_then(|r| r.error.as_deref())
+    }
+}
+
+/// One reload tried.
+#[derive(Debug, Clone)]
+pub struct LastReload {
+    /// When it ended.
+    pub at: SystemTime,
+    /// What started it (`SIGHUP`, `certificate files changed`).
+    pub trigger: String,
+    /// Why it failed, the whole error chain; `None` when it worked.
+    pub error: Option<String>,
+}
+
 /// Rebuilds a live configuration from its files, on request or when their contents change.
 pub struct Reloader<T: LiveTls> {
     live: Arc<T>,
     watch: Mutex<Watch<T::Options>>,
+    status: Mutex<ReloadStatus>,
     /// Counters by result.
     pub stats: ReloadStats,
 }
 
 impl<T: LiveTls> Reloader<T> {
-    /// Watches `files` (already loaded into `live`).
-    pub fn new(live: Arc<T>, files: TlsFiles, options: T::Options) -> Self {
+    /// Watches the files `material` (already in `live`) was loaded from.
+    pub fn new(live: Arc<T>, material: &Material, options: T::Options) -> Self {
+        let files = material.files.clone();
         let seen = fingerprint(&files);
         Reloader {
             live,
+            status: Mutex::new(ReloadStatus {
+                inventory: material.inventory.clone(),
+                loaded_at: SystemTime::now(),
+                last_reload: None,
+            }),
             watch: Mutex::new(Watch {
                 files,
                 options,
@@ -279,6 +316,11 @@ impl<T: LiveTls> Reloader<T> {
     /// The live configuration.
     pub fn live(&self) -> &Arc<T> {
         &self.live
+    }
+
+    /// What is in service and how the last reload went.
+    pub fn status(&self) -> ReloadStatus {
+        self.status.lock().clone()
     }
 
     /// Reloads from `files` with `options` now (SIGHUP). On failure the previous material stays in
@@ -370,8 +412,20 @@ impl<T: LiveTls> Reloader<T> {
         why: &str,
         result: Result<Material, CertError>,
     ) -> Result<(), CertError> {
+        let at = SystemTime::now();
+        let mut status = self.status.lock();
         match result {
             Ok(material) => {
+                *status = ReloadStatus {
+                    inventory: material.inventory.clone(),
+                    loaded_at: at,
+                    last_reload: Some(LastReload {
+                        at,
+                        trigger: why.to_owned(),
+                        error: None,
+                    }),
+                };
+                drop(status);
                 self.stats.succeeded.fetch_add(1, Ordering::Relaxed);
                 let left = material.leaf.remaining(SystemTime::now());
                 info!(
@@ -384,6 +438,12 @@ impl<T: LiveTls> Reloader<T> {
                 Ok(())
             }
             Err(error) => {
+                status.last_reload = Some(LastReload {
+                    at,
+                    trigger: why.to_owned(),
+                    error: Some(error_chain(&error)),
+                });
+                drop(status);
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
                 warn!(reason = why, error = %error_chain(&error), "certificate reload failed; keeping the previous material");
                 Err(error)
@@ -512,7 +572,7 @@ mod tests {
         let options = ServerTlsOptions::default();
         let material = Material::load(&files, Role::Server).unwrap();
         let live = Arc::new(LiveServerTls::new(&material, &options).unwrap());
-        let reloader = Arc::new(Reloader::new(live, files.clone(), options));
+        let reloader = Arc::new(Reloader::new(live, &material, options));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let watcher = tokio::spawn(reloader.clone().watch_files(POLL, async move {
             let _ = stopped.await;
@@ -562,5 +622,86 @@ mod tests {
 
         stop.send(()).unwrap();
         watcher.await.unwrap();
+    }
+
+    /// The status `/certs` shows: what is in service (chain, anchors, CRLs as loaded), and after a
+    /// botched renewal the last good material with the reason it is kept, until a good one applies.
+    #[cfg(feature = "pki-gen")]
+    #[test]
+    fn the_status_names_the_material_in_service_and_why_a_last_good_one_is_kept() {
+        use crate::pki::{LeafSpec, Pki};
+        use crate::{LiveServerTls, ServerTlsOptions};
+
+        // The DER integer's bytes in lowercase hex.
+        let serial = |n: u64| {
+            let hex = format!("{n:x}");
+            if hex.len() % 2 == 1 {
+                format!("0{hex}")
+            } else {
+                hex
+            }
+        };
+        let pki = Pki::new("status test").unwrap();
+        let issue = || {
+            pki.issue(&LeafSpec::new("listener.test", Duration::from_secs(86_400)))
+                .unwrap()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let files = TlsFiles {
+            cert: dir.path().join("cert.pem"),
+            key: dir.path().join("key.pem"),
+            ca: dir.path().join("ca.pem"),
+            crls: vec![dir.path().join("crl.pem")],
+        };
+        let first = issue();
+        fs::write(&files.cert, &first.chain_pem).unwrap();
+        fs::write(&files.key, &first.key_pem).unwrap();
+        fs::write(&files.ca, pki.root_pem()).unwrap();
+        fs::write(&files.crls[0], pki.crl(&[7, 9]).unwrap()).unwrap();
+        let options = ServerTlsOptions::default();
+        let material = Material::load(&files, Role::Server).unwrap();
+        let live = Arc::new(LiveServerTls::new(&material, &options).unwrap());
+        let reloader = Reloader::new(live, &material, options.clone());
+
+        let status = reloader.status();
+        assert!(status.last_reload.is_none() && status.kept_because().is_none());
+        let inventory = &status.inventory;
+        assert_eq!(inventory.chain.len(), 2, "leaf and intermediate");
+        assert_eq!(inventory.chain[0].serial, serial(first.serial));
+        assert_eq!(inventory.chain[0].dns, ["listener.test"]);
+        assert_eq!(inventory.chain[0].issuer, inventory.chain[1].subject);
+        assert_eq!(inventory.trust_anchors.len(), 1);
+        assert_eq!(
+            inventory.chain[1].issuer,
+            inventory.trust_anchors[0].subject
+        );
+        let crl = &inventory.crls[0];
+        assert_eq!(
+            (crl.file.as_path(), crl.entries),
+            (files.crls[0].as_path(), 2)
+        );
+        assert_eq!(crl.issuer, inventory.chain[1].subject);
+        assert!(crl.number.is_some() && crl.next_update > Some(crl.this_update));
+        let loaded_at = status.loaded_at;
+
+        fs::write(&files.cert, "garbage\n").unwrap();
+        assert!(reloader
+            .reload(files.clone(), options.clone(), "SIGHUP")
+            .is_err());
+        let status = reloader.status();
+        assert_eq!(status.inventory.chain[0].serial, serial(first.serial));
+        assert_eq!(status.loaded_at, loaded_at, "the last good material stays");
+        let why = status.kept_because().unwrap();
+        assert!(why.contains("cert.pem"), "{why}");
+        assert_eq!(status.last_reload.as_ref().unwrap().trigger, "SIGHUP");
+
+        let second = issue();
+        fs::write(&files.cert, &second.chain_pem).unwrap();
+        fs::write(&files.key, &second.key_pem).unwrap();
+        assert!(reloader.reload(files, options, "SIGHUP").is_ok());
+        let status = reloader.status();
+        assert_eq!(status.inventory.chain[0].serial, serial(second.serial));
+        assert!(status.kept_because().is_none());
+        assert!(status.loaded_at >= loaded_at);
     }
 }

@@ -12,8 +12,8 @@ use http_body_util::Either;
 use hyper::body::Incoming;
 use phoenix_mesh_common::conformance::{self, Refusal};
 use phoenix_mesh_common::headers::{
-    join_cookies, remove_hop_by_hop, remove_hop_by_hop_request, restore_upgrade, retarget,
-    AllowedUpgrades,
+    join_cookies, remove_hop_by_hop, remove_hop_by_hop_request, remove_identity_headers,
+    restore_upgrade, retarget, AllowedUpgrades,
 };
 use phoenix_mesh_common::log_limit::{Cause, LogLimit, Repeat};
 use phoenix_mesh_common::metrics::MadeBy;
@@ -156,6 +156,9 @@ impl Upstream {
         }
         remove_hop_by_hop_request(&mut parts.headers);
         join_cookies(&mut parts.headers);
+        // The identity the backend reads is the one the listener verified; whatever nginx passed
+        // on under those names stops here too, so no listener (an older one included) forwards it.
+        remove_identity_headers(&mut parts.headers);
         if let Some(protocol) = upgrade {
             restore_upgrade(&mut parts.headers, protocol);
         }

@@ -26,6 +26,27 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 /// `X-Forwarded-For`.
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
+/// `X-Forwarded-Client-Cert` (XFCC): the caller's verified identity, in Envoy's format.
+pub const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+/// RFC 9440 `Client-Cert`: the caller's verified certificate, DER as a structured-field byte sequence.
+pub const CLIENT_CERT: HeaderName = HeaderName::from_static("client-cert");
+/// RFC 9440 `Client-Cert-Chain`: the intermediate certificates the caller's chain was verified with.
+pub const CLIENT_CERT_CHAIN: HeaderName = HeaderName::from_static("client-cert-chain");
+
+/// Every header that tells the backend who called: only the mesh listener sets them, from the
+/// certificate it verified, so a copy from anyone else is removed on the way in, whichever of them
+/// the listener is configured to send.
+pub const IDENTITY_HEADERS: [HeaderName; 3] = [XFCC, CLIENT_CERT, CLIENT_CERT_CHAIN];
+
+/// Removes every identity header ([`IDENTITY_HEADERS`]), however many lines of each there are, and
+/// every lookalike of one (see [`remove_identity_lookalikes`]).
+pub fn remove_identity_headers(headers: &mut HeaderMap) {
+    for name in &IDENTITY_HEADERS {
+        headers.remove(name);
+    }
+    remove_identity_lookalikes(headers, &IDENTITY_HEADERS);
+}
+
 /// Removes hop-by-hop headers, including every header the `Connection` header names, plus the
 /// non-standard `Keep-Alive` and `Proxy-Connection`.
 ///
@@ -264,7 +285,7 @@ pub fn join_cookies(headers: &mut HeaderMap) {
 /// Removes every header whose name is one of `identity` once `_` is read as `-`
 /// (`X_Forwarded_Client_Cert`): CGI-style backends (PHP, Django, Rack) read both spellings as the
 /// same variable, so a lookalike sent by the caller could pass for the identity the listener vouches
-/// for. The real names are not touched here: the listener replaces those.
+/// for. The real names are not touched here.
 pub fn remove_identity_lookalikes(headers: &mut HeaderMap, identity: &[HeaderName]) {
     let lookalikes: Vec<HeaderName> = headers
         .keys()
@@ -462,6 +483,20 @@ mod tests {
         h.insert("x-a", HeaderValue::from_static("12345"));
         // ":status" + "200" + 32, then "x-a" + "12345" + 32.
         assert_eq!(header_list_size(&h), 42 + 40);
+    }
+
+    #[test]
+    fn removes_every_line_of_every_identity_header_and_nothing_else() {
+        let mut h = HeaderMap::new();
+        for name in &IDENTITY_HEADERS {
+            h.append(name, HeaderValue::from_static("forged"));
+            h.append(name, HeaderValue::from_static("forged again"));
+        }
+        h.append("Client-Cert-Chain", HeaderValue::from_static(":AAAA:"));
+        h.insert(header::HOST, HeaderValue::from_static("a.example"));
+        remove_identity_headers(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key(header::HOST));
     }
 
     #[test]

@@ -13,7 +13,8 @@
 //! - `settings_reload.rs`: SIGHUP: re-reading the config file and applying what can change live.
 //! - `config.rs`: reading a TOML file, resolving paths against it, durations as operators write them.
 //! - `own_certificate.rs`: our certificate in the start-up log, readiness and metrics.
-//! - `admin.rs`: the admin endpoint (`/healthz`, `/readyz`, `/metrics`) and why a side is not ready.
+//! - `admin.rs`: the admin endpoint (`/healthz`, `/readyz`, `/metrics`, `/certs`) and why a side is not ready.
+//! - `certs_report.rs`: the `/certs` document, and where it learns the peers connected now.
 //! - `metrics.rs`: every Prometheus metric, with label values as enums.
 //! - `access.rs`: the access log, one line per request once its body is done.
 //! - `log_limit.rs`: repeated failures (same cause, same hop) logged once, then summarised per interval.
@@ -24,6 +25,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod certs_report;
 pub mod check;
 pub mod config;
 pub mod conformance;

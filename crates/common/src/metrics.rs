@@ -263,6 +263,10 @@ pub struct Metrics {
     pub upstream_healthy: Family<UpstreamName, Gauge>,
     /// Not-after of our certificate and, on the client, the listener's, as Unix seconds.
     pub cert_not_after: Family<CertLabels, Gauge>,
+    /// The same times under the name Prometheus' conventions give an absolute time, for alerts.
+    pub cert_expiry: Family<CertLabels, Gauge>,
+    /// Not-before of our certificate, as Unix seconds: with the expiry, its lifetime.
+    pub cert_not_before: Family<CertLabels, Gauge>,
     /// Certificate and config reloads by result.
     pub reloads: Family<ResultLabels, Counter>,
     /// `requests`' counters by [`StatusClass`] and [`MadeBy`], each taken from the family the first
@@ -328,6 +332,18 @@ impl Metrics {
             "Certificate expiry as Unix time: our own, and the mesh listener's on the client",
             cert_not_after.clone(),
         );
+        let cert_expiry = Family::<CertLabels, Gauge>::default();
+        registry.register(
+            "certificate_expiry_timestamp_seconds",
+            "Certificate expiry (notAfter) as Unix time: our own, and the mesh listener's on the client",
+            cert_expiry.clone(),
+        );
+        let cert_not_before = Family::<CertLabels, Gauge>::default();
+        registry.register(
+            "certificate_not_before_timestamp_seconds",
+            "Start of our certificate's validity (notBefore) as Unix time",
+            cert_not_before.clone(),
+        );
         let reloads = Family::<ResultLabels, Counter>::default();
         registry.register(
             "reloads",
@@ -345,6 +361,8 @@ impl Metrics {
             upstream_dials,
             upstream_healthy,
             cert_not_after,
+            cert_expiry,
+            cert_not_before,
             reloads,
             request_counters: Default::default(),
         }
@@ -405,9 +423,17 @@ impl Metrics {
         }
     }
 
-    /// Sets a certificate's not-after time.
+    /// Sets a certificate's not-after time (both names of it).
     pub fn set_not_after(&self, cert: CertKind, unix_seconds: u64) {
-        self.cert_not_after
+        let value = i64::try_from(unix_seconds).unwrap_or(i64::MAX);
+        let labels = CertLabels { cert };
+        self.cert_not_after.get_or_create(&labels).set(value);
+        self.cert_expiry.get_or_create(&labels).set(value);
+    }
+
+    /// Sets a certificate's not-before time.
+    pub fn set_not_before(&self, cert: CertKind, unix_seconds: u64) {
+        self.cert_not_before
             .get_or_create(&CertLabels { cert })
             .set(i64::try_from(unix_seconds).unwrap_or(i64::MAX));
     }
@@ -519,6 +545,7 @@ mod tests {
             r#"phoenix_mesh_tls_handshakes_total{result="failed",reason="unknown-ca",kind="unknown"} 1"#,
             r#"phoenix_mesh_tls_handshakes_total{result="failed",reason="plaintext-http",kind="unknown"} 1"#,
             r#"phoenix_mesh_certificate_not_after_seconds{cert="peer"} 7"#,
+            r#"phoenix_mesh_certificate_expiry_timestamp_seconds{cert="peer"} 7"#,
             r#"phoenix_mesh_upstream_dials_total{upstream="10.0.0.12:8443",result="upstream-unreachable"} 1"#,
             r#"phoenix_mesh_reloads_total{result="ok"} 2"#,
         ] {

@@ -21,6 +21,7 @@ use tracing::{field, info_span, Span};
 
 use crate::access::{AccessStart, Logged};
 use crate::admin::{serve_admin, AdminState, NotReady};
+use crate::certs_report::{certs_json, ConnectedPeer, ConnectedPeers};
 use crate::check::{CheckRequest, Report};
 use crate::config::ConfigError;
 use crate::metrics::{MadeBy, Metrics};
@@ -110,6 +111,12 @@ pub trait Side: Sized + Send + Sync + 'static {
     fn ready(
         state: &State<Self>,
     ) -> impl Future<Output = Result<Option<&'static str>, NotReady>> + Send;
+
+    /// The peers connected now, for `/certs`: the side's registry of live connections, which the
+    /// default (none) stands in for.
+    fn peers(&self) -> &dyn ConnectedPeers {
+        &NO_PEERS
+    }
 
     /// Brings the side's own gauges up to date before a scrape.
     fn refresh_metrics(state: &State<Self>) {
@@ -207,7 +214,7 @@ impl<S: Side> Sidecar<S> {
         let material = Material::load(&shared.tls, TlsOf::<S>::ROLE)?;
         let options = settings.tls_options();
         let live = Arc::new(TlsOf::<S>::build(&material, &options)?);
-        let reloader = Arc::new(Reloader::new(live.clone(), shared.tls.clone(), options));
+        let reloader = Arc::new(Reloader::new(live.clone(), &material, options));
         log_certificate(&material, S::NAME);
         let metrics = Arc::new(Metrics::new());
         let side = S::new(&settings, &live, &metrics)?;
@@ -309,4 +316,11 @@ impl<S: Side> AdminState for State<S> {
         S::refresh_metrics(self);
         self.metrics.encode()
     }
+
+    fn certs(&self) -> String {
+        certs_json(S::NAME, &self.reloader.status(), self.side.peers())
+    }
 }
+
+/// A side that keeps no registry of its connections lists no peers.
+static NO_PEERS: fn() -> Vec<ConnectedPeer> = Vec::new;

@@ -11,6 +11,8 @@ use phoenix_mesh_common::settings::{
 };
 use serde::Deserialize;
 
+use crate::identity_headers::{IdentityHeaders, IDENTITY_HEADER_CHOICES};
+
 /// The listener's own keys, as written (the shared ones are in [`SharedSettings`]); every key is
 /// documented in docs/configuration.md.
 #[derive(Debug, Deserialize)]
@@ -26,6 +28,8 @@ pub struct ServerFile {
     backend_timeout: Option<ConfigDuration>,
     #[serde(default)]
     backend_http2: Option<bool>,
+    #[serde(default)]
+    identity_headers: Option<Vec<String>>,
 }
 
 /// Validated listener settings, with paths resolved against the config file.
@@ -47,6 +51,8 @@ pub struct ServerSettings {
     pub backend_timeout: Duration,
     /// Requests (but upgrades) go to the backend on one shared HTTP/2 cleartext connection.
     pub backend_http2: bool,
+    /// Which identity headers the backend gets.
+    pub identity_headers: IdentityHeaders,
 }
 
 impl ServerSettings {
@@ -57,8 +63,26 @@ impl ServerSettings {
         if allowed_peers.iter().any(|p| p.trim().is_empty()) {
             return Err(invalid(path, "allowed_peers", "an entry is empty".into()));
         }
+        let identity_headers = match &f.identity_headers {
+            None => IdentityHeaders::default(),
+            Some(names) => IdentityHeaders::from_names(names.iter().map(String::as_str)).map_err(
+                |unknown| {
+                    invalid(
+                        path,
+                        "identity_headers",
+                        format!(
+                            "{unknown:?} is not an identity header; the choices are {}",
+                            IDENTITY_HEADER_CHOICES
+                                .map(|c| format!("{c:?}"))
+                                .join(" and ")
+                        ),
+                    )
+                },
+            )?,
+        };
         Ok(ServerSettings {
             path: path.to_owned(),
+            identity_headers,
             shared,
             listen: socket_addr(path, "listen", &f.listen)?,
             backend: socket_addr(path, "backend", &f.backend)?,
@@ -97,6 +121,10 @@ impl SideSettings for ServerSettings {
             ("listen", self.listen.to_string()),
             ("backend", self.backend.to_string()),
             ("backend_http2", self.backend_http2.to_string()),
+            (
+                "identity_headers",
+                format!("{:?}", self.identity_headers.names()),
+            ),
             (
                 "backend_connect_timeout / backend_timeout",
                 format!(

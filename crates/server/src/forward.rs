@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{HeaderName, HeaderValue, HOST};
+use http::header::{HeaderValue, HOST};
 use http::uri::{Authority, PathAndQuery};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::Either;
@@ -15,13 +15,15 @@ use phoenix_mesh_certs::{ByteCache, PeerIdentity};
 use phoenix_mesh_common::conformance::{self, Refusal};
 use phoenix_mesh_common::headers::{
     append_forwarded_for, header_list_size, join_cookies, remove_hop_by_hop,
-    remove_hop_by_hop_request, remove_identity_lookalikes, restore_upgrade, AllowedUpgrades,
+    remove_hop_by_hop_request, remove_identity_headers, restore_upgrade, AllowedUpgrades,
+    CLIENT_CERT, CLIENT_CERT_CHAIN, XFCC,
 };
 use phoenix_mesh_common::log_limit::{Cause, LogLimit, Repeat};
 use phoenix_mesh_common::mesh_error;
 use phoenix_mesh_common::metrics::MadeBy;
 use phoenix_mesh_transport::body::{request_body_failure, ResponseBody};
 use phoenix_mesh_transport::tunnel::splice;
+use rustls::pki_types::CertificateDer;
 use tracing::info;
 
 use phoenix_mesh_transport::dial::{ConnectError, Protocol, TcpDial};
@@ -29,6 +31,7 @@ use phoenix_mesh_transport::h2::shared::{self, Sent};
 use phoenix_mesh_transport::pool::{self, Pool};
 
 use crate::h2c::{h2c_backend, H2cBackend};
+use crate::identity_headers::{client_cert, client_cert_chain, IdentityHeaders};
 
 /// Why the backend did not answer.
 #[derive(Debug, thiserror::Error)]
@@ -97,12 +100,6 @@ impl BackendError {
 /// The `:authority` the client sidecar puts on HTTP/2 requests (its pool key, not a host).
 const MESH_POOL_AUTHORITY: &str = "phoenix-mesh";
 
-/// The header carrying the verified client identity to the backend.
-pub(crate) const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
-
-/// The headers the listener vouches for: their lookalikes with underscores are dropped.
-const IDENTITY_HEADERS: [HeaderName; 1] = [XFCC];
-
 /// How the listener names itself in the answers it makes.
 const HOP: &str = "phoenix-mesh listener";
 
@@ -112,13 +109,18 @@ pub(crate) struct Peer {
     /// The peer's IP as an `X-Forwarded-For` element.
     pub forwarded_for: HeaderValue,
     pub id: Arc<PeerId>,
+    /// The `Client-Cert-Chain` value, when `identity_headers` has `client-cert` and the client
+    /// sent intermediates: it belongs to the chain this connection presented, not to the leaf.
+    pub client_cert_chain: Option<HeaderValue>,
 }
 
 /// What the listener derives from a verified client certificate.
 #[derive(Debug)]
 pub(crate) struct PeerId {
-    /// The `X-Forwarded-Client-Cert` value.
-    pub xfcc: HeaderValue,
+    /// The `X-Forwarded-Client-Cert` value, when `identity_headers` has `xfcc`.
+    pub xfcc: Option<HeaderValue>,
+    /// The `Client-Cert` value, when `identity_headers` has `client-cert`.
+    pub client_cert: Option<HeaderValue>,
     /// Short identity for logs.
     pub name: Arc<str>,
     /// End of the certificate's validity: a resumed session carries the certificate but is not
@@ -128,23 +130,49 @@ pub(crate) struct PeerId {
 
 /// Verified client certificates seen recently, so a connection (above all a resumed one, which does
 /// no certificate work at all) does not parse the same certificate and hash it again.
-#[derive(Debug, Default)]
-pub(crate) struct PeerIds(ByteCache<Arc<PeerId>>);
+#[derive(Debug)]
+pub(crate) struct PeerIds {
+    cache: ByteCache<Arc<PeerId>>,
+    headers: IdentityHeaders,
+}
 
 impl PeerIds {
+    /// For a listener sending `headers`.
+    pub(crate) fn new(headers: IdentityHeaders) -> Self {
+        PeerIds {
+            cache: ByteCache::default(),
+            headers,
+        }
+    }
+
     pub(crate) fn get(&self, der: &[u8]) -> Result<Arc<PeerId>, String> {
-        if let Some(id) = self.0.get(der) {
+        if let Some(id) = self.cache.get(der) {
             return Ok(id);
         }
         let identity = PeerIdentity::from_der(der).map_err(|e| e.to_string())?;
+        // Made even when not sent: a certificate XFCC cannot carry is refused either way.
         let xfcc = HeaderValue::from_str(&identity.xfcc()).map_err(|e| e.to_string())?;
         let id = Arc::new(PeerId {
-            xfcc,
+            xfcc: self.headers.xfcc.then_some(xfcc),
+            client_cert: if self.headers.client_cert {
+                Some(client_cert(der).ok_or("its DER does not fit in a header")?)
+            } else {
+                None
+            },
             name: identity.name().into(),
             not_after: identity.not_after,
         });
-        self.0.insert(der.into(), id.clone());
+        self.cache.insert(der.into(), id.clone());
         Ok(id)
+    }
+
+    /// The `Client-Cert-Chain` value for a connection that presented `chain`, when it is sent.
+    pub(crate) fn chain(&self, chain: &[CertificateDer<'_>]) -> Option<HeaderValue> {
+        if self.headers.client_cert {
+            client_cert_chain(chain)
+        } else {
+            None
+        }
     }
 }
 
@@ -258,12 +286,21 @@ impl Backend {
         }
         remove_hop_by_hop_request(&mut parts.headers);
         join_cookies(&mut parts.headers);
-        remove_identity_lookalikes(&mut parts.headers, &IDENTITY_HEADERS);
         if let Some(protocol) = upgrade {
             restore_upgrade(&mut parts.headers, protocol);
         }
-        // `insert` replaces every value the client sent: a forged identity never reaches Traefik.
-        parts.headers.insert(XFCC, peer.id.xfcc.clone());
+        // Every identity header the client sent goes, whichever are configured, and every lookalike
+        // with underscores: a forged identity never reaches Traefik.
+        remove_identity_headers(&mut parts.headers);
+        if let Some(xfcc) = &peer.id.xfcc {
+            parts.headers.insert(XFCC, xfcc.clone());
+        }
+        if let Some(leaf) = &peer.id.client_cert {
+            parts.headers.insert(CLIENT_CERT, leaf.clone());
+        }
+        if let Some(chain) = &peer.client_cert_chain {
+            parts.headers.insert(CLIENT_CERT_CHAIN, chain.clone());
+        }
         append_forwarded_for(&mut parts.headers, &peer.forwarded_for);
 
         let path = parts

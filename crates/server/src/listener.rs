@@ -85,7 +85,7 @@ impl Side for ListenerSide {
             .limiting_response_heads(settings.shared.http.max_header_bytes),
             http1: http1_builder(&settings.shared.http),
             http2: http2_builder(&settings.shared.http),
-            peer_ids: PeerIds::default(),
+            peer_ids: PeerIds::new(settings.identity_headers),
             refusals: LogLimit::new(),
             listen: settings.listen.to_string().into(),
         })
@@ -112,6 +112,7 @@ impl Side for ListenerSide {
             %listen,
             backend = %settings.backend,
             allowed_peers = ?settings.allowed_peers,
+            identity_headers = ?settings.identity_headers.names(),
             "mesh listener accepting mutual TLS"
         );
     }
@@ -175,7 +176,8 @@ async fn handle(
 
     let (_, conn) = tls.get_ref();
     let resumed = matches!(conn.handshake_kind(), Some(rustls::HandshakeKind::Resumed));
-    let Some(leaf) = conn.peer_certificates().and_then(|certs| certs.first()) else {
+    let sent = conn.peer_certificates().unwrap_or_default();
+    let Some(leaf) = sent.first() else {
         warn!("handshake finished without a client certificate; closing");
         failed(HandshakeReason::NoCertificate);
         return;
@@ -216,6 +218,7 @@ async fn handle(
     let peer = Arc::new(Peer {
         forwarded_for: forwarded_for_value(addr.ip()),
         id,
+        client_cert_chain: state.side.peer_ids.chain(sent),
     });
     let service = {
         let state = state.clone();
