@@ -10,6 +10,8 @@
 //! - `certificates`: rotation, revocation and expiry while running.
 //! - `upstream_health`: each hop's next hop down, slow or wrong: errors, failover, ejection, pooling.
 //! - `timeouts`: silent, slow and idle clients closed; idle connections parked.
+//! - `conformance`: odd and hostile HTTP: Host, CONNECT, `*`, upgrades, bad bodies, cookies, identity
+//!   lookalikes, large response heads, access-log forgery.
 //! - `limits`: header size, malformed and smuggling requests, connection and descriptor limits.
 //! - `operations`: start-up, `--check`, admin endpoint and metrics, logs, systemd and signals.
 //! - `unix_listen`: the client sidecar on a unix socket.
@@ -27,6 +29,7 @@ mod support;
 
 mod backend_h2c;
 mod certificates;
+mod conformance;
 mod identity;
 mod identity_headers;
 mod limits;

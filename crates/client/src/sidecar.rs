@@ -85,7 +85,8 @@ impl Side for ClientSide {
             settings.pool_idle_timeout,
             settings.upstream_timeout,
             settings.upstream_http2,
-        );
+        )
+        .allowing_upgrades(settings.shared.allowed_upgrades.clone());
         Ok(ClientSide {
             connector,
             upstream,

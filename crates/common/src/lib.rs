@@ -20,7 +20,8 @@
 //! - `access.rs`: the access log, one line per request once its body is done.
 //! - `log_limit.rs`: repeated failures (same cause, same hop) logged once, then summarised per interval.
 //! - `stall.rs`: the progress timeout of a side's responses, and the log line of a response it cuts off.
-//! - `headers.rs`: the header rules of one proxy hop (hop-by-hop, `X-Forwarded-*`).
+//! - `headers.rs`: the header rules of one proxy hop (hop-by-hop, `X-Forwarded-*`, Host, upgrades, cookies).
+//! - `conformance.rs`: what a request must be to be forwarded at all (CONNECT, `*`, Host, upgrades).
 //! - `response.rs`: the error responses a sidecar makes itself, tagged `phoenix-mesh-error`.
 //! - `check.rs`: the `--check` report.
 
@@ -29,6 +30,7 @@ pub mod admin;
 pub mod certs_report;
 pub mod check;
 pub mod config;
+pub mod conformance;
 pub mod headers;
 pub mod live;
 pub mod log_limit;

@@ -12,14 +12,16 @@ use http::{Request, Response, StatusCode, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use phoenix_mesh_certs::{ByteCache, PeerIdentity};
+use phoenix_mesh_common::conformance::{self, Refusal};
 use phoenix_mesh_common::headers::{
-    append_forwarded_for, remove_hop_by_hop, remove_hop_by_hop_request, remove_identity_headers,
-    restore_upgrade, upgrade_protocol, CLIENT_CERT, CLIENT_CERT_CHAIN, XFCC,
+    append_forwarded_for, header_list_size, join_cookies, remove_hop_by_hop,
+    remove_hop_by_hop_request, remove_identity_headers, restore_upgrade, AllowedUpgrades,
+    CLIENT_CERT, CLIENT_CERT_CHAIN, XFCC,
 };
 use phoenix_mesh_common::log_limit::{Cause, LogLimit, Repeat};
 use phoenix_mesh_common::mesh_error;
 use phoenix_mesh_common::metrics::MadeBy;
-use phoenix_mesh_transport::body::ResponseBody;
+use phoenix_mesh_transport::body::{request_body_failure, ResponseBody};
 use phoenix_mesh_transport::tunnel::splice;
 use rustls::pki_types::CertificateDer;
 use tracing::info;
@@ -102,6 +104,9 @@ impl BackendError {
 
 /// The `:authority` the client sidecar puts on HTTP/2 requests (its pool key, not a host).
 const MESH_POOL_AUTHORITY: &str = "phoenix-mesh";
+
+/// How the listener names itself in the answers it makes.
+const HOP: &str = "phoenix-mesh listener";
 
 /// Who is on the other end of one mTLS connection, computed once after its handshake.
 #[derive(Debug, Clone)]
@@ -195,6 +200,10 @@ pub(crate) struct Backend {
     log: LogLimit,
     /// The backend's address, as the log limit's hop.
     hop: Arc<str>,
+    /// The protocols a request may upgrade to (`allowed_upgrades`).
+    allowed_upgrades: AllowedUpgrades,
+    /// The largest response head passed on (`max_header_bytes`, as an HTTP/2 header list size).
+    max_head_bytes: usize,
 }
 
 impl Backend {
@@ -235,7 +244,22 @@ impl Backend {
             response_timeout,
             log: LogLimit::new(),
             hop: addr.to_string().into(),
+            allowed_upgrades: AllowedUpgrades::default(),
+            max_head_bytes: 64 * 1024,
         }
+    }
+
+    /// Carries upgrades to `allowed` protocols only (`allowed_upgrades`); WebSocket without this.
+    pub(crate) fn allowing_upgrades(mut self, allowed: AllowedUpgrades) -> Self {
+        self.allowed_upgrades = allowed;
+        self
+    }
+
+    /// Passes on response heads up to `max_header_bytes` (64 KiB without this), as the listener
+    /// takes request heads; a larger one fails its request with `502 backend-head-too-large`.
+    pub(crate) fn limiting_response_heads(mut self, max_header_bytes: usize) -> Self {
+        self.max_head_bytes = max_header_bytes;
+        self
     }
 
     /// Whether to log this failure now (see [`LogLimit`]); the metrics count every one regardless.
@@ -254,7 +278,11 @@ impl Backend {
         mut req: Request<Incoming>,
         peer: &Peer,
     ) -> (Response<ResponseBody>, MadeBy) {
-        let upgrade = upgrade_protocol(req.headers()).filter(|_| req.version() == Version::HTTP_11);
+        // A request straight from a mesh client (not through the client sidecar) meets these here.
+        let upgrade = match conformance::admit(&req, &self.allowed_upgrades) {
+            Ok(upgrade) => upgrade,
+            Err(refusal) => return (refusal.response(HOP).map(Either::Left), MadeBy::Sidecar),
+        };
         let downstream = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
 
@@ -273,11 +301,12 @@ impl Backend {
                 .insert(HOST, host.unwrap_or_else(|| self.host.clone()));
         }
         remove_hop_by_hop_request(&mut parts.headers);
+        join_cookies(&mut parts.headers);
         if let Some(protocol) = upgrade {
             restore_upgrade(&mut parts.headers, protocol);
         }
-        // Every identity header the client sent goes, whichever are configured: a forged identity
-        // never reaches Traefik.
+        // Every identity header the client sent goes, whichever are configured, and every lookalike
+        // with underscores: a forged identity never reaches Traefik.
         remove_identity_headers(&mut parts.headers);
         if let Some(xfcc) = &peer.id.xfcc {
             parts.headers.insert(XFCC, xfcc.clone());
@@ -296,8 +325,8 @@ impl Backend {
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         // Over h2c the host travels as :authority (RFC 9113 section 8.3.1), which Traefik routes on
-        // as it does on Host; a Host that is no valid authority (or carries userinfo, which
-        // :authority must not) goes over HTTP/1.1 untouched.
+        // as it does on Host; a Host that is no valid authority (only an empty one gets this far:
+        // `admit` refuses the others) goes over HTTP/1.1 untouched.
         let h2c = match (&self.h2c, &downstream) {
             (Some(h2c), None) => parts
                 .headers
@@ -345,6 +374,14 @@ impl Backend {
                 )
             }
         };
+        // The sender's request body broke (a malformed chunk, an upload cut off), not the backend:
+        // the sender's error, answered here where it was read.
+        if let Ok(Err(error)) = &sent {
+            if let Some(cause) = request_body_failure(error) {
+                let refused = Refusal::unreadable_body(&cause).response(HOP);
+                return (refused.map(Either::Left), MadeBy::Sidecar);
+            }
+        }
         let failed = match sent {
             Ok(Ok(mut response)) => {
                 if let (Some(downstream), StatusCode::SWITCHING_PROTOCOLS) =
@@ -352,6 +389,9 @@ impl Backend {
                 {
                     splice(downstream, hyper::upgrade::on(&mut response));
                     return (response, MadeBy::Backend);
+                }
+                if let Some(refused) = self.head_too_large(response.headers()) {
+                    return (refused.map(Either::Left), MadeBy::Sidecar);
                 }
                 let (mut parts, body) = response.into_parts();
                 remove_hop_by_hop(&mut parts.headers);
@@ -427,6 +467,32 @@ impl Backend {
             "backend-connection-limit",
             format!("phoenix-mesh listener: backend {}: {error}; raise max_backend_connections if the backend is merely busy", self.addr),
         )
+    }
+
+    /// The answer instead of a response whose head is larger than the listener passes on: over the
+    /// mesh link a head is one HTTP/2 header list, and one the client could not take would fail
+    /// every request on the shared connection, not just this one.
+    fn head_too_large(
+        &self,
+        headers: &http::HeaderMap,
+    ) -> Option<Response<phoenix_mesh_common::ProxyBody>> {
+        let size = header_list_size(headers);
+        if size <= self.max_head_bytes {
+            return None;
+        }
+        let message = "backend response head too large";
+        if self.admit(message, Cause::Code("backend-head-too-large")) {
+            info!(backend = %self.addr, size, max_header_bytes = self.max_head_bytes, "{message}");
+        }
+        Some(mesh_error(
+            StatusCode::BAD_GATEWAY,
+            "backend-head-too-large",
+            format!(
+                "{HOP}: backend {} answered with a response head of {size} bytes (as HTTP/2 counts \
+                 it: each header's name and value plus 32), more than max_header_bytes ({})",
+                self.addr, self.max_head_bytes
+            ),
+        ))
     }
 }
 

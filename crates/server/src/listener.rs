@@ -116,7 +116,9 @@ impl Side for ListenerSide {
                 settings.backend_timeout,
                 settings.backend_http2,
                 settings.max_backend_connections,
-            ),
+            )
+            .allowing_upgrades(settings.shared.allowed_upgrades.clone())
+            .limiting_response_heads(settings.shared.http.max_header_bytes),
             http1: http1_builder(&settings.shared.http),
             http2: http2_builder(&settings.shared.http),
             progress: progress_timeout(

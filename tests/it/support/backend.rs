@@ -10,6 +10,8 @@
 //! - `/upload`: reads the body frame by frame without keeping it; answers `<length> <sha256>`, or
 //!   `400` when the body fails (recorded in `Seen::upload_error`).
 //! - `/download?bytes=N`: streams N pattern bytes, gated on the test's progress (see `stream`).
+//! - `/big-head?bytes=N`: `200` with about N bytes of response headers (`x-big-0`, ... of 4000 bytes
+//!   each), for heads larger than one HTTP/2 frame.
 //! - `/trailers`: answers the request's data followed by trailers, as a gRPC server would:
 //!   `grpc-status: 0` and each request trailer echoed as `x-echo-NAME`.
 //! - anything else: `200 hello from backend` with `x-backend: echo`.
@@ -310,6 +312,21 @@ async fn handle(
                 released.stalls_released.fetch_add(1, Ordering::SeqCst);
             });
             Response::new(Either::Right(Either::Left(ChannelBody::new(rx))))
+        }
+        "/big-head" => {
+            let total: usize = parts
+                .uri
+                .query()
+                .and_then(|q| q.strip_prefix("bytes="))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            let mut r = text(StatusCode::OK, HELLO.to_owned());
+            let value = HeaderValue::from_str(&"h".repeat(4000)).unwrap();
+            for i in 0..total.div_ceil(4000) {
+                let name = HeaderName::from_bytes(format!("x-big-{i}").as_bytes()).unwrap();
+                r.headers_mut().insert(name, value.clone());
+            }
+            r
         }
         "/404" => {
             let mut r = text(StatusCode::NOT_FOUND, TRAEFIK_404.to_owned());
