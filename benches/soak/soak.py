@@ -112,7 +112,9 @@ class Arm:
     def backend_conf(self):
         d = self.dir
         (d / "www").mkdir(exist_ok=True)
-        (d / "www" / "big").write_bytes(os.urandom(32 * 1024).hex().encode())  # 64 KiB
+        big = os.urandom(32 * 1024).hex().encode()  # 64 KiB
+        (d / "www" / "big").write_bytes(big)
+        (d / "www" / "upload").write_bytes(big)  # only for the static module to find (see upload_answer)
         for t in ("body", "proxy", "fcgi", "uwsgi", "scgi"):
             (d / "tmp" / t).mkdir(parents=True, exist_ok=True)
         conf = d / "backend.conf"
@@ -134,11 +136,18 @@ http {{
         root {d}/www;
         location = / {{ default_type text/plain; return 200 "hello from backend\\n"; }}
         location = /big {{ default_type application/octet-stream; }}
-        location = /upload {{ default_type text/plain; return 200 "got it\\n"; }}
+        location = /upload {{ {self.upload_answer()} }}
     }}
 }}
 """)
         return conf
+
+    def upload_answer(self):
+        if self.args.echo_size:
+            # nginx's static module answers POST with 405; the error page turns that into the 64 KiB
+            # file (fetched as GET), so an upload gets a body of the same size back, like an echo.
+            return "default_type application/octet-stream; error_page 405 =200 /big;"
+        return 'default_type text/plain; return 200 "got it\\n";'
 
     def start_backend(self):
         conf = self.dir / "backend.conf"
@@ -168,12 +177,14 @@ http {{
         (d / "listener.toml").write_text(
             f'listen = "127.0.0.1:{self.listener_port}"\nbackend = "127.0.0.1:{self.backend_port}"\n'
             f'cert = "{certs}/listener.crt"\nkey = "{certs}/listener.key"\nca = "{pki}/root.crt"\n'
-            f'admin_listen = "127.0.0.1:{self.listener_admin}"\n')
+            f'admin_listen = "127.0.0.1:{self.listener_admin}"\n'
+            + (f"worker_threads = {self.args.worker_threads}\n" if self.args.worker_threads is not None else ""))
         (d / "client.toml").write_text(
             f'listen = "127.0.0.1:{self.client_port}"\nupstreams = ["127.0.0.1:{self.listener_port}"]\n'
             f'server_name = "traefik.internal.test"\n'
             f'cert = "{certs}/client.crt"\nkey = "{certs}/client.key"\nca = "{pki}/root.crt"\n'
-            f'admin_listen = "127.0.0.1:{self.client_admin}"\n')
+            f'admin_listen = "127.0.0.1:{self.client_admin}"\n'
+            f'upstream_http2 = {"false" if self.args.client_http1 else "true"}\n')
         env = dict(os.environ, RUST_LOG="warn")
         lenv = dict(env, **self.env)
         self.procs["listener"] = subprocess.Popen(
@@ -377,6 +388,9 @@ def main():
     ap.add_argument("--burst", type=int, default=25, help="fresh connections per burst and kind")
     ap.add_argument("--wrk-conns", type=int, default=4)
     ap.add_argument("--wrk-delay-ms", type=int, default=20, help="pause before each request on a wrk connection")
+    ap.add_argument("--worker-threads", type=int, default=None, help="the listener's worker_threads (default: unset, 1)")
+    ap.add_argument("--client-http1", action="store_true", help="upstream_http2 = false on the client sidecars")
+    ap.add_argument("--echo-size", action="store_true", help="answer the 64 KiB uploads with 64 KiB")
     ap.add_argument("--base-port", type=int, default=19000)
     ap.add_argument("--wrap", default="", help="command the listener runs under, e.g. 'heaptrack -o FILE'")
     args = ap.parse_args()
