@@ -115,6 +115,7 @@ class Arm:
         big = os.urandom(32 * 1024).hex().encode()  # 64 KiB
         (d / "www" / "big").write_bytes(big)
         (d / "www" / "upload").write_bytes(big)  # only for the static module to find (see upload_answer)
+        (d / "www" / "huge").write_bytes(big * 16)  # 1 MiB, for --burst-parallel
         for t in ("body", "proxy", "fcgi", "uwsgi", "scgi"):
             (d / "tmp" / t).mkdir(parents=True, exist_ok=True)
         conf = d / "backend.conf"
@@ -136,6 +137,7 @@ http {{
         root {d}/www;
         location = / {{ default_type text/plain; return 200 "hello from backend\\n"; }}
         location = /big {{ default_type application/octet-stream; }}
+        location = /huge {{ default_type application/octet-stream; }}
         location = /upload {{ {self.upload_answer()} }}
     }}
 }}
@@ -370,6 +372,25 @@ def burst(arm, certs, pki, n):
     return ok
 
 
+def parallel_burst(arm, n, path):
+    """n requests for `path` at once through the client sidecar, each on a fresh connection: the
+    listener's pool to the backend grows to about n connections, which then idle out."""
+    def one():
+        try:
+            s = socket.create_connection(("127.0.0.1", arm.client_port), timeout=30)
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: soak\r\nConnection: close\r\n\r\n".encode())
+            while s.recv(262144):
+                pass
+            s.close()
+        except OSError:
+            pass
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 # ---------------------------------------------------------------- main loop
 
 def main():
@@ -386,6 +407,9 @@ def main():
     ap.add_argument("--kill-for", type=float, default=3)
     ap.add_argument("--burst-every", type=float, default=20)
     ap.add_argument("--burst", type=int, default=25, help="fresh connections per burst and kind")
+    ap.add_argument("--burst-parallel", type=int, default=0,
+                    help="also, each burst, this many requests for --burst-path at once through the client")
+    ap.add_argument("--burst-path", default="/huge", help="/ (short), /big (64 KiB) or /huge (1 MiB)")
     ap.add_argument("--wrk-conns", type=int, default=4)
     ap.add_argument("--wrk-delay-ms", type=int, default=20, help="pause before each request on a wrk connection")
     ap.add_argument("--worker-threads", type=int, default=None, help="the listener's worker_threads (default: unset, 1)")
@@ -449,6 +473,8 @@ def main():
                 next_burst += args.burst_every
                 for a in arms:
                     burst(a, certs, pki, args.burst)
+                    if args.burst_parallel:
+                        parallel_burst(a, args.burst_parallel, args.burst_path)
             if now >= next_kill:
                 next_kill += args.kill_every
                 for a in arms:
