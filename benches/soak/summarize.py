@@ -33,8 +33,9 @@ def main():
     ap.add_argument("--title", default="mesh listener memory under the soak")
     args = ap.parse_args()
     runs = {p: load(p) for p in args.csv}
+    first_name = args.csv[0].stem
 
-    print("| min | " + " | ".join(f"{rows[0]['arm']} RSS / anon MiB" for rows in runs.values()) + " | requests (A) |")
+    print("| min | " + " | ".join(f"{p.stem} RSS / anon MiB" for p in runs) + f" | requests ({first_name}) |")
     print("|---|" + "---|" * len(runs) + "---|")
     first = next(iter(runs.values()))
     t = 0.0
@@ -49,13 +50,13 @@ def main():
         t += args.every
 
     print()
-    print("| arm | RssAnon slope after warm-up, KiB/min | KiB per million requests | VmHWM MiB | fds min-max | backend conns min-max |")
+    print("| run | RssAnon slope after warm-up, KiB/min | KiB per million requests | VmHWM MiB | fds min-max | backend conns min-max |")
     print("|---|---|---|---|---|---|")
-    for rows in runs.values():
+    for path, rows in runs.items():
         late = [r for r in rows if r["t_s"] >= args.warmup and r["requests_total"] >= 0]
         s_min = slope([r["t_s"] / 60 for r in late], [r["rssanon_kib"] for r in late])
         s_req = slope([r["requests_total"] / 1e6 for r in late], [r["rssanon_kib"] for r in late])
-        print(f"| {rows[0]['arm']} | {s_min:.1f} | {s_req:.0f} | {rows[-1]['vmhwm_kib'] / 1024:.1f} | "
+        print(f"| {path.stem} | {s_min:.1f} | {s_req:.0f} | {rows[-1]['vmhwm_kib'] / 1024:.1f} | "
               f"{min(r['fds'] for r in late):.0f}-{max(r['fds'] for r in late):.0f} | "
               f"{min(r['backend_conns'] for r in late):.0f}-{max(r['backend_conns'] for r in late):.0f} |")
 
@@ -65,7 +66,7 @@ def main():
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(9, 4.5), dpi=100)
         for path, rows in runs.items():
-            name = rows[0]["arm"]
+            name = path.stem
             xs = [r["t_s"] / 60 for r in rows]
             line, = ax.plot(xs, [r["vmrss_kib"] / 1024 for r in rows], label=f"{name} VmRSS", lw=1)
             ax.plot(xs, [r["rssanon_kib"] / 1024 for r in rows], label=f"{name} RssAnon", lw=1,
