@@ -13,12 +13,14 @@ use http_body_util::Empty;
 use phoenix_mesh_certs::pki::Leaf;
 use rustls::AlertDescription;
 
+use crate::support::admin::{admin_get, metric};
 use crate::support::backend::HELLO;
+use crate::support::files::MeshFiles;
 use crate::support::http::{assert_hello, get, send_h1, SERVICE_HOST};
 use crate::support::mesh::Mesh;
 use crate::support::pki::{expected_gateway_xfcc, TestPki, GATEWAY_CN, GATEWAY_SPIFFE};
 use crate::support::tls::direct_get;
-use crate::support::{tls, within};
+use crate::support::{eventually, tls, within};
 
 /// Presents `leaf` (or nothing) straight to the default mesh's listener; returns the alert.
 async fn direct_refusal(mesh: &Mesh, leaf: Option<&Leaf>) -> AlertDescription {
@@ -112,6 +114,69 @@ async fn refuses_client_not_in_allowed_peers() {
             "refused our client certificate",
         ],
     );
+    assert_backend_untouched(&mesh);
+}
+
+/// Anyone who reaches the port can present any certificate, as big as a handshake allows. A
+/// certificate from another CA with a 60 KB common name is refused (unknown CA) before anything is
+/// read out of it: its name reaches no log line, and no line the refusals write is longer than a
+/// few hundred bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strangers_certificate_is_refused_without_its_names_being_read_or_logged() {
+    let pki = TestPki::new();
+    let files = MeshFiles::unconnected(&pki);
+    let (listener, listener_addr) = files.start_listener().await;
+    let marker = "hostile-subject-";
+    let name = format!("{marker}{}", "x".repeat(60 * 1024 - marker.len()));
+    let stranger = pki.client_cert_signed_by_other_ca_named(&name);
+    assert!(stranger.der.len() > 60 * 1024, "{}", stranger.der.len());
+    let config = tls::client_config(pki.root_pem(), Some(&stranger), &[b"http/1.1"]);
+    for _ in 0..3 {
+        let alert = within(
+            "refused handshake",
+            tls::refusal_alert(listener_addr, config.clone()),
+        )
+        .await;
+        assert_eq!(alert, AlertDescription::UnknownCA);
+    }
+    listener
+        .wait_for_line(&["TLS handshake failed", "unknown-ca"])
+        .await;
+    let log = listener.log();
+    for line in &log {
+        assert!(
+            !line.contains(marker),
+            "a refused stranger's subject was logged: {}...",
+            &line[..line.len().min(300)]
+        );
+        assert!(line.len() < 2048, "a log line of {} bytes", line.len());
+    }
+}
+
+/// A client certificate from our CA for an RSA key of 1024 bits is refused as a key too small
+/// (alert certificate_unknown, reason `key-too-small`), not as a bad signature of its
+/// CertificateVerify, which would name the wrong cause.
+#[tokio::test(flavor = "multi_thread")]
+async fn refuses_an_rsa_1024_client_key_as_too_small() {
+    let mesh = Mesh::start_with(|s| {
+        s.server.set_str("admin_listen", "127.0.0.1:0");
+    })
+    .await;
+    let leaf = mesh.pki.client_cert_with_rsa_1024_key();
+    let config = tls::client_config_without_key(mesh.pki.root_pem(), &leaf);
+    let alert = within(
+        "refused handshake",
+        tls::refusal_alert(mesh.listener_addr, config),
+    )
+    .await;
+    assert_eq!(alert, AlertDescription::CertificateUnknown);
+    let admin = mesh.listener_admin.unwrap();
+    eventually("the refusal counted as key-too-small", || async {
+        let (_, text) = admin_get(admin, "/metrics").await;
+        let labels = [("result", "failed"), ("reason", "key-too-small")];
+        metric(&text, "phoenix_mesh_tls_handshakes_total", &labels).filter(|&n| n == 1.0)
+    })
+    .await;
     assert_backend_untouched(&mesh);
 }
 

@@ -1,7 +1,9 @@
 //! Limits on what a client may send or hold: request heads over `max_header_bytes` (431 on both
 //! hops), malformed and smuggling requests (400, and never a request at the backend), `max_connections`
-//! back-pressure, and the binary's open-file limit: raised to the hard limit at start, and running out
-//! of descriptors backs off instead of spinning.
+//! back-pressure (counting only authenticated connections on the listener, whose unauthenticated ones
+//! have a budget of their own, `max_pending_handshakes`), `max_backend_connections` against a reader
+//! that never reads, and the binary's open-file limit: raised to the hard limit at start, and running
+//! out of descriptors backs off instead of spinning.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -12,14 +14,19 @@ use http::StatusCode;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::support::admin::{admin_get, metric};
 use crate::support::backend::HELLO;
 use crate::support::binary::{Binary, Proc};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
 use crate::support::http::{get, send_h1, try_get, SERVICE_HOST};
 use crate::support::mesh::Mesh;
 use crate::support::raw::{
     exchange, raw_get, read_response, read_until_closed_or_quiet, responses_in, status_of, Ending,
 };
-use crate::support::{eventually, within};
+use crate::support::{eventually, tls, within};
 
 fn oversized_head(target: &str) -> Vec<u8> {
     let filler = "a".repeat(12 * 1024);
@@ -236,6 +243,45 @@ async fn max_connections_holds_a_third_connection_until_one_closes() {
     assert_eq!(reply.status, StatusCode::OK, "{reply:#?}");
 }
 
+/// Connections that never send a ClientHello hold no `max_connections` slot: with 300 of them open
+/// against a listener allowing 100 connections and 50 pending handshakes, a client's new mutual-TLS
+/// connection and request still get through (without the separate budget it waited for
+/// `handshake_timeout`), and the silent connections the budget had no room for were dropped, oldest
+/// first, and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_do_not_keep_an_authenticated_client_out() {
+    let mesh = Mesh::start_with(|s| {
+        s.server
+            .set("max_connections", "100")
+            .set("max_pending_handshakes", "50")
+            .set_str("handshake_timeout", "60s")
+            .set_str("admin_listen", "127.0.0.1:0");
+    })
+    .await;
+    let mut silent = Vec::new();
+    for _ in 0..300 {
+        silent.push(TcpStream::connect(mesh.listener_addr).await.unwrap());
+    }
+    let (status, _) =
+        crate::support::tls::tls_get(mesh.listener_addr, mesh.tls_config(&mesh.client_leaf))
+            .await
+            .unwrap_or_else(|e| panic!("a new connection while 300 sockets sat silent: {e}"));
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+
+    let admin = mesh.listener_admin.unwrap();
+    eventually("the silent connections past the budget dropped", || async {
+        let (_, text) = admin_get(admin, "/metrics").await;
+        let labels = [("result", "failed"), ("reason", "dropped")];
+        metric(&text, "phoenix_mesh_tls_handshakes_total", &labels).filter(|&n| n >= 250.0)
+    })
+    .await;
+    // The oldest went first: the first silent socket is closed by the listener.
+    let mut first = silent.remove(0);
+    let mut buf = [0u8; 1];
+    let read = within("the oldest silent socket closing", first.read(&mut buf)).await;
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+}
+
 /// The real binary under `prlimit --nofile=<soft>:<hard>`, with its JSON log collected.
 fn under_prlimit(nofile: &str, side: &str, config: &Path) -> Proc {
     Binary::new(side, config)
@@ -245,6 +291,77 @@ fn under_prlimit(nofile: &str, side: &str, config: &Path) -> Proc {
 }
 
 /// The client's plain-HTTP address once it is accepting.
+/// A peer that opens many streams and never opens their windows (SETTINGS_INITIAL_WINDOW_SIZE 0):
+/// each response it asks for pins a backend connection until its progress timeout. The listener holds
+/// at most `max_backend_connections` of them; requests beyond wait `backend_connect_timeout` for one
+/// and get `503 backend-connection-limit`. After `backend_timeout` without progress the pinned
+/// responses are cut off (their streams reset), the backend's connections are released, and the
+/// listener serves again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reader_that_never_reads_pins_at_most_max_backend_connections() {
+    let mesh = Mesh::start_with(|s| {
+        s.server.set("max_backend_connections", "3");
+        s.server.set_str("backend_connect_timeout", "500ms");
+        s.server.set_str("backend_timeout", "2s");
+    })
+    .await;
+    let config = tls::client_config(mesh.pki.root_pem(), Some(&mesh.client_leaf), &[b"h2"]);
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let tls = tls::to_listener(mesh.listener_addr, config.clone()).await;
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(0)
+            .handshake::<_, Empty<Bytes>>(TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        for _ in 0..4 {
+            let mut sender = sender.clone();
+            streams.push(tokio::spawn(async move {
+                let req = get("/download?bytes=50000000");
+                sender.send_request(req).await.unwrap()
+            }));
+        }
+    }
+    let mut pinned = Vec::new();
+    let mut refused = 0;
+    for stream in streams {
+        let response = within("a response head", stream).await.unwrap();
+        match response.status().as_u16() {
+            200 => pinned.push(response),
+            503 => {
+                assert_eq!(
+                    response
+                        .headers()
+                        .get(phoenix_mesh_common::MESH_ERROR_HEADER)
+                        .and_then(|v| v.to_str().ok()),
+                    Some("backend-connection-limit"),
+                    "{response:?}"
+                );
+                refused += 1;
+            }
+            other => panic!("unexpected status {other}: {response:?}"),
+        }
+        assert!(
+            mesh.backend.open_connections() <= 3,
+            "{} backend connections open, max_backend_connections is 3",
+            mesh.backend.open_connections()
+        );
+    }
+    assert_eq!((pinned.len(), refused), (3, 5));
+    assert_eq!(mesh.backend.connections(), 3);
+    // Cut off after backend_timeout without progress: reset, not ended.
+    for response in pinned {
+        let body = within("the cut-off", response.into_body().collect()).await;
+        assert!(body.is_err(), "a pinned response ended cleanly: {body:?}");
+    }
+    eventually("the backend's connections released", || async {
+        (mesh.backend.open_connections() == 0).then_some(())
+    })
+    .await;
+    mesh.good_requests("after-pinning", 2).await;
+}
+
 async fn client_addr(proc: &Proc) -> SocketAddr {
     proc.addr_from_log("client sidecar accepting plain HTTP", "listen")
         .await

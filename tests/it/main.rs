@@ -6,9 +6,12 @@
 //! - `upgrades`: WebSocket through both hops.
 //! - `backend_h2c`: the listener's shared HTTP/2 cleartext connection to the backend.
 //! - `identity`: who may connect (refused certificates, `allowed_peers`) and XFCC.
+//! - `identity_headers`: `identity_headers`: XFCC and RFC 9440's `Client-Cert`, forged copies stripped.
 //! - `certificates`: rotation, revocation and expiry while running.
 //! - `upstream_health`: each hop's next hop down, slow or wrong: errors, failover, ejection, pooling.
 //! - `timeouts`: silent, slow and idle clients closed; idle connections parked.
+//! - `conformance`: odd and hostile HTTP: Host, CONNECT, `*`, upgrades, bad bodies, cookies, identity
+//!   lookalikes, large response heads, access-log forgery.
 //! - `limits`: header size, malformed and smuggling requests, connection and descriptor limits.
 //! - `operations`: start-up, `--check`, admin endpoint and metrics, logs, systemd and signals.
 //! - `unix_listen`: the client sidecar on a unix socket.
@@ -26,7 +29,9 @@ mod support;
 
 mod backend_h2c;
 mod certificates;
+mod conformance;
 mod identity;
+mod identity_headers;
 mod limits;
 mod nginx_e2e;
 mod operations;

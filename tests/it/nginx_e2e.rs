@@ -8,7 +8,7 @@ use std::process::Stdio;
 
 use bytes::Bytes;
 use http::Request;
-use http_body_util::Empty;
+use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
@@ -17,7 +17,7 @@ use crate::support::backend::HELLO;
 use crate::support::http::{collect, send_h1, send_h2c, SERVICE_HOST};
 use crate::support::mesh::Mesh;
 use crate::support::pki::{expected_gateway_xfcc, write_leaf};
-use crate::support::{tls, within};
+use crate::support::{eventually, tls, within};
 
 /// nginx on PATH, or where Debian puts it (not on a non-root PATH).
 /// The nginx binary; without one the test is skipped, or fails under CI
@@ -175,6 +175,90 @@ async fn nginx_to_client_over_a_unix_socket() {
     })
     .await;
     through_nginx(&binary, &mesh, &format!("unix:{}", socket.display())).await;
+}
+
+/// A response the mesh cuts off half-way (a backend that sent its head and two bytes, then nothing, cut
+/// off by the listener's `backend_timeout`) reaches nginx as a broken response: nginx logs the
+/// upstream's premature close and ends the browser's response broken too, never as a complete one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_response_cut_off_half_way_is_broken_at_nginx() {
+    let Some(binary) = find_nginx() else {
+        return;
+    };
+    let mesh = Mesh::start_with(|s| {
+        s.server.set_str("backend_timeout", "1s");
+    })
+    .await;
+    let nginx = Nginx::start(
+        &binary,
+        mesh.dir.path(),
+        &mesh.client_addr.to_string(),
+        &mesh,
+    )
+    .await;
+    let config = tls::client_config(mesh.pki.root_pem(), None, &[b"http/1.1"]);
+    let stream = within(
+        "TLS handshake with nginx",
+        tls::connect(nginx.addr, SERVICE_HOST, config),
+    )
+    .await
+    .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("/stall")
+        .header("host", SERVICE_HOST)
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = within(
+        "a stalled response's head through nginx",
+        sender.send_request(req),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 200, "{}", nginx.error_log());
+    let body = within("the cut-off through nginx", response.into_body().collect()).await;
+    assert!(
+        body.is_err(),
+        "nginx passed the cut-off response on as complete: {:?}\n{}",
+        body.map(|b| b.to_bytes()),
+        nginx.error_log()
+    );
+    eventually("nginx logging the upstream's premature close", || async {
+        nginx
+            .error_log()
+            .contains("upstream prematurely closed connection")
+            .then_some(())
+    })
+    .await;
+    // The hop serves on.
+    through_nginx_again(&nginx, &mesh).await;
+}
+
+/// One more ordinary request through a running nginx; the backend's answer must come back.
+async fn through_nginx_again(nginx: &Nginx, mesh: &Mesh) {
+    let config = tls::client_config(mesh.pki.root_pem(), None, &[b"http/1.1"]);
+    let stream = within(
+        "TLS handshake with nginx",
+        tls::connect(nginx.addr, SERVICE_HOST, config),
+    )
+    .await
+    .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("/after")
+        .header("host", SERVICE_HOST)
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = within("request through nginx", sender.send_request(req))
+        .await
+        .unwrap();
+    let reply = collect(response).await;
+    assert_eq!(reply.status, 200, "{reply:#?}\n{}", nginx.error_log());
+    assert_eq!(reply.body, HELLO);
 }
 
 /// A request through nginx (TLS from the test) and the mesh; checks what the backend saw.

@@ -2,7 +2,8 @@
 //! silent TCP, a ClientHello and then silence, garbage, slowloris on either port, a silent h2 peer
 //! (`handshake_timeout`, `header_read_timeout`), and idle keep-alive connections, which the listener
 //! parks between requests invisibly to the peer. Each bad client runs beside real requests, which
-//! must keep succeeding.
+//! must keep succeeding. A response that stops moving half-way is cut off on both hops
+//! (`backend_timeout`, `upstream_timeout`).
 
 use std::time::{Duration, Instant};
 
@@ -10,14 +11,19 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use crate::support::admin::{admin_get, metric};
 use crate::support::backend::HELLO;
-use crate::support::http::SERVICE_HOST;
+use crate::support::http::{get, SERVICE_HOST};
 use crate::support::mesh::Mesh;
 use crate::support::pki::LISTENER_NAME;
 use crate::support::raw::{
     expect_closed, expect_eof, head_value, raw_get, read_response, status_of,
 };
-use crate::support::{tls, within};
+use crate::support::{eventually, tls, within};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn silent_tcp_connection_to_listener_is_closed_after_handshake_timeout() {
@@ -305,6 +311,113 @@ async fn shutdown_closes_a_parked_connection_at_once() {
     let read = within("close after shutdown", tls.read_to_end(&mut rest)).await;
     assert!(read.is_ok(), "expected a clean TLS close, got {read:?}");
     assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+}
+
+/// A backend that sends its response head and two bytes, then nothing, holds the request on both hops
+/// until the response is cut off: by the listener after `backend_timeout` without progress, or by the
+/// client after `upstream_timeout`, whichever is shorter. nginx must see a broken response, never one
+/// that looks complete: over HTTP/1.1 the connection closes before the last chunk, over HTTP/2 (h2c,
+/// as `grpc_pass` speaks) the stream is reset. The backend's response is dropped (its connection
+/// released), the request is counted as a `5xx` made by the sidecar that cut it off, and both
+/// sidecars carry on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_response_that_stalls_mid_body_is_cut_off_on_both_hops() {
+    for (cut_by, backend_timeout, upstream_timeout, mesh_link_http2) in [
+        ("listener", "1s", "60s", true),
+        ("listener", "1s", "60s", false),
+        ("client", "60s", "1s", true),
+    ] {
+        let cut_by = format!("{cut_by} (upstream_http2 = {mesh_link_http2})");
+        let mesh = Mesh::start_with(|s| {
+            s.client.set("upstream_http2", mesh_link_http2.to_string());
+            s.server.set_str("backend_timeout", backend_timeout);
+            s.server.set_str("admin_listen", "127.0.0.1:0");
+            s.client.set_str("upstream_timeout", upstream_timeout);
+            s.client.set_str("admin_listen", "127.0.0.1:0");
+        })
+        .await;
+        // HTTP/1.1, as proxy_pass speaks.
+        let mut tcp = TcpStream::connect(mesh.client_addr).await.unwrap();
+        tcp.write_all(format!("GET /stall HTTP/1.1\r\nHost: {SERVICE_HOST}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let got = expect_closed("a stalled response over HTTP/1.1", &mut tcp).await;
+        let text = String::from_utf8_lossy(&got);
+        assert!(
+            text.starts_with("HTTP/1.1 200 "),
+            "cut by the {cut_by}: {text:?}"
+        );
+        assert!(
+            head_value(&text, "transfer-encoding") == Some("chunked"),
+            "cut by the {cut_by}: {text:?}"
+        );
+        assert!(
+            text.ends_with("\r\n\r\n2\r\nab\r\n"),
+            "cut by the {cut_by}: the response must end before its last chunk: {text:?}"
+        );
+        eventually("the backend's stalled response released", || async {
+            (mesh.backend.stalls_released() == 1).then_some(())
+        })
+        .await;
+
+        // HTTP/2 cleartext, as grpc_pass speaks: the stream is reset, the connection lives on.
+        let stream = TcpStream::connect(mesh.client_addr).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let response = within(
+            "a stalled response's head over h2c",
+            sender.send_request(get("/stall")),
+        )
+        .await
+        .unwrap();
+        assert_eq!(response.status(), 200, "cut by the {cut_by}");
+        let mut body = response.into_body();
+        let first = within("the first bytes", body.frame()).await;
+        let first = first.map(|f| f.map(|f| f.into_data().unwrap_or_default()));
+        assert!(
+            matches!(&first, Some(Ok(data)) if data == &Bytes::from_static(b"ab")),
+            "cut by the {cut_by}: {first:?}"
+        );
+        let rest = within("the cut-off over h2c", body.collect()).await;
+        let reset = rest.as_ref().err().and_then(|e| {
+            std::error::Error::source(e)
+                .and_then(|s| s.downcast_ref::<h2::Error>())
+                .and_then(h2::Error::reason)
+        });
+        assert!(
+            reset.is_some(),
+            "cut by the {cut_by}: the stream must be reset, not ended: {rest:?}"
+        );
+        let reply = within(
+            "a request on the same h2c connection",
+            sender.send_request(get("/after")),
+        )
+        .await
+        .unwrap();
+        assert_eq!(reply.status(), 200, "cut by the {cut_by}");
+        eventually("the second stalled response released", || async {
+            (mesh.backend.stalls_released() == 2).then_some(())
+        })
+        .await;
+
+        // Counted as failures of the sidecar that cut them off.
+        let admin = if backend_timeout == "1s" {
+            mesh.listener_admin
+        } else {
+            mesh.client_admin
+        };
+        let (_, text) = admin_get(admin.unwrap(), "/metrics").await;
+        let sidecar_5xx = metric(
+            &text,
+            "phoenix_mesh_http_requests_total",
+            &[("status_class", "5xx"), ("made_by", "sidecar")],
+        );
+        assert_eq!(sidecar_5xx, Some(2.0), "cut by the {cut_by}: {text}");
+        mesh.good_requests("after-stall", 2).await;
+    }
 }
 
 /// What a connection closed for a slow request head may carry: nothing, or hyper's `408`.

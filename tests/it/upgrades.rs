@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use crate::support::http::{get, send_h1, SERVICE_HOST};
 use crate::support::mesh::Mesh;
 use crate::support::pki::expected_gateway_xfcc;
-use crate::support::raw::{expect_eof, head_value, read_head};
+use crate::support::raw::{expect_eof, head_value, read_head, read_response};
 use crate::support::within;
 
 /// How an upgraded connection ended at the backend.
@@ -251,4 +251,71 @@ async fn websocket_closed_by_the_backend_reaches_the_client_as_eof() {
     ws_echo(&mut other, "still here\n").await;
     plain_request(&mesh, "/after-close").await;
     assert_eq!(backend.upgrade_heads().len(), 2);
+}
+
+/// The progress timeouts (`backend_timeout`, `upstream_timeout`) bound responses, not tunnels: a
+/// WebSocket that stays silent for many times both still carries the next message, as operators of
+/// long-idle WebSockets expect.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_websocket_outlives_the_progress_timeouts() {
+    let mut backend = WsBackend::start().await;
+    let addr = backend.addr;
+    let mesh = Mesh::start_with(|s| {
+        s.server.set_str("backend", &addr.to_string());
+        s.server.set_str("backend_timeout", "300ms");
+        s.client.set_str("upstream_timeout", "300ms");
+    })
+    .await;
+    let mut ws = open_ws(&mesh).await;
+    ws_echo(&mut ws, "before the silence\n").await;
+    tokio::time::sleep(std::time::Duration::from_millis(2000)).await;
+    ws_echo(&mut ws, "after the silence\n").await;
+    ws.shutdown().await.unwrap();
+    assert_eq!(backend.next_end().await, WsEnd::PeerClosed);
+}
+
+/// A WebSocket upgrade through the client sidecar, answered by whichever hop refuses it: (head, body).
+async fn refused_ws(mesh: &Mesh) -> (String, String) {
+    let mut s = TcpStream::connect(mesh.client_addr).await.unwrap();
+    let req = format!(
+        "GET /chat HTTP/1.1\r\nHost: {SERVICE_HOST}\r\nUpgrade: WebSocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    within("the refusal", read_response(&mut s)).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_sidecar_refuses_an_upgrade_its_allowed_upgrades_lacks() {
+    for (side, hop) in [
+        ("client", "phoenix-mesh client"),
+        ("server", "phoenix-mesh listener"),
+    ] {
+        let backend = WsBackend::start().await;
+        let addr = backend.addr;
+        let mesh = Mesh::start_with(|s| {
+            s.server.set_str("backend", &addr.to_string());
+            let config = if side == "client" {
+                &mut s.client
+            } else {
+                &mut s.server
+            };
+            config.set_list("allowed_upgrades", &["anything/1.0"]);
+        })
+        .await;
+        let (head, body) = refused_ws(&mesh).await;
+        assert!(head.starts_with("HTTP/1.1 403 "), "{side}: {head}");
+        assert_eq!(
+            head_value(&head, "phoenix-mesh-error"),
+            Some("upgrade-not-allowed"),
+            "{side}: {head}"
+        );
+        assert!(body.contains(hop), "{side}: {body}");
+        assert!(
+            backend.upgrade_heads().is_empty(),
+            "{side}: the backend saw an upgrade: {:?}",
+            backend.upgrade_heads()
+        );
+        plain_request(&mesh, "/after-refusal").await;
+    }
 }

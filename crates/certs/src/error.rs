@@ -4,7 +4,7 @@
 use std::io;
 use std::path::PathBuf;
 
-use crate::malformed::{PemProblem, X509Kind, X509Problem};
+use crate::malformed::{KeyProblem, PemProblem, X509Kind, X509Problem};
 
 /// Why a certificate, key, CA or CRL file could not be used. Every variant names the file.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +37,18 @@ pub enum CertError {
         block: Option<usize>,
         problem: X509Problem,
     },
+    /// A CRL the verifier cannot use, though it is well-formed X.509.
+    #[error("CRL {}: {}{problem}", path.display(), block_of(*block))]
+    Crl {
+        path: PathBuf,
+        /// Which block of the file, counting from 1, when the file holds more than one.
+        block: Option<usize>,
+        /// Why, in words.
+        problem: String,
+    },
+    /// Our own private key is of a kind or size TLS here cannot use.
+    #[error("private key {}: {problem}", path.display())]
+    UnusableKey { path: PathBuf, problem: KeyProblem },
     #[error("CA file {}: {source}", path.display())]
     BadCa {
         path: PathBuf,
@@ -88,6 +100,15 @@ impl CertError {
                 X509Kind::Certificate => "re-issue the certificate with step-ca, or copy the whole file again",
                 X509Kind::Crl => "the CRL must be a PEM or DER X.509 CRL from the Phoenix CA: fetch it again",
             },
+            CertError::Crl { .. } => {
+                "publish a version 2 CRL with a CRL Number extension (step-ca's CRL is one); fetch it again, or fix the tool that made it"
+            }
+            CertError::UnusableKey { problem: KeyProblem::RsaTooSmall { .. }, .. } => {
+                "issue a new certificate with an ECDSA P-256 key (step-ca's default) or an RSA key of at least 2048 bits"
+            }
+            CertError::UnusableKey { .. } => {
+                "use an ECDSA (P-256 or P-384), Ed25519 or RSA (2048 bits or more) key, as step-ca issues by default"
+            }
             CertError::BadCa { .. } => "ca must hold the Phoenix root CA certificate (phoenix_root_ca.crt)",
             CertError::BadKey { .. } => "the key must be PKCS#8, SEC1 EC or PKCS#1 RSA PEM",
             CertError::KeyMismatch { .. } => {

@@ -4,6 +4,7 @@
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use rustls::pki_types::CertificateDer;
 use x509_parser::extensions::GeneralName;
 use x509_parser::objects::oid_registry;
 use x509_parser::oid_registry::OidRegistry;
@@ -21,6 +22,8 @@ pub struct IdentityError(pub(crate) X509Problem);
 pub struct PeerIdentity {
     /// Subject distinguished name in RFC 4514 order (`CN=a,O=b`).
     pub subject: String,
+    /// Issuer distinguished name, written as `subject` is.
+    pub issuer: String,
     /// The subject's first common name.
     pub common_name: Option<String>,
     /// DNS subject alternative names.
@@ -31,6 +34,8 @@ pub struct PeerIdentity {
     pub ips: Vec<String>,
     /// Lowercase hex SHA-256 of the certificate's DER.
     pub sha256: String,
+    /// The serial number, lowercase hex (what a CRL names when it revokes the certificate).
+    pub serial: String,
     /// Start of validity.
     pub not_before: SystemTime,
     /// End of validity.
@@ -39,6 +44,8 @@ pub struct PeerIdentity {
     pub client_auth: bool,
     /// Whether the certificate has an extended key usage extension listing serverAuth.
     pub server_auth: bool,
+    /// The size of the certificate's RSA key in bits; `None` for any other kind of key.
+    pub rsa_bits: Option<usize>,
 }
 
 impl PeerIdentity {
@@ -49,6 +56,7 @@ impl PeerIdentity {
         let registry = oid_registry();
         let mut id = PeerIdentity {
             subject: rfc4514(cert.subject(), registry),
+            issuer: rfc4514(cert.issuer(), registry),
             common_name: cert
                 .subject()
                 .iter_common_name()
@@ -59,10 +67,12 @@ impl PeerIdentity {
             uris: Vec::new(),
             ips: Vec::new(),
             sha256: crate::provider::sha256_hex(der),
+            serial: crate::provider::hex(cert.raw_serial()),
             not_before: to_system_time(cert.validity().not_before.timestamp()),
             not_after: to_system_time(cert.validity().not_after.timestamp()),
             client_auth: false,
             server_auth: false,
+            rsa_bits: rsa_bits(cert.public_key()),
         };
         if let Ok(Some(san)) = cert.subject_alternative_name() {
             for name in &san.value.general_names {
@@ -143,6 +153,23 @@ impl PeerIdentity {
     }
 }
 
+/// The earliest `notAfter` among the certificates of `chain` (leaf and intermediates): when the
+/// chain stops being valid. `None` for an empty chain or one whose certificates do not parse.
+pub fn chain_not_after(chain: &[CertificateDer<'_>]) -> Option<SystemTime> {
+    chain
+        .iter()
+        .map(|der| {
+            X509Certificate::from_der(der)
+                .ok()
+                .map(|(_, cert)| to_system_time(cert.validity().not_after.timestamp()))
+        })
+        .try_fold(None, |earliest: Option<SystemTime>, not_after| {
+            let not_after = not_after?;
+            Some(Some(earliest.map_or(not_after, |e| e.min(not_after))))
+        })
+        .flatten()
+}
+
 /// Values that contain XFCC's separators are quoted, as Envoy does.
 fn push_value(out: &mut String, value: &str) {
     if value.contains([',', ';', '=', '"']) || value.chars().any(|c| c.is_ascii_control()) {
@@ -169,7 +196,7 @@ fn escape_quoted(out: &mut String, value: &str) {
 }
 
 /// RFC 4514: the most specific RDN first, attributes by their short names, special characters escaped.
-fn rfc4514(name: &X509Name<'_>, registry: &OidRegistry<'_>) -> String {
+pub(crate) fn rfc4514(name: &X509Name<'_>, registry: &OidRegistry<'_>) -> String {
     let mut out = String::new();
     for (i, rdn) in name
         .iter_rdn()
@@ -192,9 +219,9 @@ fn rfc4514(name: &X509Name<'_>, registry: &OidRegistry<'_>) -> String {
             out.push('=');
             match attr.as_str() {
                 Ok(value) => {
+                    let last = value.chars().count().saturating_sub(1);
                     for (k, c) in value.chars().enumerate() {
-                        let edge = (k == 0 && (c == ' ' || c == '#'))
-                            || (k + 1 == value.chars().count() && c == ' ');
+                        let edge = (k == 0 && (c == ' ' || c == '#')) || (k == last && c == ' ');
                         if c.is_ascii_control() {
                             let _ = write!(out, "\\{:02X}", c as u32);
                             continue;
@@ -217,6 +244,30 @@ fn rfc4514(name: &X509Name<'_>, registry: &OidRegistry<'_>) -> String {
     out
 }
 
+/// Whether a DER certificate names itself as its issuer (a root CA's does); false when it does not
+/// parse.
+pub fn is_self_issued(der: &[u8]) -> bool {
+    X509Certificate::from_der(der)
+        .is_ok_and(|(_, cert)| cert.subject().as_raw() == cert.issuer().as_raw())
+}
+
+/// The size in bits of an RSA public key's modulus; `None` for any other key.
+pub(crate) fn rsa_bits(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Option<usize> {
+    match spki.parsed() {
+        Ok(x509_parser::public_key::PublicKey::RSA(rsa)) => Some(modulus_bits(rsa.modulus)),
+        _ => None,
+    }
+}
+
+/// The bit length of a big-endian unsigned integer, leading zero bytes and bits not counted.
+pub(crate) fn modulus_bits(modulus: &[u8]) -> usize {
+    let digits = match modulus.iter().position(|&b| b != 0) {
+        Some(first) => &modulus[first..],
+        None => return 0,
+    };
+    digits.len() * 8 - digits[0].leading_zeros() as usize
+}
+
 fn ip_from_bytes(bytes: &[u8]) -> Option<std::net::IpAddr> {
     match bytes.len() {
         4 => <[u8; 4]>::try_from(bytes).ok().map(std::net::IpAddr::from),
@@ -225,7 +276,7 @@ fn ip_from_bytes(bytes: &[u8]) -> Option<std::net::IpAddr> {
     }
 }
 
-fn to_system_time(unix: i64) -> SystemTime {
+pub(crate) fn to_system_time(unix: i64) -> SystemTime {
     if unix >= 0 {
         UNIX_EPOCH + Duration::from_secs(unix.unsigned_abs())
     } else {
@@ -233,8 +284,8 @@ fn to_system_time(unix: i64) -> SystemTime {
     }
 }
 
-/// Formats a time as RFC 3339 UTC to the second, for messages.
-pub(crate) fn fmt_time(t: SystemTime) -> String {
+/// Formats a time as RFC 3339 UTC to the second (`2026-12-06T18:35:00Z`), for messages and reports.
+pub fn fmt_time(t: SystemTime) -> String {
     let secs = match t.duration_since(UNIX_EPOCH) {
         Ok(d) => d.as_secs() as i64,
         Err(e) => -(e.duration().as_secs() as i64),
@@ -263,16 +314,31 @@ mod tests {
     fn valid(from: u64, to: u64) -> PeerIdentity {
         PeerIdentity {
             subject: String::new(),
+            issuer: String::new(),
             common_name: None,
             dns: Vec::new(),
             uris: Vec::new(),
             ips: Vec::new(),
             sha256: String::new(),
+            serial: String::new(),
             not_before: UNIX_EPOCH + Duration::from_secs(from),
             not_after: UNIX_EPOCH + Duration::from_secs(to),
             client_auth: false,
             server_auth: false,
+            rsa_bits: None,
         }
+    }
+
+    #[test]
+    fn an_rsa_modulus_is_measured_without_its_sign_byte() {
+        assert_eq!(modulus_bits(&[]), 0);
+        assert_eq!(modulus_bits(&[0, 0]), 0);
+        let mut der_1024 = vec![0x00, 0xc3];
+        der_1024.extend([0x11; 127]);
+        assert_eq!(modulus_bits(&der_1024), 1024);
+        let mut odd = vec![0x01];
+        odd.extend([0xff; 255]);
+        assert_eq!(modulus_bits(&odd), 2041);
     }
 
     #[test]

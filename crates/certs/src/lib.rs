@@ -12,7 +12,10 @@
 //! - `malformed.rs`: what is wrong with PEM text or X.509 DER, in words ([`PemProblem`], [`X509Problem`]).
 //! - `material.rs`: a side's files loaded and checked together ([`Material`]), and its `--check` lines.
 //! - `identity.rs`: who a certificate names ([`PeerIdentity`]), its XFCC value and the renewal-due rule.
+//! - `inventory.rs`: what loaded material holds, in words ([`Inventory`]: chain, trust anchors, CRLs),
+//!   for `/certs` and `--check`.
 //! - `tls.rs`: the rustls client and server configurations, the listener's peer policy, handshake failure reasons.
+//! - `recheck.rs`: judging an established connection's recorded chain against the policy now in force.
 //! - `verified_chains.rs`: client chains the listener has already verified under its current policy.
 //! - `cache.rs`: a small bounded map keyed by exact bytes (certificates, chains).
 //! - `reload.rs`: live TLS configurations swapped atomically, and the reloader that rebuilds them
@@ -24,10 +27,12 @@
 mod cache;
 mod error;
 mod identity;
+mod inventory;
 mod load;
 mod malformed;
 mod material;
 pub mod provider;
+mod recheck;
 mod reload;
 #[cfg(test)]
 mod test_pem;
@@ -39,13 +44,18 @@ pub mod pki;
 
 pub use cache::ByteCache;
 pub use error::{error_chain, CertError};
-pub use identity::{IdentityError, PeerIdentity};
-pub use malformed::{PemProblem, X509Fault, X509Kind, X509Problem};
+pub use identity::{chain_not_after, fmt_time, is_self_issued, IdentityError, PeerIdentity};
+pub use inventory::{CertSummary, CrlSummary, Inventory};
+pub use malformed::{KeyProblem, PemProblem, X509Fault, X509Kind, X509Problem};
 pub use material::{human, Material, Role, TlsFiles};
-pub use reload::{LiveClientTls, LiveServerTls, LiveTls, ReloadStats, Reloader};
+pub use recheck::{Authenticated, Refusal};
+pub use reload::{
+    LastReload, LiveClientTls, LiveServerTls, LiveTls, OwnChain, ReloadStats, ReloadStatus,
+    Reloader,
+};
 pub use tls::{
-    client_config, failure_reason, refuses_our_certificate, ClientTlsOptions, ServerTlsOptions,
-    TlsVersion, UnknownTlsVersion,
+    client_config, failure_reason, refuses_our_certificate, ClientTlsOptions, KeyTooSmall,
+    ServerTlsOptions, TlsVersion, UnknownTlsVersion, MIN_RSA_BITS,
 };
 
 pub use rustls;

@@ -5,8 +5,11 @@ use std::fs;
 use std::path::Path;
 
 use rustls::pki_types::pem::{self, PemObject};
+use std::sync::Arc;
+
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
-use rustls::RootCertStore;
+use rustls::server::{VerifierBuilderError, WebPkiClientVerifier};
+use rustls::{CertRevocationListError, RootCertStore};
 
 use crate::malformed::{PemProblem, X509Kind, X509Problem};
 use crate::CertError;
@@ -103,9 +106,14 @@ fn block(index: usize, total: usize) -> Option<usize> {
     (total > 1).then_some(index + 1)
 }
 
-/// Certificate revocation lists, each file PEM (`X509 CRL`) or raw DER.
+/// Certificate revocation lists, each file PEM (`X509 CRL`) or raw DER. Each CRL is parsed twice
+/// here, so that a broken one is reported with its file rather than when the TLS configuration is
+/// built: by x509-parser, whose errors say what part is malformed, and by the very parser the
+/// verifier uses (rustls' verifier builder, one CRL at a time), which is stricter (it refuses a CRL
+/// without extensions, for one).
 pub(crate) fn load_crls(
     paths: &[impl AsRef<Path>],
+    roots: &Arc<RootCertStore>,
 ) -> Result<Vec<CertificateRevocationListDer<'static>>, CertError> {
     let mut crls = Vec::new();
     for path in paths {
@@ -133,15 +141,59 @@ pub(crate) fn load_crls(
         // Parse now so a broken CRL is reported with its file, not at the first handshake.
         let total = crls.len() - before;
         for (i, crl) in crls[before..].iter().enumerate() {
-            x509_parser::parse_x509_crl(crl.as_ref()).map_err(|e| CertError::Malformed {
-                what: "CRL",
-                path: path.to_owned(),
-                block: block(i, total),
-                problem: X509Problem::explain(X509Kind::Crl, crl.as_ref(), &e),
-            })?;
+            let (_, parsed) =
+                x509_parser::parse_x509_crl(crl.as_ref()).map_err(|e| CertError::Malformed {
+                    what: "CRL",
+                    path: path.to_owned(),
+                    block: block(i, total),
+                    problem: X509Problem::explain(X509Kind::Crl, crl.as_ref(), &e),
+                })?;
+            let built = WebPkiClientVerifier::builder_with_provider(
+                roots.clone(),
+                crate::provider::provider(),
+            )
+            .with_crls([crl.clone()])
+            .build();
+            if let Err(VerifierBuilderError::InvalidCrl(reason)) = built {
+                return Err(CertError::Crl {
+                    path: path.to_owned(),
+                    block: block(i, total),
+                    problem: crl_problem(&reason, &parsed),
+                });
+            }
         }
     }
     Ok(crls)
+}
+
+/// Why the verifier's parser refused a CRL that x509-parser read (`crl`), in words, ending with
+/// rustls' name for the reason.
+fn crl_problem(
+    reason: &CertRevocationListError,
+    crl: &x509_parser::revocation_list::CertificateRevocationList<'_>,
+) -> String {
+    use CertRevocationListError as E;
+    let words = match reason {
+        E::UnsupportedCrlVersion => {
+            "it is not a version 2 CRL; only version 2 CRLs (with the CRL Number extension, as \
+             RFC 5280 requires) are supported"
+        }
+        E::ParseError if crl.extensions().is_empty() => {
+            "it has no extensions, so no CRL Number extension; RFC 5280 requires one in every \
+             CRL, and the verifier refuses a CRL without it"
+        }
+        E::ParseError => "the verifier cannot parse it (an extension or date it does not accept)",
+        E::InvalidCrlNumber => "its CRL Number is not a positive integer of at most 20 bytes",
+        E::UnsupportedDeltaCrl => "it is a delta CRL; only complete CRLs are supported",
+        E::UnsupportedIndirectCrl => {
+            "it is an indirect CRL; only CRLs from the issuing CA are supported"
+        }
+        E::UnsupportedCriticalExtension => "it has a critical extension the verifier does not know",
+        E::UnsupportedRevocationReason => "it lists a revocation reason the verifier does not know",
+        E::InvalidRevokedCertSerialNumber => "it lists a revoked serial number that is not valid",
+        _ => return format!("the verifier refuses it ({reason:?})"),
+    };
+    format!("{words} ({reason:?})")
 }
 
 #[cfg(test)]
@@ -151,7 +203,14 @@ mod tests {
 
     use super::*;
     use crate::error_chain;
-    use crate::test_pem::{CERT_PEM, CRL_PEM};
+    use crate::test_pem::{CERT_PEM, CRL_PEM, CRL_V1_PEM};
+
+    /// Trust anchors for the CRL checks: the sample CA.
+    fn roots() -> Arc<RootCertStore> {
+        let (_dir, path) = file("ca.pem", CERT_PEM);
+        let certs = certs_from("CA file", &path).unwrap();
+        Arc::new(roots_from(&path, &certs).unwrap())
+    }
 
     /// `data` written as `name` in a fresh directory, which lives as long as the returned guard.
     fn file(name: &str, data: impl AsRef<[u8]>) -> (tempfile::TempDir, PathBuf) {
@@ -254,15 +313,36 @@ mod tests {
     fn a_crl_cut_short_says_it_is_not_complete() {
         let der = CertificateRevocationListDer::from_pem_slice(CRL_PEM.as_bytes()).unwrap();
         let (_dir, path) = file("crl.der", &der[..der.len() - 10]);
-        let error = load_crls(&[&path]).unwrap_err();
+        let error = load_crls(&[&path], &roots()).unwrap_err();
         assert_in_words(&error, &path, "CRL");
         assert_in_words(&error, &path, ": not a complete X.509 CRL");
 
         let (_dir, path) = file("crl.pem", cut_block(CRL_PEM, 2));
-        let error = load_crls(&[&path]).unwrap_err();
+        let error = load_crls(&[&path], &roots()).unwrap_err();
         assert_in_words(&error, &path, ": not a complete X.509 CRL");
 
         let (_dir, whole) = file("crl.pem", CRL_PEM);
-        assert_eq!(load_crls(&[&whole]).unwrap().len(), 1);
+        assert_eq!(load_crls(&[&whole], &roots()).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_crl_without_extensions_is_refused_with_its_file_and_why() {
+        // x509-parser reads it; the verifier's parser refuses it, and did so only when the TLS
+        // configuration was built, naming no file.
+        let (_dir, path) = file("old.crl", CRL_V1_PEM);
+        let error = load_crls(&[&path], &roots()).unwrap_err();
+        assert!(matches!(error, CertError::Crl { .. }), "{error:?}");
+        assert_in_words(
+            &error,
+            &path,
+            ": it has no extensions, so no CRL Number extension",
+        );
+        assert!(error_chain(&error).starts_with("CRL "), "{error}");
+        assert!(error.hint().contains("CRL Number"), "{}", error.hint());
+
+        // The second file of two is the one named.
+        let (_dir, good) = file("good.crl", CRL_PEM);
+        let error = load_crls(&[&good, &path], &roots()).unwrap_err();
+        assert_in_words(&error, &path, "(ParseError)");
     }
 }

@@ -213,6 +213,90 @@ fn structural_fault(der: &[u8]) -> Option<X509Fault> {
     (body.len() < declared).then_some(X509Fault::CutShort)
 }
 
+/// Why our own private key cannot be used, when its kind or its size is the reason: what the
+/// crypto provider's refusal ("failed to parse private key as RSA, ECDSA, or EdDSA") does not say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyProblem {
+    /// An RSA key smaller than 2048 bits, which the provider refuses to sign with.
+    RsaTooSmall {
+        /// Its modulus size.
+        bits: usize,
+    },
+    /// A kind of key the provider cannot sign with.
+    Unsupported {
+        /// What kind (`a DSA key`, `an Ed448 key`, `an EC key on curve 1.3.132.0.10`).
+        kind: String,
+    },
+}
+
+impl fmt::Display for KeyProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeyProblem::RsaTooSmall { bits } => write!(
+                f,
+                "an RSA key of {bits} bits is too small: RSA keys need at least 2048 bits"
+            ),
+            KeyProblem::Unsupported { kind } => write!(
+                f,
+                "{kind} is not supported: the key must be ECDSA (P-256, P-384 or P-521), Ed25519 \
+                 or RSA (2048 bits or more)"
+            ),
+        }
+    }
+}
+
+impl KeyProblem {
+    /// What is wrong with `key`'s kind or size, if that is what is wrong with it. SEC1 keys, and
+    /// anything not parsed here, are left to the provider's own error.
+    pub(crate) fn of(key: &rustls::pki_types::PrivateKeyDer<'_>) -> Option<Self> {
+        use rustls::pki_types::PrivateKeyDer;
+        match key {
+            PrivateKeyDer::Pkcs1(rsa) => rsa_problem(rsa.secret_pkcs1_der()),
+            PrivateKeyDer::Pkcs8(pkcs8) => pkcs8_problem(pkcs8.secret_pkcs8_der()),
+            _ => None,
+        }
+    }
+}
+
+/// An RSAPrivateKey (PKCS#1) whose modulus is smaller than 2048 bits.
+fn rsa_problem(der: &[u8]) -> Option<KeyProblem> {
+    let (_, key) = x509_parser::der_parser::parse_der(der).ok()?;
+    let modulus = key.as_sequence().ok()?.get(1)?.as_slice().ok()?;
+    let bits = crate::identity::modulus_bits(modulus);
+    (bits < crate::tls::MIN_RSA_BITS).then_some(KeyProblem::RsaTooSmall { bits })
+}
+
+/// A PKCS#8 PrivateKeyInfo whose algorithm the provider cannot sign with, or a small RSA key.
+fn pkcs8_problem(der: &[u8]) -> Option<KeyProblem> {
+    let (_, info) = x509_parser::der_parser::parse_der(der).ok()?;
+    let fields = info.as_sequence().ok()?;
+    let algorithm = fields.get(1)?.as_sequence().ok()?;
+    let oid = algorithm.first()?.as_oid().ok()?.to_id_string();
+    let unsupported = |kind: &str| {
+        Some(KeyProblem::Unsupported {
+            kind: kind.to_owned(),
+        })
+    };
+    match oid.as_str() {
+        "1.2.840.113549.1.1.1" => rsa_problem(fields.get(2)?.as_slice().ok()?),
+        "1.2.840.10045.2.1" => {
+            let curve = algorithm.get(1)?.as_oid().ok()?.to_id_string();
+            match curve.as_str() {
+                // P-256, P-384, P-521.
+                "1.2.840.10045.3.1.7" | "1.3.132.0.34" | "1.3.132.0.35" => None,
+                other => unsupported(&format!("an EC key on curve {other}")),
+            }
+        }
+        // Ed25519, and ML-DSA (2.16.840.1.101.3.4.3.x), which the provider signs with.
+        "1.3.101.112" => None,
+        ml_dsa if ml_dsa.starts_with("2.16.840.1.101.3.4.3.") => None,
+        "1.3.101.113" => unsupported("an Ed448 key"),
+        "1.2.840.10040.4.1" => unsupported("a DSA key"),
+        "1.2.840.113549.1.1.10" => unsupported("an RSASSA-PSS key (a PSS-only RSA key)"),
+        other => unsupported(&format!("a key of algorithm {other}")),
+    }
+}
+
 fn x509_fault(error: &X509Error) -> X509Fault {
     use X509Fault::{Duplicate, Part};
     match error {
@@ -244,7 +328,7 @@ mod tests {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-    use crate::test_pem::CERT_PEM;
+    use crate::test_pem::{CERT_PEM, ED448_KEY_PEM, P256_KEY_PEM, RSA_1024_KEY_PEM};
 
     fn pem_problem(text: &str) -> PemProblem {
         let error = CertificateDer::pem_slice_iter(text.as_bytes())
@@ -387,5 +471,24 @@ mod tests {
             !said.contains("NomError") && !said.contains("Parsing Error"),
             "{said}"
         );
+    }
+
+    #[test]
+    fn a_key_the_provider_refuses_is_named_by_its_kind_or_size() {
+        let key = |pem: &str| PrivateKeyDer::from_pem_slice(pem.as_bytes()).unwrap();
+        let small = KeyProblem::of(&key(RSA_1024_KEY_PEM));
+        assert_eq!(small, Some(KeyProblem::RsaTooSmall { bits: 1024 }));
+        let said = small.unwrap().to_string();
+        assert!(said.contains("RSA key of 1024 bits is too small"), "{said}");
+
+        let ed448 = KeyProblem::of(&key(ED448_KEY_PEM)).unwrap();
+        assert!(
+            ed448
+                .to_string()
+                .starts_with("an Ed448 key is not supported"),
+            "{ed448}"
+        );
+
+        assert_eq!(KeyProblem::of(&key(P256_KEY_PEM)), None);
     }
 }

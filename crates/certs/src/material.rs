@@ -11,7 +11,8 @@ use rustls::sign::CertifiedKey;
 use rustls::RootCertStore;
 
 use crate::identity::fmt_time;
-use crate::{load, provider, CertError, PeerIdentity};
+use crate::malformed::KeyProblem;
+use crate::{load, provider, CertError, Inventory, PeerIdentity};
 
 /// The files a side's TLS material comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +53,8 @@ pub struct Material {
     pub leaf: PeerIdentity,
     /// SHA-256 over the CA certificates and CRLs: the trust policy, compared across reloads.
     pub trust_fingerprint: String,
+    /// What it holds, in words: chain, trust anchors, CRLs.
+    pub inventory: Arc<Inventory>,
 }
 
 impl Material {
@@ -66,8 +69,16 @@ impl Material {
         let chain = load::load_cert_chain(&files.cert)?;
         let key = load::load_private_key(&files.key)?;
         let ca_certs = load::certs_from("CA file", &files.ca)?;
-        let roots = load::roots_from(&files.ca, &ca_certs)?;
-        let crls = load::load_crls(&files.crls)?;
+        let roots = Arc::new(load::roots_from(&files.ca, &ca_certs)?);
+        let crl_files = files
+            .crls
+            .iter()
+            .map(|path| Ok((path.clone(), load::load_crls(&[path], &roots)?)))
+            .collect::<Result<Vec<_>, CertError>>()?;
+        let crls: Vec<_> = crl_files
+            .iter()
+            .flat_map(|(_, list)| list.iter().cloned())
+            .collect();
 
         let leaf = PeerIdentity::from_der(&chain[0]).map_err(|e| CertError::Malformed {
             what: "certificate",
@@ -80,9 +91,15 @@ impl Material {
         let signing_key = provider
             .key_provider
             .load_private_key(key.clone_key())
-            .map_err(|source| CertError::BadKey {
-                path: files.key.clone(),
-                source,
+            .map_err(|source| match KeyProblem::of(&key) {
+                Some(problem) => CertError::UnusableKey {
+                    path: files.key.clone(),
+                    problem,
+                },
+                None => CertError::BadKey {
+                    path: files.key.clone(),
+                    source,
+                },
             })?;
         match CertifiedKey::new(chain.clone(), signing_key).keys_match() {
             Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
@@ -109,7 +126,6 @@ impl Material {
             });
         }
 
-        let roots = Arc::new(roots);
         let unix_now = UnixTime::since_unix_epoch(
             now.duration_since(SystemTime::UNIX_EPOCH)
                 .unwrap_or_default(),
@@ -180,8 +196,10 @@ impl Material {
             trust.extend_from_slice(&(der.len() as u64).to_be_bytes());
             trust.extend_from_slice(der);
         }
+        let inventory = Arc::new(Inventory::read(files, &chain, &ca_certs, &crl_files)?);
         Ok(Material {
             trust_fingerprint: provider::sha256_hex(&trust),
+            inventory,
             files: files.clone(),
             chain,
             key,
@@ -201,37 +219,80 @@ fn has_eku(der: &[u8]) -> bool {
 }
 
 impl Material {
-    /// What a `--check` says about loaded material: one (what, detail) pair per verified property.
+    /// What a `--check` says about loaded material: one (what, detail) pair per verified property,
+    /// with what `/certs` shows of each certificate and CRL.
     pub fn describe(&self, now: SystemTime) -> Vec<(String, String)> {
         let leaf = &self.leaf;
         let left = leaf.remaining(now);
         let lifetime = leaf.lifetime().as_secs().max(1);
-        vec![
-            (
-                format!("certificate {}", self.files.cert.display()),
-                format!(
-                    "{} (DNS {:?}, URI {:?}, IP {:?}), valid until {}, {} left ({}% of its lifetime)",
-                    leaf.subject,
-                    leaf.dns,
-                    leaf.uris,
-                    leaf.ips,
-                    fmt_time(leaf.not_after),
-                    human(left.as_secs()),
-                    left.as_secs() * 100 / lifetime
-                ),
+        let inventory = &self.inventory;
+        let mut lines = vec![(
+            format!("certificate {}", self.files.cert.display()),
+            format!(
+                "{} (DNS {:?}, URI {:?}, IP {:?}), serial {}, valid from {} until {}, {} left ({}% of its lifetime)",
+                leaf.subject,
+                leaf.dns,
+                leaf.uris,
+                leaf.ips,
+                leaf.serial,
+                fmt_time(leaf.not_before),
+                fmt_time(leaf.not_after),
+                human(left.as_secs()),
+                left.as_secs() * 100 / lifetime
             ),
-            (format!("private key {}", self.files.key.display()), "matches the certificate".into()),
-            (
-                format!("chain to CA {}", self.files.ca.display()),
-                format!(
-                    "verifies ({} intermediate(s) sent, {} root(s) trusted, {} CRL(s))",
-                    self.chain.len() - 1,
-                    self.roots.len(),
-                    self.crls.len()
-                ),
+        )];
+        for (i, cert) in inventory.chain.iter().enumerate().skip(1) {
+            lines.push((
+                format!("intermediate {i} in {}", self.files.cert.display()),
+                summary(cert),
+            ));
+        }
+        lines.push((
+            format!("private key {}", self.files.key.display()),
+            "matches the certificate".into(),
+        ));
+        lines.push((
+            format!("chain to CA {}", self.files.ca.display()),
+            format!(
+                "verifies ({} intermediate(s) sent, {} root(s) trusted, {} CRL(s))",
+                self.chain.len() - 1,
+                self.roots.len(),
+                self.crls.len()
             ),
-        ]
+        ));
+        for anchor in &inventory.trust_anchors {
+            lines.push((
+                format!("trust anchor in {}", self.files.ca.display()),
+                summary(anchor),
+            ));
+        }
+        for crl in &inventory.crls {
+            lines.push((
+                format!("CRL {}", crl.file.display()),
+                format!(
+                    "issuer {}, number {}, this update {}, next update {}, {} revoked",
+                    crl.issuer,
+                    crl.number.as_deref().unwrap_or("(none)"),
+                    fmt_time(crl.this_update),
+                    crl.next_update.map_or_else(|| "(none)".into(), fmt_time),
+                    crl.entries
+                ),
+            ));
+        }
+        lines
     }
+}
+
+/// A certificate other than our leaf, on one line.
+fn summary(cert: &PeerIdentity) -> String {
+    format!(
+        "{}, issuer {}, serial {}, valid from {} until {}",
+        cert.subject,
+        cert.issuer,
+        cert.serial,
+        fmt_time(cert.not_before),
+        fmt_time(cert.not_after)
+    )
 }
 
 /// `3h12m`, `2d4h`, `45s`.

@@ -13,7 +13,7 @@ use rcgen::{
 };
 use time::OffsetDateTime;
 
-pub use rcgen::Error;
+pub use rcgen::{Error, PublicKeyData, SignatureAlgorithm, PKCS_RSA_SHA256};
 
 /// Which extended key usages a leaf carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,6 +143,15 @@ impl Pki {
 
     /// Issues a leaf from the intermediate.
     pub fn issue(&self, spec: &LeafSpec) -> Result<Leaf, Error> {
+        let key = KeyPair::generate()?;
+        let mut leaf = self.issue_for(spec, &key)?;
+        leaf.key_pem = key.serialize_pem();
+        Ok(leaf)
+    }
+
+    /// Issues a leaf from the intermediate for a public key whose private key is not at hand (a
+    /// key no TLS provider here would load, such as RSA-1024); its `key_pem` is empty.
+    pub fn issue_for(&self, spec: &LeafSpec, key: &impl PublicKeyData) -> Result<Leaf, Error> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.distinguished_name = DistinguishedName::new();
         params
@@ -176,11 +185,10 @@ impl Pki {
         params.not_after = odt(spec.not_after);
         let serial = self.serial.fetch_add(1, Ordering::Relaxed);
         params.serial_number = Some(SerialNumber::from(serial));
-        let key = KeyPair::generate()?;
-        let cert = params.signed_by(&key, &self.intermediate)?;
+        let cert = params.signed_by(key, &self.intermediate)?;
         Ok(Leaf {
             chain_pem: format!("{}{}", cert.pem(), self.intermediate_pem),
-            key_pem: key.serialize_pem(),
+            key_pem: String::new(),
             der: cert.der().to_vec(),
             serial,
         })

@@ -14,11 +14,38 @@ use parking_lot::Mutex;
 use rustls::{ClientConfig, ServerConfig};
 use tracing::{debug, info, warn};
 
+use crate::identity::chain_not_after;
+use crate::recheck::{Authenticated, ClientPolicy, Refusal, ServerPolicy};
 use crate::tls::{build_client_config, build_server_config, ServerResumption};
 use crate::{
-    error_chain, CertError, ClientTlsOptions, Material, PeerIdentity, Role, ServerTlsOptions,
-    TlsFiles,
+    error_chain, CertError, ClientTlsOptions, Inventory, Material, PeerIdentity, Role,
+    ServerTlsOptions, TlsFiles,
 };
+
+/// Our own chain as one configuration presents it: its leaf, and when the first of its
+/// certificates (leaf or intermediate) expires.
+#[derive(Debug)]
+pub struct OwnChain {
+    /// The leaf.
+    pub leaf: PeerIdentity,
+    /// The earliest `notAfter` in the chain.
+    pub not_after: SystemTime,
+}
+
+impl OwnChain {
+    fn of(material: &Material) -> OwnChain {
+        OwnChain {
+            leaf: material.leaf.clone(),
+            not_after: chain_not_after(&material.chain).unwrap_or(material.leaf.not_after),
+        }
+    }
+}
+
+/// Counts the reloads that changed the trust policy; whoever re-checks established connections
+/// waits on it ([`LiveServerTls::policy_changes`], [`LiveClientTls::trust_changes`]).
+fn policy_counter() -> tokio::sync::watch::Sender<u64> {
+    tokio::sync::watch::Sender::new(0)
+}
 
 /// A TLS configuration that can be replaced while connections use the old one.
 pub trait LiveTls: Send + Sync + 'static {
@@ -34,6 +61,9 @@ pub trait LiveTls: Send + Sync + 'static {
     fn install(&self, material: &Material, options: &Self::Options) -> Result<(), CertError>;
     /// Our current leaf.
     fn leaf(&self) -> Arc<PeerIdentity>;
+    /// Our current chain: read before the configuration a handshake uses, it is never newer than
+    /// the chain that handshake presents.
+    fn own_chain(&self) -> Arc<OwnChain>;
 }
 
 /// The listener's live configuration. The session cache and ticket key survive a reload that keeps
@@ -42,6 +72,9 @@ pub trait LiveTls: Send + Sync + 'static {
 pub struct LiveServerTls {
     config: ArcSwap<ServerConfig>,
     leaf: ArcSwap<PeerIdentity>,
+    own: ArcSwap<OwnChain>,
+    policy: ArcSwap<ServerPolicy>,
+    policy_changes: tokio::sync::watch::Sender<u64>,
     resumption: Mutex<(String, ServerResumption)>,
 }
 
@@ -49,10 +82,16 @@ impl LiveServerTls {
     /// The first configuration.
     pub fn new(material: &Material, options: &ServerTlsOptions) -> Result<Self, CertError> {
         let resumption = ServerResumption::new()?;
-        let config = build_server_config(material, options, &resumption)?;
+        let (config, verifier) = build_server_config(material, options, &resumption)?;
         Ok(LiveServerTls {
             config: ArcSwap::new(config),
             leaf: ArcSwap::from_pointee(material.leaf.clone()),
+            own: ArcSwap::from_pointee(OwnChain::of(material)),
+            policy: ArcSwap::from_pointee(ServerPolicy {
+                verifier,
+                min_version: options.min_version,
+            }),
+            policy_changes: policy_counter(),
             resumption: Mutex::new((server_policy(material, options), resumption)),
         })
     }
@@ -60,6 +99,17 @@ impl LiveServerTls {
     /// The configuration new handshakes use.
     pub fn current(&self) -> Arc<ServerConfig> {
         self.config.load_full()
+    }
+
+    /// Whether the policy now in force refuses a client connection authenticated with `auth`.
+    pub fn recheck(&self, auth: &Authenticated) -> Option<Refusal> {
+        self.policy.load().recheck(auth)
+    }
+
+    /// Changes with every reload that changes the trust policy (CA, CRLs, `allowed_peers`, TLS
+    /// versions), after the new policy is in force.
+    pub fn policy_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.policy_changes.subscribe()
     }
 }
 
@@ -88,27 +138,45 @@ impl LiveTls for LiveServerTls {
             fresh = ServerResumption::new()?;
             &fresh
         };
-        let config = build_server_config(material, options, kept)?;
-        if policy != resumption.0 {
+        let (config, verifier) = build_server_config(material, options, kept)?;
+        let changed = policy != resumption.0;
+        if changed {
             info!("trust policy changed (CA, CRLs, allowed_peers or TLS versions): earlier sessions and tickets no longer resume");
             *resumption = (policy, kept.clone());
         }
+        // Our chain before the configuration: a handshake reads them in the other order.
+        self.own.store(Arc::new(OwnChain::of(material)));
         self.config.store(config);
         self.leaf.store(Arc::new(material.leaf.clone()));
+        self.policy.store(Arc::new(ServerPolicy {
+            verifier,
+            min_version: options.min_version,
+        }));
+        if changed {
+            self.policy_changes.send_modify(|n| *n += 1);
+        }
         Ok(())
     }
 
     fn leaf(&self) -> Arc<PeerIdentity> {
         self.leaf.load_full()
     }
+
+    fn own_chain(&self) -> Arc<OwnChain> {
+        self.own.load_full()
+    }
 }
 
-/// The client's live configuration; its session cache survives a reload that keeps the CA and CRLs.
+/// The client's live configuration; its session cache survives a reload that keeps the CA, the CRLs
+/// and our own certificate.
 pub struct LiveClientTls {
     config: ArcSwap<ClientConfig>,
     /// The same offering only HTTP/1.1, for requests that upgrade (WebSocket).
     http1: ArcSwap<ClientConfig>,
     leaf: ArcSwap<PeerIdentity>,
+    own: ArcSwap<OwnChain>,
+    policy: ArcSwap<ClientPolicy>,
+    trust_changes: tokio::sync::watch::Sender<u64>,
     trust: Mutex<String>,
     generation: std::sync::atomic::AtomicU64,
 }
@@ -116,11 +184,17 @@ pub struct LiveClientTls {
 impl LiveClientTls {
     /// The first configuration.
     pub fn new(material: &Material, options: &ClientTlsOptions) -> Result<Self, CertError> {
-        let config = build_client_config(material, options, None)?;
+        let (config, verifier) = build_client_config(material, options, None)?;
         Ok(LiveClientTls {
             http1: ArcSwap::new(http1_only(&config)),
             config: ArcSwap::new(config),
             leaf: ArcSwap::from_pointee(material.leaf.clone()),
+            own: ArcSwap::from_pointee(OwnChain::of(material)),
+            policy: ArcSwap::from_pointee(ClientPolicy {
+                verifier,
+                min_version: options.min_version,
+            }),
+            trust_changes: policy_counter(),
             trust: Mutex::new(format!("{}|{:?}", material.trust_fingerprint, options)),
             generation: std::sync::atomic::AtomicU64::new(0),
         })
@@ -141,6 +215,22 @@ impl LiveClientTls {
     pub fn current_http1(&self) -> Arc<ClientConfig> {
         self.http1.load_full()
     }
+
+    /// Whether the trust now in force refuses a listener connection authenticated with `auth` for
+    /// `name`.
+    pub fn recheck(
+        &self,
+        auth: &Authenticated,
+        name: &rustls::pki_types::ServerName<'_>,
+    ) -> Option<Refusal> {
+        self.policy.load().recheck(auth, name)
+    }
+
+    /// Changes with every reload that changes the trust (CA, CRLs, TLS versions), after the new
+    /// trust is in force.
+    pub fn trust_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.trust_changes.subscribe()
+    }
 }
 
 fn http1_only(config: &Arc<ClientConfig>) -> Arc<ClientConfig> {
@@ -160,18 +250,36 @@ impl LiveTls for LiveClientTls {
     fn install(&self, material: &Material, options: &ClientTlsOptions) -> Result<(), CertError> {
         let mut trust = self.trust.lock();
         let policy = format!("{}|{:?}", material.trust_fingerprint, options);
-        let keep = (policy == *trust).then(|| self.config.load().resumption.clone());
-        let config = build_client_config(material, options, keep)?;
+        let changed = policy != *trust;
+        // A session resumes with the client certificate it began with: one begun with our previous
+        // certificate must not carry it past this reload (the listener would see, and close the
+        // connection at the end of, the old one).
+        let same_leaf = self.leaf.load().sha256 == material.leaf.sha256;
+        let keep = (!changed && same_leaf).then(|| self.config.load().resumption.clone());
+        let (config, verifier) = build_client_config(material, options, keep)?;
         *trust = policy;
+        // Our chain before the configuration: a dial reads them in the other order.
+        self.own.store(Arc::new(OwnChain::of(material)));
         self.http1.store(http1_only(&config));
         self.config.store(config);
         self.leaf.store(Arc::new(material.leaf.clone()));
+        self.policy.store(Arc::new(ClientPolicy {
+            verifier,
+            min_version: options.min_version,
+        }));
         self.generation.fetch_add(1, Ordering::Release);
+        if changed {
+            self.trust_changes.send_modify(|n| *n += 1);
+        }
         Ok(())
     }
 
     fn leaf(&self) -> Arc<PeerIdentity> {
         self.leaf.load_full()
+    }
+
+    fn own_chain(&self) -> Arc<OwnChain> {
+        self.own.load_full()
     }
 }
 
@@ -251,20 +359,57 @@ impl Settling {
     }
 }
 
+/// What is in service and how the last reload went, as `/certs` shows it.
+#[derive(Debug, Clone)]
+pub struct ReloadStatus {
+    /// What the material in service holds.
+    pub inventory: Arc<Inventory>,
+    /// When that material was loaded.
+    pub loaded_at: SystemTime,
+    /// The last reload tried since start, if any.
+    pub last_reload: Option<LastReload>,
+}
+
+impl ReloadStatus {
+    /// Why the material in service is the last good one, kept after a failed reload; `None` when
+    /// the last reload (if any) worked.
+    pub fn kept_because(&self) -> Option<&str> {
+        self.last_reload.as_ref().and_then(|r| r.error.as_deref())
+    }
+}
+
+/// One reload tried.
+#[derive(Debug, Clone)]
+pub struct LastReload {
+    /// When it ended.
+    pub at: SystemTime,
+    /// What started it (`SIGHUP`, `certificate files changed`).
+    pub trigger: String,
+    /// Why it failed, the whole error chain; `None` when it worked.
+    pub error: Option<String>,
+}
+
 /// Rebuilds a live configuration from its files, on request or when their contents change.
 pub struct Reloader<T: LiveTls> {
     live: Arc<T>,
     watch: Mutex<Watch<T::Options>>,
+    status: Mutex<ReloadStatus>,
     /// Counters by result.
     pub stats: ReloadStats,
 }
 
 impl<T: LiveTls> Reloader<T> {
-    /// Watches `files` (already loaded into `live`).
-    pub fn new(live: Arc<T>, files: TlsFiles, options: T::Options) -> Self {
+    /// Watches the files `material` (already in `live`) was loaded from.
+    pub fn new(live: Arc<T>, material: &Material, options: T::Options) -> Self {
+        let files = material.files.clone();
         let seen = fingerprint(&files);
         Reloader {
             live,
+            status: Mutex::new(ReloadStatus {
+                inventory: material.inventory.clone(),
+                loaded_at: SystemTime::now(),
+                last_reload: None,
+            }),
             watch: Mutex::new(Watch {
                 files,
                 options,
@@ -279,6 +424,11 @@ impl<T: LiveTls> Reloader<T> {
     /// The live configuration.
     pub fn live(&self) -> &Arc<T> {
         &self.live
+    }
+
+    /// What is in service and how the last reload went.
+    pub fn status(&self) -> ReloadStatus {
+        self.status.lock().clone()
     }
 
     /// Reloads from `files` with `options` now (SIGHUP). On failure the previous material stays in
@@ -370,8 +520,20 @@ impl<T: LiveTls> Reloader<T> {
         why: &str,
         result: Result<Material, CertError>,
     ) -> Result<(), CertError> {
+        let at = SystemTime::now();
+        let mut status = self.status.lock();
         match result {
             Ok(material) => {
+                *status = ReloadStatus {
+                    inventory: material.inventory.clone(),
+                    loaded_at: at,
+                    last_reload: Some(LastReload {
+                        at,
+                        trigger: why.to_owned(),
+                        error: None,
+                    }),
+                };
+                drop(status);
                 self.stats.succeeded.fetch_add(1, Ordering::Relaxed);
                 let left = material.leaf.remaining(SystemTime::now());
                 info!(
@@ -384,6 +546,12 @@ impl<T: LiveTls> Reloader<T> {
                 Ok(())
             }
             Err(error) => {
+                status.last_reload = Some(LastReload {
+                    at,
+                    trigger: why.to_owned(),
+                    error: Some(error_chain(&error)),
+                });
+                drop(status);
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
                 warn!(reason = why, error = %error_chain(&error), "certificate reload failed; keeping the previous material");
                 Err(error)
@@ -512,7 +680,7 @@ mod tests {
         let options = ServerTlsOptions::default();
         let material = Material::load(&files, Role::Server).unwrap();
         let live = Arc::new(LiveServerTls::new(&material, &options).unwrap());
-        let reloader = Arc::new(Reloader::new(live, files.clone(), options));
+        let reloader = Arc::new(Reloader::new(live, &material, options));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let watcher = tokio::spawn(reloader.clone().watch_files(POLL, async move {
             let _ = stopped.await;
@@ -562,5 +730,86 @@ mod tests {
 
         stop.send(()).unwrap();
         watcher.await.unwrap();
+    }
+
+    /// The status `/certs` shows: what is in service (chain, anchors, CRLs as loaded), and after a
+    /// botched renewal the last good material with the reason it is kept, until a good one applies.
+    #[cfg(feature = "pki-gen")]
+    #[test]
+    fn the_status_names_the_material_in_service_and_why_a_last_good_one_is_kept() {
+        use crate::pki::{LeafSpec, Pki};
+        use crate::{LiveServerTls, ServerTlsOptions};
+
+        // The DER integer's bytes in lowercase hex.
+        let serial = |n: u64| {
+            let hex = format!("{n:x}");
+            if hex.len() % 2 == 1 {
+                format!("0{hex}")
+            } else {
+                hex
+            }
+        };
+        let pki = Pki::new("status test").unwrap();
+        let issue = || {
+            pki.issue(&LeafSpec::new("listener.test", Duration::from_secs(86_400)))
+                .unwrap()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let files = TlsFiles {
+            cert: dir.path().join("cert.pem"),
+            key: dir.path().join("key.pem"),
+            ca: dir.path().join("ca.pem"),
+            crls: vec![dir.path().join("crl.pem")],
+        };
+        let first = issue();
+        fs::write(&files.cert, &first.chain_pem).unwrap();
+        fs::write(&files.key, &first.key_pem).unwrap();
+        fs::write(&files.ca, pki.root_pem()).unwrap();
+        fs::write(&files.crls[0], pki.crl(&[7, 9]).unwrap()).unwrap();
+        let options = ServerTlsOptions::default();
+        let material = Material::load(&files, Role::Server).unwrap();
+        let live = Arc::new(LiveServerTls::new(&material, &options).unwrap());
+        let reloader = Reloader::new(live, &material, options.clone());
+
+        let status = reloader.status();
+        assert!(status.last_reload.is_none() && status.kept_because().is_none());
+        let inventory = &status.inventory;
+        assert_eq!(inventory.chain.len(), 2, "leaf and intermediate");
+        assert_eq!(inventory.chain[0].serial, serial(first.serial));
+        assert_eq!(inventory.chain[0].dns, ["listener.test"]);
+        assert_eq!(inventory.chain[0].issuer, inventory.chain[1].subject);
+        assert_eq!(inventory.trust_anchors.len(), 1);
+        assert_eq!(
+            inventory.chain[1].issuer,
+            inventory.trust_anchors[0].subject
+        );
+        let crl = &inventory.crls[0];
+        assert_eq!(
+            (crl.file.as_path(), crl.entries),
+            (files.crls[0].as_path(), 2)
+        );
+        assert_eq!(crl.issuer, inventory.chain[1].subject);
+        assert!(crl.number.is_some() && crl.next_update > Some(crl.this_update));
+        let loaded_at = status.loaded_at;
+
+        fs::write(&files.cert, "garbage\n").unwrap();
+        assert!(reloader
+            .reload(files.clone(), options.clone(), "SIGHUP")
+            .is_err());
+        let status = reloader.status();
+        assert_eq!(status.inventory.chain[0].serial, serial(first.serial));
+        assert_eq!(status.loaded_at, loaded_at, "the last good material stays");
+        let why = status.kept_because().unwrap();
+        assert!(why.contains("cert.pem"), "{why}");
+        assert_eq!(status.last_reload.as_ref().unwrap().trigger, "SIGHUP");
+
+        let second = issue();
+        fs::write(&files.cert, &second.chain_pem).unwrap();
+        fs::write(&files.key, &second.key_pem).unwrap();
+        assert!(reloader.reload(files, options, "SIGHUP").is_ok());
+        let status = reloader.status();
+        assert_eq!(status.inventory.chain[0].serial, serial(second.serial));
+        assert!(status.kept_because().is_none());
+        assert!(status.loaded_at >= loaded_at);
     }
 }

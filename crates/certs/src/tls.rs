@@ -48,6 +48,17 @@ impl std::str::FromStr for TlsVersion {
 }
 
 impl TlsVersion {
+    /// Whether a connection that negotiated `version` is at or above this floor.
+    pub fn admits(self, version: rustls::ProtocolVersion) -> bool {
+        match self {
+            TlsVersion::Tls13 => version == rustls::ProtocolVersion::TLSv1_3,
+            TlsVersion::Tls12 => matches!(
+                version,
+                rustls::ProtocolVersion::TLSv1_3 | rustls::ProtocolVersion::TLSv1_2
+            ),
+        }
+    }
+
     fn versions(self) -> &'static [&'static SupportedProtocolVersion] {
         static TLS13_ONLY: [&SupportedProtocolVersion; 1] = [&rustls::version::TLS13];
         static TLS12_UP: [&SupportedProtocolVersion; 2] =
@@ -94,11 +105,13 @@ impl ServerResumption {
     }
 }
 
+/// The listener's configuration, and the client verifier in it, which re-checks established
+/// connections (see [`crate::recheck`]).
 pub(crate) fn build_server_config(
     material: &Material,
     options: &ServerTlsOptions,
     resumption: &ServerResumption,
-) -> Result<Arc<ServerConfig>, CertError> {
+) -> Result<(Arc<ServerConfig>, Arc<dyn ClientCertVerifier>), CertError> {
     let provider = provider::provider();
     let inner =
         WebPkiClientVerifier::builder_with_provider(material.roots.clone(), provider.clone())
@@ -109,15 +122,16 @@ pub(crate) fn build_server_config(
             .only_check_end_entity_revocation()
             .build()
             .map_err(|e| CertError::Tls(rustls::Error::General(format!("client verifier: {e}"))))?;
-    let verifier = Arc::new(PeerPolicy {
+    let verifier: Arc<dyn ClientCertVerifier> = Arc::new(PeerPolicy {
         inner,
         allowed: options.allowed_peers.clone(),
         verified: VerifiedChains::default(),
+        refusals: RefusalLines::default(),
     });
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(options.min_version.versions())
         .map_err(CertError::Tls)?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(verifier.clone())
         .with_single_cert(material.chain.clone(), material.key.clone_key())
         .map_err(CertError::Tls)?;
     config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
@@ -128,7 +142,7 @@ pub(crate) fn build_server_config(
     // One ticket per handshake is enough for a client that reconnects one connection at a time
     // and saves an encryption per handshake; a pool of parallel connections gets one each.
     config.send_tls13_tickets = 1;
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), verifier))
 }
 
 /// The client's configuration: our chain presented, the listener verified against `ca` and CRLs.
@@ -137,14 +151,16 @@ pub fn client_config(
     material: &Material,
     options: &ClientTlsOptions,
 ) -> Result<Arc<ClientConfig>, CertError> {
-    build_client_config(material, options, None)
+    build_client_config(material, options, None).map(|(config, _)| config)
 }
 
+/// The client's configuration, and the listener verifier in it, which re-checks established
+/// connections (see [`crate::recheck`]).
 pub(crate) fn build_client_config(
     material: &Material,
     options: &ClientTlsOptions,
     resumption: Option<rustls::client::Resumption>,
-) -> Result<Arc<ClientConfig>, CertError> {
+) -> Result<(Arc<ClientConfig>, Arc<WebPkiServerVerifier>), CertError> {
     let provider = provider::provider();
     let verifier =
         WebPkiServerVerifier::builder_with_provider(material.roots.clone(), provider.clone())
@@ -158,7 +174,7 @@ pub(crate) fn build_client_config(
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(options.min_version.versions())
         .map_err(CertError::Tls)?
-        .with_webpki_verifier(verifier)
+        .with_webpki_verifier(verifier.clone())
         .with_client_auth_cert(material.chain.clone(), material.key.clone_key())
         .map_err(CertError::Tls)?;
     let offered = if options.http2 { &ALPN[..] } else { &ALPN[1..] };
@@ -166,7 +182,7 @@ pub(crate) fn build_client_config(
     if let Some(resumption) = resumption {
         config.resumption = resumption;
     }
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), verifier))
 }
 
 /// rustls' own client verifier first, then our policy: the clientAuth usage must be present (webpki
@@ -177,6 +193,64 @@ struct PeerPolicy {
     inner: Arc<dyn ClientCertVerifier>,
     allowed: Vec<String>,
     verified: VerifiedChains,
+    refusals: RefusalLines,
+}
+
+/// The smallest RSA key the listener accepts from a client, as aws-lc-rs verifies signatures
+/// (`RSA_PSS_2048_8192_*`, `RSA_PKCS1_2048_8192_*`): a smaller key would fail its CertificateVerify as
+/// a "bad signature", which names the wrong cause.
+pub const MIN_RSA_BITS: usize = 2048;
+
+/// A client certificate whose RSA key is smaller than [`MIN_RSA_BITS`]; refused by name.
+#[derive(Debug, thiserror::Error)]
+#[error("the client certificate's RSA key has {bits} bits; at least 2048 are required")]
+pub struct KeyTooSmall {
+    /// The key's modulus size.
+    pub bits: usize,
+}
+
+/// The longest text out of a certificate (in characters) that reaches a log line; longer is cut.
+const LOGGED_CHARS: usize = 256;
+
+/// At most [`LOGGED_CHARS`] of `text`.
+pub(crate) fn bounded(text: &str) -> &str {
+    match text.char_indices().nth(LOGGED_CHARS) {
+        Some((cut, _)) => &text[..cut],
+        None => text,
+    }
+}
+
+/// The first few entries of `names`, each [`bounded`].
+fn bounded_list(names: &[String]) -> Vec<&str> {
+    names.iter().take(8).map(|n| bounded(n)).collect()
+}
+
+/// The verifier's own refusal lines (the identity a policy refused), at most one per reason per
+/// [`REFUSAL_LINE_INTERVAL`]: a peer may present a certificate of our CA it does not hold the key of,
+/// as often as it likes. The listener's own line for each failed handshake, rate-limited with a
+/// count of those it left out, and the metrics, count every one.
+#[derive(Debug, Default)]
+struct RefusalLines {
+    last: parking_lot::Mutex<Vec<(&'static str, std::time::Instant)>>,
+}
+
+/// How often the verifier names a refused identity, per reason.
+const REFUSAL_LINE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl RefusalLines {
+    /// Runs `line` unless a line for `reason` was written within the interval.
+    fn log(&self, reason: &'static str, line: impl FnOnce()) {
+        let now = std::time::Instant::now();
+        {
+            let mut last = self.last.lock();
+            match last.iter_mut().find(|(r, _)| *r == reason) {
+                Some((_, at)) if now.duration_since(*at) < REFUSAL_LINE_INTERVAL => return,
+                Some((_, at)) => *at = now,
+                None => last.push((reason, now)),
+            }
+        }
+        line();
+    }
 }
 
 impl ClientCertVerifier for PeerPolicy {
@@ -202,31 +276,56 @@ impl ClientCertVerifier for PeerPolicy {
         if self.verified.contains(&key, now) {
             return Ok(ClientCertVerified::assertion());
         }
+        // The chain first, and nothing read out of the certificate before it verifies: anyone who
+        // reaches the port can present any certificate, and reading its names costs time in
+        // proportion to what the stranger chose to put in them. A refusal here is logged by the
+        // listener, once per reason per interval, with the reason alone.
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
         let id = match PeerIdentity::from_der(end_entity) {
             Ok(id) => id,
             Err(error) => {
-                info!(%error, "client certificate refused: unparseable");
+                self.refusals.log("unparseable", || {
+                    info!(%error, "client certificate refused: unparseable");
+                });
                 return Err(rustls::Error::InvalidCertificate(
                     CertificateError::BadEncoding,
                 ));
             }
         };
-        if let Err(error) = self
-            .inner
-            .verify_client_cert(end_entity, intermediates, now)
-        {
-            info!(peer.id = id.name(), peer.subject = %id.subject, %error, "client certificate refused");
-            return Err(error);
+        if let Some(bits) = id.rsa_bits.filter(|&bits| bits < MIN_RSA_BITS) {
+            self.refusals.log("key-too-small", || {
+                info!(
+                    peer.id = bounded(id.name()),
+                    peer.subject = bounded(&id.subject),
+                    bits,
+                    reason = "RSA key too small",
+                    "client certificate refused"
+                );
+            });
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                rustls::OtherError(Arc::new(KeyTooSmall { bits })),
+            )));
         }
         if !id.client_auth {
-            info!(peer.id = id.name(), peer.subject = %id.subject, reason = "no clientAuth extended key usage", "client certificate refused");
+            self.refusals.log("wrong-usage", || {
+                info!(
+                    peer.id = bounded(id.name()),
+                    peer.subject = bounded(&id.subject),
+                    reason = "no clientAuth extended key usage",
+                    "client certificate refused"
+                );
+            });
             return Err(rustls::Error::InvalidCertificate(
                 CertificateError::InvalidPurpose,
             ));
         }
         if !self.allowed.is_empty() && !id.matches_any(&self.allowed) {
-            info!(peer.id = id.name(), peer.subject = %id.subject, peer.dns = ?id.dns, peer.uris = ?id.uris,
-                reason = "not in allowed_peers", "client certificate refused");
+            self.refusals.log("not-allowed", || {
+                info!(peer.id = bounded(id.name()), peer.subject = bounded(&id.subject),
+                    peer.dns = ?bounded_list(&id.dns), peer.uris = ?bounded_list(&id.uris),
+                    reason = "not in allowed_peers", "client certificate refused");
+            });
             return Err(rustls::Error::InvalidCertificate(
                 CertificateError::ApplicationVerificationFailure,
             ));
@@ -282,22 +381,25 @@ pub fn failure_reason(error: &rustls::Error) -> &'static str {
     use rustls::{AlertDescription as A, Error as E};
     match error {
         E::NoCertificatesPresented => "no-certificate",
-        E::InvalidCertificate(c) => {
-            match c {
-                CertificateError::UnknownIssuer => "unknown-ca",
-                CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired",
-                CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
-                    "not-yet-valid"
-                }
-                CertificateError::Revoked => "revoked",
-                CertificateError::InvalidPurpose
-                | CertificateError::InvalidPurposeContext { .. } => "wrong-usage",
-                CertificateError::NotValidForName
-                | CertificateError::NotValidForNameContext { .. } => "wrong-name",
-                CertificateError::ApplicationVerificationFailure => "not-allowed",
-                _ => "bad-certificate",
+        E::InvalidCertificate(c) => match c {
+            CertificateError::UnknownIssuer => "unknown-ca",
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired",
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                "not-yet-valid"
             }
-        }
+            CertificateError::Revoked => "revoked",
+            CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
+                "wrong-usage"
+            }
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+                "wrong-name"
+            }
+            CertificateError::ApplicationVerificationFailure => "not-allowed",
+            CertificateError::Other(other) if other.0.downcast_ref::<KeyTooSmall>().is_some() => {
+                "key-too-small"
+            }
+            _ => "bad-certificate",
+        },
         E::AlertReceived(A::CertificateRequired) => "peer-wants-certificate",
         E::AlertReceived(alert) if refuses_our_certificate(*alert) => "peer-refused-certificate",
         E::AlertReceived(_) => "alert",
@@ -350,6 +452,25 @@ mod tests {
         (A::NoApplicationProtocol, false),
         (A::EncryptedClientHelloRequired, false),
     ];
+
+    #[test]
+    fn text_out_of_a_certificate_is_cut_to_256_characters() {
+        assert_eq!(bounded("short"), "short");
+        let long = "é".repeat(60 * 1024);
+        assert_eq!(bounded(&long).chars().count(), LOGGED_CHARS);
+        let names: Vec<String> = (0..100).map(|i| format!("n{i}")).collect();
+        assert_eq!(bounded_list(&names).len(), 8);
+    }
+
+    #[test]
+    fn a_refusal_line_is_written_once_per_reason_per_interval() {
+        let lines = RefusalLines::default();
+        let mut written = Vec::new();
+        for reason in ["not-allowed", "not-allowed", "wrong-usage", "not-allowed"] {
+            lines.log(reason, || written.push(reason));
+        }
+        assert_eq!(written, ["not-allowed", "wrong-usage"]);
+    }
 
     #[test]
     fn alert_table() {

@@ -8,9 +8,9 @@ use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use phoenix_mesh_certs::{client_config, error_chain, human, Material, PeerIdentity, Role};
+use phoenix_mesh_certs::{error_chain, human, PeerIdentity};
 use phoenix_mesh_common::check::{CheckRequest, Report};
-use phoenix_mesh_common::settings::SideSettings;
+use phoenix_mesh_common::sidecar::load_tls;
 use phoenix_mesh_common::MESH_ERROR_HEADER;
 use phoenix_mesh_transport::tls_verdict::await_verdict;
 use rustls::pki_types::ServerName;
@@ -31,8 +31,8 @@ pub async fn check(settings: &ClientSettings, request: &CheckRequest) -> Report 
             settings.listen, settings.upstreams, settings.server_name
         ),
     );
-    let material = match Material::load(&settings.shared.tls, Role::Client) {
-        Ok(m) => m,
+    let (material, live) = match load_tls(settings) {
+        Ok(loaded) => loaded,
         Err(error) => {
             report.fail("our certificate", error_chain(&error), error.hint());
             return report;
@@ -48,14 +48,7 @@ pub async fn check(settings: &ClientSettings, request: &CheckRequest) -> Report 
             "is the step-ca renewal timer running?",
         );
     }
-    let options = settings.tls_options();
-    let config = match client_config(&material, &options) {
-        Ok(c) => c,
-        Err(error) => {
-            report.fail("TLS configuration", error_chain(&error), error.hint());
-            return report;
-        }
-    };
+    let config = live.current();
     let Ok(server_name) = ServerName::try_from(settings.server_name.clone()) else {
         report.fail(
             "server_name",

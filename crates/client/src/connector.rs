@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use phoenix_mesh_certs::{LiveClientTls, LiveTls};
+use phoenix_mesh_common::live::{End, LiveConnections};
 use phoenix_mesh_common::log_limit::{Cause, LogLimit, Repeat};
 use phoenix_mesh_common::metrics::{DialResult, Metrics, UpstreamLabels, UpstreamName};
 use phoenix_mesh_transport::balance::Balancer;
@@ -47,6 +48,7 @@ impl MeshConnector {
         handshake_timeout: Duration,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let live = LiveConnections::new(metrics.clone(), End::Dialled);
         MeshConnector(
             Arc::new(Dialer {
                 balancer: Balancer::new(upstreams.len()),
@@ -57,6 +59,7 @@ impl MeshConnector {
                     connect_timeout,
                     handshake_timeout,
                     metrics,
+                    live,
                 ),
                 log: LogLimit::new(),
             }),
@@ -79,10 +82,29 @@ impl MeshConnector {
         self.0.listener.tls.generation()
     }
 
-    /// Why a connection opened with `info` must take no new requests, if it must: its listener
-    /// certificate ends within `margin`, or our own certificate or trust was reloaded since.
-    pub(crate) fn retirement(&self, info: &ConnInfo, margin: Duration) -> Option<Retirement> {
-        Retirement::of(info, margin, self.generation(), SystemTime::now())
+    /// Why a connection opened with `info` must take no new requests, if it must: its
+    /// certificates end soon, the trust now in force refuses it, or our own certificate or trust
+    /// was reloaded since.
+    pub(crate) fn retirement(&self, info: &ConnInfo) -> Option<Retirement> {
+        Retirement::of(
+            info.live.retirement(SystemTime::now()),
+            info.generation,
+            self.generation(),
+        )
+    }
+
+    /// The established connections to the listeners, with who is on each (for `/certs`).
+    pub(crate) fn live(&self) -> &Arc<LiveConnections> {
+        &self.0.listener.live
+    }
+
+    /// Re-checks every established connection against the trust now in force (after a reload
+    /// changed the CA or CRLs): those it refuses retire, and close once their requests finish.
+    pub(crate) fn recheck(&self) -> usize {
+        let listener = &self.0.listener;
+        listener
+            .live
+            .recheck(|auth| listener.tls.recheck(auth, &listener.server_name))
     }
 
     /// The same dialler offering only HTTP/1.1 through ALPN, for requests that upgrade.

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::Mutex;
-use phoenix_mesh_certs::{failure_reason, LiveClientTls, PeerIdentity};
+use phoenix_mesh_certs::{failure_reason, Authenticated, LiveClientTls, LiveTls, PeerIdentity};
+use phoenix_mesh_common::live::LiveConnections;
 use phoenix_mesh_common::metrics::{GaugeGuard, HandshakeKind, HandshakeReason, Metrics};
 use phoenix_mesh_transport::tls_verdict::{await_verdict, rustls_error, PeerAlert};
 use rustls::pki_types::ServerName;
@@ -33,6 +34,8 @@ pub(crate) struct ListenerDial {
     pub listener_not_after: AtomicU64,
     /// The fingerprint of the listener certificate last warned about, so each is warned about once.
     warned_for: Mutex<String>,
+    /// The established connections, each retired before its certificates end.
+    pub live: Arc<LiveConnections>,
 }
 
 /// What one connection attempt came to.
@@ -40,6 +43,9 @@ enum Dialed {
     Ready(Box<MeshStream>),
     /// A resumed session whose listener certificate has expired since it began: not used.
     ExpiredSession,
+    /// A resumed session whose certificates end within the retire margin (its listener may have
+    /// renewed since): not used, since it would be retired at once.
+    RetiringSession,
 }
 
 impl ListenerDial {
@@ -49,6 +55,7 @@ impl ListenerDial {
         connect_timeout: Duration,
         handshake_timeout: Duration,
         metrics: Arc<Metrics>,
+        live: Arc<LiveConnections>,
     ) -> Self {
         ListenerDial {
             server_name,
@@ -58,6 +65,7 @@ impl ListenerDial {
             metrics,
             listener_not_after: AtomicU64::new(0),
             warned_for: Mutex::new(String::new()),
+            live,
         }
     }
 
@@ -73,12 +81,25 @@ impl ListenerDial {
                 // A resumed handshake does not show the listener's certificate again, and a ticket can
                 // outlive a step-ca certificate: redo it in full so the certificate is verified now.
                 info!(%upstream, "resumed session carries a listener certificate that has expired since; handshaking in full");
-                match self.attempt(upstream, http1_only, false).await? {
-                    Dialed::Ready(stream) => Ok(*stream),
-                    Dialed::ExpiredSession => Err(UpstreamError::ListenerCertificateExpired {
-                        upstream: upstream.to_owned(),
-                    }),
-                }
+                self.full(upstream, http1_only).await
+            }
+            Dialed::RetiringSession => {
+                // A session resumes with the certificates it began with: once they are about to end,
+                // only a full handshake shows whether the listener has renewed its own.
+                debug!(%upstream, "resumed session's certificates end within the retire margin; handshaking in full");
+                self.full(upstream, http1_only).await
+            }
+        }
+    }
+
+    /// One connection to `upstream` with a full handshake.
+    async fn full(&self, upstream: &str, http1_only: bool) -> Result<MeshStream, UpstreamError> {
+        match self.attempt(upstream, http1_only, false).await? {
+            Dialed::Ready(stream) => Ok(*stream),
+            Dialed::ExpiredSession | Dialed::RetiringSession => {
+                Err(UpstreamError::ListenerCertificateExpired {
+                    upstream: upstream.to_owned(),
+                })
             }
         }
     }
@@ -106,8 +127,10 @@ impl ListenerDial {
             }
         };
         let _ = tcp.set_nodelay(true);
-        // Read before the config: a reload in between marks this connection stale, never the reverse.
+        // Read before the config: a reload in between marks this connection stale, never the reverse,
+        // and our chain read here is never newer than the one the handshake presents.
         let generation = self.tls.generation();
+        let own = self.tls.own_chain();
         let mut config = if http1_only {
             self.tls.current_http1()
         } else {
@@ -154,28 +177,51 @@ impl ListenerDial {
         };
         self.metrics.handshake_ok(kind, started.elapsed());
         let h2 = conn.alpn_protocol() == Some(b"h2");
-        let peer = conn
+        let chain = conn
             .peer_certificates()
-            .and_then(|certs| certs.first())
-            .and_then(|leaf| PeerIdentity::from_der(leaf).ok());
-        let expires = peer
-            .as_ref()
-            .map_or(SystemTime::UNIX_EPOCH, |p| p.not_after);
-        if resume && resumed && expires < SystemTime::now() {
+            .map(<[_]>::to_vec)
+            .unwrap_or_default();
+        // rustls has verified the chain, so its leaf parses; one that x509-parser still cannot
+        // read cannot be given a lifetime, and is not used.
+        let peer = match chain.first().map(|leaf| PeerIdentity::from_der(leaf)) {
+            Some(Ok(peer)) => peer,
+            Some(Err(error)) => {
+                return Err(UpstreamError::Handshake {
+                    upstream: upstream.to_owned(),
+                    cause: std::io::Error::new(std::io::ErrorKind::InvalidData, error),
+                })
+            }
+            None => {
+                return Err(UpstreamError::Handshake {
+                    upstream: upstream.to_owned(),
+                    cause: std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "the listener presented no certificate",
+                    ),
+                })
+            }
+        };
+        if resume && resumed && peer.not_after < SystemTime::now() {
             return Ok(Dialed::ExpiredSession);
         }
-        if let Some(peer) = &peer {
-            self.note_listener_certificate(upstream, peer);
-        }
+        self.note_listener_certificate(upstream, &peer);
         debug!(%upstream, h2, "mesh link established");
+        let auth = Authenticated {
+            chain: chain.into(),
+            version: conn.protocol_version(),
+        };
+        let registered = self.live.register(Arc::new(peer), auth, &own);
+        if resume && resumed && registered.conn().opened_within_margin() {
+            return Ok(Dialed::RetiringSession);
+        }
         let info = ConnInfo {
-            expires,
+            live: registered.conn().clone(),
             generation,
             alert: PeerAlert::default(),
         };
         let open = GaugeGuard::new(&self.metrics.upstream_connections);
         Ok(Dialed::Ready(Box::new(MeshStream::new(
-            tls, info, h2, open,
+            tls, info, h2, open, registered,
         ))))
     }
 

@@ -7,16 +7,18 @@ use std::time::Duration;
 
 use http::header::{HeaderValue, HOST};
 use http::uri::{Authority, Scheme};
-use http::{Method, Request, Response, StatusCode, Uri};
+use http::{Request, Response, StatusCode, Uri};
 use http_body_util::Either;
 use hyper::body::Incoming;
+use phoenix_mesh_common::conformance::{self, Refusal};
 use phoenix_mesh_common::headers::{
-    remove_hop_by_hop, remove_hop_by_hop_request, restore_upgrade, retarget, upgrade_protocol,
+    join_cookies, remove_hop_by_hop, remove_hop_by_hop_request, remove_identity_headers,
+    restore_upgrade, retarget, AllowedUpgrades,
 };
 use phoenix_mesh_common::log_limit::{Cause, LogLimit, Repeat};
 use phoenix_mesh_common::metrics::MadeBy;
 use phoenix_mesh_common::{mesh_error, ProxyBody, MESH_ERROR_HEADER};
-use phoenix_mesh_transport::body::ResponseBody;
+use phoenix_mesh_transport::body::{request_body_failure, ResponseBody};
 use phoenix_mesh_transport::dial::NeverRetire;
 use phoenix_mesh_transport::h2::shared::{self, SharedConnection};
 use phoenix_mesh_transport::pool::{self, Pool};
@@ -32,9 +34,8 @@ use crate::upstream_error::{client_cert_alert, UpstreamError};
 /// request's, and Host itself travels untouched as a header.
 const POOL_AUTHORITY: &str = "phoenix-mesh";
 
-/// A connection is retired when it is used this long (plus the pool's idle timeout, the longest it
-/// can sit unused) before its listener certificate expires.
-const RETIRE_MARGIN: Duration = Duration::from_secs(30);
+/// How the client names itself in the answers it makes.
+const HOP: &str = "phoenix-mesh client";
 
 /// Why a request found no answer from the mesh listener.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +61,8 @@ impl SendError {
             SendError::Link(shared::Error::TurnedAway { .. }) => "turned-away",
             SendError::Pool(pool::Error::Handshake(_)) => "http1-handshake",
             SendError::Pool(pool::Error::Request(_)) => "http1-request",
+            // The client's pools have no limit: never met.
+            SendError::Pool(pool::Error::Busy { .. }) => "http1-busy",
         })
     }
 }
@@ -77,6 +80,8 @@ pub(crate) struct Upstream {
     timeout: Duration,
     /// Failed requests, each kind logged once per interval however many requests it fails.
     log: LogLimit,
+    /// The protocols a request may upgrade to (`allowed_upgrades`).
+    allowed_upgrades: AllowedUpgrades,
 }
 
 impl Upstream {
@@ -87,7 +92,7 @@ impl Upstream {
         timeout: Duration,
         http2: bool,
     ) -> Self {
-        let policy = MeshPolicy::new(connector.clone(), pool_idle + RETIRE_MARGIN);
+        let policy = MeshPolicy::new(connector.clone());
         let h2 = http2.then(|| {
             SharedConnection::new(
                 connector.clone(),
@@ -107,7 +112,14 @@ impl Upstream {
             upstreams: upstreams.join(", ").into(),
             timeout,
             log: LogLimit::new(),
+            allowed_upgrades: AllowedUpgrades::default(),
         }
+    }
+
+    /// Carries upgrades to `allowed` protocols only (`allowed_upgrades`); WebSocket without this.
+    pub(crate) fn allowing_upgrades(mut self, allowed: AllowedUpgrades) -> Self {
+        self.allowed_upgrades = allowed;
+        self
     }
 
     /// Whether to log this failure now (see [`LogLimit`]); the metrics count every one regardless.
@@ -125,8 +137,11 @@ impl Upstream {
         &self,
         mut req: Request<Incoming>,
     ) -> (Response<ResponseBody>, MadeBy) {
-        let upgrade =
-            upgrade_protocol(req.headers()).filter(|_| req.version() == http::Version::HTTP_11);
+        // The first sidecar a request reaches refuses what no hop may forward.
+        let upgrade = match conformance::admit(&req, &self.allowed_upgrades) {
+            Ok(upgrade) => upgrade,
+            Err(refusal) => return (refusal.response(HOP).map(Either::Left), MadeBy::Sidecar),
+        };
         let downstream = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         // h2c from a client carries the host in :authority only.
@@ -138,6 +153,10 @@ impl Upstream {
             }
         }
         remove_hop_by_hop_request(&mut parts.headers);
+        join_cookies(&mut parts.headers);
+        // The identity the backend reads is the one the listener verified; whatever nginx passed
+        // on under those names stops here too, so no listener (an older one included) forwards it.
+        remove_identity_headers(&mut parts.headers);
         if let Some(protocol) = upgrade {
             restore_upgrade(&mut parts.headers, protocol);
         }
@@ -212,13 +231,10 @@ impl Upstream {
             return Ok(response.map(|body| Either::Left(Either::Left(body))));
         }
         let request = match &self.h2 {
-            // CONNECT asks for a tunnel, which an HTTP/2 stream to the listener does not give.
-            Some(link) if request.method() != Method::CONNECT => {
-                match link.send(request).await.map_err(SendError::Link)? {
-                    shared::Sent::Response(response) => return Ok(response.map(Either::Right)),
-                    shared::Sent::NotHttp2(request) => request,
-                }
-            }
+            Some(link) => match link.send(request).await.map_err(SendError::Link)? {
+                shared::Sent::Response(response) => return Ok(response.map(Either::Right)),
+                shared::Sent::NotHttp2(request) => request,
+            },
             _ => request,
         };
         let response = self
@@ -230,6 +246,11 @@ impl Upstream {
     }
 
     fn failure(&self, error: &SendError) -> Response<ProxyBody> {
+        // What broke was the sender's request body (a malformed chunk, an upload cut off), not the
+        // link: the sender's error, answered here where it was read.
+        if let Some(cause) = request_body_failure(error) {
+            return Refusal::unreadable_body(&cause).response(HOP);
+        }
         // In TLS 1.3 the listener checks our certificate after our side of the handshake is done, so
         // its refusal arrives as an alert on a later read. On the mesh link h2 keeps only an I/O
         // error's kind and message, so the connection itself keeps the alert it read.
@@ -296,22 +317,13 @@ impl Upstream {
 }
 
 /// `request` with the target an HTTP/1.1 request line carries to the listener, as hyper's pooled
-/// client sends it: origin form (`/path?query`), or authority form for CONNECT.
+/// client sends it: origin form (`/path?query`; CONNECT, which has none, is refused before).
 fn http1_target(mut request: Request<ProxyBody>) -> Request<ProxyBody> {
-    let uri = request.uri();
-    let target = if request.method() == Method::CONNECT {
-        uri.authority().map(|authority| {
-            let mut parts = http::uri::Parts::default();
-            parts.authority = Some(authority.clone());
-            Uri::from_parts(parts)
-        })
-    } else {
-        uri.path_and_query().map(|path| {
-            let mut parts = http::uri::Parts::default();
-            parts.path_and_query = Some(path.clone());
-            Uri::from_parts(parts)
-        })
-    };
+    let target = request.uri().path_and_query().map(|path| {
+        let mut parts = http::uri::Parts::default();
+        parts.path_and_query = Some(path.clone());
+        Uri::from_parts(parts)
+    });
     if let Some(Ok(target)) = target {
         *request.uri_mut() = target;
     }

@@ -2,9 +2,11 @@
 //! every plain request rides ([`phoenix_mesh_transport::h2::shared`]), and the HTTP/1.1 pool beside
 //! it ([`phoenix_mesh_transport::pool`]).
 //!
-//! A connection is *retired* (takes no new requests; those in flight finish on it) when its listener
-//! certificate expires within the retire margin, or it was opened before our own certificate or trust
-//! was reloaded. A listener that does not choose HTTP/2 gets the requests over HTTP/1.1 for a while
+//! A connection is *retired* (takes no new requests; those in flight finish on it) by the rule in
+//! [`crate::retirement`]: when its certificates end soon, when a reload's trust refuses it, or when it
+//! was opened before our own certificate or trust was reloaded. The first two happen on their own,
+//! so the pools let go of such a connection without waiting for a request to find out, and close it
+//! at its certificates' end whatever it carries. A listener that does not choose HTTP/2 gets the requests over HTTP/1.1 for a while
 //! ([`H1_FALLBACK`]).
 //!
 //! A request the listener turned away unprocessed (its stream refused, or above the last stream its
@@ -17,7 +19,7 @@ use std::time::Duration;
 
 use http::Request;
 use phoenix_mesh_transport::body::ProxyBody;
-use phoenix_mesh_transport::dial::Retire;
+use phoenix_mesh_transport::dial::{Lifetime, Retire};
 use phoenix_mesh_transport::h2::shared::{idempotent_without_body, Policy, SharedConnection};
 use tracing::info;
 
@@ -34,28 +36,33 @@ pub(crate) const H1_FALLBACK: Duration = Duration::from_secs(60);
 #[derive(Clone)]
 pub(crate) struct MeshPolicy {
     connector: MeshConnector,
-    /// Retire a connection whose listener certificate expires within this.
-    retire_margin: Duration,
 }
 
 impl MeshPolicy {
-    pub(crate) fn new(connector: MeshConnector, retire_margin: Duration) -> Self {
-        MeshPolicy {
-            connector,
-            retire_margin,
-        }
+    pub(crate) fn new(connector: MeshConnector) -> Self {
+        MeshPolicy { connector }
     }
 }
 
 impl Retire<ConnInfo> for MeshPolicy {
     fn retire(&self, info: &ConnInfo) -> bool {
-        match self.connector.retirement(info, self.retire_margin) {
+        match self.connector.retirement(info) {
             Some(retirement) => {
                 retirement.log();
                 true
             }
             None => false,
         }
+    }
+
+    fn lifetime(&self, info: &ConnInfo) -> Option<Lifetime> {
+        let retired = info.live.retired();
+        Some(Lifetime {
+            retired: Box::pin(async move {
+                retired.await;
+            }),
+            deadline: info.live.deadline(),
+        })
     }
 }
 

@@ -6,6 +6,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use phoenix_mesh_common::live::Registration;
 use phoenix_mesh_common::metrics::GaugeGuard;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -19,6 +20,8 @@ pub struct MeshStream {
     info: ConnInfo,
     h2: bool,
     _open: GaugeGuard,
+    /// Its entry among the live connections, removed when it closes.
+    _registered: Registration,
 }
 
 impl MeshStream {
@@ -28,12 +31,14 @@ impl MeshStream {
         info: ConnInfo,
         h2: bool,
         open: GaugeGuard,
+        registered: Registration,
     ) -> Self {
         MeshStream {
             tls,
             info,
             h2,
             _open: open,
+            _registered: registered,
         }
     }
 

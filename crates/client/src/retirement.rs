@@ -1,39 +1,33 @@
 //! A mesh connection is *retired* when it must take no new requests (those in flight on it finish):
-//! its listener certificate ends within the retire margin, so that the connection never outlives it,
+//! the first of its certificates (ours or the listener's, leaf or intermediate) ends within the
+//! dialler's margin (see [`phoenix_mesh_common::live`]), so that its replacement is open before the
+//! listener asks it to go and it never outlives them; a reload's trust refuses the listener's chain;
 //! or it was opened before our own certificate or trust was reloaded, so that the listener sees the
 //! new ones soon. New requests get a fresh connection, which a fresh handshake verifies.
 
-use std::time::{Duration, SystemTime};
-
+use phoenix_mesh_common::metrics::ClosedReason;
 use tracing::info;
-
-use crate::conn_info::ConnInfo;
 
 /// Why a connection is retired.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Retirement {
-    expiring: bool,
+    /// Its certificates end soon, or the trust now in force refuses it.
+    ending: Option<ClosedReason>,
     rotated: bool,
 }
 
 impl Retirement {
-    /// Whether the connection opened with `info` is retired at `now`, with our TLS at `generation`,
-    /// and why.
-    pub(crate) fn of(
-        info: &ConnInfo,
-        margin: Duration,
-        generation: u64,
-        now: SystemTime,
-    ) -> Option<Self> {
-        let expiring = info.expires <= now + margin;
-        let rotated = info.generation < generation;
-        (expiring || rotated).then_some(Retirement { expiring, rotated })
+    /// Whether a connection is retired, and why: `ending` as its live entry says at this moment,
+    /// `opened` our TLS generation when it was dialled, `generation` ours now.
+    pub(crate) fn of(ending: Option<ClosedReason>, opened: u64, generation: u64) -> Option<Self> {
+        let rotated = opened < generation;
+        (ending.is_some() || rotated).then_some(Retirement { ending, rotated })
     }
 
     /// Says so in the log, once per retired connection.
     pub(crate) fn log(self) {
         info!(
-            listener_cert_expiring = self.expiring,
+            reason = self.ending.map(ClosedReason::as_str),
             our_tls_reloaded = self.rotated,
             "retired a mesh connection; new requests get a fresh one"
         );
@@ -43,30 +37,16 @@ impl Retirement {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use phoenix_mesh_transport::tls_verdict::PeerAlert;
 
     #[test]
-    fn retires_on_an_expiring_listener_certificate_or_our_reload() {
-        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
-        let margin = Duration::from_secs(90);
-        let info = |expires_in: u64, generation| ConnInfo {
-            expires: now + Duration::from_secs(expires_in),
-            generation,
-            alert: PeerAlert::default(),
-        };
-        let retired = |expiring, rotated| Some(Retirement { expiring, rotated });
-        assert_eq!(Retirement::of(&info(91, 2), margin, 2, now), None);
-        assert_eq!(
-            Retirement::of(&info(90, 2), margin, 2, now),
-            retired(true, false)
-        );
-        assert_eq!(
-            Retirement::of(&info(91, 1), margin, 2, now),
-            retired(false, true)
-        );
-        assert_eq!(
-            Retirement::of(&info(0, 1), margin, 2, now),
-            retired(true, true)
-        );
+    fn retires_on_certificates_ending_a_refusal_or_our_reload() {
+        let retired = |ending, rotated| Some(Retirement { ending, rotated });
+        assert_eq!(Retirement::of(None, 2, 2), None);
+        let expiry = Some(ClosedReason::CertificateExpiry);
+        assert_eq!(Retirement::of(expiry, 2, 2), retired(expiry, false));
+        let revoked = Some(ClosedReason::Revoked);
+        assert_eq!(Retirement::of(revoked, 2, 2), retired(revoked, false));
+        assert_eq!(Retirement::of(None, 1, 2), retired(None, true));
+        assert_eq!(Retirement::of(expiry, 1, 2), retired(expiry, true));
     }
 }

@@ -6,15 +6,19 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use hyper::service::service_fn;
-use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use phoenix_mesh_certs::LiveClientTls;
 use phoenix_mesh_common::admin::NotReady;
+use phoenix_mesh_common::certs_report::ConnectedPeers;
 use phoenix_mesh_common::check::{CheckRequest, Report};
 use phoenix_mesh_common::config::ConfigError;
+use phoenix_mesh_common::live::LiveConnections;
 use phoenix_mesh_common::metrics::{CertKind, GaugeGuard, Metrics};
 use phoenix_mesh_common::sidecar::{conn_span, Side, Sidecar, StartError, State};
+use phoenix_mesh_common::stall::progress_timeout;
+use phoenix_mesh_transport::progress::Progress;
 use phoenix_mesh_transport::serve::{accept_loop, http_builder, serve_http, ShutdownWatch, Slot};
+use phoenix_mesh_transport::serving_task::{spawn_serving, ServingExecutor};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
@@ -35,7 +39,9 @@ pub type ClientSidecar = Sidecar<ClientSide>;
 pub struct ClientSide {
     connector: MeshConnector,
     upstream: Upstream,
-    http: auto::Builder<TokioExecutor>,
+    http: auto::Builder<ServingExecutor>,
+    /// Responses from the mesh listener that stop moving for `upstream_timeout` are cut off.
+    progress: Progress,
 }
 
 /// The socket nginx connects to.
@@ -79,11 +85,17 @@ impl Side for ClientSide {
             settings.pool_idle_timeout,
             settings.upstream_timeout,
             settings.upstream_http2,
-        );
+        )
+        .allowing_upgrades(settings.shared.allowed_upgrades.clone());
         Ok(ClientSide {
             connector,
             upstream,
             http: http_builder(&settings.shared.http),
+            progress: progress_timeout(
+                format!("mesh listener ({})", settings.upstreams.join(", ")),
+                "upstream_timeout",
+                settings.upstream_timeout,
+            ),
         })
     }
 
@@ -123,6 +135,7 @@ impl Side for ClientSide {
 
     async fn accept(state: Arc<State<Self>>, listener: ClientListener, shutdown: ShutdownWatch) {
         let max = state.settings.shared.max_connections;
+        tokio::spawn(recheck_on_trust_change(state.clone(), shutdown.clone()));
         let conn_shutdown = shutdown.clone();
         match listener {
             ClientListener::Tcp(listener) => {
@@ -141,6 +154,10 @@ impl Side for ClientSide {
         }
     }
 
+    fn peers(&self) -> &dyn ConnectedPeers {
+        &**self.connector.live()
+    }
+
     async fn ready(state: &State<Self>) -> Result<Option<&'static str>, NotReady> {
         state
             .side
@@ -149,6 +166,10 @@ impl Side for ClientSide {
             .await
             .map_err(|e| NotReady::Peer(e.into()))?;
         Ok(Some("a mesh listener answered mutual TLS"))
+    }
+
+    fn progress(&self) -> &Progress {
+        &self.progress
     }
 
     fn refresh_metrics(state: &State<Self>) {
@@ -160,6 +181,32 @@ impl Side for ClientSide {
 
     async fn check(settings: &ClientSettings, request: &CheckRequest) -> Report {
         crate::check::check(settings, request).await
+    }
+}
+
+impl ClientSide {
+    /// The established connections to the mesh listeners, with who is on each (for `/certs`).
+    pub fn live(&self) -> &Arc<LiveConnections> {
+        self.connector.live()
+    }
+}
+
+/// Re-checks every established mesh connection whenever a reload changes the trust (CA, CRLs, TLS
+/// versions): those whose listener the new trust refuses retire at once and close once their
+/// requests finish, rather than at the next request that finds them stale.
+async fn recheck_on_trust_change(state: Arc<State<ClientSide>>, mut shutdown: ShutdownWatch) {
+    let mut changes = state.reloader.live().trust_changes();
+    loop {
+        tokio::select! {
+            () = shutdown.wait() => return,
+            changed = changes.changed() => if changed.is_err() { return },
+        }
+        let closed = state.side.connector.recheck();
+        info!(
+            closed,
+            open = state.side.live().len(),
+            "trust changed: established mesh connections checked against it"
+        );
     }
 }
 
@@ -200,5 +247,6 @@ fn serve_conn<S>(
             debug!(%error, "connection ended with an error");
         }
     };
-    tokio::spawn(conn.instrument(span));
+    // A serving task: over HTTP/1.1 a response that stalls ends its connection.
+    spawn_serving(conn.instrument(span));
 }

@@ -1,5 +1,5 @@
-//! The admin endpoint on loopback: `/healthz` (alive), `/readyz` (ready to carry traffic) and
-//! `/metrics` (Prometheus text).
+//! The admin endpoint on loopback: `/healthz` (alive), `/readyz` (ready to carry traffic),
+//! `/metrics` (Prometheus text) and `/certs` (the certificates in service, JSON).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -46,6 +46,8 @@ pub trait AdminState: Send + Sync + 'static {
     fn ready(&self) -> Pin<Box<dyn Future<Output = Result<String, NotReady>> + Send + '_>>;
     /// The Prometheus text exposition.
     fn metrics(&self) -> String;
+    /// The `/certs` document ([`crate::certs_report`]).
+    fn certs(&self) -> String;
 }
 
 /// Serves the admin endpoint on `listener` until shutdown. A connection that has not sent a whole
@@ -58,7 +60,7 @@ pub async fn serve_admin(
     shutdown: ShutdownWatch,
 ) {
     if let Ok(addr) = listener.local_addr() {
-        info!(admin = %addr, "admin endpoint serving /healthz, /readyz, /metrics");
+        info!(admin = %addr, "admin endpoint serving /healthz, /readyz, /metrics, /certs");
     }
     accept_loop(listener, 64, shutdown, move |stream, _, slot| {
         let state = state.clone();
@@ -108,9 +110,10 @@ async fn route(state: &dyn AdminState, req: &Request<Incoming>) -> Response<Full
             state.metrics(),
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         ),
+        "/certs" => text(StatusCode::OK, state.certs(), "application/json"),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /healthz, /readyz, /metrics\n".into(),
+            "not found: try /healthz, /readyz, /metrics, /certs\n".into(),
             "text/plain; charset=utf-8",
         ),
     }

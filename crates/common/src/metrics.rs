@@ -90,6 +90,25 @@ label_values! {
 }
 
 label_values! {
+    /// Why the mesh closed an established connection itself
+    /// (`phoenix_mesh_connections_closed_total{reason}`).
+    ClosedReason {
+        /// The peer's chain ends soon: closed before its earliest `notAfter`.
+        CertificateExpiry => "certificate_expiry",
+        /// Our own chain, as this connection presented it, ends soon.
+        OwnCertificateExpiry => "own_certificate_expiry",
+        /// A CRL reload revoked the peer's certificate.
+        Revoked => "revoked",
+        /// The peer is no longer in `allowed_peers`.
+        NotAllowed => "not_allowed",
+        /// The peer's chain no longer verifies against the reloaded `ca`.
+        CaChanged => "ca_changed",
+        /// The connection's TLS version is below the reloaded `min_tls_version`.
+        TlsVersion => "tls_version",
+    }
+}
+
+label_values! {
     /// A response status's class.
     StatusClass {
         /// 1xx.
@@ -146,6 +165,9 @@ pub enum HandshakeReason {
     BadCertificate,
     /// The client certificate expired after its session began (a resumed session).
     Expired,
+    /// Dropped before it finished, to make room for a newer connection: `max_pending_handshakes`
+    /// were pending and this one was the oldest.
+    Dropped,
     /// What rustls' error says, as [`phoenix_mesh_certs::failure_reason`] names it.
     Tls(&'static str),
 }
@@ -162,6 +184,7 @@ impl HandshakeReason {
             HandshakeReason::NoCertificate => "no-certificate",
             HandshakeReason::BadCertificate => "bad-certificate",
             HandshakeReason::Expired => "expired",
+            HandshakeReason::Dropped => "dropped",
             HandshakeReason::Tls(reason) => reason,
         }
     }
@@ -218,6 +241,13 @@ pub struct CertLabels {
     pub cert: CertKind,
 }
 
+/// Why a connection was closed.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClosedLabels {
+    /// `certificate_expiry`, `revoked`, ...
+    pub reason: ClosedReason,
+}
+
 /// A result label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
@@ -263,8 +293,14 @@ pub struct Metrics {
     pub upstream_healthy: Family<UpstreamName, Gauge>,
     /// Not-after of our certificate and, on the client, the listener's, as Unix seconds.
     pub cert_not_after: Family<CertLabels, Gauge>,
+    /// The same times under the name Prometheus' conventions give an absolute time, for alerts.
+    pub cert_expiry: Family<CertLabels, Gauge>,
+    /// Not-before of our certificate, as Unix seconds: with the expiry, its lifetime.
+    pub cert_not_before: Family<CertLabels, Gauge>,
     /// Certificate and config reloads by result.
     pub reloads: Family<ResultLabels, Counter>,
+    /// Established connections the mesh closed itself, by reason.
+    pub connections_closed: Family<ClosedLabels, Counter>,
     /// `requests`' counters by [`StatusClass`] and [`MadeBy`], each taken from the family the first
     /// time it is used: counting a request is then an atomic add, not a locked hash lookup.
     request_counters: [[OnceLock<Counter>; MadeBy::ALL.len()]; StatusClass::ALL.len()],
@@ -328,11 +364,29 @@ impl Metrics {
             "Certificate expiry as Unix time: our own, and the mesh listener's on the client",
             cert_not_after.clone(),
         );
+        let cert_expiry = Family::<CertLabels, Gauge>::default();
+        registry.register(
+            "certificate_expiry_timestamp_seconds",
+            "Certificate expiry (notAfter) as Unix time: our own, and the mesh listener's on the client",
+            cert_expiry.clone(),
+        );
+        let cert_not_before = Family::<CertLabels, Gauge>::default();
+        registry.register(
+            "certificate_not_before_timestamp_seconds",
+            "Start of our certificate's validity (notBefore) as Unix time",
+            cert_not_before.clone(),
+        );
         let reloads = Family::<ResultLabels, Counter>::default();
         registry.register(
             "reloads",
             "Certificate and config reloads by result",
             reloads.clone(),
+        );
+        let connections_closed = Family::<ClosedLabels, Counter>::default();
+        registry.register(
+            "connections_closed",
+            "Established connections closed because their certificates end or a reload's policy refuses them, by reason",
+            connections_closed.clone(),
         );
         Metrics {
             registry,
@@ -345,7 +399,10 @@ impl Metrics {
             upstream_dials,
             upstream_healthy,
             cert_not_after,
+            cert_expiry,
+            cert_not_before,
             reloads,
+            connections_closed,
             request_counters: Default::default(),
         }
     }
@@ -377,8 +434,19 @@ impl Metrics {
         self.handshake_seconds.observe(took.as_secs_f64());
     }
 
-    /// Counts one request.
+    /// Counts one request and the time to its response head.
     pub fn request(&self, status: http::StatusCode, made_by: MadeBy, took: Duration) {
+        self.count_request(status, made_by);
+        self.observe_response_head(took);
+    }
+
+    /// Records the time a request took until its response head.
+    pub fn observe_response_head(&self, took: Duration) {
+        self.request_seconds.observe(took.as_secs_f64());
+    }
+
+    /// Counts one finished request.
+    pub fn count_request(&self, status: http::StatusCode, made_by: MadeBy) {
         let status_class = StatusClass::of(status);
         self.request_counters[status_class as usize][made_by as usize]
             .get_or_init(|| {
@@ -390,7 +458,6 @@ impl Metrics {
                     .clone()
             })
             .inc();
-        self.request_seconds.observe(took.as_secs_f64());
     }
 
     /// Brings a counter kept elsewhere (an atomic) up to `total`.
@@ -405,9 +472,24 @@ impl Metrics {
         }
     }
 
-    /// Sets a certificate's not-after time.
+    /// Counts one connection closed for `reason`.
+    pub fn connection_closed(&self, reason: ClosedReason) {
+        self.connections_closed
+            .get_or_create(&ClosedLabels { reason })
+            .inc();
+    }
+
+    /// Sets a certificate's not-after time (both names of it).
     pub fn set_not_after(&self, cert: CertKind, unix_seconds: u64) {
-        self.cert_not_after
+        let value = i64::try_from(unix_seconds).unwrap_or(i64::MAX);
+        let labels = CertLabels { cert };
+        self.cert_not_after.get_or_create(&labels).set(value);
+        self.cert_expiry.get_or_create(&labels).set(value);
+    }
+
+    /// Sets a certificate's not-before time.
+    pub fn set_not_before(&self, cert: CertKind, unix_seconds: u64) {
+        self.cert_not_before
             .get_or_create(&CertLabels { cert })
             .set(i64::try_from(unix_seconds).unwrap_or(i64::MAX));
     }
@@ -513,14 +595,17 @@ mod tests {
             .inc();
         let ok = AtomicU64::new(2);
         m.sync_reloads(&ok, &AtomicU64::new(0));
+        m.connection_closed(ClosedReason::NotAllowed);
         let text = m.encode();
         for line in [
             r#"phoenix_mesh_tls_handshakes_total{result="ok",reason="none",kind="resumed"} 1"#,
             r#"phoenix_mesh_tls_handshakes_total{result="failed",reason="unknown-ca",kind="unknown"} 1"#,
             r#"phoenix_mesh_tls_handshakes_total{result="failed",reason="plaintext-http",kind="unknown"} 1"#,
             r#"phoenix_mesh_certificate_not_after_seconds{cert="peer"} 7"#,
+            r#"phoenix_mesh_certificate_expiry_timestamp_seconds{cert="peer"} 7"#,
             r#"phoenix_mesh_upstream_dials_total{upstream="10.0.0.12:8443",result="upstream-unreachable"} 1"#,
             r#"phoenix_mesh_reloads_total{result="ok"} 2"#,
+            r#"phoenix_mesh_connections_closed_total{reason="not_allowed"} 1"#,
         ] {
             assert!(
                 text.lines().any(|l| l == line),

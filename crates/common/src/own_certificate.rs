@@ -32,16 +32,17 @@ pub fn log_certificate(material: &Material, role: &str) {
     }
 }
 
-/// Brings the metrics that come from the TLS material up to date: our certificate's not-after and
+/// Brings the metrics that come from the TLS material up to date: our certificate's validity and
 /// the reload counters.
 pub fn refresh_tls_metrics<T: LiveTls>(metrics: &Metrics, reloader: &Reloader<T>) {
-    let not_after = reloader
-        .live()
-        .leaf()
-        .not_after
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default();
-    metrics.set_not_after(CertKind::Own, not_after.as_secs());
+    let leaf = reloader.live().leaf();
+    let unix = |t: SystemTime| {
+        t.duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs()
+    };
+    metrics.set_not_after(CertKind::Own, unix(leaf.not_after));
+    metrics.set_not_before(CertKind::Own, unix(leaf.not_before));
     metrics.sync_reloads(&reloader.stats.succeeded, &reloader.stats.failed);
 }
 

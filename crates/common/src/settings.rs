@@ -11,6 +11,8 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::config::{resolve, ConfigDuration, ConfigError};
+use crate::headers::AllowedUpgrades;
+use phoenix_mesh_transport::h2::client::MAX_HEADER_LIST_SIZE;
 use phoenix_mesh_transport::serve::HttpOptions;
 
 /// One side's validated settings, as far as the skeleton and reloading need to know them.
@@ -60,9 +62,11 @@ struct SharedFile {
     access_log: bool,
     #[serde(default)]
     worker_threads: Option<usize>,
+    #[serde(default)]
+    allowed_upgrades: Option<Vec<String>>,
 }
 
-const SHARED_KEYS: [&str; 14] = [
+const SHARED_KEYS: [&str; 15] = [
     "worker_threads",
     "cert",
     "key",
@@ -77,6 +81,7 @@ const SHARED_KEYS: [&str; 14] = [
     "drain_timeout",
     "reload_poll_interval",
     "access_log",
+    "allowed_upgrades",
 ];
 
 /// Validated shared settings.
@@ -103,6 +108,8 @@ pub struct SharedSettings {
     /// Threads of the async runtime: 1 (the default) runs everything on one thread, 0 means one
     /// per CPU.
     pub worker_threads: usize,
+    /// The protocols a request may upgrade to (`Upgrade`); others are refused.
+    pub allowed_upgrades: AllowedUpgrades,
 }
 
 /// Reads `path` and splits it into the shared settings and the side's own keys `T`.
@@ -274,6 +281,29 @@ impl SharedSettings {
                 format!("{max_header_bytes} is below the 8192-byte minimum"),
             ));
         }
+        // The mesh link takes header lists up to this size: a head the listener lets through must
+        // never be one the client cannot read (which would fail the whole shared connection).
+        let most = MAX_HEADER_LIST_SIZE as usize;
+        if max_header_bytes > most {
+            return Err(invalid(
+                path,
+                "max_header_bytes",
+                format!("{max_header_bytes} is above the {most}-byte maximum"),
+            ));
+        }
+        let allowed_upgrades = match f.allowed_upgrades {
+            None => AllowedUpgrades::default(),
+            Some(tokens) => {
+                if let Some(bad) = tokens.iter().find(|t| !is_upgrade_token(t)) {
+                    return Err(invalid(
+                        path,
+                        "allowed_upgrades",
+                        format!("{bad:?} is not a protocol name such as \"websocket\" (a token, optionally /version)"),
+                    ));
+                }
+                AllowedUpgrades::new(tokens)
+            }
+        };
         let max_connections = match f.max_connections {
             Some(0) => {
                 return Err(invalid(
@@ -305,6 +335,7 @@ impl SharedSettings {
             reload_poll_interval: or_secs(f.reload_poll_interval, 10),
             access_log: f.access_log,
             worker_threads: f.worker_threads.unwrap_or(1),
+            allowed_upgrades,
         })
     }
 
@@ -325,8 +356,24 @@ impl SharedSettings {
             ),
             ("access_log", self.access_log.to_string()),
             ("worker_threads", self.worker_threads.to_string()),
+            (
+                "allowed_upgrades",
+                format!("{:?}", self.allowed_upgrades.tokens().collect::<Vec<_>>()),
+            ),
         ]
     }
+}
+
+/// Whether `text` is an `Upgrade` protocol: a token, optionally `/` and a version token (RFC 9110
+/// section 7.8).
+fn is_upgrade_token(text: &str) -> bool {
+    let token = |t: &str| {
+        !t.is_empty()
+            && t.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    };
+    let mut parts = text.splitn(2, '/');
+    parts.next().is_some_and(token) && parts.next().is_none_or(token)
 }
 
 #[cfg(test)]
@@ -423,5 +470,15 @@ mod tests {
         assert!(shared.tls.cert.is_absolute() && shared.tls.cert.ends_with("a.crt"));
         assert_eq!(shared.tls.key, Path::new("/k"));
         assert_eq!(shared.worker_threads, 1);
+    }
+
+    #[test]
+    fn upgrade_tokens_are_tokens_with_an_optional_version() {
+        for good in ["websocket", "WebSocket", "anything/1.0", "h2c"] {
+            assert!(super::is_upgrade_token(good), "{good}");
+        }
+        for bad in ["", "web socket", "a/", "/1.0", "a/b/c", "a,b"] {
+            assert!(!super::is_upgrade_token(bad), "{bad:?}");
+        }
     }
 }

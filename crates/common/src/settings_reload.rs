@@ -148,6 +148,7 @@ mod tests {
                 reload_poll_interval: Duration::from_secs(10),
                 access_log: false,
                 worker_threads: 1,
+                allowed_upgrades: crate::headers::AllowedUpgrades::default(),
             },
             backend: 80,
         }

@@ -15,12 +15,14 @@ use std::time::Instant;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use phoenix_mesh_certs::{CertError, LiveTls, Material, Reloader};
+use phoenix_mesh_transport::progress::{Progress, Watched};
 use phoenix_mesh_transport::serve::ShutdownWatch;
 use tokio::net::TcpListener;
 use tracing::{field, info_span, Span};
 
-use crate::access::{AccessStart, Logged};
+use crate::access::{AccessStart, Count, Logged};
 use crate::admin::{serve_admin, AdminState, NotReady};
+use crate::certs_report::{certs_json, ConnectedPeer, ConnectedPeers};
 use crate::check::{CheckRequest, Report};
 use crate::config::ConfigError;
 use crate::metrics::{MadeBy, Metrics};
@@ -63,6 +65,15 @@ impl StartError {
 
 /// The live TLS configuration of side `S`.
 pub type TlsOf<S> = <<S as Side>::Settings as SideSettings>::Tls;
+
+/// Loads a side's TLS files and builds its live TLS configuration from them: what start-up does, and
+/// what `--check` runs, so that the two can never disagree (a reload runs the same loading and
+/// building, through [`LiveTls::install`]).
+pub fn load_tls<T: SideSettings>(settings: &T) -> Result<(Material, T::Tls), CertError> {
+    let material = Material::load(&settings.shared().tls, T::Tls::ROLE)?;
+    let live = T::Tls::build(&material, &settings.tls_options())?;
+    Ok((material, live))
+}
 
 /// One side's policy, plugged into the skeleton.
 pub trait Side: Sized + Send + Sync + 'static {
@@ -111,6 +122,14 @@ pub trait Side: Sized + Send + Sync + 'static {
         state: &State<Self>,
     ) -> impl Future<Output = Result<Option<&'static str>, NotReady>> + Send;
 
+    /// The progress timeout of the responses it passes on (see [`crate::stall`]).
+    fn progress(&self) -> &Progress;
+    /// The peers connected now, for `/certs`: the side's registry of live connections, which the
+    /// default (none) stands in for.
+    fn peers(&self) -> &dyn ConnectedPeers {
+        &NO_PEERS
+    }
+
     /// Brings the side's own gauges up to date before a scrape.
     fn refresh_metrics(state: &State<Self>) {
         let _ = state;
@@ -139,7 +158,8 @@ pub struct State<S: Side> {
 
 impl<S: Side> State<S> {
     /// Counts, times and (with `access_log`) logs one request around what `forward` makes of it.
-    /// `peer` names the downstream in the access log. An answer the mesh made itself (this side or,
+    /// `peer` names the downstream in the access log. A response passed on from the other hop is
+    /// watched by the side's progress timeout (an upgrade's is not: the tunnel is no response body). An answer the mesh made itself (this side or,
     /// passed on, the listener) to an HTTP/1 request with a body says `Connection: close`: the rest
     /// of the body is not read after it, so hyper closes the connection (see [`crate::response`]).
     pub async fn answer<B, F, Fut>(
@@ -149,6 +169,7 @@ impl<S: Side> State<S> {
         forward: F,
     ) -> Response<Logged<B>>
     where
+        B: hyper::body::Body,
         F: FnOnce(Request<Incoming>) -> Fut,
         Fut: Future<Output = (Response<B>, MadeBy)>,
     {
@@ -163,8 +184,14 @@ impl<S: Side> State<S> {
         if closes && made_by != MadeBy::Backend {
             close_connection(&mut response);
         }
-        self.metrics
-            .request(response.status(), made_by, start.elapsed());
+        self.metrics.observe_response_head(start.elapsed());
+        let passed_on = made_by != MadeBy::Sidecar
+            && response.status() != http::StatusCode::SWITCHING_PROTOCOLS;
+        let count = Count {
+            metrics: self.metrics.clone(),
+            status: response.status(),
+            made_by,
+        };
         let record = access.map(|a| {
             a.finish(
                 response.status(),
@@ -173,7 +200,14 @@ impl<S: Side> State<S> {
                 self.upstream_label.clone(),
             )
         });
-        response.map(|body| Logged::new(body, record))
+        response.map(|body| {
+            let body = if passed_on {
+                self.side.progress().watch(body)
+            } else {
+                Watched::unwatched(body)
+            };
+            Logged::new(body, count, record)
+        })
     }
 }
 
@@ -204,10 +238,13 @@ impl<S: Side> Sidecar<S> {
     /// [`Sidecar::serve`].
     pub async fn bind(settings: S::Settings) -> Result<Self, StartError> {
         let shared = settings.shared();
-        let material = Material::load(&shared.tls, TlsOf::<S>::ROLE)?;
-        let options = settings.tls_options();
-        let live = Arc::new(TlsOf::<S>::build(&material, &options)?);
-        let reloader = Arc::new(Reloader::new(live.clone(), shared.tls.clone(), options));
+        let (material, live) = load_tls(&settings)?;
+        let live = Arc::new(live);
+        let reloader = Arc::new(Reloader::new(
+            live.clone(),
+            &material,
+            settings.tls_options(),
+        ));
         log_certificate(&material, S::NAME);
         let metrics = Arc::new(Metrics::new());
         let side = S::new(&settings, &live, &metrics)?;
@@ -309,4 +346,11 @@ impl<S: Side> AdminState for State<S> {
         S::refresh_metrics(self);
         self.metrics.encode()
     }
+
+    fn certs(&self) -> String {
+        certs_json(S::NAME, &self.reloader.status(), self.side.peers())
+    }
 }
+
+/// A side that keeps no registry of its connections lists no peers.
+static NO_PEERS: fn() -> Vec<ConnectedPeer> = Vec::new;

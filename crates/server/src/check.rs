@@ -8,8 +8,9 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::{Either, Empty, Full};
 use hyper_util::rt::TokioIo;
-use phoenix_mesh_certs::{error_chain, Material, Role};
+use phoenix_mesh_certs::error_chain;
 use phoenix_mesh_common::check::{CheckRequest, Report};
+use phoenix_mesh_common::sidecar::load_tls;
 use phoenix_mesh_transport::h2::client as h2body;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
@@ -34,8 +35,8 @@ pub async fn check(settings: &ServerSettings, request: &CheckRequest) -> Report 
             }
         ),
     );
-    match Material::load(&settings.shared.tls, Role::Server) {
-        Ok(material) => {
+    match load_tls(settings) {
+        Ok((material, _)) => {
             for (what, detail) in material.describe(SystemTime::now()) {
                 report.ok(what, detail);
             }

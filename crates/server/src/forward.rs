@@ -6,28 +6,32 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{HeaderName, HeaderValue, HOST};
+use http::header::{HeaderValue, HOST};
 use http::uri::{Authority, PathAndQuery};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use phoenix_mesh_certs::{ByteCache, PeerIdentity};
+use phoenix_mesh_common::conformance::{self, Refusal};
 use phoenix_mesh_common::headers::{
-    append_forwarded_for, remove_hop_by_hop, remove_hop_by_hop_request, restore_upgrade,
-    upgrade_protocol,
+    append_forwarded_for, header_list_size, join_cookies, remove_hop_by_hop,
+    remove_hop_by_hop_request, remove_identity_headers, restore_upgrade, AllowedUpgrades,
+    CLIENT_CERT, CLIENT_CERT_CHAIN, XFCC,
 };
 use phoenix_mesh_common::log_limit::{Cause, LogLimit, Repeat};
 use phoenix_mesh_common::mesh_error;
 use phoenix_mesh_common::metrics::MadeBy;
-use phoenix_mesh_transport::body::ResponseBody;
+use phoenix_mesh_transport::body::{request_body_failure, ResponseBody};
 use phoenix_mesh_transport::tunnel::splice;
+use rustls::pki_types::CertificateDer;
 use tracing::info;
 
 use phoenix_mesh_transport::dial::{ConnectError, Protocol, TcpDial};
 use phoenix_mesh_transport::h2::shared::{self, Sent};
-use phoenix_mesh_transport::pool::{self, Pool};
+use phoenix_mesh_transport::pool::{self, Limit, Pool};
 
 use crate::h2c::{h2c_backend, H2cBackend};
+use crate::identity_headers::{client_cert, client_cert_chain, IdentityHeaders};
 
 /// Why the backend did not answer.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +48,9 @@ pub(crate) enum BackendError {
     /// The backend turned the request away unprocessed (h2c), and it is not one to send twice.
     #[error("the backend turned the request away without processing it ({1}: its GOAWAY crossed the request, or it refused the stream); a {0} request is not sent again, only idempotent ones without a body are")]
     TurnedAway(http::Method, h2::Error),
+    /// Every connection `max_backend_connections` allows was busy for as long as a request may wait.
+    #[error("all {0} connections to the backend (max_backend_connections) stayed busy for {1:?} (backend_connect_timeout)")]
+    ConnectionLimit(usize, Duration),
     /// The backend turned an idempotent request away unprocessed, and again when it went once more.
     #[error("the backend turned the request away without processing it, twice ({1}); the {0} request went once more and was turned away again: is the backend shutting down, or over its limit of concurrent streams?")]
     TurnedAwayAgain(http::Method, h2::Error),
@@ -57,6 +64,7 @@ impl BackendError {
             pool::Error::Handshake(error) | pool::Error::Request(error) => {
                 BackendError::Request(error)
             }
+            pool::Error::Busy { max, waited } => BackendError::ConnectionLimit(max, waited),
         }
     }
 
@@ -86,6 +94,7 @@ impl BackendError {
         match self {
             BackendError::Connect(error) => Cause::Io(error.source.kind()),
             BackendError::Request(_) => Cause::Code("http1"),
+            BackendError::ConnectionLimit(..) => Cause::Code("backend-connection-limit"),
             BackendError::H2(_) => Cause::Code("h2c"),
             BackendError::TurnedAway(..) => Cause::Code("turned-away"),
             BackendError::TurnedAwayAgain(..) => Cause::Code("turned-away-again"),
@@ -96,8 +105,8 @@ impl BackendError {
 /// The `:authority` the client sidecar puts on HTTP/2 requests (its pool key, not a host).
 const MESH_POOL_AUTHORITY: &str = "phoenix-mesh";
 
-/// The header carrying the verified client identity to the backend.
-pub(crate) const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+/// How the listener names itself in the answers it makes.
+const HOP: &str = "phoenix-mesh listener";
 
 /// Who is on the other end of one mTLS connection, computed once after its handshake.
 #[derive(Debug, Clone)]
@@ -105,15 +114,22 @@ pub(crate) struct Peer {
     /// The peer's IP as an `X-Forwarded-For` element.
     pub forwarded_for: HeaderValue,
     pub id: Arc<PeerId>,
+    /// The `Client-Cert-Chain` value, when `identity_headers` has `client-cert` and the client
+    /// sent intermediates: it belongs to the chain this connection presented, not to the leaf.
+    pub client_cert_chain: Option<HeaderValue>,
 }
 
 /// What the listener derives from a verified client certificate.
 #[derive(Debug)]
 pub(crate) struct PeerId {
-    /// The `X-Forwarded-Client-Cert` value.
-    pub xfcc: HeaderValue,
+    /// The `X-Forwarded-Client-Cert` value, when `identity_headers` has `xfcc`.
+    pub xfcc: Option<HeaderValue>,
+    /// The `Client-Cert` value, when `identity_headers` has `client-cert`.
+    pub client_cert: Option<HeaderValue>,
     /// Short identity for logs.
     pub name: Arc<str>,
+    /// The certificate it was read from, for the live connections' registry.
+    pub identity: Arc<PeerIdentity>,
     /// End of the certificate's validity: a resumed session carries the certificate but is not
     /// verified again, so the listener checks this itself.
     pub not_after: std::time::SystemTime,
@@ -121,23 +137,50 @@ pub(crate) struct PeerId {
 
 /// Verified client certificates seen recently, so a connection (above all a resumed one, which does
 /// no certificate work at all) does not parse the same certificate and hash it again.
-#[derive(Debug, Default)]
-pub(crate) struct PeerIds(ByteCache<Arc<PeerId>>);
+#[derive(Debug)]
+pub(crate) struct PeerIds {
+    cache: ByteCache<Arc<PeerId>>,
+    headers: IdentityHeaders,
+}
 
 impl PeerIds {
+    /// For a listener sending `headers`.
+    pub(crate) fn new(headers: IdentityHeaders) -> Self {
+        PeerIds {
+            cache: ByteCache::default(),
+            headers,
+        }
+    }
+
     pub(crate) fn get(&self, der: &[u8]) -> Result<Arc<PeerId>, String> {
-        if let Some(id) = self.0.get(der) {
+        if let Some(id) = self.cache.get(der) {
             return Ok(id);
         }
         let identity = PeerIdentity::from_der(der).map_err(|e| e.to_string())?;
+        // Made even when not sent: a certificate XFCC cannot carry is refused either way.
         let xfcc = HeaderValue::from_str(&identity.xfcc()).map_err(|e| e.to_string())?;
         let id = Arc::new(PeerId {
-            xfcc,
+            xfcc: self.headers.xfcc.then_some(xfcc),
+            client_cert: if self.headers.client_cert {
+                Some(client_cert(der).ok_or("its DER does not fit in a header")?)
+            } else {
+                None
+            },
             name: identity.name().into(),
             not_after: identity.not_after,
+            identity: Arc::new(identity),
         });
-        self.0.insert(der.into(), id.clone());
+        self.cache.insert(der.into(), id.clone());
         Ok(id)
+    }
+
+    /// The `Client-Cert-Chain` value for a connection that presented `chain`, when it is sent.
+    pub(crate) fn chain(&self, chain: &[CertificateDer<'_>]) -> Option<HeaderValue> {
+        if self.headers.client_cert {
+            client_cert_chain(chain)
+        } else {
+            None
+        }
     }
 }
 
@@ -157,6 +200,10 @@ pub(crate) struct Backend {
     log: LogLimit,
     /// The backend's address, as the log limit's hop.
     hop: Arc<str>,
+    /// The protocols a request may upgrade to (`allowed_upgrades`).
+    allowed_upgrades: AllowedUpgrades,
+    /// The largest response head passed on (`max_header_bytes`, as an HTTP/2 header list size).
+    max_head_bytes: usize,
 }
 
 impl Backend {
@@ -165,6 +212,7 @@ impl Backend {
         connect_timeout: Duration,
         response_timeout: Duration,
         http2: bool,
+        max_connections: usize,
     ) -> Self {
         let dial = TcpDial {
             addr,
@@ -172,11 +220,18 @@ impl Backend {
             protocol: Protocol::Http1,
         };
         let h2c = http2.then(|| h2c_backend(dial.clone(), BACKEND_IDLE_TIMEOUT));
-        let pool = Pool::new(
+        // Waiting for a connection is part of getting one, so it gets the connect timeout (as
+        // HAProxy's `timeout queue` defaults to `timeout connect`).
+        let limit = Limit {
+            max: max_connections,
+            wait: connect_timeout,
+        };
+        let pool = Pool::bounded(
             dial,
             phoenix_mesh_transport::dial::NeverRetire,
             BACKEND_IDLE_TIMEOUT,
             "the backend",
+            Some(limit),
         );
         let authority = Authority::try_from(addr.to_string())
             .unwrap_or_else(|_| Authority::from_static("127.0.0.1"));
@@ -189,7 +244,22 @@ impl Backend {
             response_timeout,
             log: LogLimit::new(),
             hop: addr.to_string().into(),
+            allowed_upgrades: AllowedUpgrades::default(),
+            max_head_bytes: 64 * 1024,
         }
+    }
+
+    /// Carries upgrades to `allowed` protocols only (`allowed_upgrades`); WebSocket without this.
+    pub(crate) fn allowing_upgrades(mut self, allowed: AllowedUpgrades) -> Self {
+        self.allowed_upgrades = allowed;
+        self
+    }
+
+    /// Passes on response heads up to `max_header_bytes` (64 KiB without this), as the listener
+    /// takes request heads; a larger one fails its request with `502 backend-head-too-large`.
+    pub(crate) fn limiting_response_heads(mut self, max_header_bytes: usize) -> Self {
+        self.max_head_bytes = max_header_bytes;
+        self
     }
 
     /// Whether to log this failure now (see [`LogLimit`]); the metrics count every one regardless.
@@ -208,7 +278,11 @@ impl Backend {
         mut req: Request<Incoming>,
         peer: &Peer,
     ) -> (Response<ResponseBody>, MadeBy) {
-        let upgrade = upgrade_protocol(req.headers()).filter(|_| req.version() == Version::HTTP_11);
+        // A request straight from a mesh client (not through the client sidecar) meets these here.
+        let upgrade = match conformance::admit(&req, &self.allowed_upgrades) {
+            Ok(upgrade) => upgrade,
+            Err(refusal) => return (refusal.response(HOP).map(Either::Left), MadeBy::Sidecar),
+        };
         let downstream = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
 
@@ -227,11 +301,22 @@ impl Backend {
                 .insert(HOST, host.unwrap_or_else(|| self.host.clone()));
         }
         remove_hop_by_hop_request(&mut parts.headers);
+        join_cookies(&mut parts.headers);
         if let Some(protocol) = upgrade {
             restore_upgrade(&mut parts.headers, protocol);
         }
-        // `insert` replaces every value the client sent: a forged identity never reaches Traefik.
-        parts.headers.insert(XFCC, peer.id.xfcc.clone());
+        // Every identity header the client sent goes, whichever are configured, and every lookalike
+        // with underscores: a forged identity never reaches Traefik.
+        remove_identity_headers(&mut parts.headers);
+        if let Some(xfcc) = &peer.id.xfcc {
+            parts.headers.insert(XFCC, xfcc.clone());
+        }
+        if let Some(leaf) = &peer.id.client_cert {
+            parts.headers.insert(CLIENT_CERT, leaf.clone());
+        }
+        if let Some(chain) = &peer.client_cert_chain {
+            parts.headers.insert(CLIENT_CERT_CHAIN, chain.clone());
+        }
         append_forwarded_for(&mut parts.headers, &peer.forwarded_for);
 
         let path = parts
@@ -240,8 +325,8 @@ impl Backend {
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         // Over h2c the host travels as :authority (RFC 9113 section 8.3.1), which Traefik routes on
-        // as it does on Host; a Host that is no valid authority (or carries userinfo, which
-        // :authority must not) goes over HTTP/1.1 untouched.
+        // as it does on Host; a Host that is no valid authority (only an empty one gets this far:
+        // `admit` refuses the others) goes over HTTP/1.1 untouched.
         let h2c = match (&self.h2c, &downstream) {
             (Some(h2c), None) => parts
                 .headers
@@ -289,6 +374,14 @@ impl Backend {
                 )
             }
         };
+        // The sender's request body broke (a malformed chunk, an upload cut off), not the backend:
+        // the sender's error, answered here where it was read.
+        if let Ok(Err(error)) = &sent {
+            if let Some(cause) = request_body_failure(error) {
+                let refused = Refusal::unreadable_body(&cause).response(HOP);
+                return (refused.map(Either::Left), MadeBy::Sidecar);
+            }
+        }
         let failed = match sent {
             Ok(Ok(mut response)) => {
                 if let (Some(downstream), StatusCode::SWITCHING_PROTOCOLS) =
@@ -297,10 +390,14 @@ impl Backend {
                     splice(downstream, hyper::upgrade::on(&mut response));
                     return (response, MadeBy::Backend);
                 }
+                if let Some(refused) = self.head_too_large(response.headers()) {
+                    return (refused.map(Either::Left), MadeBy::Sidecar);
+                }
                 let (mut parts, body) = response.into_parts();
                 remove_hop_by_hop(&mut parts.headers);
                 return (Response::from_parts(parts, body), MadeBy::Backend);
             }
+            Ok(Err(error @ BackendError::ConnectionLimit(..))) => self.connection_limit(&error),
             Ok(Err(error)) => {
                 let cause = root_cause(&error);
                 if matches!(error, BackendError::Connect(_)) {
@@ -355,6 +452,47 @@ impl Backend {
             }
         };
         (failed.map(Either::Left), MadeBy::Sidecar)
+    }
+}
+
+impl Backend {
+    /// The answer when every connection `max_backend_connections` allows stayed busy.
+    fn connection_limit(&self, error: &BackendError) -> Response<phoenix_mesh_common::ProxyBody> {
+        let message = "backend connection limit reached";
+        if self.admit(message, error.cause_kind()) {
+            info!(backend = %self.addr, %error, "{message}");
+        }
+        mesh_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "backend-connection-limit",
+            format!("phoenix-mesh listener: backend {}: {error}; raise max_backend_connections if the backend is merely busy", self.addr),
+        )
+    }
+
+    /// The answer instead of a response whose head is larger than the listener passes on: over the
+    /// mesh link a head is one HTTP/2 header list, and one the client could not take would fail
+    /// every request on the shared connection, not just this one.
+    fn head_too_large(
+        &self,
+        headers: &http::HeaderMap,
+    ) -> Option<Response<phoenix_mesh_common::ProxyBody>> {
+        let size = header_list_size(headers);
+        if size <= self.max_head_bytes {
+            return None;
+        }
+        let message = "backend response head too large";
+        if self.admit(message, Cause::Code("backend-head-too-large")) {
+            info!(backend = %self.addr, size, max_header_bytes = self.max_head_bytes, "{message}");
+        }
+        Some(mesh_error(
+            StatusCode::BAD_GATEWAY,
+            "backend-head-too-large",
+            format!(
+                "{HOP}: backend {} answered with a response head of {size} bytes (as HTTP/2 counts \
+                 it: each header's name and value plus 32), more than max_header_bytes ({})",
+                self.addr, self.max_head_bytes
+            ),
+        ))
     }
 }
 

@@ -11,7 +11,8 @@
 //! - `listener.rs`: the listener on the sidecar skeleton ([`MeshListener`]): TLS accept, identity, serving.
 //! - `plaintext.rs`: the `400 tls-required` answer to plain HTTP on the TLS port.
 //! - `config.rs`: the listener's config keys and their validation ([`ServerSettings`]).
-//! - `forward.rs`: what a request becomes on the backend hop (XFCC, `X-Forwarded-*`), and its errors.
+//! - `forward.rs`: what a request becomes on the backend hop (identity headers, `X-Forwarded-*`), and its errors.
+//! - `identity_headers.rs`: which identity headers the backend gets (XFCC, RFC 9440's `Client-Cert`) and their values.
 //! - `h2c.rs`: the shared HTTP/2 cleartext connection to the backend.
 //! - `check.rs`: `phoenix-mesh server --check`: config, certificate, the running listener, the backend.
 
@@ -19,11 +20,13 @@ mod check;
 mod config;
 mod forward;
 mod h2c;
+mod identity_headers;
 mod listener;
 mod plaintext;
 
 pub use check::check;
 pub use config::{ServerFile, ServerSettings};
+pub use identity_headers::IdentityHeaders;
 pub use listener::{ListenerSide, MeshListener, ServerError};
 /// SIGHUP: re-reads the config file and applies what can change live.
 pub type SettingsReload = phoenix_mesh_common::settings_reload::SettingsReload<ServerSettings>;

@@ -9,17 +9,23 @@ use std::time::{Instant, SystemTime};
 
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use phoenix_mesh_certs::{failure_reason, LiveServerTls};
+use hyper_util::rt::TokioIo;
+use phoenix_mesh_certs::rustls::pki_types::CertificateDer;
+use phoenix_mesh_certs::{failure_reason, Authenticated, ByteCache, LiveServerTls, LiveTls};
 use phoenix_mesh_common::admin::NotReady;
+use phoenix_mesh_common::certs_report::ConnectedPeers;
 use phoenix_mesh_common::check::{CheckRequest, Report};
 use phoenix_mesh_common::headers::forwarded_for_value;
+use phoenix_mesh_common::live::{End, LiveConnections};
 use phoenix_mesh_common::log_limit::{Cause, LogLimit, Repeat};
 use phoenix_mesh_common::metrics::{GaugeGuard, HandshakeKind, HandshakeReason, Metrics};
 use phoenix_mesh_common::sidecar::{conn_span, Side, Sidecar, StartError, State};
+use phoenix_mesh_common::stall::progress_timeout;
 use phoenix_mesh_transport::http1_idle::serve_http1_parking;
+use phoenix_mesh_transport::progress::Progress;
 use phoenix_mesh_transport::serve::{
-    accept_loop, drive, http1_builder, http2_builder, PrefaceDeadline, ShutdownWatch, Slot,
+    accept_authenticating, drive, http1_builder, http2_builder, serve_until, Pending,
+    PrefaceDeadline, ShutdownWatch, Slot,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -31,6 +37,7 @@ use crate::forward::{Backend, Peer, PeerIds};
 use crate::plaintext::{looks_like_http, refuse_plain_http};
 use crate::ServerSettings;
 use phoenix_mesh_transport::coalescing_socket::{First, MeshSocket};
+use phoenix_mesh_transport::serving_task::{spawn_serving, ServingExecutor};
 
 /// Why the server could not start.
 pub type ServerError = StartError;
@@ -42,16 +49,44 @@ pub type MeshListener = Sidecar<ListenerSide>;
 pub struct ListenerSide {
     backend: Backend,
     http1: http1::Builder,
-    http2: http2::Builder<TokioExecutor>,
+    http2: http2::Builder<ServingExecutor>,
+    /// Responses from the backend that stop moving for `backend_timeout` are cut off.
+    progress: Progress,
     peer_ids: PeerIds,
     /// Failed handshakes, each reason logged once per interval: anyone who can reach the port can
     /// fail one, as often as they like.
     refusals: LogLimit,
     /// The configured listen address, as the refusals' hop.
     listen: Arc<str>,
+    /// The established connections, re-checked when a reload changes the policy.
+    live: Arc<LiveConnections>,
+    /// The client chains recorded for them, by leaf: every connection from one gateway shares one
+    /// copy instead of holding its own (a kilobyte or two each, on connections that take 15 KiB idle).
+    chains: ByteCache<Arc<[CertificateDer<'static>]>>,
 }
 
 impl ListenerSide {
+    /// The established client connections, with who is on each (for `/certs`).
+    pub fn live(&self) -> &Arc<LiveConnections> {
+        &self.live
+    }
+
+    /// `presented` as the live connections record it: the copy an earlier connection recorded when
+    /// it is the same chain, else a new one.
+    fn recorded(&self, presented: &[CertificateDer<'static>]) -> Arc<[CertificateDer<'static>]> {
+        let Some(leaf) = presented.first() else {
+            return Arc::from(presented);
+        };
+        if let Some(chain) = self.chains.get(leaf) {
+            if *chain == *presented {
+                return chain;
+            }
+        }
+        let chain: Arc<[CertificateDer<'static>]> = Arc::from(presented);
+        self.chains.insert(leaf.as_ref().into(), chain.clone());
+        chain
+    }
+
     /// Whether to log this failed handshake now (see [`LogLimit`]); the metrics count every one.
     fn admit(&self, message: &'static str, reason: HandshakeReason) -> bool {
         self.refusals.admit(&Repeat {
@@ -72,7 +107,7 @@ impl Side for ListenerSide {
     fn new(
         settings: &ServerSettings,
         _tls: &Arc<LiveServerTls>,
-        _metrics: &Arc<Metrics>,
+        metrics: &Arc<Metrics>,
     ) -> Result<Self, StartError> {
         Ok(ListenerSide {
             backend: Backend::new(
@@ -80,12 +115,22 @@ impl Side for ListenerSide {
                 settings.backend_connect_timeout,
                 settings.backend_timeout,
                 settings.backend_http2,
-            ),
+                settings.max_backend_connections,
+            )
+            .allowing_upgrades(settings.shared.allowed_upgrades.clone())
+            .limiting_response_heads(settings.shared.http.max_header_bytes),
             http1: http1_builder(&settings.shared.http),
             http2: http2_builder(&settings.shared.http),
-            peer_ids: PeerIds::default(),
+            progress: progress_timeout(
+                format!("backend {}", settings.backend),
+                "backend_timeout",
+                settings.backend_timeout,
+            ),
+            peer_ids: PeerIds::new(settings.identity_headers),
             refusals: LogLimit::new(),
             listen: settings.listen.to_string().into(),
+            live: LiveConnections::new(metrics.clone(), End::Accepted),
+            chains: ByteCache::default(),
         })
     }
 
@@ -110,6 +155,7 @@ impl Side for ListenerSide {
             %listen,
             backend = %settings.backend,
             allowed_peers = ?settings.allowed_peers,
+            identity_headers = ?settings.identity_headers.names(),
             "mesh listener accepting mutual TLS"
         );
     }
@@ -117,26 +163,43 @@ impl Side for ListenerSide {
     async fn accept(state: Arc<State<Self>>, listener: TcpListener, shutdown: ShutdownWatch) {
         let listen = listener.local_addr().unwrap_or(state.settings.listen);
         let max = state.settings.shared.max_connections;
+        let max_pending = state.settings.max_pending_handshakes;
+        tokio::spawn(recheck_on_policy_change(state.clone(), shutdown.clone()));
         let conn_shutdown = shutdown.clone();
-        accept_loop(listener, max, shutdown, move |stream, addr, slot| {
-            let span = conn_span(&addr);
-            tokio::spawn(
-                handle(
-                    state.clone(),
-                    stream,
-                    addr,
-                    listen,
-                    conn_shutdown.clone(),
-                    slot,
-                )
-                .instrument(span),
-            );
-        })
+        accept_authenticating(
+            listener,
+            max,
+            max_pending,
+            shutdown,
+            move |stream, addr, pending| {
+                let span = conn_span(&addr);
+                // A serving task: over HTTP/1.1 a response that stalls ends its connection.
+                spawn_serving(
+                    handle(
+                        state.clone(),
+                        stream,
+                        addr,
+                        listen,
+                        conn_shutdown.clone(),
+                        pending,
+                    )
+                    .instrument(span),
+                );
+            },
+        )
         .await;
+    }
+
+    fn peers(&self) -> &dyn ConnectedPeers {
+        &*self.live
     }
 
     async fn ready(_state: &State<Self>) -> Result<Option<&'static str>, NotReady> {
         Ok(None)
+    }
+
+    fn progress(&self) -> &Progress {
+        &self.progress
     }
 
     async fn check(settings: &ServerSettings, request: &CheckRequest) -> Report {
@@ -150,14 +213,16 @@ async fn handle(
     addr: SocketAddr,
     listen: SocketAddr,
     mut shutdown: ShutdownWatch,
-    _slot: Slot,
+    pending: Pending,
 ) {
     let _open = GaugeGuard::new(&state.metrics.open_connections);
     let started = Instant::now();
     let failed = |reason: HandshakeReason| {
         state.metrics.handshake_failed(reason, started.elapsed());
     };
-    let Some(mut tls) = accept(&state, stream, listen, &failed).await else {
+    // Read before `accept` takes the configuration: never newer than the chain the handshake presents.
+    let own = state.reloader.live().own_chain();
+    let Some((mut tls, _slot)) = accept(&state, stream, listen, &failed, pending).await else {
         return;
     };
     // The session ticket rustls wrote last waits for the first answer only when one follows at once:
@@ -173,7 +238,8 @@ async fn handle(
 
     let (_, conn) = tls.get_ref();
     let resumed = matches!(conn.handshake_kind(), Some(rustls::HandshakeKind::Resumed));
-    let Some(leaf) = conn.peer_certificates().and_then(|certs| certs.first()) else {
+    let sent = conn.peer_certificates().unwrap_or_default();
+    let Some(leaf) = sent.first() else {
         warn!("handshake finished without a client certificate; closing");
         failed(HandshakeReason::NoCertificate);
         return;
@@ -211,9 +277,17 @@ async fn handle(
         alpn = ?conn.alpn_protocol().map(String::from_utf8_lossy),
         "mutual TLS established"
     );
+    let auth = Authenticated {
+        chain: state.side.recorded(sent),
+        version: conn.protocol_version(),
+    };
+    let registered = state.side.live.register(id.identity.clone(), auth, &own);
+    let retired = registered.conn().retired();
+    let deadline = registered.conn().deadline();
     let peer = Arc::new(Peer {
         forwarded_for: forwarded_for_value(addr.ip()),
         id,
+        client_cert_chain: state.side.peer_ids.chain(sent),
     });
     let service = {
         let state = state.clone();
@@ -233,49 +307,111 @@ async fn handle(
         })
     };
     // HTTP/2 only when ALPN chose it (RFC 9113 has no prior knowledge over TLS); HTTP/1.1 otherwise,
-    // its idle keep-alive connections parked without hyper's buffers.
-    let served: Result<(), Box<dyn std::error::Error + Send + Sync>> = if h2 {
-        // On shutdown: GOAWAY, open streams finish. A peer that never sends the preface is closed
-        // after header_read_timeout.
-        let tls = PrefaceDeadline::new(tls, state.settings.shared.http.header_read_timeout);
-        let conn = state
-            .side
-            .http2
-            .serve_connection(TokioIo::new(tls), service);
-        tokio::pin!(conn);
-        drive(conn, |c| c.graceful_shutdown(), &mut shutdown)
-            .await
-            .map_err(Into::into)
-    } else {
-        let idle = state.settings.shared.http.header_read_timeout;
-        serve_http1_parking(&state.side.http1, tls, service, idle, shutdown).await
+    // its idle keep-alive connections parked without hyper's buffers. Either way the connection is
+    // asked to finish (GOAWAY; `Connection: close`, or closed when idle) at shutdown or when it
+    // retires, and dropped at the deadline of its certificates.
+    let retire = async {
+        retired.await;
     };
+    let served = serve_until(
+        |mut finish| async move {
+            if h2 {
+                // A peer that never sends the preface is closed after header_read_timeout.
+                let tls = PrefaceDeadline::new(tls, state.settings.shared.http.header_read_timeout);
+                let conn = state
+                    .side
+                    .http2
+                    .serve_connection(TokioIo::new(tls), service);
+                tokio::pin!(conn);
+                drive(conn, |c| c.graceful_shutdown(), &mut finish)
+                    .await
+                    .map_err(Into::into)
+            } else {
+                let idle = state.settings.shared.http.header_read_timeout;
+                serve_http1_parking(&state.side.http1, tls, service, idle, finish).await
+            }
+        },
+        &mut shutdown,
+        retire,
+        deadline,
+    )
+    .await;
+    let served: Result<(), Box<dyn std::error::Error + Send + Sync>> = match served {
+        Some(served) => served,
+        None => {
+            info!("closed a connection still busy when its certificates ended");
+            Ok(())
+        }
+    };
+    drop(registered);
     if let Err(error) = served {
         debug!(%error, "connection ended with an error");
     }
 }
 
-/// The TLS handshake, bounded by `handshake_timeout`; a connection that fails it is answered (see
-/// [`refused`]) and closed. A function of its own: awaited inside `handle`'s match on the handshake's
-/// result, `refused` kept that result (a whole `TlsStream`) in every connection's task for the
-/// connection's life, 1.4 KiB each.
+/// Re-checks every established connection whenever a reload changes the trust policy (CA, CRLs,
+/// `allowed_peers`, `min_tls_version`): those the new policy refuses are asked to finish and close.
+async fn recheck_on_policy_change(state: Arc<State<ListenerSide>>, mut shutdown: ShutdownWatch) {
+    let tls = state.reloader.live().clone();
+    let mut changes = tls.policy_changes();
+    loop {
+        tokio::select! {
+            () = shutdown.wait() => return,
+            changed = changes.changed() => if changed.is_err() { return },
+        }
+        let closed = state.side.live.recheck(|auth| tls.recheck(auth));
+        info!(
+            closed,
+            open = state.side.live.len(),
+            "trust policy changed: established connections checked against it"
+        );
+    }
+}
+
+/// The TLS handshake, bounded by `handshake_timeout`, then the `max_connections` slot the
+/// authenticated connection holds; a connection that fails the handshake is answered (see
+/// [`refused`]) and closed, and so is one dropped as the oldest pending handshake. A function of its
+/// own: awaited inside `handle`'s match on the handshake's result, `refused` kept that result (a
+/// whole `TlsStream`) in every connection's task for the connection's life, 1.4 KiB each.
 async fn accept(
     state: &State<ListenerSide>,
     stream: TcpStream,
     listen: SocketAddr,
     failed: &impl Fn(HandshakeReason),
-) -> Option<tokio_rustls::server::TlsStream<MeshSocket>> {
+    mut pending: Pending,
+) -> Option<(tokio_rustls::server::TlsStream<MeshSocket>, Slot)> {
     let handshake_timeout = state.settings.shared.handshake_timeout;
     let acceptor = TlsAcceptor::from(state.reloader.live().current());
-    match timeout(
-        handshake_timeout,
-        acceptor.accept(MeshSocket::new(stream)).into_fallible(),
-    )
-    .await
-    {
-        Ok(Ok(tls)) => Some(tls),
-        Ok(Err((error, socket))) => {
+    let handshake = async {
+        let shaken = tokio::select! {
+            biased;
+            () = pending.dropped() => return Shaken::Dropped,
+            shaken = acceptor.accept(MeshSocket::new(stream)).into_fallible() => shaken,
+        };
+        match shaken {
+            Ok(tls) => match pending.authenticated().await {
+                Some(slot) => Shaken::Authenticated(tls, slot),
+                None => Shaken::Dropped,
+            },
+            Err((error, socket)) => Shaken::Refused(error, socket),
+        }
+    };
+    match timeout(handshake_timeout, handshake).await {
+        Ok(Shaken::Authenticated(tls, slot)) => Some((tls, slot)),
+        Ok(Shaken::Refused(error, socket)) => {
             refused(&state.side, socket, error, listen, failed).await;
+            None
+        }
+        Ok(Shaken::Dropped) => {
+            let message = "pending handshake dropped: max_pending_handshakes were open, and this \
+                           connection was accepted longest ago";
+            if state.side.admit(message, HandshakeReason::Dropped) {
+                info!(
+                    max_pending_handshakes = state.settings.max_pending_handshakes,
+                    "{message}"
+                );
+            }
+            failed(HandshakeReason::Dropped);
             None
         }
         Err(_) => {
@@ -290,6 +426,19 @@ async fn accept(
             None
         }
     }
+}
+
+/// How a pending handshake ended, short of its timeout.
+// Boxing the stream would cost an allocation per connection; a `Shaken` lives only between the
+// handshake's end and the match on it in `accept`.
+#[allow(clippy::large_enum_variant)]
+enum Shaken {
+    /// Mutual TLS established, with its `max_connections` slot.
+    Authenticated(tokio_rustls::server::TlsStream<MeshSocket>, Slot),
+    /// The handshake failed.
+    Refused(io::Error, MeshSocket),
+    /// Dropped as the oldest pending handshake.
+    Dropped,
 }
 
 /// A connection whose handshake failed: answers plain HTTP with `400 tls-required`, closes anything

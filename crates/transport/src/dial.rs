@@ -6,6 +6,7 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -53,6 +54,36 @@ pub trait Dial: Send + Sync + 'static {
 pub trait Retire<M>: Send + Sync + 'static {
     /// Whether a connection opened with `meta` must take no new requests.
     fn retire(&self, meta: &M) -> bool;
+
+    /// When a connection opened with `meta` retires however idle it is, and when it must be closed
+    /// whatever it carries; asked once, when it opens. `None`: it retires only when a checkout asks.
+    fn lifetime(&self, meta: &M) -> Option<Lifetime> {
+        let _ = meta;
+        None
+    }
+}
+
+/// A connection's retirement, as the pool holding it acts on it without waiting for a checkout.
+pub struct Lifetime {
+    /// Resolves when the connection must take no new requests: the pool lets go of it, and it
+    /// closes once the requests in flight on it finish.
+    pub retired: Pin<Box<dyn Future<Output = ()> + Send>>,
+    /// When it is closed whatever it still carries.
+    pub deadline: tokio::time::Instant,
+}
+
+impl Lifetime {
+    /// Drives `conn` (a connection's driver task) to its end: on retirement `let_go` runs (the pool
+    /// drops its handle), and at the deadline `conn` is dropped, closing it. `None` when the deadline
+    /// cut it off.
+    pub async fn drive<F: Future>(self, conn: F, let_go: impl FnOnce()) -> Option<F::Output> {
+        tokio::pin!(conn);
+        tokio::select! {
+            out = &mut conn => return Some(out),
+            () = self.retired => let_go(),
+        }
+        tokio::time::timeout_at(self.deadline, conn).await.ok()
+    }
 }
 
 /// Connections are never retired for what they were opened with (only idle or closed ones go).

@@ -7,8 +7,10 @@
 //! Crate map:
 //! - `body.rs`: the body types that cross a sidecar.
 //! - `serve.rs`: serving accepted connections, re-exporting its parts:
-//!   - `serve/accept.rs`: the accept loop and its connection slots (`max_connections`).
-//!   - `serve/shutdown.rs`: the shutdown signal, draining, and driving a connection to a graceful end.
+//!   - `serve/accept.rs`: the accept loop and its connection slots (`max_connections`), and the
+//!     bounded set of pending handshakes (`max_pending_handshakes`) of a loop whose connections authenticate.
+//!   - `serve/shutdown.rs`: the shutdown signal, draining, and driving a connection to a graceful end
+//!     (at shutdown, or when it retires before its certificates end).
 //!   - `serve/http_server.rs`: HTTP/1.1 and HTTP/2 server builders with the sidecars' limits, and `serve_http`.
 //!   - `serve/preface_deadline.rs`: the deadline for a new connection to show its HTTP version.
 //! - `http1_idle.rs`: parked connections: HTTP/1.1 server connections that hold no HTTP state while idle.
@@ -21,6 +23,8 @@
 //! - `balance.rs`: round-robin over several upstreams, ejecting the ones that keep failing.
 //! - `tls_verdict.rs`: a TLS server's verdict on our client certificate (its first flight, or a later alert).
 //! - `sweep.rs`: the periodic idle sweep of a pool.
+//! - `serving_task.rs`: the task that serves a request downstream, and ending it from outside.
+//! - `progress.rs`: the progress timeout: cutting off a streaming response whose sender or reader stopped.
 //! - `tunnel.rs`: joining the two halves of an upgraded connection.
 //! - `test_peer.rs` (unit tests only): a loopback peer that counts the connections it accepts.
 
@@ -31,7 +35,9 @@ pub mod dial;
 pub mod h2;
 pub mod http1_idle;
 pub mod pool;
+pub mod progress;
 pub mod serve;
+pub mod serving_task;
 pub mod sweep;
 #[cfg(test)]
 mod test_peer;

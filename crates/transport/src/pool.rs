@@ -10,7 +10,9 @@
 //! - ALWAYS drop a closed connection when met, and one free and unused for longer than the idle
 //!   timeout (a periodic sweep does the same without traffic); NEVER cut a busy one off.
 //! - NEVER hand out a connection the owner's rule retires ([`Retire`], asked when the connection
-//!   would be handed out); the requests it carries finish on it.
+//!   would be handed out, and when it comes back after its request); the requests it carries finish
+//!   on it. ALWAYS drop one from the list when its [`Retire::lifetime`] retires it, even with no
+//!   request coming to find out, and close it at that lifetime's deadline whatever it carries.
 //! - NEVER keep an upgraded connection (`101 Switching Protocols`): it belongs to the tunnel.
 //! - ALWAYS send a request a pooled connection turned down before sending any of it (the peer closed
 //!   it as we picked it) on another one; a request that failed on a fresh connection is an error.
@@ -20,9 +22,19 @@
 //!   the request.
 //! - ALWAYS speak HTTP/1.1: the dialer must make HTTP/1.1 connections (the client's offers only
 //!   `http/1.1` through ALPN for this pool).
+//! - NEVER hold more connections open than the pool's [`Limit`], if it has one, upgraded ones (which
+//!   it no longer keeps) included: a connection's slot goes with its socket, whoever holds it. A
+//!   request that needs one more waits for a free connection or a slot, at most the limit's wait, and
+//!   is then an error ([`Error::Busy`]). While requests wait, each busy connection is watched, and
+//!   goes back into the list the moment its exchange ends.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response, StatusCode};
@@ -30,6 +42,8 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -54,6 +68,30 @@ pub enum Error<E: std::error::Error + 'static> {
     /// The connection failed while the request was sent or the response read.
     #[error("{0}")]
     Request(#[source] hyper::Error),
+    /// Every connection the limit allows was busy for as long as a request may wait.
+    #[error("all {max} connections busy for {waited:?}")]
+    Busy {
+        /// The limit.
+        max: usize,
+        /// How long the request waited.
+        waited: Duration,
+    },
+}
+
+/// The most connections a pool holds open at once, and how long a request that needs one more waits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limit {
+    /// Connections open at once (at least 1).
+    pub max: usize,
+    /// The longest a request waits for a free connection or slot.
+    pub wait: Duration,
+}
+
+/// A limit's state: the slots, and the signal that a busy connection became free.
+struct Slots {
+    limit: Limit,
+    slots: Arc<Semaphore>,
+    freed: Notify,
 }
 
 /// The keep-alive HTTP/1.1 connections to one peer (see the module doc for the rules).
@@ -66,15 +104,31 @@ pub struct Pool<D: Dial, R = NeverRetire> {
     /// Names the peer in logs.
     peer: &'static str,
     /// Least recently used first. Busy connections stay in the list (they become free when their
-    /// exchange ends); closed ones are dropped when met.
-    conns: Mutex<VecDeque<Pooled<D::Meta>>>,
+    /// exchange ends); closed ones are dropped when met. Shared with each connection's task, which
+    /// drops its connection from the list when it retires.
+    conns: Arc<Mutex<VecDeque<Pooled<D::Meta>>>>,
+    /// Numbers the connections, so a retiring one finds itself in the list.
+    opened: AtomicU64,
+    slots: Option<Slots>,
+    /// The pool itself, for the tasks that watch busy connections while requests wait.
+    me: Weak<Self>,
 }
 
 struct Pooled<M> {
     sender: http1::SendRequest<ProxyBody>,
     meta: M,
+    /// Its number.
+    id: u64,
     /// When its last request was sent.
     last_used: Instant,
+}
+
+/// What a request that waited found.
+enum Queued<M> {
+    /// A connection that became free.
+    Free(http1::SendRequest<ProxyBody>, M, u64),
+    /// A slot for a new one.
+    Slot(OwnedSemaphorePermit),
 }
 
 impl<M> Pooled<M> {
@@ -88,13 +142,31 @@ impl<D: Dial, R: Retire<D::Meta>> Pool<D, R> {
     /// A pool through `dialer`; a task closes connections idle past `idle_timeout` until the pool is
     /// dropped.
     pub fn new(dialer: D, retire: R, idle_timeout: Duration, peer: &'static str) -> Arc<Self> {
-        let pool = Arc::new(Pool {
+        Self::bounded(dialer, retire, idle_timeout, peer, None)
+    }
+
+    /// [`Pool::new`], holding at most `limit`'s connections open when there is a limit.
+    pub fn bounded(
+        dialer: D,
+        retire: R,
+        idle_timeout: Duration,
+        peer: &'static str,
+        limit: Option<Limit>,
+    ) -> Arc<Self> {
+        let pool = Arc::new_cyclic(|me| Pool {
             dialer,
             retire,
             idle_timeout,
             keep: true,
             peer,
-            conns: Mutex::new(VecDeque::new()),
+            conns: Arc::new(Mutex::new(VecDeque::new())),
+            opened: AtomicU64::new(0),
+            slots: limit.map(|limit| Slots {
+                limit,
+                slots: Arc::new(Semaphore::new(limit.max.max(1))),
+                freed: Notify::new(),
+            }),
+            me: me.clone(),
         });
         sweep_idle(&pool, idle_timeout, Self::purge);
         pool
@@ -108,7 +180,10 @@ impl<D: Dial, R: Retire<D::Meta>> Pool<D, R> {
             idle_timeout: Duration::ZERO,
             keep: false,
             peer,
-            conns: Mutex::new(VecDeque::new()),
+            conns: Arc::new(Mutex::new(VecDeque::new())),
+            opened: AtomicU64::new(0),
+            slots: None,
+            me: Weak::new(),
         }
     }
 
@@ -117,10 +192,10 @@ impl<D: Dial, R: Retire<D::Meta>> Pool<D, R> {
         &self,
         mut req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, Error<D::Error>> {
-        while let Some((mut sender, meta)) = self.checkout() {
+        while let Some((mut sender, meta, id)) = self.checkout() {
             match sender.try_send_request(req).await {
                 Ok(response) => {
-                    self.put_back(sender, meta, response.status());
+                    self.put_back(sender, meta, id, response.status());
                     return Ok(response);
                 }
                 Err(mut error) => match error.take_message() {
@@ -132,12 +207,31 @@ impl<D: Dial, R: Retire<D::Meta>> Pool<D, R> {
                 },
             }
         }
+        let slot = match &self.slots {
+            None => None,
+            Some(slots) => match slots.slots.clone().try_acquire_owned() {
+                Ok(slot) => Some(slot),
+                // Boxed, as connecting is below: waiting is rare.
+                Err(_) => match Box::pin(self.queue(slots)).await? {
+                    Queued::Slot(slot) => Some(slot),
+                    Queued::Free(mut sender, meta, id) => {
+                        return match sender.try_send_request(req).await {
+                            Ok(response) => {
+                                self.put_back(sender, meta, id, response.status());
+                                Ok(response)
+                            }
+                            Err(error) => Err(Error::Request(error.into_error())),
+                        };
+                    }
+                },
+            },
+        };
         // Boxed: connecting is rare and its future large; every request's future would otherwise
         // carry room for it, copied on each move.
-        let (mut sender, meta) = Box::pin(self.connect()).await?;
+        let (mut sender, meta, id) = Box::pin(self.connect(slot)).await?;
         match sender.try_send_request(req).await {
             Ok(response) => {
-                self.put_back(sender, meta, response.status());
+                self.put_back(sender, meta, id, response.status());
                 Ok(response)
             }
             Err(error) => Err(Error::Request(error.into_error())),
@@ -146,7 +240,7 @@ impl<D: Dial, R: Retire<D::Meta>> Pool<D, R> {
 
     /// The most recently used free connection, dropping closed, long-idle and retired ones met on
     /// the way.
-    fn checkout(&self) -> Option<(http1::SendRequest<ProxyBody>, D::Meta)> {
+    fn checkout(&self) -> Option<(http1::SendRequest<ProxyBody>, D::Meta, u64)> {
         let mut conns = self.conns.lock();
         let now = Instant::now();
         let mut i = conns.len();
@@ -158,39 +252,145 @@ impl<D: Dial, R: Retire<D::Meta>> Pool<D, R> {
             } else if conn.sender.is_ready() {
                 let conn = conns.remove(i)?;
                 if !self.retire.retire(&conn.meta) {
-                    return Some((conn.sender, conn.meta));
+                    return Some((conn.sender, conn.meta, conn.id));
                 }
             }
         }
         None
     }
 
-    /// Back into the list right after sending, still busy with this exchange.
-    fn put_back(&self, sender: http1::SendRequest<ProxyBody>, meta: D::Meta, status: StatusCode) {
-        if !self.keep || status == StatusCode::SWITCHING_PROTOCOLS || sender.is_closed() {
+    /// Back into the list right after sending, still busy with this exchange; a connection retired
+    /// meanwhile is let go instead, and closes once this exchange is over.
+    fn put_back(
+        &self,
+        sender: http1::SendRequest<ProxyBody>,
+        meta: D::Meta,
+        id: u64,
+        status: StatusCode,
+    ) {
+        if !self.keep
+            || status == StatusCode::SWITCHING_PROTOCOLS
+            || sender.is_closed()
+            || self.retire.retire(&meta)
+        {
             return;
         }
         self.conns.lock().push_back(Pooled {
             sender,
             meta,
+            id,
             last_used: Instant::now(),
         });
+        // Requests waiting for a connection watch it from now on (no lock when none waits).
+        if let Some(slots) = &self.slots {
+            slots.freed.notify_waiters();
+        }
     }
 
-    async fn connect(&self) -> Result<(http1::SendRequest<ProxyBody>, D::Meta), Error<D::Error>> {
+    /// Waits, at most the limit's wait, for a free connection or a slot for a new one.
+    async fn queue(&self, slots: &Slots) -> Result<Queued<D::Meta>, Error<D::Error>> {
+        let start = Instant::now();
+        loop {
+            let freed = slots.freed.notified();
+            tokio::pin!(freed);
+            // Registered before looking, so a connection freed in between still wakes us.
+            freed.as_mut().enable();
+            if let Some((sender, meta, id)) = self.checkout() {
+                return Ok(Queued::Free(sender, meta, id));
+            }
+            if let Ok(slot) = slots.slots.clone().try_acquire_owned() {
+                return Ok(Queued::Slot(slot));
+            }
+            self.watch_busy();
+            tokio::select! {
+                () = freed => {}
+                slot = slots.slots.clone().acquire_owned() => {
+                    if let Ok(slot) = slot {
+                        return Ok(Queued::Slot(slot));
+                    }
+                }
+                () = tokio::time::sleep_until(start + slots.limit.wait) => {
+                    return Err(Error::Busy {
+                        max: slots.limit.max,
+                        waited: slots.limit.wait,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Takes every busy connection out of the list and puts it back, free, the moment its exchange
+    /// ends, telling the requests that wait. Only while requests wait: it costs a task per connection.
+    fn watch_busy(&self) {
+        let busy: VecDeque<Pooled<D::Meta>> = {
+            let mut conns = self.conns.lock();
+            let (busy, rest) = std::mem::take(&mut *conns)
+                .into_iter()
+                .partition(|c| !c.sender.is_ready() && !c.sender.is_closed());
+            *conns = rest;
+            busy
+        };
+        for mut conn in busy {
+            let pool = self.me.clone();
+            tokio::spawn(async move {
+                let ready = poll_fn(|cx| conn.sender.poll_ready(cx)).await;
+                let Some(pool) = pool.upgrade() else {
+                    return;
+                };
+                if ready.is_ok() {
+                    conn.last_used = Instant::now();
+                    pool.conns.lock().push_back(conn);
+                }
+                if let Some(slots) = &pool.slots {
+                    slots.freed.notify_waiters();
+                }
+            });
+        }
+    }
+
+    async fn connect(
+        &self,
+        slot: Option<OwnedSemaphorePermit>,
+    ) -> Result<(http1::SendRequest<ProxyBody>, D::Meta, u64), Error<D::Error>> {
         let connected = self.dialer.dial().await.map_err(Error::Dial)?;
+        let io = SlotIo {
+            io: connected.io,
+            _slot: slot,
+        };
         let (sender, conn) = http1::Builder::new()
             .max_buf_size(MAX_READ_BUFFER)
-            .handshake(TokioIo::new(connected.io))
+            .handshake(TokioIo::new(io))
             .await
             .map_err(Error::Handshake)?;
         let peer = self.peer;
+        let id = self.opened.fetch_add(1, Ordering::Relaxed);
+        let lifetime = self.retire.lifetime(&connected.meta);
+        let conns = Arc::downgrade(&self.conns);
         tokio::spawn(async move {
-            if let Err(error) = conn.with_upgrades().await {
-                debug!(peer, %error, "HTTP/1.1 connection ended with an error");
+            let conn = conn.with_upgrades();
+            let driven = match lifetime {
+                None => Some(conn.await),
+                Some(lifetime) => {
+                    lifetime
+                        .drive(conn, move || {
+                            debug!(
+                                peer,
+                                "HTTP/1.1 connection retired; it closes once its exchange is over"
+                            );
+                            if let Some(conns) = conns.upgrade() {
+                                conns.lock().retain(|c| c.id != id);
+                            }
+                        })
+                        .await
+                }
+            };
+            match driven {
+                Some(Err(error)) => debug!(peer, %error, "HTTP/1.1 connection ended with an error"),
+                Some(Ok(())) => {}
+                None => debug!(peer, "HTTP/1.1 connection closed at its deadline"),
             }
         });
-        Ok((sender, connected.meta))
+        Ok((sender, connected.meta, id))
     }
 
     /// Closes connections that have been idle for longer than the idle timeout.
@@ -201,7 +401,7 @@ impl<D: Dial, R: Retire<D::Meta>> Pool<D, R> {
             .retain(|c| !c.spent(now, self.idle_timeout));
     }
 
-    /// Connections in the list (busy or free).
+    /// Connections in the list (busy or free), but those watched while requests wait.
     pub fn len(&self) -> usize {
         self.conns.lock().len()
     }
@@ -209,6 +409,53 @@ impl<D: Dial, R: Retire<D::Meta>> Pool<D, R> {
     /// Whether the list is empty.
     pub fn is_empty(&self) -> bool {
         self.conns.lock().is_empty()
+    }
+}
+
+/// A connection's socket, holding its slot of the pool's limit for as long as it is open: in the
+/// pool, or in the tunnel an upgrade handed it to.
+struct SlotIo<I> {
+    io: I,
+    _slot: Option<OwnedSemaphorePermit>,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for SlotIo<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for SlotIo<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 
@@ -228,9 +475,9 @@ mod tests {
     use crate::dial::{ConnectError, Connected, Protocol, TcpDial};
     use crate::test_peer::counting_peer;
 
-    /// A loopback HTTP/1.1 peer answering "ok" (or `101` to a request that asks to upgrade),
-    /// counting the connections it accepts; with `keep_alive` false it closes each connection after
-    /// one response.
+    /// A loopback HTTP/1.1 peer answering "ok" (after MS milliseconds to `/wait/MS`, or `101` to a
+    /// request that asks to upgrade), counting the connections it accepts; with `keep_alive` false it
+    /// closes each connection after one response.
     async fn peer(keep_alive: bool) -> (SocketAddr, Arc<AtomicUsize>) {
         counting_peer(move |stream| async move {
             let _ = hyper::server::conn::http1::Builder::new()
@@ -238,6 +485,10 @@ mod tests {
                 .serve_connection(
                     TokioIo::new(stream),
                     service_fn(|req: Request<Incoming>| async move {
+                        if let Some(ms) = req.uri().path().strip_prefix("/wait/") {
+                            let ms = ms.parse().unwrap_or(0);
+                            tokio::time::sleep(Duration::from_millis(ms)).await;
+                        }
                         let mut response = Response::new(Full::new(Bytes::from_static(b"ok")));
                         if req.headers().contains_key(UPGRADE) {
                             *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -275,7 +526,11 @@ mod tests {
     }
 
     fn get() -> Request<ProxyBody> {
-        Request::get("/")
+        get_target("/")
+    }
+
+    fn get_target(target: &str) -> Request<ProxyBody> {
+        Request::get(target)
             .header("host", "svc")
             .body(Either::Right(Full::new(Bytes::new())))
             .unwrap()
@@ -406,8 +661,9 @@ mod tests {
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
         assert_eq!(pool.len(), 1);
-        // Asked at the second and third checkouts only: a fresh connection is not judged.
-        assert_eq!(pool.retire.0.load(Ordering::SeqCst), 2);
+        // Asked as each exchange hands its connection back (three times), and at the third checkout:
+        // the first connection never came back, and a fresh connection is not judged.
+        assert_eq!(pool.retire.0.load(Ordering::SeqCst), 4);
     }
 
     /// TCP whose reads note the most room they were given, which is the free part of the HTTP/1.1
@@ -584,6 +840,81 @@ mod tests {
             0,
             "an upgraded connection went back into the pool"
         );
+        assert_eq!(exchange(&pool).await, "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    /// A pool to a fresh [`peer`] holding at most one connection, waiting at most `wait` for it.
+    async fn pool_of_one(wait: Duration) -> (Arc<Pool<TcpDial>>, Arc<AtomicUsize>) {
+        let (addr, accepted) = peer(true).await;
+        let limit = Limit { max: 1, wait };
+        let pool = Pool::bounded(
+            tcp(addr),
+            NeverRetire,
+            Duration::from_secs(60),
+            "the test peer",
+            Some(limit),
+        );
+        (pool, accepted)
+    }
+
+    #[tokio::test]
+    async fn at_the_limit_a_request_waits_for_the_busy_connection() {
+        let (pool, accepted) = pool_of_one(Duration::from_secs(10)).await;
+        let first = {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let response = pool.send(get_target("/wait/300")).await.unwrap();
+                response.into_body().collect().await.unwrap().to_bytes()
+            })
+        };
+        // The first has its connection (and the only slot) before the second asks.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(exchange(&pool).await, "ok");
+        assert_eq!(first.await.unwrap(), Bytes::from_static(b"ok"));
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "a second connection past the limit"
+        );
+        // The connection the second request waited for is back in the pool, free.
+        assert_eq!(exchange(&pool).await, "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn at_the_limit_a_request_that_waited_too_long_is_busy() {
+        let (pool, accepted) = pool_of_one(Duration::from_millis(200)).await;
+        let held = {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.send(get_target("/wait/60000")).await.map(|_| ()) })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let error = pool.send(get()).await.unwrap_err();
+        assert!(matches!(error, Error::Busy { max: 1, .. }), "{error:?}");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        // The held exchange ends (its connection with it): the slot is free again.
+        held.abort();
+        drop(held);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(exchange(&pool).await, "ok");
+    }
+
+    #[tokio::test]
+    async fn an_upgraded_connection_keeps_its_slot_until_its_socket_closes() {
+        let (pool, accepted) = pool_of_one(Duration::from_millis(200)).await;
+        let upgrade = Request::get("/")
+            .header("host", "svc")
+            .header(CONNECTION, "upgrade")
+            .header(UPGRADE, "test")
+            .body(Either::Right(Full::new(Bytes::new())))
+            .unwrap();
+        let mut response = pool.send(upgrade).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+        let tunnel = hyper::upgrade::on(&mut response).await.unwrap();
+        let error = pool.send(get()).await.unwrap_err();
+        assert!(matches!(error, Error::Busy { .. }), "{error:?}");
+        drop(tunnel);
         assert_eq!(exchange(&pool).await, "ok");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }

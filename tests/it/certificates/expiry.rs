@@ -1,7 +1,7 @@
-//! Certificates coming to their end while the mesh runs. The client keeps mesh connections warm, but
-//! never past the listener certificate they were opened with (a connection whose listener
-//! certificate is near its end is retired from the pool); neither side serves or resumes a session
-//! whose certificate has expired since it began; and a client whose own certificate ran out says so.
+//! Certificates coming to their end while the mesh runs. The client keeps mesh connections warm
+//! until shortly before the certificates they were opened with end (`live_connections` shows they
+//! never outlive them); neither side serves or resumes a session whose certificate has expired since
+//! it began; and a client whose own certificate ran out says so.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -95,18 +95,18 @@ async fn does_not_serve_a_resumed_session_whose_certificate_expired() {
     assert_eq!(seen.len(), 1, "{seen:#?}");
 }
 
+/// A listener certificate with 100 s left of a long life (its margins are a minute and two) is
+/// still used for what is left, a quarter and a half of it: the link is kept, not dialled afresh for
+/// every request. That it is closed before the end is `live_connections`' business.
 #[tokio::test(flavor = "multi_thread")]
-async fn retires_connections_whose_listener_certificate_is_about_to_expire() {
-    // Valid for 100 s more: inside pool_idle_timeout (90 s) + 30 s of its end, so no connection may
-    // stay pooled; each request after the first finds its connection retired and dials afresh.
+async fn keeps_a_connection_whose_listener_certificate_ends_within_its_margin() {
     for http2 in [true, false] {
         let (mesh, relay) = mesh_through_relay(Some(Duration::from_secs(100)), http2, None).await;
         sequential_requests(&mesh, 6).await;
         let opened = relay.accepted();
-        assert!(
-            opened >= 5,
-            "http2 {http2}: connections near the listener certificate's expiry must not be reused; \
-             {opened} opened for 6 requests"
+        assert_eq!(
+            opened, 1,
+            "http2 {http2}: {opened} connections opened for 6 requests"
         );
     }
 }
@@ -118,8 +118,7 @@ enum Expiring {
 }
 
 /// A mesh in which `which` certificate expires 10 s after it is issued (long enough to start and serve
-/// one request even on a loaded machine), every request dialling afresh (the pool retires connections
-/// this close to a certificate's end). Serves `/before-expiry`, waits until the certificate has
+/// one request even on a loaded machine); the connection that served retires before the end. Serves `/before-expiry`, waits until the certificate has
 /// expired and returns the answer to `/after-expiry`, after checking the backend saw only the first.
 async fn served_then_expired(which: Expiring) -> (Mesh, Reply) {
     let life = Duration::from_secs(10);

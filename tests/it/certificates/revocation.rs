@@ -89,6 +89,22 @@ async fn crl_refuses_a_revoked_client_on_a_full_handshake_with(anchor: Anchor) {
     assert!(status.starts_with("HTTP/1.1 200"), "{status}");
 }
 
+/// A CRL the verifier's parser refuses (no extensions, so no CRL Number) fails the reload with its
+/// file and the cause named, and the listener goes on with the CRL it had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crl_the_verifier_refuses_fails_the_reload_naming_its_file() {
+    let mesh = mesh_with_listener_crl(false, Anchor::Root).await;
+    std::fs::write(mesh.path("revoked.crl"), mesh.pki.crl_without_extensions()).unwrap();
+    let error = mesh.listener_sighup.reload().unwrap_err();
+    let said = phoenix_mesh_certs::error_chain(&error);
+    let sentence = format!(
+        "CRL {}: it has no extensions, so no CRL Number extension",
+        mesh.path("revoked.crl").display()
+    );
+    assert!(said.contains(&sentence), "should say {sentence:?}: {said}");
+    assert_round_trip(mesh.client_addr, "the gateway after the refused reload").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crl_in_der_form_refuses_a_revoked_client() {
     with_each_anchor(crl_in_der_form_refuses_a_revoked_client_with).await;

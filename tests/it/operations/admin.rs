@@ -17,16 +17,34 @@ use crate::support::pki::TestPki;
 use crate::support::tls::{client_config, refusal_alert};
 
 fn not_after_unix(der: &[u8]) -> f64 {
-    PeerIdentity::from_der(der)
-        .unwrap()
-        .not_after
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as f64
+    unix(PeerIdentity::from_der(der).unwrap().not_after)
+}
+
+fn not_before_unix(der: &[u8]) -> f64 {
+    unix(PeerIdentity::from_der(der).unwrap().not_before)
+}
+
+fn unix(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() as f64
+}
+
+/// Both names of a certificate's expiry carry its notAfter: the one dashboards already read, and
+/// the absolute-time one Prometheus' conventions name for alerts.
+fn assert_expiry(text: &str, cert: &str, der: &[u8]) {
+    for name in [
+        "phoenix_mesh_certificate_not_after_seconds",
+        "phoenix_mesh_certificate_expiry_timestamp_seconds",
+    ] {
+        assert_eq!(
+            metric(text, name, &[("cert", cert)]),
+            Some(not_after_unix(der)),
+            "{name}{{cert={cert:?}}}:\n{text}"
+        );
+    }
 }
 
 /// Every metric family the issue names, as `# TYPE` lines must show them.
-const FAMILIES: [&str; 9] = [
+const FAMILIES: [&str; 11] = [
     "phoenix_mesh_tls_handshakes",
     "phoenix_mesh_tls_handshake_duration_seconds",
     "phoenix_mesh_http_requests",
@@ -35,6 +53,8 @@ const FAMILIES: [&str; 9] = [
     "phoenix_mesh_upstream_connections",
     "phoenix_mesh_upstream_dials",
     "phoenix_mesh_certificate_not_after_seconds",
+    "phoenix_mesh_certificate_expiry_timestamp_seconds",
+    "phoenix_mesh_certificate_not_before_timestamp_seconds",
     "phoenix_mesh_reloads",
 ];
 
@@ -132,12 +152,13 @@ async fn admin_endpoints_report_health_readiness_and_moving_metrics_on_both_side
         m("phoenix_mesh_http_request_duration_seconds_count", &[]) >= 1.0,
         "{text}"
     );
+    assert_expiry(&text, "own", &listener_leaf.der);
     assert_eq!(
         m(
-            "phoenix_mesh_certificate_not_after_seconds",
+            "phoenix_mesh_certificate_not_before_timestamp_seconds",
             &[("cert", "own")]
         ),
-        not_after_unix(&listener_leaf.der),
+        not_before_unix(&listener_leaf.der),
         "{text}"
     );
 
@@ -155,22 +176,8 @@ async fn admin_endpoints_report_health_readiness_and_moving_metrics_on_both_side
         m("phoenix_mesh_upstream_dials_total", &[("result", "ok")]) >= 1.0,
         "{text}"
     );
-    assert_eq!(
-        m(
-            "phoenix_mesh_certificate_not_after_seconds",
-            &[("cert", "own")]
-        ),
-        not_after_unix(&gateway.der),
-        "{text}"
-    );
-    assert_eq!(
-        m(
-            "phoenix_mesh_certificate_not_after_seconds",
-            &[("cert", "peer")]
-        ),
-        not_after_unix(&listener_leaf.der),
-        "{text}"
-    );
+    assert_expiry(&text, "own", &gateway.der);
+    assert_expiry(&text, "peer", &listener_leaf.der);
 
     // The upstream goes away: the client is alive but no longer ready, and says why.
     listener.signal("TERM");

@@ -345,3 +345,56 @@ async fn check_config_only_refuses_an_unknown_key() {
     assert_eq!(code, Some(78), "{stdout}\n{stderr}");
     assert!(stderr.contains("alowed_peers"), "{stderr}");
 }
+
+/// The certificate step prints what `/certs` shows of the files it loaded: the leaf with its
+/// serial and validity, each intermediate, each trust anchor and each CRL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_prints_the_chain_trust_anchors_and_crls_it_loaded() {
+    let mesh = Mesh::start_with(|s| {
+        std::fs::write(s.dir.join("revoked.crl"), s.pki.crl(&[4242])).unwrap();
+        s.server.set_list("crls", &["revoked.crl"]);
+    })
+    .await;
+    let (code, out) = check(
+        &mesh,
+        "server",
+        "check-server.toml",
+        &running_server_toml(&mesh),
+        &[],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{out}");
+    let line = |prefix: String| {
+        out.lines()
+            .find(|l| l.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("no line starting {prefix:?}:\n{out}"))
+            .to_owned()
+    };
+    let leaf = line(format!(
+        "[ OK ] certificate {}: ",
+        mesh.path("listener.crt").display()
+    ));
+    let serial = super::certs::serial_hex(mesh.listener_leaf.serial);
+    assert!(
+        leaf.contains(&format!("serial {serial},")) && leaf.contains("valid from "),
+        "{leaf}"
+    );
+    let intermediate = line(format!(
+        "[ OK ] intermediate 1 in {}: ",
+        mesh.path("listener.crt").display()
+    ));
+    assert!(intermediate.contains("issuer "), "{intermediate}");
+    let anchor = line(format!(
+        "[ OK ] trust anchor in {}: ",
+        mesh.path("listener-ca.crt").display()
+    ));
+    assert!(anchor.contains("serial "), "{anchor}");
+    let crl = line(format!(
+        "[ OK ] CRL {}: ",
+        mesh.path("revoked.crl").display()
+    ));
+    assert!(
+        crl.contains("1 revoked") && crl.contains("next update 20"),
+        "{crl}"
+    );
+}

@@ -418,3 +418,48 @@ async fn failed_handshakes_from_strangers_are_logged_once_per_interval() {
         assert_bounded(&listener, message, reason).await;
     }
 }
+
+/// Responses cut off for making no progress, many at once (a backend that stalls after two bytes):
+/// each reaches the downstream broken and counts as a `5xx` made by the listener, which logs the
+/// first as it happens, naming the backend and which end stalled, and summarises the rest per
+/// interval instead of writing one line per response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_responses_are_counted_and_logged_once_per_interval() {
+    const STALLS: usize = 12;
+    let pki = TestPki::new();
+    let backend = Backend::start().await;
+    let mut files = MeshFiles::new(&pki, backend.addr, &pki.listener_cert(), &pki.client_cert());
+    files.server.set_str("admin_listen", "127.0.0.1:0");
+    files.server.set_str("backend_timeout", "500ms");
+    let (listener, listener_addr) = files.start_listener().await;
+    let admin = listener
+        .addr_from_log("admin endpoint serving", "admin")
+        .await;
+    let (_client, client_addr) = files.start_client(listener_addr).await;
+
+    let stalls: Vec<_> = (0..STALLS)
+        .map(|_| tokio::spawn(try_get(client_addr, "/stall")))
+        .collect();
+    for stall in stalls {
+        let got = within("a stalled request", stall).await.unwrap();
+        assert!(
+            got.as_ref().is_err_and(|e| e.starts_with("body:")),
+            "a stalled response must end broken: {got:?}"
+        );
+    }
+    assert_counted(
+        admin,
+        "phoenix_mesh_http_requests_total",
+        &[("status_class", "5xx"), ("made_by", "sidecar")],
+        STALLS,
+    )
+    .await;
+    let message = "response made no progress; cut off";
+    let lines = assert_bounded(&listener, message, "stalled responses").await;
+    assert!(
+        lines.len() < STALLS
+            && lines[0].contains("sender-stalled")
+            && lines[0].contains(&format!("backend {}", backend.addr)),
+        "{lines:#?}"
+    );
+}

@@ -9,7 +9,7 @@ use crate::support::binary::Binary;
 use crate::support::files::MeshFiles;
 use crate::support::http::{get, send_h1};
 use crate::support::mesh::Mesh;
-use crate::support::pki::{write_leaf, TestPki};
+use crate::support::pki::{write_leaf, Rsa1024, TestPki};
 use crate::support::{closed_port_addr, within};
 
 const EX_CONFIG: i32 = 78;
@@ -267,6 +267,50 @@ async fn a_truncated_certificate_is_refused_in_words() {
                     "{what} {flags:?}: {internal:?} is a parser's internals:\n{out}"
                 );
             }
+        }
+    }
+}
+
+/// What the TLS stack itself refuses, though the file is well-formed: a CRL without extensions (no
+/// CRL Number), which the verifier's parser rejects, and our own RSA key of 1024 bits. Start-up exits
+/// 78 and `--check` fails, both naming the file and the cause; before, `--check` passed the CRL and
+/// start-up named no file ("provided CRL could not be parsed: ParseError").
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crl_or_key_the_tls_stack_refuses_is_named_by_start_and_check_alike() {
+    let pki = TestPki::new();
+    type Make = fn(&TestPki, &mut MeshFiles) -> &'static str;
+    let cases: [(&str, Make, &str); 2] = [
+        (
+            "a CRL without extensions",
+            |pki, f| {
+                std::fs::write(f.path("old.crl"), pki.crl_without_extensions()).unwrap();
+                f.server.set_list("crls", &["old.crl"]);
+                "old.crl"
+            },
+            "CRL {path}: it has no extensions, so no CRL Number extension",
+        ),
+        (
+            "an RSA key of 1024 bits",
+            |_, f| {
+                std::fs::write(f.path("listener.key"), Rsa1024::new().private_key_pem()).unwrap();
+                "listener.key"
+            },
+            "private key {path}: an RSA key of 1024 bits is too small",
+        ),
+    ];
+    for (what, make, says) in cases {
+        let mut files = MeshFiles::unconnected(&pki);
+        let file = make(&pki, &mut files);
+        let config = files.write_server();
+        let sentence = says.replace("{path}", &files.path(file).display().to_string());
+        for (flags, exit) in [(&[][..], EX_CONFIG), (&["--check"][..], 1)] {
+            let (code, stdout, stderr) = Binary::server(&config).flags(flags).output().await;
+            let out = format!("{stdout}\n--- stderr:\n{stderr}");
+            assert_eq!(code, Some(exit), "{what} {flags:?}:\n{out}");
+            assert!(
+                out.contains(&sentence),
+                "{what} {flags:?}: should say {sentence:?}:\n{out}"
+            );
         }
     }
 }

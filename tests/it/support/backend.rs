@@ -5,9 +5,13 @@
 //! - `/404`: Traefik's own `404 page not found`.
 //! - `/slow`: answers only after 30 s (for backend_timeout); counts the times it was given up on.
 //! - `/delay/MS`: answers `HELLO` after MS milliseconds.
+//! - `/stall`: sends its response head and two bytes (`ab`, chunked), then nothing; counts the times
+//!   the proxy in front dropped such a response (`stalls_released`).
 //! - `/upload`: reads the body frame by frame without keeping it; answers `<length> <sha256>`, or
 //!   `400` when the body fails (recorded in `Seen::upload_error`).
 //! - `/download?bytes=N`: streams N pattern bytes, gated on the test's progress (see `stream`).
+//! - `/big-head?bytes=N`: `200` with about N bytes of response headers (`x-big-0`, ... of 4000 bytes
+//!   each), for heads larger than one HTTP/2 frame.
 //! - `/trailers`: answers the request's data followed by trailers, as a gRPC server would:
 //!   `grpc-status: 0` and each request trailer echoed as `x-echo-NAME`.
 //! - anything else: `200 hello from backend` with `x-backend: echo`.
@@ -83,6 +87,8 @@ struct Shared {
     download_progress: watch::Sender<u64>,
     /// `/slow` requests dropped before they were answered (the connection went away).
     abandoned: AtomicU64,
+    /// `/stall` responses the proxy in front dropped (it stopped reading them).
+    stalls_released: AtomicU64,
     /// TCP connections accepted.
     connections: AtomicU64,
     /// TCP connections open now.
@@ -123,6 +129,7 @@ impl Backend {
             upload_progress: watch::channel(0).0,
             download_progress: watch::channel(0).0,
             abandoned: AtomicU64::new(0),
+            stalls_released: AtomicU64::new(0),
             connections: AtomicU64::new(0),
             open: AtomicU64::new(0),
             close: watch::channel(0).0,
@@ -189,6 +196,11 @@ impl Backend {
     /// How many `/slow` requests were dropped unanswered: the proxy in front gave up on them.
     pub fn abandoned(&self) -> u64 {
         self.shared.abandoned.load(Ordering::SeqCst)
+    }
+
+    /// How many `/stall` responses the proxy in front dropped half-way.
+    pub fn stalls_released(&self) -> u64 {
+        self.shared.stalls_released.load(Ordering::SeqCst)
     }
 
     /// Where a test downloading through the mesh reports its progress to the backend.
@@ -291,6 +303,31 @@ async fn handle(
                 text(StatusCode::BAD_REQUEST, "upload failed\n".to_owned())
             }
         },
+        "/stall" => {
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            let _ = tx.try_send(Bytes::from_static(b"ab"));
+            let released = shared.clone();
+            tokio::spawn(async move {
+                tx.closed().await;
+                released.stalls_released.fetch_add(1, Ordering::SeqCst);
+            });
+            Response::new(Either::Right(Either::Left(ChannelBody::new(rx))))
+        }
+        "/big-head" => {
+            let total: usize = parts
+                .uri
+                .query()
+                .and_then(|q| q.strip_prefix("bytes="))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            let mut r = text(StatusCode::OK, HELLO.to_owned());
+            let value = HeaderValue::from_str(&"h".repeat(4000)).unwrap();
+            for i in 0..total.div_ceil(4000) {
+                let name = HeaderName::from_bytes(format!("x-big-{i}").as_bytes()).unwrap();
+                r.headers_mut().insert(name, value.clone());
+            }
+            r
+        }
         "/404" => {
             let mut r = text(StatusCode::NOT_FOUND, TRAEFIK_404.to_owned());
             r.headers_mut()

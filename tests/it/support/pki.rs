@@ -5,7 +5,11 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use phoenix_mesh_certs::pki::{Leaf, LeafSpec, Pki, Usage};
+use phoenix_mesh_certs::pki::{
+    Leaf, LeafSpec, Pki, PublicKeyData, SignatureAlgorithm, Usage, PKCS_RSA_SHA256,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateRevocationListDer;
 
 /// The name the listener's certificate carries (and the client's `server_name`).
 pub const LISTENER_NAME: &str = "mesh.internal.thinkheads.ai";
@@ -78,6 +82,14 @@ impl TestPki {
             .unwrap()
     }
 
+    /// A listener certificate issued now for `lifetime` only (a few seconds, for the tests of what
+    /// happens to connections as their certificates end).
+    pub fn listener_cert_valid_for(&self, lifetime: Duration) -> Leaf {
+        self.ours
+            .issue(&short_lived(listener_spec(), lifetime))
+            .unwrap()
+    }
+
     /// A listener certificate valid only from tomorrow.
     pub fn not_yet_valid_listener_cert(&self) -> Leaf {
         self.ours.issue(&not_yet_valid(listener_spec())).unwrap()
@@ -112,6 +124,13 @@ impl TestPki {
         self.ours.issue(&expiring_in(gateway_spec(), left)).unwrap()
     }
 
+    /// The gateway identity, issued now for `lifetime` only.
+    pub fn client_cert_valid_for(&self, lifetime: Duration) -> Leaf {
+        self.ours
+            .issue(&short_lived(gateway_spec(), lifetime))
+            .unwrap()
+    }
+
     /// The gateway identity, valid only from tomorrow.
     pub fn not_yet_valid_client_cert(&self) -> Leaf {
         self.ours.issue(&not_yet_valid(gateway_spec())).unwrap()
@@ -129,6 +148,43 @@ impl TestPki {
         let mut spec = gateway_spec();
         spec.usage = Usage::None;
         self.ours.issue(&spec).unwrap()
+    }
+
+    /// A client certificate from the other PKI whose common name is `cn`, of any length.
+    pub fn client_cert_signed_by_other_ca_named(&self, cn: &str) -> Leaf {
+        let mut spec = LeafSpec::new(cn, DAY);
+        spec.dns = vec![GATEWAY_DNS.to_owned()];
+        spec.usage = Usage::Client;
+        self.other.issue(&spec).unwrap()
+    }
+
+    /// The gateway identity with an RSA key of 1024 bits, from our intermediate. No TLS provider
+    /// here loads such a key, so the leaf comes without one (`key_pem` is empty): present it with
+    /// `tls::client_config_without_key`.
+    pub fn client_cert_with_rsa_1024_key(&self) -> Leaf {
+        self.ours
+            .issue_for(&gateway_spec(), &Rsa1024::new())
+            .unwrap()
+    }
+
+    /// A well-formed version 2 CRL from our intermediate with its extensions (the CRL Number among
+    /// them) cut out, as DER. Its signature no longer verifies; nothing gets that far, since the
+    /// verifier's parser refuses a CRL without extensions.
+    pub fn crl_without_extensions(&self) -> Vec<u8> {
+        let pem = self.crl(&[]);
+        let der = CertificateRevocationListDer::from_pem_slice(pem.as_bytes()).unwrap();
+        let outer = der_elements(der_content(der.as_ref()));
+        let tbs: Vec<u8> = der_elements(der_content(outer[0]))
+            .into_iter()
+            .filter(|element| element[0] != 0xa0)
+            .flatten()
+            .copied()
+            .collect();
+        let mut body = der_sequence(&tbs);
+        for rest in &outer[1..] {
+            body.extend_from_slice(rest);
+        }
+        der_sequence(&body)
     }
 
     /// A client certificate for another identity: CN and DNS SAN `name`.
@@ -171,6 +227,12 @@ fn expiring_in(mut spec: LeafSpec, left: Duration) -> LeafSpec {
     spec
 }
 
+fn short_lived(mut spec: LeafSpec, lifetime: Duration) -> LeafSpec {
+    spec.not_before = SystemTime::now();
+    spec.not_after = spec.not_before + lifetime;
+    spec
+}
+
 fn not_yet_valid(mut spec: LeafSpec) -> LeafSpec {
     spec.not_before = SystemTime::now() + DAY;
     spec.not_after = SystemTime::now() + 2 * DAY;
@@ -193,4 +255,126 @@ pub fn expected_gateway_xfcc(leaf: &Leaf) -> String {
         "Hash={};Subject=\"CN={GATEWAY_CN}\";DNS={GATEWAY_DNS};URI={GATEWAY_SPIFFE}",
         super::sha256_hex(&leaf.der)
     )
+}
+
+/// An RSA public key of 1024 bits: a made-up odd modulus with its top bit set, exponent 65537. No
+/// one holds its private key; a certificate for it is only ever refused.
+pub struct Rsa1024 {
+    /// RSAPublicKey, DER.
+    der: Vec<u8>,
+}
+
+impl Rsa1024 {
+    pub fn new() -> Self {
+        let mut modulus = vec![0x00, 0xc5];
+        modulus.extend((0..126u8).map(|i| i.wrapping_mul(37).wrapping_add(11)));
+        modulus.push(0x9b);
+        let mut der = Vec::new();
+        der.extend([0x02, 0x81, 0x81]);
+        der.extend(&modulus);
+        der.extend([0x02, 0x03, 0x01, 0x00, 0x01]);
+        Rsa1024 {
+            der: der_sequence(&der),
+        }
+    }
+
+    /// A PKCS#1 `RSA PRIVATE KEY` PEM with this modulus and made-up private values: what an
+    /// operator's RSA-1024 key file looks like to the sidecar, which refuses it for its size.
+    pub fn private_key_pem(&self) -> String {
+        let modulus = der_elements(der_content(&self.der))[0];
+        let mut fields = vec![0x02, 0x01, 0x00];
+        fields.extend(modulus);
+        fields.extend([0x02, 0x03, 0x01, 0x00, 0x01]);
+        for _ in 0..6 {
+            fields.extend([0x02, 0x02, 0x01, 0x23]);
+        }
+        let der = der_sequence(&fields);
+        let b64 = base64_lines(&der);
+        format!("-----BEGIN RSA PRIVATE KEY-----\n{b64}-----END RSA PRIVATE KEY-----\n")
+    }
+}
+
+impl PublicKeyData for Rsa1024 {
+    fn der_bytes(&self) -> &[u8] {
+        &self.der
+    }
+
+    fn algorithm(&self) -> &'static SignatureAlgorithm {
+        &PKCS_RSA_SHA256
+    }
+}
+
+/// The content of the DER element `der` starts with.
+fn der_content(der: &[u8]) -> &[u8] {
+    let (header, len) = der_header(der);
+    &der[header..header + len]
+}
+
+/// The whole DER elements `content` holds, each with its header.
+fn der_elements(mut content: &[u8]) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    while !content.is_empty() {
+        let (header, len) = der_header(content);
+        let (element, rest) = content.split_at(header + len);
+        out.push(element);
+        content = rest;
+    }
+    out
+}
+
+/// (header length, content length) of the DER element `der` starts with.
+fn der_header(der: &[u8]) -> (usize, usize) {
+    let first = der[1];
+    if first & 0x80 == 0 {
+        return (2, usize::from(first));
+    }
+    let octets = usize::from(first & 0x7f);
+    let len = der[2..2 + octets]
+        .iter()
+        .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
+    (2 + octets, len)
+}
+
+/// A DER SEQUENCE holding `content`.
+fn der_sequence(content: &[u8]) -> Vec<u8> {
+    let mut out = vec![0x30];
+    let len = content.len();
+    if len < 0x80 {
+        out.push(len as u8);
+    } else {
+        let bytes: Vec<u8> = len
+            .to_be_bytes()
+            .into_iter()
+            .skip_while(|&b| b == 0)
+            .collect();
+        out.push(0x80 | bytes.len() as u8);
+        out.extend(bytes);
+    }
+    out.extend_from_slice(content);
+    out
+}
+
+/// `der` in base64, 64 characters a line, each line ending in a newline.
+fn base64_lines(der: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut text = String::new();
+    for chunk in der.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, &b)| acc | u32::from(b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                text.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                text.push('=');
+            }
+        }
+    }
+    let mut out = String::new();
+    for line in text.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).unwrap());
+        out.push('\n');
+    }
+    out
 }

@@ -1,10 +1,11 @@
 //! A TCP relay in front of the mesh listener that counts the connections the client sidecar opens
-//! and closes: how the pooling tests see reuse, idling out and retirement from outside.
+//! and closes, and notes when each opened and closed: how the pooling tests see reuse, idling out
+//! and retirement from outside.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -17,6 +18,14 @@ pub struct CountingRelay {
     pub addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
     closed: Arc<AtomicUsize>,
+    spans: Arc<Mutex<Vec<Span>>>,
+}
+
+/// When one relayed connection opened and, once it has, closed (wall clock, as certificates count).
+#[derive(Debug, Clone, Copy)]
+pub struct Span {
+    pub opened: SystemTime,
+    pub closed: Option<SystemTime>,
 }
 
 impl CountingRelay {
@@ -27,16 +36,27 @@ impl CountingRelay {
         let accepted = Arc::new(AtomicUsize::new(0));
         let closed = Arc::new(AtomicUsize::new(0));
         let (target_tx, target_rx) = oneshot::channel::<SocketAddr>();
-        let (count, ended) = (accepted.clone(), closed.clone());
+        let spans = Arc::new(Mutex::new(Vec::new()));
+        let (count, ended, noted) = (accepted.clone(), closed.clone(), spans.clone());
         tokio::spawn(async move {
             let Ok(target) = target_rx.await else { return };
             while let Ok((mut inbound, _)) = listener.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
                 let ended = ended.clone();
+                let noted = noted.clone();
+                let i = {
+                    let mut spans = noted.lock().unwrap();
+                    spans.push(Span {
+                        opened: SystemTime::now(),
+                        closed: None,
+                    });
+                    spans.len() - 1
+                };
                 tokio::spawn(async move {
                     if let Ok(mut outbound) = TcpStream::connect(target).await {
                         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                     }
+                    noted.lock().unwrap()[i].closed = Some(SystemTime::now());
                     ended.fetch_add(1, Ordering::SeqCst);
                 });
             }
@@ -46,6 +66,7 @@ impl CountingRelay {
                 addr,
                 accepted,
                 closed,
+                spans,
             },
             target_tx,
         )
@@ -59,6 +80,11 @@ impl CountingRelay {
     /// Connections the client has closed.
     pub fn closed(&self) -> usize {
         self.closed.load(Ordering::SeqCst)
+    }
+
+    /// When each connection opened and closed, in the order they opened.
+    pub fn spans(&self) -> Vec<Span> {
+        self.spans.lock().unwrap().clone()
     }
 }
 

@@ -22,6 +22,13 @@ pub const CHUNK: usize = 64 * 1024;
 /// A body fed from a small channel, so the producer never gets far ahead of the consumer.
 pub struct ChannelBody(mpsc::Receiver<Bytes>);
 
+impl ChannelBody {
+    /// A body of what arrives on `rx`, ending when every sender is gone.
+    pub fn new(rx: mpsc::Receiver<Bytes>) -> Self {
+        ChannelBody(rx)
+    }
+}
+
 impl Body for ChannelBody {
     type Data = Bytes;
     type Error = Infallible;

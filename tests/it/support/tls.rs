@@ -59,6 +59,75 @@ fn client_config_for(
     Arc::new(config)
 }
 
+/// A client configuration trusting `root_pem` and presenting `leaf`'s chain without its private key
+/// (a key no provider here loads, such as RSA-1024): its CertificateVerify carries a signature of
+/// the right size that verifies nothing. For refusals that must come from the certificate itself.
+pub fn client_config_without_key(root_pem: &str, leaf: &Leaf) -> Arc<ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(root_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let chain = CertificateDer::pem_slice_iter(leaf.chain_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let presented = Arc::new(rustls::sign::CertifiedKey::new(chain, Arc::new(NoKey)));
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(rustls::DEFAULT_VERSIONS)
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_cert_resolver(Arc::new(Presenting(presented)));
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
+/// Presents one certificate chain, whatever the server asks.
+#[derive(Debug)]
+struct Presenting(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for Presenting {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// An RSA "key" that signs with zeros.
+#[derive(Debug)]
+struct NoKey;
+
+impl rustls::sign::SigningKey for NoKey {
+    fn choose_scheme(
+        &self,
+        offered: &[rustls::SignatureScheme],
+    ) -> Option<Box<dyn rustls::sign::Signer>> {
+        offered
+            .contains(&rustls::SignatureScheme::RSA_PSS_SHA256)
+            .then(|| Box::new(NoKey) as Box<dyn rustls::sign::Signer>)
+    }
+
+    fn algorithm(&self) -> rustls::SignatureAlgorithm {
+        rustls::SignatureAlgorithm::RSA
+    }
+}
+
+impl rustls::sign::Signer for NoKey {
+    fn sign(&self, _message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
+        Ok(vec![0; 128])
+    }
+
+    fn scheme(&self) -> rustls::SignatureScheme {
+        rustls::SignatureScheme::RSA_PSS_SHA256
+    }
+}
+
 /// Connects and completes the handshake with `server_name` as SNI and expected name.
 pub async fn connect(
     addr: SocketAddr,

@@ -27,8 +27,15 @@ use tracing::debug;
 
 use crate::body::ProxyBody;
 
+/// The largest response head (HTTP/2 header list size) the sidecars' HTTP/2 clients take, and so
+/// the largest `max_header_bytes`. A peer that sends a larger one fails that stream, and one far
+/// larger (beyond what h2 can skip) fails the whole connection with every request on it; the
+/// listener sends no head larger than its `max_header_bytes`, so a head it lets through always fits.
+pub const MAX_HEADER_LIST_SIZE: u32 = 1024 * 1024;
+
 /// An `h2` client builder with hyper's HTTP/2 client settings: its windows (2 MiB per stream, 5 MiB
-/// per connection), frame and header-list sizes, send buffer, stream and reset limits, push off.
+/// per connection), frame size, send buffer, stream and reset limits, push off; the header-list
+/// size is [`MAX_HEADER_LIST_SIZE`].
 pub fn client_builder() -> h2::client::Builder {
     let mut builder = h2::client::Builder::new();
     builder
@@ -36,7 +43,7 @@ pub fn client_builder() -> h2::client::Builder {
         .initial_window_size(2 * 1024 * 1024)
         .initial_connection_window_size(5 * 1024 * 1024)
         .max_frame_size(16 * 1024)
-        .max_header_list_size(16 * 1024)
+        .max_header_list_size(MAX_HEADER_LIST_SIZE)
         .max_send_buffer_size(1024 * 1024)
         .max_local_error_reset_streams(Some(1024))
         .enable_push(false);
@@ -75,6 +82,16 @@ pub async fn open_stream(
     let (parts, recv) = response.into_parts();
     let body = H2Body::new(recv, &parts.headers);
     Ok(Response::from_parts(parts, body))
+}
+
+/// Whether `error`, as a request's stream ended, is the reset [`open_stream`] sends when the request
+/// body failed to read: `CANCEL`, sent by this side's own code (not the peer, not h2 itself). It is
+/// the only stream reset this module makes.
+pub fn is_request_body_reset(error: &h2::Error) -> bool {
+    error.is_reset()
+        && !error.is_remote()
+        && !error.is_library()
+        && error.reason() == Some(h2::Reason::CANCEL)
 }
 
 /// Methods whose request carries a payload by definition (hyper's rule for adding `content-length: 0`).

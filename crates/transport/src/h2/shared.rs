@@ -19,6 +19,8 @@
 //! - ALWAYS hand a request back ([`Sent::NotHttp2`]) when the dial came back speaking HTTP/1.1, and
 //!   keep handing requests back for as long as the owner's [`Policy::declined_http2`] says, without
 //!   dialling.
+//! - ALWAYS let go of a connection when the owner's [`Retire::lifetime`] retires it, even with no
+//!   request coming to find out, and close it at that lifetime's deadline whatever it carries.
 //! - ALWAYS forget a connection by identity: a request that found its connection going away drops it
 //!   only if it is still the current one, never the fresh one another request put in its place.
 //!
@@ -191,7 +193,8 @@ pub struct SharedConnection<D: Dial, P> {
     idle_timeout: Duration,
     /// Names the peer in logs ("the mesh listener", "the backend").
     peer: &'static str,
-    state: Mutex<State<D::Meta, D::Error>>,
+    /// Shared with each connection's driver task, which lets go of its connection when it retires.
+    state: Arc<Mutex<State<D::Meta, D::Error>>>,
     /// Held while dialling.
     dialing: tokio::sync::Mutex<()>,
 }
@@ -234,12 +237,12 @@ impl<D: Dial, P: Policy<D::Meta>> SharedConnection<D, P> {
             policy,
             idle_timeout,
             peer,
-            state: Mutex::new(State {
+            state: Arc::new(Mutex::new(State {
                 current: None,
                 dials: 0,
                 failed: None,
                 declined_until: None,
-            }),
+            })),
             dialing: tokio::sync::Mutex::new(()),
         });
         sweep_idle(&shared, idle_timeout, Self::purge);
@@ -346,15 +349,8 @@ impl<D: Dial, P: Policy<D::Meta>> SharedConnection<D, P> {
     /// Marks `conn` as going away and drops it if it is still the current one; the number of dials
     /// finished so far.
     fn forget(&self, conn: &Arc<Connection<D::Meta>>) -> u64 {
-        conn.closed.store(true, Ordering::Relaxed);
         let mut state = self.state.lock();
-        if state
-            .current
-            .as_ref()
-            .is_some_and(|current| Arc::ptr_eq(&current.conn, conn))
-        {
-            state.current = None;
-        }
+        forget_in(&mut state, conn);
         state.dials
     }
 
@@ -404,9 +400,30 @@ impl<D: Dial, P: Policy<D::Meta>> SharedConnection<D, P> {
         });
         let ended = conn.clone();
         let peer = self.peer;
+        let lifetime = self.policy.lifetime(&conn.meta);
+        let state = Arc::downgrade(&self.state);
         tokio::spawn(async move {
-            if let Err(error) = driver.await {
-                debug!(peer, %error, "HTTP/2 connection ended with an error");
+            let driven = match lifetime {
+                None => Some(driver.await),
+                Some(lifetime) => {
+                    let retiring = ended.clone();
+                    lifetime
+                        .drive(driver, move || {
+                            debug!(
+                                peer,
+                                "HTTP/2 connection retired; it closes once its requests finish"
+                            );
+                            if let Some(state) = state.upgrade() {
+                                forget_in(&mut state.lock(), &retiring);
+                            }
+                        })
+                        .await
+                }
+            };
+            match driven {
+                Some(Err(error)) => debug!(peer, %error, "HTTP/2 connection ended with an error"),
+                Some(Ok(())) => {}
+                None => debug!(peer, "HTTP/2 connection closed at its deadline"),
             }
             ended.closed.store(true, Ordering::Relaxed);
         });
@@ -442,6 +459,19 @@ impl<D: Dial, P: Policy<D::Meta>> SharedConnection<D, P> {
             .current
             .as_ref()
             .is_some_and(|current| !current.conn.is_closed())
+    }
+}
+
+/// Marks `conn` as going away and drops it from `state` if it is still the current one (never the
+/// fresh one another request put in its place).
+fn forget_in<M, E>(state: &mut State<M, E>, conn: &Arc<Connection<M>>) {
+    conn.closed.store(true, Ordering::Relaxed);
+    if state
+        .current
+        .as_ref()
+        .is_some_and(|current| Arc::ptr_eq(&current.conn, conn))
+    {
+        state.current = None;
     }
 }
 

@@ -7,12 +7,13 @@ use http::{Request, Response};
 use hyper::body::{Body, Incoming};
 use hyper::server::conn::{http1, http2};
 use hyper::service::Service;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::preface_deadline::PrefaceDeadline;
 use super::shutdown::{drive, ShutdownWatch};
+use crate::serving_task::ServingExecutor;
 
 /// Limits for the HTTP side of a listener.
 #[derive(Debug, Clone)]
@@ -59,9 +60,10 @@ macro_rules! http2_limits {
     };
 }
 
-/// An HTTP/1.1 + HTTP/2 server connection builder with the given limits (HTTP/2 by its preface).
-pub fn http_builder(options: &HttpOptions) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+/// An HTTP/1.1 + HTTP/2 server connection builder with the given limits (HTTP/2 by its preface);
+/// each HTTP/2 stream is served in a serving task ([`crate::serving_task`]).
+pub fn http_builder(options: &HttpOptions) -> auto::Builder<ServingExecutor> {
+    let mut builder = auto::Builder::new(ServingExecutor);
     http1_limits!(builder.http1(), options);
     http2_limits!(builder.http2(), options);
     builder
@@ -74,9 +76,10 @@ pub fn http1_builder(options: &HttpOptions) -> http1::Builder {
     builder
 }
 
-/// An HTTP/2 server connection builder with the given limits.
-pub fn http2_builder(options: &HttpOptions) -> http2::Builder<TokioExecutor> {
-    let mut builder = http2::Builder::new(TokioExecutor::new());
+/// An HTTP/2 server connection builder with the given limits; each stream is served in a serving
+/// task ([`crate::serving_task`]).
+pub fn http2_builder(options: &HttpOptions) -> http2::Builder<ServingExecutor> {
+    let mut builder = http2::Builder::new(ServingExecutor);
     http2_limits!(builder, options);
     builder
 }
@@ -85,7 +88,7 @@ pub fn http2_builder(options: &HttpOptions) -> http2::Builder<TokioExecutor> {
 /// finish, HTTP/1 connections close after their response and HTTP/2 ones get a GOAWAY. A peer that
 /// has not let the version be told within `first_bytes_timeout` is closed (see [`PrefaceDeadline`]).
 pub async fn serve_http<I, S, B>(
-    builder: &auto::Builder<TokioExecutor>,
+    builder: &auto::Builder<ServingExecutor>,
     io: I,
     first_bytes_timeout: Duration,
     service: S,

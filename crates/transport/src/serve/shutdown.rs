@@ -60,6 +60,36 @@ pub async fn drive<C: Future>(
     }
 }
 
+/// Serves one connection until it ends, asking it to finish (the watch `serve` is given fires) once
+/// shutdown begins or `retire` resolves, and dropping it, whatever it still carries, at `deadline`.
+/// `None` when the deadline cut it off. The listener's rule for a connection whose certificates end
+/// or that a reload's policy refuses: in-flight requests finish, new ones go elsewhere, and nothing
+/// outlives the certificates.
+pub async fn serve_until<F: Future>(
+    serve: impl FnOnce(ShutdownWatch) -> F,
+    shutdown: &mut ShutdownWatch,
+    retire: impl Future<Output = ()>,
+    deadline: tokio::time::Instant,
+) -> Option<F::Output> {
+    let (finish, watch) = Shutdown::new();
+    let served = serve(watch);
+    let asked = async {
+        tokio::select! {
+            () = shutdown.wait() => {}
+            () = retire => {}
+        }
+        finish.begin();
+        std::future::pending::<std::convert::Infallible>().await
+    };
+    let run = async {
+        tokio::select! {
+            out = served => out,
+            never = asked => match never {},
+        }
+    };
+    tokio::time::timeout_at(deadline, run).await.ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -77,6 +107,27 @@ mod tests {
         drop(conn);
         let drained = tokio::time::timeout(Duration::from_secs(1), shutdown.drained()).await;
         assert!(drained.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn serve_until_asks_at_retirement_and_cuts_off_at_the_deadline() {
+        let (_shutdown, mut watch) = Shutdown::new();
+        let start = tokio::time::Instant::now();
+        // A connection that takes 2 s to finish once asked.
+        let conn = |mut asked: ShutdownWatch| async move {
+            asked.wait().await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            tokio::time::Instant::now()
+        };
+        let retire = tokio::time::sleep(Duration::from_secs(5));
+        let ended = serve_until(conn, &mut watch, retire, start + Duration::from_secs(10)).await;
+        assert_eq!(ended, Some(start + Duration::from_secs(7)));
+
+        let start = tokio::time::Instant::now();
+        let retire = tokio::time::sleep(Duration::from_secs(9));
+        let ended = serve_until(conn, &mut watch, retire, start + Duration::from_secs(10)).await;
+        assert_eq!(ended, None, "the deadline cuts off what is still in flight");
+        assert_eq!(start.elapsed(), Duration::from_secs(10));
     }
 
     #[tokio::test(start_paused = true)]
