@@ -16,10 +16,10 @@
 //! - NEVER keep an upgraded connection (`101 Switching Protocols`): it belongs to the tunnel.
 //! - ALWAYS send a request a pooled connection turned down before sending any of it (the peer closed
 //!   it as we picked it) on another one; a request that failed on a fresh connection is an error.
-//! - NEVER let a connection read more than 64 KiB ahead (`MAX_READ_BUFFER`): hyper's default lets
-//!   the read buffer grow to 400 KiB on large responses, and a connection keeps it for as long as it
-//!   lives, in every connection the pool keeps. A response head must fit in it; a larger one fails
-//!   the request.
+//! - NEVER let a connection read more than its read-ahead (64 KiB unless the owner sets another)
+//!   ahead: hyper's default lets the read buffer grow to 400 KiB on large responses, and a connection
+//!   keeps it for as long as it lives, in every connection the pool keeps. A response head must fit
+//!   in it; a larger one fails the request.
 //! - ALWAYS speak HTTP/1.1: the dialer must make HTTP/1.1 connections (the client's offers only
 //!   `http/1.1` through ALPN for this pool).
 //! - NEVER hold more connections open than the pool's [`Limit`], if it has one, upgraded ones (which
@@ -32,7 +32,7 @@ use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -51,9 +51,9 @@ use crate::body::ProxyBody;
 use crate::dial::{Dial, NeverRetire, Retire};
 use crate::sweep::sweep_idle;
 
-/// The most a connection reads ahead of what the request's owner has taken (hyper's `max_buf_size`),
-/// and so about the largest response head it accepts; the sidecars take request heads up to
-/// `max_header_bytes`, 64 KiB by default.
+/// The most a connection reads ahead of what the request's owner has taken (hyper's `max_buf_size`)
+/// unless its owner sets another ([`Pool::set_read_ahead`]), and so about the largest response head
+/// it accepts.
 const MAX_READ_BUFFER: usize = 64 * 1024;
 
 /// Why a request through the pool found no answer.
@@ -109,6 +109,8 @@ pub struct Pool<D: Dial, R = NeverRetire> {
     conns: Arc<Mutex<VecDeque<Pooled<D::Meta>>>>,
     /// Numbers the connections, so a retiring one finds itself in the list.
     opened: AtomicU64,
+    /// The most a connection reads ahead (hyper's `max_buf_size`), see [`Pool::set_read_ahead`].
+    read_ahead: AtomicUsize,
     slots: Option<Slots>,
     /// The pool itself, for the tasks that watch busy connections while requests wait.
     me: Weak<Self>,
@@ -161,6 +163,7 @@ impl<D: Dial, R: Retire<D::Meta>> Pool<D, R> {
             peer,
             conns: Arc::new(Mutex::new(VecDeque::new())),
             opened: AtomicU64::new(0),
+            read_ahead: AtomicUsize::new(MAX_READ_BUFFER),
             slots: limit.map(|limit| Slots {
                 limit,
                 slots: Arc::new(Semaphore::new(limit.max.max(1))),
@@ -182,6 +185,7 @@ impl<D: Dial, R: Retire<D::Meta>> Pool<D, R> {
             peer,
             conns: Arc::new(Mutex::new(VecDeque::new())),
             opened: AtomicU64::new(0),
+            read_ahead: AtomicUsize::new(MAX_READ_BUFFER),
             slots: None,
             me: Weak::new(),
         }
@@ -358,7 +362,7 @@ impl<D: Dial, R: Retire<D::Meta>> Pool<D, R> {
             _slot: slot,
         };
         let (sender, conn) = http1::Builder::new()
-            .max_buf_size(MAX_READ_BUFFER)
+            .max_buf_size(self.read_ahead.load(Ordering::Relaxed).max(8192))
             .handshake(TokioIo::new(io))
             .await
             .map_err(Error::Handshake)?;
@@ -391,6 +395,12 @@ impl<D: Dial, R: Retire<D::Meta>> Pool<D, R> {
             }
         });
         Ok((sender, connected.meta, id))
+    }
+
+    /// Lets connections opened from now on read up to `bytes` ahead (64 KiB unless set; at least
+    /// 8 KiB): a response head larger than that fails its request.
+    pub fn set_read_ahead(&self, bytes: usize) {
+        self.read_ahead.store(bytes, Ordering::Relaxed);
     }
 
     /// Closes connections that have been idle for longer than the idle timeout.
