@@ -233,6 +233,7 @@ impl Backend {
             "the backend",
             Some(limit),
         );
+        pool.set_read_ahead(read_ahead(64 * 1024));
         let authority = Authority::try_from(addr.to_string())
             .unwrap_or_else(|_| Authority::from_static("127.0.0.1"));
         Backend {
@@ -259,6 +260,7 @@ impl Backend {
     /// takes request heads; a larger one fails its request with `502 backend-head-too-large`.
     pub(crate) fn limiting_response_heads(mut self, max_header_bytes: usize) -> Self {
         self.max_head_bytes = max_header_bytes;
+        self.pool.set_read_ahead(read_ahead(max_header_bytes));
         self
     }
 
@@ -494,6 +496,14 @@ impl Backend {
             ),
         ))
     }
+}
+
+/// How far a backend connection reads ahead for a response head limit of `max_head_bytes`: twice
+/// it, so a head somewhat over the limit is still read whole and refused by name
+/// (`backend-head-too-large`) rather than failing as unreadable, while an idle connection keeps a
+/// read buffer of that size at most instead of hyper's 400 KiB.
+fn read_ahead(max_head_bytes: usize) -> usize {
+    max_head_bytes.saturating_mul(2)
 }
 
 /// The innermost error's message, which is the one that says what actually happened.

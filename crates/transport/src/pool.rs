@@ -16,6 +16,10 @@
 //! - NEVER keep an upgraded connection (`101 Switching Protocols`): it belongs to the tunnel.
 //! - ALWAYS send a request a pooled connection turned down before sending any of it (the peer closed
 //!   it as we picked it) on another one; a request that failed on a fresh connection is an error.
+//! - NEVER let a connection read more than its read-ahead (64 KiB unless the owner sets another)
+//!   ahead: hyper's default lets the read buffer grow to 400 KiB on large responses, and a connection
+//!   keeps it for as long as it lives, in every connection the pool keeps. A response head must fit
+//!   in it; a larger one fails the request.
 //! - ALWAYS speak HTTP/1.1: the dialer must make HTTP/1.1 connections (the client's offers only
 //!   `http/1.1` through ALPN for this pool).
 //! - NEVER hold more connections open than the pool's [`Limit`], if it has one, upgraded ones (which
@@ -28,7 +32,7 @@ use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -46,6 +50,11 @@ use tracing::debug;
 use crate::body::ProxyBody;
 use crate::dial::{Dial, NeverRetire, Retire};
 use crate::sweep::sweep_idle;
+
+/// The most a connection reads ahead of what the request's owner has taken (hyper's `max_buf_size`)
+/// unless its owner sets another ([`Pool::set_read_ahead`]), and so about the largest response head
+/// it accepts.
+const MAX_READ_BUFFER: usize = 64 * 1024;
 
 /// Why a request through the pool found no answer.
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +109,8 @@ pub struct Pool<D: Dial, R = NeverRetire> {
     conns: Arc<Mutex<VecDeque<Pooled<D::Meta>>>>,
     /// Numbers the connections, so a retiring one finds itself in the list.
     opened: AtomicU64,
+    /// The most a connection reads ahead (hyper's `max_buf_size`), see [`Pool::set_read_ahead`].
+    read_ahead: AtomicUsize,
     slots: Option<Slots>,
     /// The pool itself, for the tasks that watch busy connections while requests wait.
     me: Weak<Self>,
@@ -152,6 +163,7 @@ impl<D: Dial, R: Retire<D::Meta>> Pool<D, R> {
             peer,
             conns: Arc::new(Mutex::new(VecDeque::new())),
             opened: AtomicU64::new(0),
+            read_ahead: AtomicUsize::new(MAX_READ_BUFFER),
             slots: limit.map(|limit| Slots {
                 limit,
                 slots: Arc::new(Semaphore::new(limit.max.max(1))),
@@ -173,6 +185,7 @@ impl<D: Dial, R: Retire<D::Meta>> Pool<D, R> {
             peer,
             conns: Arc::new(Mutex::new(VecDeque::new())),
             opened: AtomicU64::new(0),
+            read_ahead: AtomicUsize::new(MAX_READ_BUFFER),
             slots: None,
             me: Weak::new(),
         }
@@ -348,7 +361,9 @@ impl<D: Dial, R: Retire<D::Meta>> Pool<D, R> {
             io: connected.io,
             _slot: slot,
         };
-        let (sender, conn) = http1::handshake(TokioIo::new(io))
+        let (sender, conn) = http1::Builder::new()
+            .max_buf_size(self.read_ahead.load(Ordering::Relaxed).max(8192))
+            .handshake(TokioIo::new(io))
             .await
             .map_err(Error::Handshake)?;
         let peer = self.peer;
@@ -380,6 +395,12 @@ impl<D: Dial, R: Retire<D::Meta>> Pool<D, R> {
             }
         });
         Ok((sender, connected.meta, id))
+    }
+
+    /// Lets connections opened from now on read up to `bytes` ahead (64 KiB unless set; at least
+    /// 8 KiB): a response head larger than that fails its request.
+    pub fn set_read_ahead(&self, bytes: usize) {
+        self.read_ahead.store(bytes, Ordering::Relaxed);
     }
 
     /// Closes connections that have been idle for longer than the idle timeout.
@@ -653,6 +674,153 @@ mod tests {
         // Asked as each exchange hands its connection back (three times), and at the third checkout:
         // the first connection never came back, and a fresh connection is not judged.
         assert_eq!(pool.retire.0.load(Ordering::SeqCst), 4);
+    }
+
+    /// TCP whose reads note the most room they were given, which is the free part of the HTTP/1.1
+    /// connection's read buffer.
+    struct ReadRoom {
+        stream: TcpStream,
+        most: Arc<AtomicUsize>,
+    }
+
+    impl tokio::io::AsyncRead for ReadRoom {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            self.most.fetch_max(buf.remaining(), Ordering::SeqCst);
+            std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+        }
+    }
+
+    impl tokio::io::AsyncWrite for ReadRoom {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+        }
+
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+        }
+    }
+
+    struct MeasuredDial(TcpDial, Arc<AtomicUsize>);
+
+    impl Dial for MeasuredDial {
+        type Io = ReadRoom;
+        type Meta = ();
+        type Error = ConnectError;
+
+        async fn dial(&self) -> Result<Connected<ReadRoom, ()>, ConnectError> {
+            let connected = self.0.dial().await?;
+            Ok(Connected {
+                io: ReadRoom {
+                    stream: connected.io,
+                    most: self.1.clone(),
+                },
+                meta: (),
+                protocol: connected.protocol,
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_kept_connection_holds_a_bounded_read_buffer_after_large_responses() {
+        // 1 MiB answers, written as fast as loopback takes them: every read the connection makes
+        // fills the room it offers, which is what makes hyper's buffer grow.
+        let body = Bytes::from(vec![b'x'; 1 << 20]);
+        let (addr, accepted) = counting_peer(move |stream| {
+            let body = body.clone();
+            async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(
+                        TokioIo::new(stream),
+                        service_fn(move |_req: Request<Incoming>| {
+                            let body = body.clone();
+                            async move {
+                                Ok::<_, std::convert::Infallible>(Response::new(Full::new(body)))
+                            }
+                        }),
+                    )
+                    .await;
+            }
+        })
+        .await;
+        let most = Arc::new(AtomicUsize::new(0));
+        let pool = Pool::new(
+            MeasuredDial(tcp(addr), most.clone()),
+            NeverRetire,
+            Duration::from_secs(60),
+            "the test peer",
+        );
+        for _ in 0..8 {
+            let response = pool.send(get()).await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body.len(), 1 << 20);
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "the connection was not reused"
+        );
+        assert_eq!(pool.len(), 1);
+        // The buffer may hold up to MAX_READ_BUFFER and, as a Vec grows, up to twice that in all;
+        // hyper's own default lets it grow to 400 KiB and keeps it for the connection's life.
+        let most = most.load(Ordering::SeqCst);
+        assert!(
+            most <= 2 * MAX_READ_BUFFER,
+            "a read was offered {most} bytes of room: the read buffer grew past {MAX_READ_BUFFER} bytes"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_response_head_over_the_read_buffer_is_an_error() {
+        let (addr, _) = counting_peer(|stream| async move {
+            let _ = hyper::server::conn::http1::Builder::new()
+                .max_buf_size(1 << 20)
+                .serve_connection(
+                    TokioIo::new(stream),
+                    service_fn(|_req: Request<Incoming>| async move {
+                        let mut response = Response::new(Full::new(Bytes::from_static(b"ok")));
+                        let big = "v".repeat(4 * MAX_READ_BUFFER);
+                        response.headers_mut().insert("x-big", big.parse().unwrap());
+                        Ok::<_, std::convert::Infallible>(response)
+                    }),
+                )
+                .await;
+        })
+        .await;
+        let pool = Pool::new(
+            tcp(addr),
+            NeverRetire,
+            Duration::from_secs(60),
+            "the test peer",
+        );
+        match pool.send(get()).await {
+            Err(Error::Request(error)) => assert!(error.is_parse_too_large(), "{error:?}"),
+            Err(other) => panic!("{other:?}"),
+            Ok(response) => panic!(
+                "a {} byte response head was taken ({})",
+                4 * MAX_READ_BUFFER,
+                response.status()
+            ),
+        }
     }
 
     #[tokio::test]
