@@ -13,7 +13,8 @@
 //!   would be handed out, and when it comes back after its request); the requests it carries finish
 //!   on it. ALWAYS drop one from the list when its [`Retire::lifetime`] retires it, even with no
 //!   request coming to find out, and close it at that lifetime's deadline whatever it carries.
-//! - NEVER keep an upgraded connection (`101 Switching Protocols`): it belongs to the tunnel.
+//! - NEVER keep an upgraded connection (`101 Switching Protocols`): it belongs to the tunnel, and
+//!   its meta goes with the response ([`UpgradedMeta`]), for the tunnel's owner to read its lifetime.
 //! - ALWAYS send a request a pooled connection turned down before sending any of it (the peer closed
 //!   it as we picked it) on another one; a request that failed on a fresh connection is an error.
 //! - ALWAYS speak HTTP/1.1: the dialer must make HTTP/1.1 connections (the client's offers only
@@ -46,6 +47,17 @@ use tracing::debug;
 use crate::body::ProxyBody;
 use crate::dial::{Dial, NeverRetire, Retire};
 use crate::sweep::sweep_idle;
+
+/// What the connection a `101 Switching Protocols` response came on was opened with, in that
+/// response's extensions: the connection now carries the tunnel, and its meta says how long it may.
+#[derive(Debug)]
+pub struct UpgradedMeta<M>(pub Arc<M>);
+
+impl<M> Clone for UpgradedMeta<M> {
+    fn clone(&self) -> Self {
+        UpgradedMeta(self.0.clone())
+    }
+}
 
 /// Why a request through the pool found no answer.
 #[derive(Debug, thiserror::Error)]
@@ -185,8 +197,8 @@ impl<D: Dial, R: Retire<D::Meta>> Pool<D, R> {
     ) -> Result<Response<Incoming>, Error<D::Error>> {
         while let Some((mut sender, meta, id)) = self.checkout() {
             match sender.try_send_request(req).await {
-                Ok(response) => {
-                    self.put_back(sender, meta, id, response.status());
+                Ok(mut response) => {
+                    self.put_back(sender, meta, id, &mut response);
                     return Ok(response);
                 }
                 Err(mut error) => match error.take_message() {
@@ -207,8 +219,8 @@ impl<D: Dial, R: Retire<D::Meta>> Pool<D, R> {
                     Queued::Slot(slot) => Some(slot),
                     Queued::Free(mut sender, meta, id) => {
                         return match sender.try_send_request(req).await {
-                            Ok(response) => {
-                                self.put_back(sender, meta, id, response.status());
+                            Ok(mut response) => {
+                                self.put_back(sender, meta, id, &mut response);
                                 Ok(response)
                             }
                             Err(error) => Err(Error::Request(error.into_error())),
@@ -221,8 +233,8 @@ impl<D: Dial, R: Retire<D::Meta>> Pool<D, R> {
         // carry room for it, copied on each move.
         let (mut sender, meta, id) = Box::pin(self.connect(slot)).await?;
         match sender.try_send_request(req).await {
-            Ok(response) => {
-                self.put_back(sender, meta, id, response.status());
+            Ok(mut response) => {
+                self.put_back(sender, meta, id, &mut response);
                 Ok(response)
             }
             Err(error) => Err(Error::Request(error.into_error())),
@@ -251,16 +263,20 @@ impl<D: Dial, R: Retire<D::Meta>> Pool<D, R> {
     }
 
     /// Back into the list right after sending, still busy with this exchange; a connection retired
-    /// meanwhile is let go instead, and closes once this exchange is over.
+    /// meanwhile is let go instead, and closes once this exchange is over. An upgraded one goes to
+    /// the tunnel, its meta in `response`'s extensions.
     fn put_back(
         &self,
         sender: http1::SendRequest<ProxyBody>,
         meta: D::Meta,
         id: u64,
-        status: StatusCode,
+        response: &mut Response<Incoming>,
     ) {
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            response.extensions_mut().insert(UpgradedMeta(Arc::new(meta)));
+            return;
+        }
         if !self.keep
-            || status == StatusCode::SWITCHING_PROTOCOLS
             || sender.is_closed()
             || self.retire.retire(&meta)
         {
