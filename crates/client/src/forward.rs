@@ -332,14 +332,15 @@ fn http1_target(mut request: Request<ProxyBody>) -> Request<ProxyBody> {
     request
 }
 
-/// When a tunnel over the mesh connection `response` switched protocols on must be cut off (see
-/// [`phoenix_mesh_common::live::LiveConn::cut_off`]), with why. The connection's entry among the
-/// live ones stays with its socket, which the tunnel holds: a reload of our CA or CRLs re-checks it.
+/// When a tunnel over the mesh connection `response` switched protocols on must be cut off, with
+/// why: when that connection retires ([`phoenix_mesh_common::live::LiveConn::retired`]: its
+/// certificates end soon, or a reload of our CA or CRLs refuses the listener). The connection's
+/// entry among the live ones stays with its socket, which the tunnel holds, so reloads re-check it.
 fn tunnel_cut_off<B>(response: &Response<B>) -> impl Future<Output = &'static str> + Send + 'static {
     let cut_off = response
         .extensions()
         .get::<UpgradedMeta<ConnInfo>>()
-        .map(|meta| meta.0.live.cut_off());
+        .map(|meta| meta.0.live.retired());
     async move {
         match cut_off {
             Some(cut_off) => cut_off.await.as_str(),

@@ -5,10 +5,10 @@
 //! when a reload's policy refuses it ([`LiveConnections::recheck`]). At its *deadline*, the earliest
 //! `notAfter` of the two chains, it is closed whatever it carries.
 //!
-//! A connection that switched protocols (a WebSocket) carries a *tunnel*, which has no requests to
-//! finish and no end of its own to wait for: it is *cut off* ([`LiveConn::cut_off`]) as soon as a
-//! reload's policy refuses its connection, and otherwise at the deadline, not at the retirement
-//! point, since ending it earlier gains nothing and costs its users a reconnect sooner.
+//! A connection that switched protocols (a WebSocket) carries a *tunnel*: no requests to finish, and
+//! no end of its own to wait for. It is cut off when its connection retires: a tunnel kept to the
+//! deadline would gain at most two margins (two minutes for step-ca's certificates), once in its
+//! life, and on the other side's clock, a few seconds off, could outlive the certificates.
 //!
 //! The rules:
 //! - ALWAYS retire a connection [`close_margin`] before its deadline on the side that accepted it,
@@ -16,8 +16,8 @@
 //!   before the acceptor asks the old connection to go. One opened with less than four of the
 //!   acceptor's margins left retires instead when a quarter of what was left remains (the dialler:
 //!   half): it still serves, and the order of the two sides holds.
-//! - NEVER let a connection outlive its deadline: whoever serves it closes it then; whoever
-//!   carries a tunnel over it cuts the tunnel off then, or at once when a reload refuses it.
+//! - NEVER let a connection outlive its deadline: whoever serves it closes it then.
+//! - ALWAYS cut a tunnel off when its connection retires ([`Registration::retired`]), both ways.
 //! - ALWAYS count and log a connection's retirement once, with the first reason it got.
 
 use std::collections::HashMap;
@@ -278,31 +278,6 @@ impl LiveConn {
         }
     }
 
-    /// Resolves, with why, when a tunnel over it must be cut off: as soon as a reload's policy
-    /// refuses it, else at its deadline (retiring it then, if nothing had). A connection already
-    /// retired for its certificates' end keeps its tunnel until the deadline.
-    pub fn cut_off(self: &Arc<Self>) -> impl Future<Output = ClosedReason> + Send + 'static {
-        let mut changes = self.retired.subscribe();
-        let at = tokio_instant(self.deadline);
-        let conn = self.clone();
-        async move {
-            let refused = async {
-                changes
-                    .wait_for(|reason| reason.is_some_and(|r| !is_expiry(r)))
-                    .await
-                    .ok()
-                    .and_then(|r| *r)
-            };
-            tokio::select! {
-                Some(reason) = refused => reason,
-                () = tokio::time::sleep_until(at) => {
-                    conn.retire_with(conn.expiry, "cutting off a tunnel at its certificates' end");
-                    conn.reason().unwrap_or(conn.expiry)
-                }
-            }
-        }
-    }
-
     /// When it must be closed whatever it carries: the first of its certificates ends.
     pub fn deadline(&self) -> tokio::time::Instant {
         tokio_instant(self.deadline)
@@ -324,14 +299,6 @@ impl LiveConn {
 
     /// Retires it for `reason` unless it already was; counted and logged once. Whether this did.
     fn retire(&self, reason: ClosedReason) -> bool {
-        self.retire_with(
-            reason,
-            "closing an established connection once its requests finish",
-        )
-    }
-
-    /// [`Self::retire`], logging `message` if this retires it.
-    fn retire_with(&self, reason: ClosedReason, message: &'static str) -> bool {
         let first = self.retired.send_if_modified(|now| {
             if now.is_some() {
                 return false;
@@ -350,7 +317,7 @@ impl LiveConn {
                 peer.serial = %self.peer.serial,
                 reason = reason.as_str(),
                 deadline_in_ms = left.as_millis() as u64,
-                "{message}"
+                "closing an established connection once its requests finish"
             );
         }
         first
@@ -363,13 +330,13 @@ impl Registration {
         &self.conn
     }
 
-    /// [`LiveConn::cut_off`] for a tunnel that outlives the server of its connection: the entry
-    /// stays (listed in `/certs`, re-checked on reload) as long as this future is held.
-    pub fn cut_off(self: Arc<Self>) -> impl Future<Output = ClosedReason> + Send + 'static {
-        let cut_off = self.conn.cut_off();
+    /// [`LiveConn::retired`], for a tunnel that outlives the task serving its connection: the entry
+    /// stays (listed in `/certs`, re-checked on reload) for as long as this future is held.
+    pub fn retired(self: Arc<Self>) -> impl Future<Output = ClosedReason> + Send + 'static {
+        let retired = self.conn.retired();
         async move {
             let _registered = self;
-            cut_off.await
+            retired.await
         }
     }
 }
@@ -378,14 +345,6 @@ impl Drop for Registration {
     fn drop(&mut self) {
         self.registry.conns.lock().remove(&self.conn.id);
     }
-}
-
-/// Whether `reason` is a certificate's end rather than a reload's refusal.
-fn is_expiry(reason: ClosedReason) -> bool {
-    matches!(
-        reason,
-        ClosedReason::CertificateExpiry | ClosedReason::OwnCertificateExpiry
-    )
 }
 
 /// The tokio instant of a wall-clock time (now when it has passed).

@@ -390,7 +390,7 @@ impl Backend {
                 if let (Some(downstream), StatusCode::SWITCHING_PROTOCOLS) =
                     (downstream, response.status())
                 {
-                    let cut_off = peer.conn.clone().cut_off();
+                    let cut_off = peer.conn.clone().retired();
                     splice(downstream, hyper::upgrade::on(&mut response), async move {
                         cut_off.await.as_str()
                     });
