@@ -499,4 +499,22 @@ mod tests {
         assert_eq!(peers[1].connections, 2);
         assert_eq!(peers[1].since, other.conn().since);
     }
+
+    #[tokio::test]
+    async fn a_tunnel_keeps_its_connection_registered_and_ends_when_it_is_refused() {
+        let pki = Pki::new("live test").unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let live = LiveConnections::new(metrics.clone(), End::Accepted);
+        let ours = own(&pki, Duration::from_secs(3600));
+        let (peer, auth) = issued(&pki, "gateway.test", Duration::from_secs(3600));
+        let registered = Arc::new(live.register(peer, auth, &ours));
+        let tunnel = registered.clone().retired();
+        // The task that served the connection ends; the tunnel keeps it listed and re-checked.
+        drop(registered);
+        assert_eq!(live.len(), 1);
+        assert_eq!(live.recheck(|_| Some(Refusal::NotAllowed)), 1);
+        assert_eq!(tunnel.await, ClosedReason::NotAllowed);
+        assert!(live.is_empty(), "the ended tunnel stays listed");
+        assert_eq!(closed(&metrics, ClosedReason::NotAllowed), 1);
+    }
 }

@@ -682,6 +682,7 @@ mod tests {
         assert_eq!(pool.len(), 0);
     }
 
+    /// ... and its meta goes with the response, for the tunnel's owner.
     #[tokio::test]
     async fn an_upgraded_connection_is_not_kept() {
         let (pool, accepted) = pool_to_peer(true, Duration::from_secs(60)).await;
@@ -698,6 +699,7 @@ mod tests {
             0,
             "an upgraded connection went back into the pool"
         );
+        assert!(response.extensions().get::<UpgradedMeta<()>>().is_some());
         assert_eq!(exchange(&pool).await, "ok");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
