@@ -336,7 +336,9 @@ fn http1_target(mut request: Request<ProxyBody>) -> Request<ProxyBody> {
 /// why: when that connection retires ([`phoenix_mesh_common::live::LiveConn::retired`]: its
 /// certificates end soon, or a reload of our CA or CRLs refuses the listener). The connection's
 /// entry among the live ones stays with its socket, which the tunnel holds, so reloads re-check it.
-fn tunnel_cut_off<B>(response: &Response<B>) -> impl Future<Output = &'static str> + Send + 'static {
+fn tunnel_cut_off<B>(
+    response: &Response<B>,
+) -> impl Future<Output = &'static str> + Send + 'static {
     let cut_off = response
         .extensions()
         .get::<UpgradedMeta<ConnInfo>>()

@@ -273,13 +273,12 @@ impl<D: Dial, R: Retire<D::Meta>> Pool<D, R> {
         response: &mut Response<Incoming>,
     ) {
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            response.extensions_mut().insert(UpgradedMeta(Arc::new(meta)));
+            response
+                .extensions_mut()
+                .insert(UpgradedMeta(Arc::new(meta)));
             return;
         }
-        if !self.keep
-            || sender.is_closed()
-            || self.retire.retire(&meta)
-        {
+        if !self.keep || sender.is_closed() || self.retire.retire(&meta) {
             return;
         }
         self.conns.lock().push_back(Pooled {

@@ -127,7 +127,10 @@ async fn the_listener_cuts_off_a_websocket_before_its_client_certificate_ends() 
         closed.duration_since(end).unwrap_or_default()
     );
     assert_eq!(backend.next_end().await, WsEnd::PeerClosed);
-    assert_eq!(closed_total(mesh.listener_admin, "certificate_expiry").await, 1.0);
+    assert_eq!(
+        closed_total(mesh.listener_admin, "certificate_expiry").await,
+        1.0
+    );
 }
 
 /// A mesh in front of a [`WsBackend`] whose listener checks an (empty) CRL, polled every [`POLL`],
