@@ -28,6 +28,12 @@ repo=$(cd -- "$here/../.." && pwd -P)
 
 if [[ ${PHOENIX_WORLD_INSIDE:-} != 1 ]]; then
     [[ $(id -u) -eq 0 ]] || { echo "FAIL world: must run as root (unshare, mounts)"; exit 1; }
+    # One world at a time on this host: the mount points below are created on the host and removed
+    # afterwards, and removing one that another run's namespace has mounted over detaches that mount
+    # (the other run then writes to the host's directory instead of its tmpfs).
+    mkdir -p /run/lock
+    exec 9>/run/lock/phoenix-mesh-world.lock
+    flock 9
     created=()
     for d in /mnt/pve /etc/pve /root/.step /usr/local/phoenix_hypervisor; do
         if [[ ! -e $d ]]; then
@@ -40,7 +46,8 @@ if [[ ${PHOENIX_WORLD_INSIDE:-} != 1 ]]; then
         for d in "${created[@]}"; do rmdir "$d" 2>/dev/null || true; done
     }
     trap remove_created EXIT
-    PHOENIX_WORLD_INSIDE=1 unshare -m -n --propagation private -- "$0" "$@"
+    # The lock stays with this shell: nothing the world starts inherits it.
+    PHOENIX_WORLD_INSIDE=1 unshare -m -n --propagation private -- "$0" "$@" 9>&-
     exit
 fi
 

@@ -35,6 +35,13 @@ pub async fn check(settings: &ServerSettings, request: &CheckRequest) -> Report 
             }
         ),
     );
+    if let Some(warning) = settings.timeout_order_warning() {
+        report.warn(
+            format!("config {}", settings.path.display()),
+            warning,
+            "set backend_connect_timeout well below backend_timeout (defaults: 5s and 60s)",
+        );
+    }
     match load_tls(settings) {
         Ok((material, _)) => {
             for (what, detail) in material.describe(SystemTime::now()) {

@@ -192,6 +192,23 @@ impl SideSettings for ServerSettings {
     }
 }
 
+impl ServerSettings {
+    /// A warning when `backend_connect_timeout` is not below `backend_timeout`: a request queued for
+    /// a backend connection (`max_backend_connections`) waits up to the first, the response head
+    /// up to the second, so the queue's clear `503 backend-connection-limit` would never come and
+    /// the request would end as a `504 backend-timeout` instead.
+    pub fn timeout_order_warning(&self) -> Option<String> {
+        (self.backend_connect_timeout >= self.backend_timeout).then(|| {
+            format!(
+                "backend_connect_timeout ({:?}) is not below backend_timeout ({:?}): a request \
+                 waiting for one of the max_backend_connections ({}) ends as 504 backend-timeout \
+                 before it could get 503 backend-connection-limit",
+                self.backend_connect_timeout, self.backend_timeout, self.max_backend_connections
+            )
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,5 +245,23 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(zero.contains("max_backend_connections"), "{zero}");
+    }
+
+    #[test]
+    fn a_connect_timeout_not_below_the_backend_timeout_is_warned_about() {
+        let default = load("order-default", "").map(|s| s.timeout_order_warning());
+        assert!(matches!(default, Ok(None)), "{default:?}");
+        let equal = load(
+            "order-equal",
+            "backend_connect_timeout = \"30s\"\nbackend_timeout = \"30s\"\n",
+        )
+        .ok()
+        .and_then(|s| s.timeout_order_warning())
+        .unwrap_or_default();
+        assert!(
+            equal.contains("backend_connect_timeout (30s)")
+                && equal.contains("504 backend-timeout"),
+            "{equal}"
+        );
     }
 }

@@ -158,6 +158,9 @@ impl Side for ListenerSide {
             identity_headers = ?settings.identity_headers.names(),
             "mesh listener accepting mutual TLS"
         );
+        if let Some(warning) = settings.timeout_order_warning() {
+            warn!("{warning}");
+        }
     }
 
     async fn accept(state: Arc<State<Self>>, listener: TcpListener, shutdown: ShutdownWatch) {

@@ -207,6 +207,23 @@ async fn server_check_names_the_backend_and_traefik_when_the_backend_is_down() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_check_warns_when_the_queue_wait_outlasts_the_backend_timeout() {
+    let mesh = Mesh::start().await;
+    let mut config = running_server_toml(&mesh);
+    config
+        .set_str("backend_connect_timeout", "20s")
+        .set_str("backend_timeout", "10s");
+    let (code, out) = check(&mesh, "server", "s.toml", &config, &[]).await;
+    assert_eq!(code, Some(0), "a warning, not a failure:\n{out}");
+    let warn: Vec<&str> = out.lines().filter(|l| l.starts_with("[WARN]")).collect();
+    assert!(
+        warn.len() == 1
+            && warn[0].contains("backend_connect_timeout (20s) is not below backend_timeout (10s)"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_reports_a_backend_404_as_mesh_ok_without_a_router() {
     let mesh = Mesh::start().await;
     let host = "nothing-routes-this.internal.thinkheads.ai";
