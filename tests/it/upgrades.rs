@@ -1,13 +1,14 @@
 //! Upgraded connections through both hops: a WebSocket handshake (`101`) crosses the client sidecar
 //! and the listener, then bytes stream both ways until either end closes, while ordinary requests
 //! keep flowing beside it. The backend here is raw TCP ([`WsBackend`]), since the recording backend
-//! does not upgrade.
+//! does not upgrade. How long a tunnel may live (its certificates, the trust policy) is in
+//! `tunnel_lifetime`.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use http::StatusCode;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -17,6 +18,8 @@ use crate::support::mesh::Mesh;
 use crate::support::pki::expected_gateway_xfcc;
 use crate::support::raw::{expect_eof, head_value, read_head, read_response};
 use crate::support::within;
+
+mod tunnel_lifetime;
 
 /// How an upgraded connection ended at the backend.
 #[derive(Debug, PartialEq, Eq)]
@@ -162,12 +165,18 @@ async fn ws_mesh() -> (Mesh, WsBackend) {
 /// Sends a WebSocket upgrade to the client sidecar and checks the `101` that comes back.
 async fn open_ws(mesh: &Mesh) -> TcpStream {
     let mut s = TcpStream::connect(mesh.client_addr).await.unwrap();
+    ws_handshake(&mut s).await;
+    s
+}
+
+/// Sends a WebSocket upgrade on `s` and checks the `101` that comes back.
+async fn ws_handshake<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) {
     let req = format!(
         "GET /chat HTTP/1.1\r\nHost: {SERVICE_HOST}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
     );
     s.write_all(req.as_bytes()).await.unwrap();
-    let (head, rest) = within("the 101 answer", read_head(&mut s)).await;
+    let (head, rest) = within("the 101 answer", read_head(s)).await;
     assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
     assert_eq!(head_value(&head, "upgrade"), Some("websocket"), "{head}");
     assert!(
@@ -180,11 +189,10 @@ async fn open_ws(mesh: &Mesh) -> TcpStream {
         "{head}"
     );
     assert!(rest.is_empty(), "bytes before any message: {rest:?}");
-    s
 }
 
 /// Sends `msg` on the upgraded stream and expects it back upper-cased.
-async fn ws_echo(s: &mut TcpStream, msg: &str) {
+async fn ws_echo<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, msg: &str) {
     s.write_all(msg.as_bytes()).await.unwrap();
     let mut back = vec![0u8; msg.len()];
     within("the echoed message", s.read_exact(&mut back))

@@ -1,6 +1,7 @@
 //! One request from nginx to the mesh listener over the pooled mTLS link.
 
 use std::error::Error as StdError;
+use std::future::Future;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +22,7 @@ use phoenix_mesh_common::{mesh_error, ProxyBody, MESH_ERROR_HEADER};
 use phoenix_mesh_transport::body::{request_body_failure, ResponseBody};
 use phoenix_mesh_transport::dial::NeverRetire;
 use phoenix_mesh_transport::h2::shared::{self, SharedConnection};
-use phoenix_mesh_transport::pool::{self, Pool};
+use phoenix_mesh_transport::pool::{self, Pool, UpgradedMeta};
 use phoenix_mesh_transport::tunnel::splice;
 use tracing::info;
 
@@ -185,7 +186,8 @@ impl Upstream {
                 if let (Some(downstream), StatusCode::SWITCHING_PROTOCOLS) =
                     (downstream, response.status())
                 {
-                    splice(downstream, hyper::upgrade::on(&mut response));
+                    let cut_off = tunnel_cut_off(&response);
+                    splice(downstream, hyper::upgrade::on(&mut response), cut_off);
                     return (response, MadeBy::Backend);
                 }
                 let made_by = if response.headers().contains_key(MESH_ERROR_HEADER) {
@@ -328,4 +330,24 @@ fn http1_target(mut request: Request<ProxyBody>) -> Request<ProxyBody> {
         *request.uri_mut() = target;
     }
     request
+}
+
+/// When a tunnel over the mesh connection `response` switched protocols on must be cut off, with
+/// why: when that connection retires ([`phoenix_mesh_common::live::LiveConn::retired`]: its
+/// certificates end soon, or a reload of our CA or CRLs refuses the listener). The connection's
+/// entry among the live ones stays with its socket, which the tunnel holds, so reloads re-check it.
+fn tunnel_cut_off<B>(
+    response: &Response<B>,
+) -> impl Future<Output = &'static str> + Send + 'static {
+    let cut_off = response
+        .extensions()
+        .get::<UpgradedMeta<ConnInfo>>()
+        .map(|meta| meta.0.live.retired());
+    async move {
+        match cut_off {
+            Some(cut_off) => cut_off.await.as_str(),
+            // Every upgrade rides a mesh connection from the upgrade pool, which always says.
+            None => std::future::pending().await,
+        }
+    }
 }

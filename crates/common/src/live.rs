@@ -5,6 +5,11 @@
 //! when a reload's policy refuses it ([`LiveConnections::recheck`]). At its *deadline*, the earliest
 //! `notAfter` of the two chains, it is closed whatever it carries.
 //!
+//! A connection that switched protocols (a WebSocket) carries a *tunnel*: no requests to finish, and
+//! no end of its own to wait for. It is cut off when its connection retires: a tunnel kept to the
+//! deadline would gain at most two margins (two minutes for step-ca's certificates), once in its
+//! life, and on the other side's clock, a few seconds off, could outlive the certificates.
+//!
 //! The rules:
 //! - ALWAYS retire a connection [`close_margin`] before its deadline on the side that accepted it,
 //!   and twice that on the side that dialled it, so that the dialler has opened its replacement
@@ -12,6 +17,7 @@
 //!   acceptor's margins left retires instead when a quarter of what was left remains (the dialler:
 //!   half): it still serves, and the order of the two sides holds.
 //! - NEVER let a connection outlive its deadline: whoever serves it closes it then.
+//! - ALWAYS cut a tunnel off when its connection retires ([`Registration::retired`]), both ways.
 //! - ALWAYS count and log a connection's retirement once, with the first reason it got.
 
 use std::collections::HashMap;
@@ -323,6 +329,16 @@ impl Registration {
     pub fn conn(&self) -> &Arc<LiveConn> {
         &self.conn
     }
+
+    /// [`LiveConn::retired`], for a tunnel that outlives the task serving its connection: the entry
+    /// stays (listed in `/certs`, re-checked on reload) for as long as this future is held.
+    pub fn retired(self: Arc<Self>) -> impl Future<Output = ClosedReason> + Send + 'static {
+        let retired = self.conn.retired();
+        async move {
+            let _registered = self;
+            retired.await
+        }
+    }
 }
 
 impl Drop for Registration {
@@ -482,5 +498,23 @@ mod tests {
         assert_eq!(peers.len(), 2);
         assert_eq!(peers[1].connections, 2);
         assert_eq!(peers[1].since, other.conn().since);
+    }
+
+    #[tokio::test]
+    async fn a_tunnel_keeps_its_connection_registered_and_ends_when_it_is_refused() {
+        let pki = Pki::new("live test").unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let live = LiveConnections::new(metrics.clone(), End::Accepted);
+        let ours = own(&pki, Duration::from_secs(3600));
+        let (peer, auth) = issued(&pki, "gateway.test", Duration::from_secs(3600));
+        let registered = Arc::new(live.register(peer, auth, &ours));
+        let tunnel = registered.clone().retired();
+        // The task that served the connection ends; the tunnel keeps it listed and re-checked.
+        drop(registered);
+        assert_eq!(live.len(), 1);
+        assert_eq!(live.recheck(|_| Some(Refusal::NotAllowed)), 1);
+        assert_eq!(tunnel.await, ClosedReason::NotAllowed);
+        assert!(live.is_empty(), "the ended tunnel stays listed");
+        assert_eq!(closed(&metrics, ClosedReason::NotAllowed), 1);
     }
 }

@@ -18,6 +18,7 @@ use phoenix_mesh_common::headers::{
     remove_hop_by_hop_request, remove_identity_headers, restore_upgrade, AllowedUpgrades,
     CLIENT_CERT, CLIENT_CERT_CHAIN, XFCC,
 };
+use phoenix_mesh_common::live::Registration;
 use phoenix_mesh_common::log_limit::{Cause, LogLimit, Repeat};
 use phoenix_mesh_common::mesh_error;
 use phoenix_mesh_common::metrics::MadeBy;
@@ -117,6 +118,8 @@ pub(crate) struct Peer {
     /// The `Client-Cert-Chain` value, when `identity_headers` has `client-cert` and the client
     /// sent intermediates: it belongs to the chain this connection presented, not to the leaf.
     pub client_cert_chain: Option<HeaderValue>,
+    /// The connection among the live ones; a tunnel over it holds it, and ends when it must.
+    pub conn: Arc<Registration>,
 }
 
 /// What the listener derives from a verified client certificate.
@@ -389,7 +392,10 @@ impl Backend {
                 if let (Some(downstream), StatusCode::SWITCHING_PROTOCOLS) =
                     (downstream, response.status())
                 {
-                    splice(downstream, hyper::upgrade::on(&mut response));
+                    let cut_off = peer.conn.clone().retired();
+                    splice(downstream, hyper::upgrade::on(&mut response), async move {
+                        cut_off.await.as_str()
+                    });
                     return (response, MadeBy::Backend);
                 }
                 if let Some(refused) = self.head_too_large(response.headers()) {

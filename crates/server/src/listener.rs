@@ -284,13 +284,15 @@ async fn handle(
         chain: state.side.recorded(sent),
         version: conn.protocol_version(),
     };
-    let registered = state.side.live.register(id.identity.clone(), auth, &own);
+    // Shared with the requests: a tunnel one of them opens keeps it registered after this task ends.
+    let registered = Arc::new(state.side.live.register(id.identity.clone(), auth, &own));
     let retired = registered.conn().retired();
     let deadline = registered.conn().deadline();
     let peer = Arc::new(Peer {
         forwarded_for: forwarded_for_value(addr.ip()),
         id,
         client_cert_chain: state.side.peer_ids.chain(sent),
+        conn: registered.clone(),
     });
     let service = {
         let state = state.clone();

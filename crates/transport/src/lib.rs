@@ -25,7 +25,8 @@
 //! - `sweep.rs`: the periodic idle sweep of a pool.
 //! - `serving_task.rs`: the task that serves a request downstream, and ending it from outside.
 //! - `progress.rs`: the progress timeout: cutting off a streaming response whose sender or reader stopped.
-//! - `tunnel.rs`: joining the two halves of an upgraded connection.
+//! - `tunnel.rs`: joining the two halves of an upgraded connection, until either closes or the
+//!   connection under it must end.
 //! - `test_peer.rs` (unit tests only): a loopback peer that counts the connections it accepts.
 
 pub mod balance;

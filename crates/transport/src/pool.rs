@@ -13,7 +13,8 @@
 //!   would be handed out, and when it comes back after its request); the requests it carries finish
 //!   on it. ALWAYS drop one from the list when its [`Retire::lifetime`] retires it, even with no
 //!   request coming to find out, and close it at that lifetime's deadline whatever it carries.
-//! - NEVER keep an upgraded connection (`101 Switching Protocols`): it belongs to the tunnel.
+//! - NEVER keep an upgraded connection (`101 Switching Protocols`): it belongs to the tunnel, and
+//!   its meta goes with the response ([`UpgradedMeta`]), for the tunnel's owner to read its lifetime.
 //! - ALWAYS send a request a pooled connection turned down before sending any of it (the peer closed
 //!   it as we picked it) on another one; a request that failed on a fresh connection is an error.
 //! - NEVER let a connection read more than its read-ahead (64 KiB unless the owner sets another)
@@ -55,6 +56,17 @@ use crate::sweep::sweep_idle;
 /// unless its owner sets another ([`Pool::set_read_ahead`]), and so about the largest response head
 /// it accepts.
 const MAX_READ_BUFFER: usize = 64 * 1024;
+
+/// What the connection a `101 Switching Protocols` response came on was opened with, in that
+/// response's extensions: the connection now carries the tunnel, and its meta says how long it may.
+#[derive(Debug)]
+pub struct UpgradedMeta<M>(pub Arc<M>);
+
+impl<M> Clone for UpgradedMeta<M> {
+    fn clone(&self) -> Self {
+        UpgradedMeta(self.0.clone())
+    }
+}
 
 /// Why a request through the pool found no answer.
 #[derive(Debug, thiserror::Error)]
@@ -198,8 +210,8 @@ impl<D: Dial, R: Retire<D::Meta>> Pool<D, R> {
     ) -> Result<Response<Incoming>, Error<D::Error>> {
         while let Some((mut sender, meta, id)) = self.checkout() {
             match sender.try_send_request(req).await {
-                Ok(response) => {
-                    self.put_back(sender, meta, id, response.status());
+                Ok(mut response) => {
+                    self.put_back(sender, meta, id, &mut response);
                     return Ok(response);
                 }
                 Err(mut error) => match error.take_message() {
@@ -220,8 +232,8 @@ impl<D: Dial, R: Retire<D::Meta>> Pool<D, R> {
                     Queued::Slot(slot) => Some(slot),
                     Queued::Free(mut sender, meta, id) => {
                         return match sender.try_send_request(req).await {
-                            Ok(response) => {
-                                self.put_back(sender, meta, id, response.status());
+                            Ok(mut response) => {
+                                self.put_back(sender, meta, id, &mut response);
                                 Ok(response)
                             }
                             Err(error) => Err(Error::Request(error.into_error())),
@@ -234,8 +246,8 @@ impl<D: Dial, R: Retire<D::Meta>> Pool<D, R> {
         // carry room for it, copied on each move.
         let (mut sender, meta, id) = Box::pin(self.connect(slot)).await?;
         match sender.try_send_request(req).await {
-            Ok(response) => {
-                self.put_back(sender, meta, id, response.status());
+            Ok(mut response) => {
+                self.put_back(sender, meta, id, &mut response);
                 Ok(response)
             }
             Err(error) => Err(Error::Request(error.into_error())),
@@ -264,19 +276,22 @@ impl<D: Dial, R: Retire<D::Meta>> Pool<D, R> {
     }
 
     /// Back into the list right after sending, still busy with this exchange; a connection retired
-    /// meanwhile is let go instead, and closes once this exchange is over.
+    /// meanwhile is let go instead, and closes once this exchange is over. An upgraded one goes to
+    /// the tunnel, its meta in `response`'s extensions.
     fn put_back(
         &self,
         sender: http1::SendRequest<ProxyBody>,
         meta: D::Meta,
         id: u64,
-        status: StatusCode,
+        response: &mut Response<Incoming>,
     ) {
-        if !self.keep
-            || status == StatusCode::SWITCHING_PROTOCOLS
-            || sender.is_closed()
-            || self.retire.retire(&meta)
-        {
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            response
+                .extensions_mut()
+                .insert(UpgradedMeta(Arc::new(meta)));
+            return;
+        }
+        if !self.keep || sender.is_closed() || self.retire.retire(&meta) {
             return;
         }
         self.conns.lock().push_back(Pooled {
@@ -834,6 +849,7 @@ mod tests {
         assert_eq!(pool.len(), 0);
     }
 
+    /// ... and its meta goes with the response, for the tunnel's owner.
     #[tokio::test]
     async fn an_upgraded_connection_is_not_kept() {
         let (pool, accepted) = pool_to_peer(true, Duration::from_secs(60)).await;
@@ -850,6 +866,7 @@ mod tests {
             0,
             "an upgraded connection went back into the pool"
         );
+        assert!(response.extensions().get::<UpgradedMeta<()>>().is_some());
         assert_eq!(exchange(&pool).await, "ok");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
