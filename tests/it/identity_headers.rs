@@ -6,13 +6,12 @@
 //! requests itself, so not even a listener that kept them would see them.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use phoenix_mesh_certs::pki::Leaf;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -182,20 +181,7 @@ async fn an_unknown_identity_header_is_refused_naming_the_key() {
 /// listener's certificate, HTTP/1.1 only, answers every request `200 ok` and sends each request
 /// head it read down `heads`.
 async fn recording_listener(leaf: &Leaf) -> (SocketAddr, mpsc::UnboundedReceiver<String>) {
-    let chain = CertificateDer::pem_slice_iter(leaf.chain_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap();
-    let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(chain, key)
-    .unwrap();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let acceptor = crate::support::tls::http1_acceptor(leaf);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (heads, received) = mpsc::unbounded_channel();

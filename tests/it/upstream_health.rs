@@ -15,8 +15,6 @@ use http::StatusCode;
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use phoenix_mesh_certs::pki::Leaf;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -364,20 +362,7 @@ async fn listener_error_answer_to_a_post_it_did_not_read_says_connection_close()
 /// A TLS server on `listener` that speaks only HTTP/1.1 (ALPN `http/1.1`, no `h2`), answering every
 /// request with `h1 only`, counting its connections: a mesh listener that declines HTTP/2.
 fn serve_http1_only(listener: std::net::TcpListener, leaf: &Leaf) -> Arc<AtomicUsize> {
-    let chain = CertificateDer::pem_slice_iter(leaf.chain_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap();
-    let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(chain, key)
-    .unwrap();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let acceptor = crate::support::tls::http1_acceptor(leaf);
     listener.set_nonblocking(true).unwrap();
     let listener = TcpListener::from_std(listener).unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));

@@ -59,6 +59,24 @@ fn client_config_for(
     Arc::new(config)
 }
 
+/// A TLS acceptor serving `leaf` without asking for a client certificate, offering only `http/1.1`:
+/// the server side of the tests' stand-ins for a mesh listener.
+pub fn http1_acceptor(leaf: &Leaf) -> tokio_rustls::TlsAcceptor {
+    let chain = CertificateDer::pem_slice_iter(leaf.chain_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
 /// A client configuration trusting `root_pem` and presenting `leaf`'s chain without its private key
 /// (a key no provider here loads, such as RSA-1024): its CertificateVerify carries a signature of
 /// the right size that verifies nothing. For refusals that must come from the certificate itself.
